@@ -1,0 +1,68 @@
+"""Save a pruned model as a self-describing directory and load it back.
+
+Layout: safetensors weights (``save_pretrained``), ``config.json`` with ``selfprune_layers``
+(per layer: kept KV groups, kept MLP channels), the tokenizer, and ``selfprune.json`` (rates,
+kept unit indices, realized ratio, base-model fingerprint, data, method). Stock
+``from_pretrained`` builds every layer at the dense width, so :func:`load_pruned` builds the
+skeleton on the meta device, shapes each layer, and assigns the saved tensors: no pickled modules,
+no ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .arch import arch_of
+from .devices import resolve_device, resolve_dtype
+from .errors import UserError
+from .models import LoadedModel, decoder_layers, fingerprint
+from .slicing import prune_layer
+
+RECORD = "selfprune.json"
+
+
+def save_pruned(model: torch.nn.Module, tokenizer, out_dir: Path, record: dict) -> Path:
+    """Write the export; ``record`` becomes ``selfprune.json`` (it must hold no secrets)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / RECORD).write_text(json.dumps(record, indent=2))
+    return out_dir
+
+
+def load_pruned(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a selfprune export: ``selfprune.load_pruned("DIR")``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    layers = getattr(config, "selfprune_layers", None)
+    if layers is None:
+        raise UserError(f"{path}/config.json has no selfprune_layers; this is not a selfprune export")
+    arch = arch_of(config)
+    dev = resolve_device(device)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for i, (layer, (g, c)) in enumerate(zip(decoder_layers(model), layers)):
+        prune_layer(layer, arch, i, torch.arange(g), torch.arange(c))
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise UserError(f"{path} does not match its config ({result}); re-export the model")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Non-persistent buffers (rotary inv_freq) are not saved: rebuild them, in float32, on the device.
+    rotary_cls = type(model.model.rotary_emb)
+    del model.model.rotary_emb
+    model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval().requires_grad_(False)
+    model.model.rotary_emb = rotary_cls(config=config).to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return LoadedModel(model, tokenizer, arch, fingerprint(path), str(path))

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models of each supported family, built in the test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    """Tests never touch the user's cache, except the real demo files, which they share."""
+    if "SELFPRUNE_HOME" not in os.environ:
+        os.environ["SELFPRUNE_HOME"] = str(tmp_path_factory.mktemp("selfprune_home"))
+    yield
+
+
+def byte_tokenizer():
+    """A real fast tokenizer with one token per byte (vocab 256), no hub needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
+
+
+TINY = {
+    "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),
+    "llama_gqa": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def build_tiny(kind: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY[kind])
+    config = AutoConfig.for_model(
+        spec.pop("model_type"),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        head_dim=8 if spec["num_attention_heads"] == 8 else 16,
+        vocab_size=256,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **spec,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+@pytest.fixture(params=list(TINY))
+def tiny_dir(request, tmp_path) -> Path:
+    """A tiny random model of each family, saved as a local Hugging Face directory."""
+    model = build_tiny(request.param)
+    model.save_pretrained(tmp_path / request.param)
+    byte_tokenizer().save_pretrained(tmp_path / request.param)
+    return tmp_path / request.param
+
+
+def random_windows(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, seqlen), generator=g)
