@@ -9,6 +9,17 @@ import pytest
 import torch
 
 
+# The user's real selfprune home, read before the session fixture below isolates the tests.
+REAL_HOME = Path(os.environ.get("SELFPRUNE_HOME") or Path.home() / ".cache" / "selfprune")
+
+
+@pytest.fixture
+def real_home(monkeypatch) -> Path:
+    """For tests marked ``demo``: the real cache holding the demo model and corpus."""
+    monkeypatch.setenv("SELFPRUNE_HOME", str(REAL_HOME))
+    return REAL_HOME
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_home(tmp_path_factory):
     """Tests never touch the user's cache, except the real demo files, which they share."""

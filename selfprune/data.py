@@ -1,0 +1,348 @@
+"""Text corpora, their calibration / fitness / test splits, and fixed-length token windows.
+
+A data spec (the CLI's ``--data``) is one of
+
+* ``"demo"``: the Shakespeare corpus that ships with selfprune (see :mod:`selfprune.demo`);
+* ``"wikitext2"``: WikiText-2 raw v1 from the Hugging Face hub at a pinned revision (needs the hub
+  once; ``datasets`` caches it);
+* a local file: ``.txt`` / ``.md`` (plain UTF-8 text), ``.jsonl`` / ``.json`` (rows with a
+  ``"text"`` field) or ``.parquet`` (a ``"text"`` column). Rows are joined with a blank line
+  (``"\\n\\n"``), as the WikiText perplexity convention joins its rows.
+
+Three disjoint splits serve three purposes: ``calibration`` feeds the activation statistics,
+``fitness`` scores candidates during the search, ``test`` is only for the numbers reported (searching
+on the reported split would be tuning on the test set). See :func:`split_text` for how a single
+corpus is cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .hashing import content_hash
+from .paths import subdir
+
+SPLITS = ("calibration", "fitness", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+DEMO = "demo"
+WIKITEXT2 = "wikitext2"
+# The hub's canonical id of the ``wikitext`` dataset (the bare name redirects to it), pinned to the
+# revision that many public evaluation scripts pin (the parquet-converted repository).
+WIKITEXT_REPO = "Salesforce/wikitext"
+WIKITEXT_CONFIG = "wikitext-2-raw-v1"
+WIKITEXT_REVISION = "b08601e04326c79dfdd32d625aee71d232d685c3"
+WIKITEXT_SPLITS = {"calibration": "train", "fitness": "validation", "test": "test"}
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+ROW_SEPARATOR = "\n\n"
+
+ACCEPTED = (
+    f"'{DEMO}' (the bundled Shakespeare corpus), '{WIKITEXT2}' (WikiText-2 raw, needs the Hugging Face "
+    f"hub once), or a path to a .txt/.md text file, a .jsonl/.json file with a \"text\" field, or a "
+    f".parquet file with a \"text\" column"
+)
+
+# Bump when tokenization or the memo file layout changes (part of the memo key).
+TOKENS_VERSION = "tokens-1"
+CHUNK_CHARS = 64_000
+
+
+# --------------------------------------------------------------------------------------------
+# corpora and splits
+
+
+def load_split(data: str, split: str) -> str:
+    """The text of one split (``"calibration"``, ``"fitness"`` or ``"test"``) of a data spec.
+
+    WikiText-2 has its own splits: calibration = train, fitness = validation, test = test, each
+    the split's rows joined with ``"\\n\\n"``. Any other corpus is one text cut by :func:`split_text`.
+    """
+    _check_split(split)
+    key = _data_key(data)
+    text = _load_split_cached(key, split)
+    if not text.strip():
+        raise UserError(
+            f"split {split!r} of data {data!r} is empty: the text has too few paragraphs (blocks "
+            f"separated by blank lines) to give each of {', '.join(SPLITS)} at least one. "
+            f"Fix: give more text, or separate it into more paragraphs."
+        )
+    return text
+
+
+def data_fingerprint(data: str, split: str) -> str:
+    """sha256 (hex) of the split's text: what cache keys use to name the data (memoized)."""
+    _check_split(split)
+    return _fingerprint_cached(_data_key(data), split)
+
+
+def data_source(data: str) -> dict[str, Any]:
+    """A small provenance record of a data spec (for run records): kind and where it came from."""
+    key = _data_key(data)
+    if key[0] == DEMO:
+        meta = Path(key[1]).with_suffix(".json")
+        return {"kind": DEMO, "path": key[1], **(json.loads(meta.read_text()) if meta.is_file() else {})}
+    if key[0] == WIKITEXT2:
+        return {"kind": WIKITEXT2, "repo": WIKITEXT_REPO, "config": WIKITEXT_CONFIG,
+                "revision": WIKITEXT_REVISION, "splits": dict(WIKITEXT_SPLITS)}
+    return {"kind": "file", "path": key[1], "bytes": key[3]}
+
+
+def paragraphs(text: str) -> list[str]:
+    """The paragraphs of ``text``: blocks separated by one or more blank (whitespace-only) lines,
+    without their trailing whitespace or leading newlines; whitespace-only blocks are dropped."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    out = []
+    for block in re.split(r"\n(?:[^\S\n]*\n)+", text):
+        block = block.lstrip("\n").rstrip()
+        if block.strip():
+            out.append(block)
+    return out
+
+
+def split_text(text: str) -> dict[str, str]:
+    """THE SPLIT RULE for a single corpus (the demo corpus and local files).
+
+    1. Cut the text into paragraphs at blank lines (:func:`paragraphs`) and rejoin them with
+       exactly one blank line (``"\\n\\n"``): the normalized text, of N characters.
+    2. Walk the paragraphs in order. A paragraph belongs to the split in which its first character
+       falls: ``calibration`` if it starts before 0.8 N, ``fitness`` if before 0.9 N, else ``test``.
+    3. Each split is its paragraphs joined with ``"\\n\\n"``.
+
+    So the splits are contiguous and disjoint, in the order calibration, fitness, test, and
+    ``"\\n\\n".join(those three)`` is the normalized text; each holds about 80% / 10% / 10% of the
+    characters (more or less by at most one paragraph). No randomness: the same file always gives
+    the same splits. A split can come out empty only when the text has very few paragraphs.
+    """
+    paras = paragraphs(text)
+    total = sum(len(p) for p in paras) + len(ROW_SEPARATOR) * max(len(paras) - 1, 0)
+    bounds = (SPLIT_FRACTIONS[0] * total, (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]) * total)
+    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    offset = 0
+    for p in paras:
+        name = SPLITS[0] if offset < bounds[0] else SPLITS[1] if offset < bounds[1] else SPLITS[2]
+        parts[name].append(p)
+        offset += len(p) + len(ROW_SEPARATOR)
+    return {s: ROW_SEPARATOR.join(parts[s]) for s in SPLITS}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
+
+
+def _data_key(data: str) -> tuple:
+    """A hashable identity of the data spec; for files it includes size and mtime, so an edited
+    file is re-read."""
+    if not isinstance(data, (str, os.PathLike)) or not str(data).strip():
+        raise UserError(f"no data given: use {ACCEPTED}.")
+    spec = str(data).strip()
+    if spec == DEMO:
+        from .demo import demo_corpus_path
+
+        path = demo_corpus_path()
+        st = path.stat()
+        return (DEMO, str(path), st.st_mtime_ns, st.st_size)
+    if spec.lower() in (WIKITEXT2, "wikitext-2", "wikitext"):
+        return (WIKITEXT2, WIKITEXT_REVISION)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"data file not found: {spec}. --data takes {ACCEPTED}.")
+    if not path.is_file():
+        raise UserError(f"data path is not a file: {spec}. --data takes {ACCEPTED}.")
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES:
+        raise UserError(f"cannot read data file {spec}: unknown extension {path.suffix!r}. "
+                        f"--data takes {ACCEPTED}.")
+    path = path.resolve()
+    st = path.stat()
+    return ("file", str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=16)
+def _load_split_cached(key: tuple, split: str) -> str:
+    if key[0] == WIKITEXT2:
+        return _load_wikitext(WIKITEXT_SPLITS[split])
+    return _split_corpus_cached(key)[split]
+
+
+@lru_cache(maxsize=4)
+def _split_corpus_cached(key: tuple) -> dict[str, str]:
+    return split_text(_read_corpus(Path(key[1])))
+
+
+@lru_cache(maxsize=64)
+def _fingerprint_cached(key: tuple, split: str) -> str:
+    return hashlib.sha256(_load_split_cached(key, split).encode("utf-8")).hexdigest()
+
+
+def _read_corpus(path: Path) -> str:
+    """A local corpus as one string. Text files are read as they are (UTF-8); JSON lines, JSON and
+    parquet go through ``datasets``' builders and their rows' ``text`` are joined with ``"\\n\\n"``."""
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"data file {path} is not UTF-8 text ({e}). Fix: convert it to UTF-8.") from e
+    builder = "parquet" if suffix in PARQUET_SUFFIXES else "json"
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's problem
+        raise UserError(f"could not read data file {path} as {builder}: {type(e).__name__}: {e}. "
+                        f"Fix: give JSON lines / parquet rows with a \"text\" field.") from e
+    if "text" not in ds.column_names:
+        raise UserError(f"data file {path} has no \"text\" field (it has: {', '.join(ds.column_names)}). "
+                        f"Fix: name the column holding the text \"text\".")
+    return ROW_SEPARATOR.join(t if isinstance(t, str) else "" for t in ds["text"])
+
+
+def _load_wikitext(hub_split: str) -> str:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(WIKITEXT_REPO, WIKITEXT_CONFIG, revision=WIKITEXT_REVISION, split=hub_split)
+    except Exception as e:  # noqa: BLE001 - offline, hub down, revision gone: all the same fix
+        raise UserError(
+            f"could not load WikiText-2 ({WIKITEXT_REPO}, {WIKITEXT_CONFIG}, revision {WIKITEXT_REVISION}, "
+            f"split {hub_split}): {type(e).__name__}: {e}. It needs the Hugging Face hub once (then "
+            f"datasets caches it). Fix: allow hub access once, or use --data demo, or export the split "
+            f"to a local .jsonl/.parquet/.txt file and pass its path."
+        ) from e
+    return ROW_SEPARATOR.join(ds["text"])
+
+
+# --------------------------------------------------------------------------------------------
+# tokens
+
+
+def token_windows(tokenizer, text: str, seqlen: int, n_windows: int | None = None, *,
+                  label: str | None = None) -> torch.LongTensor:
+    """``[n, seqlen]`` token ids: the text as one stream, cut into non-overlapping windows.
+
+    No special tokens are added (no BOS per window, no EOS): the windows are plain slices of the
+    text's token stream, as in the usual WikiText perplexity convention. The first ``n_windows``
+    full windows are returned (all of them for ``None``); the tail shorter than ``seqlen`` is dropped.
+    Too little text raises :class:`UserError`. Token ids are memoized on disk (see :func:`token_ids`).
+    ``label`` names the text in that error (e.g. ``"corpus demo split test"``).
+    """
+    if seqlen < 1 or (n_windows is not None and n_windows < 1):
+        raise UserError(f"seqlen ({seqlen}) and the number of windows ({n_windows}) must be at least 1.")
+    ids = token_ids(tokenizer, text)
+    available = ids.numel() // seqlen
+    want = available if n_windows is None else n_windows
+    if want < 1 or want > available:
+        what = label or "the text"
+        need = max(want, 1)
+        raise UserError(
+            f"{what} has only {ids.numel()} tokens: {need} windows of seqlen {seqlen} need "
+            f"{need * seqlen}. Fix: lower --samples/--seqlen or give more text."
+        )
+    return ids[: want * seqlen].reshape(want, seqlen).clone()
+
+
+def split_windows(tokenizer, data: str, split: str, seqlen: int, n_windows: int | None = None) -> torch.LongTensor:
+    """:func:`token_windows` of :func:`load_split`, with the data and split named in its errors."""
+    return token_windows(tokenizer, load_split(data, split), seqlen, n_windows,
+                         label=f"corpus {data} split {split}")
+
+
+def token_ids(tokenizer, text: str) -> torch.LongTensor:
+    """The 1-D token ids of ``text`` (no special tokens), memoized in ``home()/tokens/<key>.safetensors``.
+
+    The key hashes the text (sha256) and the tokenizer's identity: for a fast tokenizer its class,
+    vocabulary size and the sha256 of its full ``tokenizer.json`` serialization (which fixes the
+    tokenization, wherever the tokenizer was loaded from); otherwise its ``name_or_path`` and size.
+
+    Long texts are tokenized in chunks of about ``CHUNK_CHARS`` characters in one batch call (the
+    fast tokenizer spreads a batch over the cores). Chunks are cut just before a whitespace run that
+    holds a blank line and follows a non-space character, so concatenating them gives the text back
+    exactly. For byte-level BPE with GPT-2-style pre-tokenization (SmolLM2, GPT-2) no pre-token
+    crosses such a cut, so the ids equal those of tokenizing the whole text in one call (checked by
+    the tests on the demo corpus). Tokenizers whose pre-tokens glue punctuation to following
+    newlines, or that add a prefix space per input, may differ by about one token per cut (one per
+    ~15k tokens): the stream is still the same text.
+    """
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = content_hash(TOKENS_VERSION, CHUNK_CHARS, text_sha, tokenizer_identity(tokenizer))
+    path = subdir("tokens") / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(path)["ids"].long()
+        except Exception:  # noqa: BLE001 - a damaged memo is recomputed
+            path.unlink(missing_ok=True)
+    ids = _tokenize_chunked(tokenizer, text)
+    _save_ids(path, ids, {"text_sha256": text_sha, "tokens": str(ids.numel())})
+    return ids
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """What determines a tokenizer's output, for cache keys."""
+    ident: dict[str, Any] = {"class": type(tokenizer).__name__, "vocab": len(tokenizer)}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        try:
+            ident["json_sha256"] = hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+            return ident
+        except Exception:  # noqa: BLE001
+            pass
+    ident["name_or_path"] = str(getattr(tokenizer, "name_or_path", ""))
+    return ident
+
+
+_CUT = re.compile(r"(?<=\S)[^\S\n]*\n[^\S\n]*\n\s*(?=\S)")
+
+
+def text_chunks(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
+    """``text`` cut into pieces of about ``chunk_chars`` characters; ``"".join`` gives it back."""
+    chunks, start = [], 0
+    while len(text) - start > chunk_chars:
+        m = _CUT.search(text, start + chunk_chars)
+        if m is None:
+            break
+        chunks.append(text[start : m.start()])
+        start = m.start()
+    chunks.append(text[start:])
+    return chunks
+
+
+def _tokenize_chunked(tokenizer, text: str) -> torch.LongTensor:
+    chunks = text_chunks(text, CHUNK_CHARS)
+    kwargs = {"add_special_tokens": False}
+    try:
+        out = tokenizer(chunks, verbose=False, **kwargs)["input_ids"]
+    except TypeError:  # a tokenizer without the verbose switch
+        out = tokenizer(chunks, **kwargs)["input_ids"]
+    flat = [i for ids in out for i in ids]
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def _save_ids(path: Path, ids: torch.Tensor, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    dtype = torch.int32 if ids.numel() == 0 or int(ids.max()) < 2**31 else torch.int64
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
+    os.close(fd)
+    try:
+        save_file({"ids": ids.to(dtype).contiguous()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
