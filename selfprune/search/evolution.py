@@ -1,0 +1,150 @@
+"""Algorithm 1 of Self-Pruner as pure step functions, plus a plain loop that chains them.
+
+The orchestrator calls the steps itself (one task per generation, with caching and resumption);
+:func:`run_search` is the same algorithm without any of that, for tests and library use.
+
+Algorithm 1, with G_0 the initial population of K::
+
+    evaluate G_0
+    for i in 0 .. N-1:
+        offspring = Mutation(G_i, M) + Crossover(G_i, S)       (oracle, s.t. mean = beta)
+        G_{i+1} = TopK(G_i + offspring)                         (after evaluating the offspring)
+    return Top1(G_N)
+
+which makes K + N(M + S) evaluations: 430 with the paper's settings (K=30, M=S=10, N=20).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Hashable
+
+from ..errors import UserError
+from .oracles import Oracle, RandomOracle, Scored, SearchContext, fitness_key
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Hyperparameters of Algorithm 1 (defaults: the paper's) and the ablations of its Table 3.
+
+    ``random_init`` replaces the oracle's initial population by a random one; ``no_mutation``
+    and ``no_crossover`` ask the oracle for none of that kind of offspring.
+    """
+
+    population: int = 30
+    mutations: int = 10
+    crossovers: int = 10
+    generations: int = 20
+    seed: int = 0
+    random_init: bool = False
+    no_mutation: bool = False
+    no_crossover: bool = False
+
+    def __post_init__(self) -> None:
+        if self.population < 2:
+            raise UserError(f"the population size must be at least 2 (got {self.population}); the paper uses 30")
+        for name in ("mutations", "crossovers", "generations"):
+            if getattr(self, name) < 0:
+                raise UserError(f"the number of {name} cannot be negative (got {getattr(self, name)})")
+
+    @property
+    def n_mutation(self) -> int:
+        return 0 if self.no_mutation else self.mutations
+
+    @property
+    def n_crossover(self) -> int:
+        return 0 if self.no_crossover else self.crossovers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Fitness of one generation's population after selection (generation 0: the initial one)."""
+
+    generation: int
+    best: float
+    mean: float
+    evaluations: int
+
+
+@dataclass
+class SearchResult:
+    """The best candidate found, the final population (best first) and the per-generation record."""
+
+    best_rates: list[float]
+    best_fitness: float
+    history: list[GenerationStats] = field(default_factory=list)
+    evaluations: int = 0
+    population: list[Scored] = field(default_factory=list)
+
+
+def survivors(scored: list[Scored], k: int) -> list[Scored]:
+    """Top ``k`` by fitness (lower is better, NaN last), best first; ties keep their first-seen order.
+
+    ``sorted`` is stable, so equal fitnesses never reorder: the result depends only on the input
+    list, which makes a resumed search pick the same survivors.
+    """
+    return sorted(scored, key=lambda s: fitness_key(s[1]))[:k]
+
+
+def initial_population(oracle: Oracle, ctx: SearchContext, params: SearchParams) -> list[list[float]]:
+    """Line 1: G_0, from the oracle, or random under the ``random_init`` ablation."""
+    source = RandomOracle() if params.random_init else oracle
+    return source.initialize(ctx, params.population)
+
+
+def offspring(
+    oracle: Oracle, ctx: SearchContext, params: SearchParams, population: list[Scored], generation: int
+) -> list[list[float]]:
+    """Lines 5-6: mutants and crossovers of the scored ``population``.
+
+    ``generation`` is the index of the generation being produced (1 .. N); it seeds the
+    deterministic oracles. The ablations ask for zero offspring of the switched-off kind.
+    """
+    if params.n_mutation == 0 and params.n_crossover == 0:
+        return []
+    return oracle.evolve(ctx, population, params.n_crossover, params.n_mutation, generation)
+
+
+def _stats(generation: int, population: list[Scored], evaluations: int) -> GenerationStats:
+    """``population`` is sorted best first (see :func:`survivors`)."""
+    mean = sum(f for _, f in population) / len(population)
+    return GenerationStats(generation, population[0][1], mean, evaluations)
+
+
+def run_search(
+    oracle: Oracle, ctx: SearchContext, params: SearchParams, evaluate: Callable[[list[float]], float]
+) -> SearchResult:
+    """Run Algorithm 1 end to end with ``evaluate`` as the fitness (perplexity; lower is better).
+
+    Candidates are identified by ``ctx.canonical``: one already in the population is skipped,
+    and one evaluated before (then dropped) reuses its memoized fitness, so no structure is ever
+    evaluated twice.
+    """
+    memo: dict[Hashable, float] = {}
+
+    def score(candidates: list[list[float]], taken: set[Hashable]) -> list[Scored]:
+        out = []
+        for rates in candidates:
+            key = ctx.canonical(rates)
+            if key in taken:
+                continue
+            taken.add(key)
+            if key not in memo:
+                memo[key] = evaluate(rates)
+            out.append((rates, memo[key]))
+        return out
+
+    population = survivors(score(initial_population(oracle, ctx, params), set()), params.population)
+    if not population:
+        raise UserError("the oracle produced no initial candidates; check the target ratio and p_max")
+    history = [_stats(0, population, len(memo))]
+    for generation in range(1, params.generations + 1):
+        children = offspring(oracle, ctx, params, population, generation)
+        taken = {ctx.canonical(rates) for rates, _ in population}
+        population = survivors(population + score(children, taken), params.population)
+        history.append(_stats(generation, population, len(memo)))
+    best_rates, best_fitness = population[0]
+    return SearchResult(best_rates, best_fitness, history, len(memo), population)

@@ -1,0 +1,453 @@
+"""Oracles: whoever proposes candidate rate vectors for the evolutionary search.
+
+Self-Pruner's oracle is an LLM doing initialization, selection, crossover and mutation from the
+paper's prompts (:class:`LLMOracle`). :class:`GAOracle` does the same jobs with classical operators
+and :class:`RandomOracle` with none; they are baselines, the random-initialization ablation, and
+the fallback when an LLM does not deliver enough valid candidates.
+
+Every oracle keeps the same contract, so the search loop never has to check: each returned vector
+has ``ctx.n_layers`` entries in ``[0, ctx.p_max]`` with mean ``ctx.beta`` (within 1e-6), and no two
+returned vectors, nor a returned vector and a member of the given population, share a
+``ctx.canonical`` key. An oracle returns fewer vectors than asked only when it cannot find enough
+distinct ones (a tiny search space).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Hashable, Protocol
+
+from ..allocation import project_to_mean
+from ..errors import UserError
+from ..hashing import content_hash
+from . import prompts
+from .replies import parse_candidates, repair
+
+Scored = tuple[list[float], float]
+
+# How many draws per wanted child before giving up on finding a new distinct one.
+_TRIES_PER_CHILD = 50
+
+
+class OracleUnavailable(UserError):
+    """The oracle's server could not be used (down, too slow, refused us) after all retries.
+
+    A :class:`UserError`: the message says what failed and how to fix it, and the generation that
+    needed the oracle fails cleanly instead of silently searching with something else.
+    """
+
+
+def rounded_key(rates: list[float]) -> tuple[float, ...]:
+    """Default candidate identity: rates rounded to the 5 decimals the prompts ask for."""
+    return tuple(round(r, 5) for r in rates)
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every oracle needs to know about the problem.
+
+    ``p_max`` bounds each layer's rate. It defaults to 0.9 rather than the paper's 1 because a
+    rate of 1 removes a layer's attention and MLP entirely; the bound keeps every layer alive.
+    ``canonical`` maps rates to the pruned structure they produce (the orchestrator passes the
+    rounding to whole heads and channels), so two vectors that prune the same units count as one
+    candidate. ``dataset`` names the fitness data in the prompt.
+    """
+
+    model_name: str
+    n_layers: int
+    beta: float
+    p_max: float = 0.9
+    seed: int = 0
+    canonical: Callable[[list[float]], Hashable] = rounded_key
+    dataset: str = "WikiText-2"
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 1:
+            raise UserError(f"the model must have at least one layer to prune (got n_layers={self.n_layers})")
+        if not 0.0 < self.p_max <= 1.0:
+            raise UserError(f"p_max must lie in (0, 1] (got {self.p_max}); e.g. 0.9")
+        if not 0.0 < self.beta <= self.p_max:
+            raise UserError(f"the target ratio {self.beta} must lie in (0, p_max={self.p_max}]: lower the ratio or raise p_max")
+
+
+class Oracle(Protocol):
+    """Proposes candidates; see the module docstring for the contract on what it returns."""
+
+    def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
+        """The initial population: ``k`` distinct feasible vectors."""
+        ...
+
+    def evolve(
+        self, ctx: SearchContext, population: list[Scored], n_crossover: int, n_mutation: int, generation: int
+    ) -> list[list[float]]:
+        """Offspring of ``population`` (rates, perplexity; lower is better): mutants then crossovers."""
+        ...
+
+
+def _rng(ctx: SearchContext, generation: int, op: str) -> random.Random:
+    """A generator that depends only on (seed, generation, operation): same inputs, same outputs."""
+    return random.Random(int(content_hash(ctx.seed, generation, op), 16))
+
+
+def _distinct(ctx: SearchContext, make: Callable[[], list[float]], n: int, exclude: set[Hashable]) -> list[list[float]]:
+    """Draw from ``make`` until ``n`` vectors with new canonical keys are found (or tries run out).
+
+    ``exclude`` is updated with the keys taken, so successive calls never repeat each other.
+    """
+    out: list[list[float]] = []
+    for _ in range(_TRIES_PER_CHILD * n):
+        if len(out) == n:
+            break
+        rates = make()
+        key = ctx.canonical(rates)
+        if key not in exclude:
+            exclude.add(key)
+            out.append(rates)
+    return out
+
+
+def _random_rates(rng: random.Random, ctx: SearchContext) -> list[float]:
+    """Uniform rates in the widest interval centred on beta that fits the bounds, projected."""
+    half = min(ctx.beta, ctx.p_max - ctx.beta)
+    raw = [rng.uniform(ctx.beta - half, ctx.beta + half) for _ in range(ctx.n_layers)]
+    return project_to_mean(raw, ctx.beta, ctx.p_max)
+
+
+def fitness_key(fitness: float) -> tuple[bool, float]:
+    """Sort key: lower perplexity first; NaN (a broken candidate) after everything, inf included."""
+    return (math.isnan(fitness), fitness)
+
+
+class RandomOracle:
+    """No prior and no inheritance: fresh random vectors every time (the random-init ablation)."""
+
+    def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
+        rng = _rng(ctx, 0, "random-init")
+        return _distinct(ctx, lambda: _random_rates(rng, ctx), k, set())
+
+    def evolve(
+        self, ctx: SearchContext, population: list[Scored], n_crossover: int, n_mutation: int, generation: int
+    ) -> list[list[float]]:
+        rng = _rng(ctx, generation, "random")
+        exclude = {ctx.canonical(rates) for rates, _ in population}
+        return _distinct(ctx, lambda: _random_rates(rng, ctx), n_crossover + n_mutation, exclude)
+
+
+class GAOracle:
+    """A classical genetic algorithm under the same constraints as the LLM.
+
+    Selection is a tournament (the best of ``tournament`` random members); mutation adds gaussian
+    noise of std ``mutation_sigma`` to every rate; crossover takes each rate from one of two
+    parents at random (uniform crossover). Both break the mean constraint, so each child is
+    projected back onto ``mean = beta`` and the bounds, the same repair an LLM's reply gets.
+    Initialization is random (a GA has no prior about the model).
+    """
+
+    def __init__(self, tournament: int = 3, mutation_sigma: float = 0.05) -> None:
+        self.tournament = tournament
+        self.mutation_sigma = mutation_sigma
+
+    def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
+        return self.random_init(ctx, k, set())
+
+    def evolve(
+        self, ctx: SearchContext, population: list[Scored], n_crossover: int, n_mutation: int, generation: int
+    ) -> list[list[float]]:
+        exclude = {ctx.canonical(rates) for rates, _ in population}
+        return self.mutate(ctx, population, n_mutation, generation, exclude) + self.crossover(
+            ctx, population, n_crossover, generation, exclude
+        )
+
+    def random_init(self, ctx: SearchContext, n: int, exclude: set[Hashable]) -> list[list[float]]:
+        """``n`` random vectors whose keys are not in ``exclude`` (which is updated)."""
+        rng = _rng(ctx, 0, "ga-init")
+        return _distinct(ctx, lambda: _random_rates(rng, ctx), n, exclude)
+
+    def mutate(
+        self, ctx: SearchContext, population: list[Scored], n: int, generation: int, exclude: set[Hashable]
+    ) -> list[list[float]]:
+        """``n`` mutants of tournament-selected parents, distinct from ``exclude`` (updated)."""
+        if n <= 0:
+            return []
+        rng = _rng(ctx, generation, "ga-mutation")
+
+        def child() -> list[float]:
+            parent = self._select(rng, population)
+            return project_to_mean([r + rng.gauss(0.0, self.mutation_sigma) for r in parent], ctx.beta, ctx.p_max)
+
+        return _distinct(ctx, child, n, exclude)
+
+    def crossover(
+        self, ctx: SearchContext, population: list[Scored], n: int, generation: int, exclude: set[Hashable]
+    ) -> list[list[float]]:
+        """``n`` uniform crossovers of two tournament-selected parents, distinct from ``exclude``."""
+        if n <= 0:
+            return []
+        rng = _rng(ctx, generation, "ga-crossover")
+
+        def child() -> list[float]:
+            a, b = self._select(rng, population), self._select(rng, population)
+            mixed = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
+            return project_to_mean(mixed, ctx.beta, ctx.p_max)
+
+        return _distinct(ctx, child, n, exclude)
+
+    def _select(self, rng: random.Random, population: list[Scored]) -> list[float]:
+        if not population:
+            raise ValueError("evolution needs a non-empty scored population")
+        entrants = [population[rng.randrange(len(population))] for _ in range(self.tournament)]
+        return min(entrants, key=lambda s: fitness_key(s[1]))[0]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat-completion call, complete enough to be its own cache key.
+
+    ``attempt`` is not sent to the server; it numbers the re-asks of one question so that each
+    has its own key (and its own ``seed``) instead of replaying the cached first answer.
+    """
+
+    backend: str
+    model: str
+    messages: tuple[tuple[str, str], ...]
+    temperature: float
+    seed: int
+    attempt: int
+    json_mode: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "messages": self.api_messages(),
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "attempt": self.attempt,
+            "json_mode": self.json_mode,
+        }
+
+    def api_messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
+Transport = Callable[[ChatRequest], str]
+
+
+class LLMOracle:
+    """Self-Pruner's oracle: the paper's prompts sent through an injected ``transport``.
+
+    The transport is injected so the orchestrator can cache each call by its exact request, and
+    tests can script replies. Replies are untrusted: they are parsed and repaired
+    (:mod:`.replies`), duplicates (against each other and the current population) are dropped,
+    and the question is asked again, up to ``max_reasks`` times, for what is still missing. Any
+    shortfall after that is filled by ``fallback`` (a :class:`GAOracle`) and counted in
+    ``fallbacks``, so a poor model degrades the search visibly instead of stopping it. Only a
+    transport failure (:class:`OracleUnavailable`) stops it.
+
+    Counters: ``calls`` (requests made), ``fallbacks`` (vectors the GA supplied), ``rejected``
+    (vectors of wrong length or non-finite), ``duplicates`` (vectors dropped as repeats).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        transport: Transport,
+        backend: str = "openai",
+        temperature: float = 1.0,
+        max_reasks: int = 2,
+        json_mode: bool = True,
+        fallback: GAOracle | None = None,
+    ) -> None:
+        self.model = model
+        self.transport = transport
+        self.backend = backend
+        self.temperature = temperature
+        self.max_reasks = max_reasks
+        self.json_mode = json_mode
+        self.fallback = fallback or GAOracle()
+        self.calls = 0
+        self.fallbacks = 0
+        self.rejected = 0
+        self.duplicates = 0
+
+    def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
+        prompt = partial(
+            prompts.initialization_prompt, ctx.model_name, ctx.n_layers, beta=ctx.beta, p_max=ctx.p_max, dataset=ctx.dataset
+        )
+        exclude: set[Hashable] = set()
+        got = self._ask(ctx, "init", 0, prompt, k, exclude)
+        return got + self._fill(self.fallback.random_init(ctx, k - len(got), exclude))
+
+    def evolve(
+        self, ctx: SearchContext, population: list[Scored], n_crossover: int, n_mutation: int, generation: int
+    ) -> list[list[float]]:
+        exclude = {ctx.canonical(rates) for rates, _ in population}
+        out: list[list[float]] = []
+        for op, n, ga_op in (
+            ("mutation", n_mutation, self.fallback.mutate),
+            ("crossover", n_crossover, self.fallback.crossover),
+        ):
+            if n <= 0:
+                continue
+            prompt = partial(
+                prompts.evolution_prompt, op, ctx.model_name, ctx.n_layers, population, beta=ctx.beta, p_max=ctx.p_max
+            )
+            got = self._ask(ctx, op, generation, prompt, n, exclude)
+            out += got + self._fill(ga_op(ctx, population, n - len(got), generation, exclude))
+        return out
+
+    def _fill(self, children: list[list[float]]) -> list[list[float]]:
+        self.fallbacks += len(children)
+        return children
+
+    def _ask(
+        self,
+        ctx: SearchContext,
+        op: str,
+        generation: int,
+        prompt: Callable[[int], str],
+        need: int,
+        exclude: set[Hashable],
+    ) -> list[list[float]]:
+        """Ask (and re-ask) for ``need`` new vectors; returns the distinct valid ones obtained."""
+        accepted: list[list[float]] = []
+        for attempt in range(self.max_reasks + 1):
+            missing = need - len(accepted)
+            if missing <= 0:
+                break
+            request = ChatRequest(
+                backend=self.backend,
+                model=self.model,
+                messages=(("user", prompt(missing)),),
+                temperature=self.temperature,
+                seed=int(content_hash(ctx.seed, op, generation, attempt), 16) % 2**31,
+                attempt=attempt,
+                json_mode=self.json_mode,
+            )
+            self.calls += 1
+            valid, rejected = repair(parse_candidates(self.transport(request), ctx.n_layers), ctx.n_layers, ctx.beta, ctx.p_max)
+            self.rejected += rejected
+            for rates in valid:
+                if len(accepted) == need:
+                    break
+                key = ctx.canonical(rates)
+                if key in exclude:
+                    self.duplicates += 1
+                    continue
+                exclude.add(key)
+                accepted.append(rates)
+        return accepted
+
+
+def openai_transport(
+    base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, max_retries: int = 4
+) -> Transport:
+    """A transport through the official ``openai`` client, for OpenAI or any compatible server.
+
+    The key comes from the environment (``api_key_env``); a local server (vLLM, Ollama) given by
+    ``base_url`` needs none, so the placeholder "EMPTY" is used there. The client is built on the
+    first call, so a run whose every call is already cached needs neither key nor server.
+    Transient failures (connection, timeout, 408/409/429/5xx) are retried by the client itself
+    with exponential backoff, ``max_retries`` times, each try bounded by ``timeout`` seconds.
+    JSON mode is requested when asked; a server that rejects ``response_format`` with HTTP 400
+    is asked once more without it, and not asked with it again. Failures that remain become
+    :class:`OracleUnavailable`; the key never appears in their message.
+    """
+    import openai  # here, not at the top: importing it is slow and only this oracle needs it
+
+    where = base_url or "https://api.openai.com/v1"
+    state: dict = {"client": None, "key": "", "json_ok": True}
+
+    def client() -> openai.OpenAI:
+        if state["client"] is None:
+            key = os.environ.get(api_key_env, "")
+            if not key and base_url is None:
+                raise OracleUnavailable(
+                    f"no API key for the OpenAI oracle: set ${api_key_env}, or point the oracle at a local "
+                    "OpenAI-compatible server (vLLM, Ollama) with its base URL"
+                )
+            state["key"] = key
+            state["client"] = openai.OpenAI(api_key=key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=max_retries)
+        return state["client"]
+
+    def scrub(text: str) -> str:
+        text = text[:300]
+        return text.replace(state["key"], "***") if state["key"] else text
+
+    def send(request: ChatRequest) -> str:
+        create = client().chat.completions.create
+        kwargs = dict(
+            model=request.model,
+            messages=request.api_messages(),
+            temperature=request.temperature,
+            seed=request.seed,
+        )
+        try:
+            if request.json_mode and state["json_ok"]:
+                try:
+                    response = create(**kwargs, response_format={"type": "json_object"})
+                except openai.BadRequestError:
+                    response = create(**kwargs)
+                    state["json_ok"] = False
+            else:
+                response = create(**kwargs)
+        except openai.APITimeoutError:
+            raise OracleUnavailable(
+                f"oracle at {where} did not answer within {timeout}s, {max_retries + 1} tries: "
+                "check that the server is up and not overloaded, or raise the oracle timeout"
+            ) from None
+        except openai.APIConnectionError:
+            raise OracleUnavailable(
+                f"oracle at {where} could not be reached ({max_retries + 1} tries): start the server or fix the oracle base URL"
+            ) from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise OracleUnavailable(
+                f"oracle at {where} refused the API key (HTTP {e.status_code}): set a valid key in ${api_key_env}"
+            ) from None
+        except openai.NotFoundError:
+            raise OracleUnavailable(
+                f"oracle at {where} does not serve model {request.model!r} (HTTP 404): "
+                "check the model name after 'openai:' and the base URL"
+            ) from None
+        except openai.APIStatusError as e:
+            raise OracleUnavailable(
+                f"oracle at {where} answered HTTP {e.status_code} ({scrub(e.message)}); transient errors were "
+                f"retried {max_retries} times: check the server's log and the request limits, or retry later"
+            ) from None
+        except openai.APIError as e:
+            raise OracleUnavailable(
+                f"oracle at {where} sent an unusable response ({scrub(str(e))}): check that it speaks "
+                "the OpenAI chat-completions API"
+            ) from None
+        if not response.choices:
+            return ""
+        return response.choices[0].message.content or ""
+
+    return send
+
+
+ORACLE_CHOICES = ("ga", "random", "openai:MODEL")
+
+
+def make_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None) -> Oracle:
+    """Build an oracle from its command-line name: "ga", "random" or "openai:MODEL".
+
+    ``base_url`` points "openai:MODEL" at a compatible server; it is part of the backend name,
+    hence of every request's cache key. ``transport`` replaces the network (tests, caching).
+    """
+    if spec == "ga":
+        return GAOracle()
+    if spec == "random":
+        return RandomOracle()
+    kind, _, model = spec.partition(":")
+    if kind == "openai" and model.strip():
+        where = base_url or "https://api.openai.com/v1"
+        return LLMOracle(model.strip(), transport or openai_transport(base_url), backend=f"openai@{where}")
+    raise UserError(
+        f"unknown oracle {spec!r}; choose one of {', '.join(ORACLE_CHOICES)} "
+        "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama base URL)"
+    )

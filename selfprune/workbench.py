@@ -1,0 +1,147 @@
+"""One loaded dense model with its calibration statistics and Wanda-sp rankings.
+
+Everything a candidate needs is here, computed once per process: building a candidate is then
+a slicing operation and scoring it one perplexity pass. The CLI, the Prefect tasks and the
+benchmarks all go through this object, so "where does a candidate get pruned?" has one answer:
+:meth:`Workbench.build`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+
+from . import CODE_VERSION, allocation, data, slicing, stats, wanda_sp
+from .allocation import Structure
+from .errors import UserError
+from .hashing import content_hash
+from .models import LoadedModel, load_model
+from .paths import subdir
+from .perplexity import Perplexity, perplexity
+
+Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What decides the statistics (batch size does not: sums are order-independent up to fp32)."""
+
+    data: str = "demo"
+    samples: int = 128
+    seqlen: int = 512
+    batch_size: int = 4
+
+    def key_fields(self) -> dict:
+        return {"data": self.data, "samples": self.samples, "seqlen": self.seqlen}
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A perplexity measurement: which split, how many windows of how many tokens."""
+
+    data: str = "demo"
+    split: str = "fitness"
+    seqlen: int = 512
+    windows: int | None = 16
+    batch_size: int = 4
+
+    def key_fields(self) -> dict:
+        return {"data": self.data, "split": self.split, "seqlen": self.seqlen, "windows": self.windows}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _no_progress(label: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+class Workbench:
+    def __init__(self, lm: LoadedModel, calibration: Calibration, progress: Progress = _no_progress):
+        if getattr(lm.model.config, "selfprune_layers", None) is not None:
+            raise UserError(f"{lm.source} is already a pruned export; prune its base model instead")
+        self.lm = lm
+        self.arch = lm.arch
+        self.calibration = calibration
+        self.progress = progress
+        self.calibration_fingerprint = data.data_fingerprint(calibration.data, "calibration")
+        self.stats_key = content_hash(
+            "stats", lm.fingerprint, self.calibration_fingerprint, calibration.key_fields(), CODE_VERSION
+        )
+        self.stats = self._stats()
+        self.rankings = wanda_sp.rank(lm.model, self.arch, self.stats)
+        self._windows: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def stats_path(self):
+        return subdir("stats") / f"{self.stats_key}.safetensors"
+
+    def _stats(self) -> dict[str, torch.Tensor]:
+        """Load the cached statistics, or run the one calibration pass and cache them."""
+        if self.stats_path.exists():
+            return stats.load(self.stats_path, self.arch.n_layers)
+        c = self.calibration
+        windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
+        captured = stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
+        meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "code": CODE_VERSION}
+        stats.save(captured, self.stats_path, meta | {k: str(v) for k, v in c.key_fields().items()})
+        return captured
+
+    def structure(self, rates: list[float]) -> Structure:
+        return allocation.rates_to_structure(self.arch, rates)
+
+    def build(self, structure: Structure) -> torch.nn.Module:
+        """The pruned candidate; the dense model is never modified."""
+        return slicing.materialize(self.lm.model, self.arch, self.rankings, structure)
+
+    def windows(self, scoring: Scoring) -> torch.Tensor:
+        key = (scoring.data, scoring.split, scoring.seqlen, scoring.windows)
+        if key not in self._windows:
+            self._windows[key] = data.split_windows(
+                self.lm.tokenizer, scoring.data, scoring.split, scoring.seqlen, scoring.windows
+            )
+        return self._windows[key]
+
+    def score(self, structure: Structure | None, scoring: Scoring) -> Perplexity:
+        """Perplexity of the candidate (``None``: the dense model) under ``scoring``."""
+        model = self.lm.model if structure is None else self.build(structure)
+        windows = self.windows(scoring)
+        return perplexity(model, windows, scoring.batch_size, self.progress(f"perplexity ({scoring.split})", len(windows)))
+
+    def allocate(self, allocation_spec: str | list[float], ratio: float) -> list[float]:
+        """Per-layer rates from ``uniform``, ``owl``, or an explicit list (validated)."""
+        n = self.arch.n_layers
+        if allocation_spec == "uniform":
+            return allocation.uniform(n, ratio)
+        if allocation_spec == "owl":
+            return allocation.owl(wanda_sp.outlier_ratios(self.lm.model, self.stats), ratio)
+        if isinstance(allocation_spec, list):
+            return allocation.check_rates(allocation_spec, n, ratio)
+        raise UserError(f"unknown allocation {allocation_spec!r}; use uniform, owl or a RATES.json file")
+
+    def record(self, rates: list[float], structure: Structure, method: str) -> dict:
+        """Provenance for ``selfprune.json``: enough to rebuild the model from its base."""
+        units = slicing.kept_units(self.rankings, structure)
+        return {
+            "method": method,
+            "rates": rates,
+            "structure": allocation.structure_to_json(structure),
+            "kept_groups": [g.tolist() for g, _ in units],
+            "kept_channels": [c.tolist() for _, c in units],
+            "attention_unit": "kv_group",
+            "realized_ratio": allocation.realized_ratio(self.arch, structure),
+            "kept_params": allocation.kept_params(self.arch, structure),
+            "base_model": {"source": self.lm.source, "fingerprint": self.lm.fingerprint, "arch": self.arch.to_dict()},
+            "calibration": self.calibration.key_fields() | {"fingerprint": self.calibration_fingerprint},
+            "stats_key": self.stats_key,
+            "code_version": CODE_VERSION,
+        }
+
+
+@lru_cache(maxsize=2)
+def shared_workbench(model: str, calibration: Calibration, device: str = "auto", dtype: str = "auto") -> Workbench:
+    """The process-wide workbench for a model: loaded once per worker process, reused by every task."""
+    return Workbench(load_model(model, device, dtype), calibration)
