@@ -120,6 +120,9 @@ def ppl(
 
 def main() -> None:
     """Entry point: a :class:`UserError` becomes one line on stderr and exit code 2."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rich draws our own progress; keep stderr readable
     try:
         app()
     except UserError as e:

@@ -1,0 +1,112 @@
+"""The prune/ppl commands end to end on a tiny model, and every bad input: exit 2, one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny, byte_tokenizer
+from selfprune import cli
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    build_tiny("llama_gqa").save_pretrained(root / "model")
+    byte_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = "the of and to in is was for on that with as by at from his her it be are".split()
+    paragraphs = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)]
+    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
+    return root
+
+
+def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["selfprune", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def prune_args(ws: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"), "--samples", "4",
+            "--calib-seqlen", "64", "--device", "cpu", *extra]
+
+
+def test_prune_then_ppl_json(workspace, capsys, monkeypatch):
+    out_dir = workspace / "owl"
+    code, _, err = run(capsys, monkeypatch, *prune_args(workspace, "--ratio", "0.4", "--allocation", "owl", "--out", str(out_dir)))
+    assert code == 0, err
+    record = json.loads((out_dir / "selfprune.json").read_text())
+    assert abs(record["realized_ratio"] - 0.4) < 0.005 + 194 / 27648
+    assert len(record["kept_channels"]) == 4 and record["method"] == "wanda-sp/owl"
+    assert "api_key" not in json.dumps(record).lower()
+    code, out, err = run(capsys, monkeypatch, "ppl", "--model", str(out_dir), "--data", str(workspace / "corpus.txt"),
+                         "--seqlen", "64", "--windows", "3", "--json", "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tokens"] == 3 * 63 and result["seqlen"] == 64 and result["ppl"] > 1
+
+
+def test_rates_file_allocation(workspace, capsys, monkeypatch):
+    rates = workspace / "rates.json"
+    rates.write_text(json.dumps({"rates": [0.1, 0.5, 0.5, 0.9]}))
+    code, _, err = run(capsys, monkeypatch, *prune_args(workspace, "--ratio", "0.5", "--allocation", str(rates), "--out", str(workspace / "f")))
+    assert code == 0, err
+    assert json.loads((workspace / "f" / "selfprune.json").read_text())["rates"] == [0.1, 0.5, 0.5, 0.9]
+
+
+BAD = {
+    "ratio": (["--ratio", "1.5"], "--ratio must lie strictly between 0 and 1"),
+    "length": (["--allocation", "{rates}", "--ratio", "0.5"], "3 entries but the model has 4 layers"),
+    "range": (["--allocation", "{rates}", "--ratio", "0.5"], "outside [0, 1.0]"),
+    "mean": (["--allocation", "{rates}", "--ratio", "0.5"], "not the target ratio 0.5"),
+    "allocation": (["--allocation", "bogus.json"], "does not exist"),
+}
+RATES = {"length": [0.5, 0.5, 0.5], "range": [0.5, 1.5, -0.5, 0.5], "mean": [0.9, 0.9, 0.9, 0.9]}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_prune_input(case, workspace, capsys, monkeypatch):
+    args, message = BAD[case]
+    rates = workspace / f"rates-{case}.json"
+    rates.write_text(json.dumps(RATES.get(case, [])))
+    args = [a.replace("{rates}", str(rates)) for a in args]
+    code, _, err = run(capsys, monkeypatch, *prune_args(workspace, *args, "--out", str(workspace / "x")))
+    assert code == 2 and message in err.replace("\n", " ") and "Traceback" not in err
+
+
+def test_missing_model_and_unsupported_arch(workspace, capsys, monkeypatch, tmp_path):
+    code, _, err = run(capsys, monkeypatch, "ppl", "--model", str(tmp_path / "missing"), "--device", "cpu")
+    assert code == 2 and "does not exist" in err
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256)).save_pretrained(tmp_path / "gpt2")
+    code, _, err = run(capsys, monkeypatch, "ppl", "--model", str(tmp_path / "gpt2"), "--device", "cpu")
+    assert code == 2 and "unsupported architecture" in err and "Traceback" not in err
+
+
+def test_corpus_too_short(workspace, capsys, monkeypatch):
+    code, _, err = run(capsys, monkeypatch, "ppl", "--model", str(workspace / "model"), "--data", str(workspace / "corpus.txt"),
+                       "--seqlen", "512", "--windows", "500", "--device", "cpu")
+    assert code == 2 and "tokens" in err and "Traceback" not in err
+
+
+def test_corrupt_statistics_file_is_reported_not_overwritten(workspace, capsys, monkeypatch):
+    args = prune_args(workspace, "--ratio", "0.3", "--out", str(workspace / "u"), "--calib-seqlen", "48")
+    assert run(capsys, monkeypatch, *args)[0] == 0
+    from selfprune.paths import subdir
+
+    newest = max(subdir("stats").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    newest.write_bytes(b"garbage")
+    code, _, err = run(capsys, monkeypatch, *args)
+    assert code == 2 and "corrupt" in err and "delete it" in err
+    assert newest.read_bytes() == b"garbage"

@@ -1,0 +1,32 @@
+"""End to end on the real SmolLM2-135M demo model (fetched once into the selfprune home)."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfprune import allocation
+from selfprune.export import load_pruned, save_pruned
+from selfprune.models import load_model
+from selfprune.workbench import Calibration, Scoring, Workbench
+
+pytestmark = pytest.mark.demo
+
+
+def test_demo_prune_export_reload(real_home, tmp_path):
+    bench = Workbench(load_model("demo", device="cpu"), Calibration("demo", samples=4, seqlen=128))
+    arch = bench.arch
+    assert (arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.hidden, arch.intermediate) == (30, 9, 3, 576, 1536)
+    scoring = Scoring("demo", "test", seqlen=128, windows=2)
+    dense = bench.score(None, scoring).ppl
+    rates = bench.allocate("owl", 0.3)
+    structure = bench.structure(rates)
+    assert abs(allocation.realized_ratio(arch, structure) - 0.3) < 0.005
+    pruned = bench.build(structure)
+    in_memory = bench.score(structure, scoring)
+    assert in_memory.tokens == 2 * 127 and dense < in_memory.ppl < 100 * dense
+    out = save_pruned(pruned, bench.lm.tokenizer, tmp_path / "demo-owl", bench.record(rates, structure, "wanda-sp/owl"))
+    back = load_pruned(out, device="cpu")
+    from selfprune.perplexity import perplexity
+
+    assert perplexity(back.model, bench.windows(scoring)).ppl == pytest.approx(in_memory.ppl, rel=1e-5)
+    assert sum(p.numel() for p in back.model.parameters()) < 0.8 * sum(p.numel() for p in bench.lm.model.parameters())
