@@ -1,0 +1,76 @@
+"""Pruning-engine benchmark on the demo model: statistics capture, per-candidate
+materialization against one 4x512-token perplexity (target <= 5%), and peak memory.
+
+Run: python bench/bench_engine.py [--model demo] [--device auto]
+All figures come from one run on one machine; quote the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import time
+
+import torch
+
+from selfprune import allocation, data, stats
+from selfprune.models import load_model
+from selfprune.perplexity import perplexity
+from selfprune.workbench import Calibration, Scoring, Workbench
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--data", default="demo")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--candidates", type=int, default=5)
+    args = ap.parse_args()
+
+    lm = load_model(args.model, args.device)
+    device = next(lm.model.parameters()).device
+    calibration = Calibration(args.data, samples=args.samples, seqlen=512)
+    # The workbench would serve cached statistics: time the capture pass itself.
+    windows = data.split_windows(lm.tokenizer, args.data, "calibration", 512, args.samples)
+    t0 = time.perf_counter()
+    stats.capture(lm.model, windows, batch_size=4)
+    capture_s = time.perf_counter() - t0
+    bench = Workbench(lm, calibration)
+
+    rng = random.Random(0)
+    build_s, ppl_s = [], []
+    scoring = Scoring(args.data, "fitness", seqlen=512, windows=4)
+    ids = bench.windows(scoring)
+    for _ in range(args.candidates):
+        rates = allocation.project_to_mean([rng.uniform(0, 1) for _ in range(lm.arch.n_layers)], 0.5, 0.9)
+        structure = bench.structure(rates)
+        t0 = time.perf_counter()
+        pruned = bench.build(structure)
+        build_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        perplexity(pruned, ids)
+        ppl_s.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    perplexity(lm.model, ids)
+    dense_ppl_s = time.perf_counter() - t0
+
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"device {device}, model {args.model} ({lm.arch.n_layers} layers), {args.candidates} candidates at ratio 0.5")
+    print(f"statistics capture, {args.samples} x 512 tokens: {capture_s:.2f} s")
+    print(f"dense 4x512 perplexity: {dense_ppl_s:.3f} s")
+    print(f"materialization per candidate (median): {med(build_s) * 1000:.1f} ms")
+    print(f"pruned 4x512 perplexity (median): {med(ppl_s):.3f} s")
+    print(f"materialization / dense 4x512 perplexity = {med(build_s) / dense_ppl_s:.2%} (target <= 5%)")
+    print(f"peak memory: {peak_memory_mib(device):.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
