@@ -118,6 +118,56 @@ def ppl(
         console.print(f"ppl {result.ppl:.3f} on {result.tokens} tokens ({result.windows} x {seqlen}-token windows)")
 
 
+@app.command()
+def search(
+    model: Model = "demo",
+    ratio: Annotated[float, typer.Option("--ratio", help="target mean pruning rate beta")] = 0.5,
+    oracle: Annotated[str, typer.Option("--oracle", help="openai:MODEL | ga | random")] = "ga",
+    base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible server (vLLM, Ollama)")] = None,
+    data: Data = "demo",
+    population: Annotated[int, typer.Option("--population", help="K: population size")] = 30,
+    mutations: Annotated[int, typer.Option("--mutations", help="M: mutants per generation")] = 10,
+    crossovers: Annotated[int, typer.Option("--crossovers", help="S: crossovers per generation")] = 10,
+    generations: Annotated[int, typer.Option("--generations", help="N: generations")] = 20,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    p_max: Annotated[float, typer.Option("--p-max", help="upper bound of any layer's rate")] = 0.9,
+    samples: Samples = 128,
+    calib_seqlen: CalibSeqlen = 512,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="tokens per perplexity window")] = 512,
+    fitness_windows: Annotated[int, typer.Option("--fitness-windows", help="windows of the fitness split per candidate")] = 8,
+    test_windows: Annotated[int, typer.Option("--test-windows", help="windows of the test split for the final score")] = 64,
+    random_init: Annotated[bool, typer.Option("--random-init", help="ablation: random initial population")] = False,
+    no_mutation: Annotated[bool, typer.Option("--no-mutation", help="ablation: no mutation")] = False,
+    no_crossover: Annotated[bool, typer.Option("--no-crossover", help="ablation: no crossover")] = False,
+    out: Annotated[Path, typer.Option("--out", help="run directory (best.json, plots)")] = Path("runs/search"),
+    device: Device = "auto",
+    dtype: DType = "auto",
+) -> None:
+    """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
+    from .prefect_env import configure
+
+    configure(log_level="WARNING")
+    from selfprune.flows.search import search as search_flow
+
+    summary = search_flow(
+        model=model, ratio=ratio, oracle=oracle, base_url=base_url, data=data, population=population,
+        mutations=mutations, crossovers=crossovers, generations=generations, seed=seed, p_max=p_max,
+        samples=samples, calib_seqlen=calib_seqlen, seqlen=seqlen, fitness_windows=fitness_windows,
+        test_windows=test_windows, random_init=random_init, no_mutation=no_mutation,
+        no_crossover=no_crossover, out=str(out), device=device, dtype=dtype,
+    )
+    table = Table("generation", "best fitness", "mean fitness", title=f"search {model} at ratio {ratio} ({oracle})")
+    for h in summary["history"]:
+        table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
+    console.print(table)
+    console.print(
+        f"best: fitness {summary['fitness']:.3f}, test ppl {summary['test_ppl']:.3f} "
+        f"(uniform {summary['uniform_test_ppl']:.3f}) | evaluations {summary['evaluations']}, "
+        f"cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
+        f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {out / 'best.json'}"
+    )
+
+
 def main() -> None:
     """Entry point: a :class:`UserError` becomes one line on stderr and exit code 2."""
     from transformers.utils import logging as hf_logging

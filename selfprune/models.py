@@ -35,6 +35,34 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
+def _resolve(spec: str) -> tuple[str, dict, Path | None]:
+    """``spec`` -> (what to pass to ``from_pretrained``, its kwargs, the local path if any)."""
+    if spec == "demo":
+        from .demo import demo_model_dir
+
+        spec = str(demo_model_dir())
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path} is a file but not a .gguf; pass a model directory or a .gguf file")
+        return str(path.parent), {"local_files_only": True, "gguf_file": path.name}, path
+    if path.is_dir():
+        return str(path), {"local_files_only": True}, path
+    if _looks_like_path(spec):
+        raise UserError(f"model path {spec} does not exist; check the path, or use --model demo for the built-in model")
+    return spec, {}, None
+
+
+def model_fingerprint(spec: str) -> str:
+    """The fingerprint of ``spec`` without loading it (a hub model is fetched into the HF cache)."""
+    _, _, local = _resolve(spec)
+    if local is None:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(spec))
+    return fingerprint(local)
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``spec``: ``demo``, a local Hugging Face directory, a ``.gguf`` file (dequantized),
     a selfprune export directory, or a hub id (needs a reachable hub).
@@ -46,49 +74,27 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if spec == "demo":
-        from .demo import demo_model_dir
+    source, kwargs, local = _resolve(spec)
+    if local is not None and (local / "selfprune.json").is_file():
+        from .export import load_pruned
 
-        spec = str(demo_model_dir())
-    path = Path(spec).expanduser()
-    if path.exists():
-        if (path / "selfprune.json").is_file():
-            from .export import load_pruned
-
-            return load_pruned(path, device=device, dtype=dtype)
-        kwargs: dict = {"local_files_only": True}
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise UserError(f"{path} is a file but not a .gguf; pass a model directory or a .gguf file")
-            kwargs["gguf_file"] = path.name
-            path_for_hf = str(path.parent)
-        else:
-            path_for_hf = str(path)
-        fingerprint_target: Path | None = path
-    elif _looks_like_path(spec):
-        raise UserError(f"model path {spec} does not exist; check the path, or use --model demo for the built-in model")
-    else:
-        path_for_hf, kwargs, fingerprint_target = spec, {}, None
+        return load_pruned(local, device=device, dtype=dtype)
     try:
-        config = AutoConfig.from_pretrained(path_for_hf, **kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as e:
         raise UserError(
             f"could not load a config for {spec!r} ({str(e).splitlines()[0]}); give a local model directory "
             "or .gguf file, or a hub id with the hub reachable"
         ) from None
     arch = arch_of(config)
-    model = AutoModelForCausalLM.from_pretrained(path_for_hf, dtype=dt, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path_for_hf, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if "gguf_file" in kwargs:  # dequantized: plain float weights from here on
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.to(dev).eval().requires_grad_(False)
-    if fingerprint_target is None:
-        from huggingface_hub import snapshot_download
-
-        fingerprint_target = Path(snapshot_download(spec, local_files_only=True))
-    return LoadedModel(model, tokenizer, arch, fingerprint(fingerprint_target), spec)
+    return LoadedModel(model, tokenizer, arch, model_fingerprint(spec), spec)
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -230,6 +230,10 @@ class ChatRequest:
             "json_mode": self.json_mode,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChatRequest":
+        return cls(**{**d, "messages": tuple((m["role"], m["content"]) for m in d["messages"])})
+
     def api_messages(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
 

@@ -1,0 +1,189 @@
+"""Content-hash-cached Prefect tasks: what decides a cache key, and why resume survives SIGKILL.
+
+Declare a task with ``@cached_task(...)`` (or pass ``cache_policy=content_cache(...)`` to
+``@task`` yourself)::
+
+    @cached_task(key_fn=lambda model_fp, units, settings, **_: (model_fp, units, settings))
+    def score_candidate(model, model_fp: str, units: dict, settings: dict) -> dict: ...
+
+The cache key
+    ``<namespace>-<content_hash(CODE_VERSION, namespace, version, payload)>`` where ``payload``
+    is ``key_fn(**task_parameters)`` (or the parameters named in ``include``, or, with neither,
+    all parameters). It is built only from small explicit values (str, numbers, bool, None and
+    lists/dicts of them, or objects with ``to_dict()``) through ``selfprune.hashing``: a tensor
+    or a model reaching the key raises ``TypeError`` instead of being cloudpickled (torch
+    pickles are not deterministic). Never in the key: the flow or task run id (Prefect's
+    DEFAULT policy has RUN_ID, so a rerun after preemption would miss), the task's source
+    (TASK_SOURCE hashes only its own body; ``selfprune.CODE_VERSION`` and ``version=`` are the
+    explicit knobs), or tensors. ``namespace`` defaults to the function's ``module.qualname``,
+    so two tasks with equal inputs never share a result file. If the key cannot be built (a
+    tensor in it, say), a ``cached_task`` fails with ``TypeError``; a bare ``content_cache``
+    policy on a plain ``@task`` only gets Prefect's behaviour: a logged traceback and an
+    uncached run.
+
+Results
+    Persisted (``persist_result=True``) under ``PREFECT_LOCAL_STORAGE_PATH`` (see
+    ``selfprune.prefect_env``), one file per key, with a plain JSON serializer (no pickle, no
+    Prefect object hooks). The task's return value is round-tripped through JSON on its first
+    run too, so a fresh result and a cached one are identical (a tuple comes back as a list
+    both times) and a non-JSON return fails at once, not on resume. Tensors go to
+    ``selfprune.artifacts.store``; the task returns their key.
+
+Locks: why READ_COMMITTED and no lock manager
+    Prefect's SERIALIZABLE isolation needs a lock manager; ``FileSystemLockManager`` writes a
+    lock file per key with no expiry (the transaction never passes a hold timeout) and deletes
+    it only on a clean exit. After SIGKILL (preemption, OOM killer) the file stays and the
+    rerun waits on it forever (measured: the rerun hangs on the in-flight task's key). With
+    READ_COMMITTED (set explicitly here, so no parent transaction can change it) there are no
+    locks to leak: a rerun finds every committed result and recomputes only what had not
+    committed, i.e. the task that was in flight. A result file half-written at the kill
+    (Prefect's local writes are not atomic) fails to parse, which Prefect treats as a miss, and
+    is overwritten. The price: two processes that start the *same* key at the same moment both
+    compute it (equal results, last write wins). Candidates in this project are distinct keys
+    handled by one worker per loaded model, so that duplicate work is at most the in-flight task.
+    A lease-based lock (a hold timeout, or breaking locks whose holder pid is dead) would also
+    survive SIGKILL but adds a wait equal to the lease after every kill, for no gain here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.serializers import JSONSerializer
+
+from selfprune import CODE_VERSION
+from selfprune.hashing import content_hash
+
+# Plain json: no "__class__" object encoder/decoder, so nothing is imported or built on read.
+JSON_RESULTS = JSONSerializer(object_encoder=None, object_decoder=None)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text.rsplit(".", 1)[-1])[:40] or "task"
+
+
+@dataclass
+class ContentCache(CachePolicy):
+    """Cache key = content hash of explicit small inputs + CODE_VERSION (see module doc)."""
+
+    key_fn: Optional[Callable[..., Any]] = None
+    include: Optional[Sequence[str]] = None
+    namespace: Optional[str] = None
+    version: str = ""
+    isolation_level: Any = "READ_COMMITTED"
+
+    def payload(self, inputs: dict[str, Any]) -> Any:
+        if self.key_fn is not None:
+            return self.key_fn(**inputs)
+        if self.include is not None:
+            missing = [name for name in self.include if name not in inputs]
+            if missing:
+                raise KeyError(f"content_cache include names unknown parameters {missing}")
+            return {name: inputs[name] for name in self.include}
+        return dict(inputs)
+
+    def key_for(self, namespace: str, inputs: dict[str, Any]) -> str:
+        digest = content_hash(CODE_VERSION, namespace, self.version, self.payload(inputs), length=32)
+        return f"{_slug(namespace)}-{digest}"
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> Optional[str]:
+        namespace = self.namespace
+        if namespace is None:
+            fn = getattr(getattr(task_ctx, "task", None), "fn", None)
+            fn = inspect.unwrap(fn) if fn is not None else None
+            if fn is None:
+                raise ValueError("content_cache needs a namespace outside a task run")
+            namespace = f"{fn.__module__}.{fn.__qualname__}"
+        return self.key_for(namespace, inputs or {})
+
+
+def content_cache(
+    key_fn: Optional[Callable[..., Any]] = None,
+    *,
+    include: Optional[Sequence[str]] = None,
+    namespace: Optional[str] = None,
+    version: str = "",
+) -> ContentCache:
+    """A Prefect cache policy keyed on explicit inputs; ``key_fn`` gets the task's parameters
+    as keyword arguments (accept ``**_`` for the ones it ignores)."""
+    if key_fn is not None and include is not None:
+        raise ValueError("give key_fn or include, not both")
+    return ContentCache(key_fn=key_fn, include=tuple(include) if include is not None else None,
+                        namespace=namespace, version=version)
+
+
+def _json_roundtrip(value: Any, name: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"cached task {name!r} returned {type(value).__name__}, which is not plain JSON ({exc}). "
+            "Return dicts/lists/str/numbers/bool/None; put tensors in selfprune.artifacts.store "
+            "and return their key."
+        ) from exc
+
+
+def _checked_json_returning(fn: Callable[..., Any], check_key: Callable[[dict[str, Any]], str]) -> Callable[..., Any]:
+    """Wrap ``fn``: first build its cache key (so a tensor in the key fails the task instead of
+    Prefect logging it and running uncached), then JSON-round-trip what it returns."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    sig = inspect.signature(fn)
+
+    def check(args: tuple, kwargs: dict) -> None:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        try:
+            check_key(dict(bound.arguments))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise TypeError(f"cached task {name!r}: cannot build its cache key: {exc}") from exc
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            check(args, kwargs)
+            return _json_roundtrip(await fn(*args, **kwargs), name)
+
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check(args, kwargs)
+        return _json_roundtrip(fn(*args, **kwargs), name)
+
+    return wrapper
+
+
+def cached_task(
+    fn: Optional[Callable[..., Any]] = None,
+    *,
+    key_fn: Optional[Callable[..., Any]] = None,
+    include: Optional[Sequence[str]] = None,
+    namespace: Optional[str] = None,
+    version: str = "",
+    **task_kwargs: Any,
+):
+    """``@task`` with a content cache, persisted plain-JSON results and a JSON-only return value.
+
+    Other ``@task`` options (``name``, ``retries``, ``refresh_cache``, ...) pass through.
+    """
+
+    def decorate(f: Callable[..., Any]):
+        ns = namespace or f"{f.__module__}.{f.__qualname__}"
+        policy = content_cache(key_fn, include=include, namespace=ns, version=version)
+        opts: dict[str, Any] = dict(
+            name=f.__name__,
+            cache_policy=policy,
+            persist_result=True,
+            result_serializer=JSON_RESULTS,
+        )
+        opts.update(task_kwargs)
+        return task(**opts)(_checked_json_returning(f, functools.partial(policy.key_for, ns)))
+
+    return decorate(fn) if fn is not None else decorate

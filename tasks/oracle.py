@@ -1,0 +1,25 @@
+"""The oracle call as a Prefect task, cached by its exact request.
+
+A resumed run replays the recorded replies instead of asking again, so it follows the same
+search path. The key holds backend (with base URL), model, prompt, temperature, seed and
+attempt, never the API key, which the transport reads from the environment at call time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from selfprune.search.oracles import ChatRequest, Transport, openai_transport
+from selfprune.tasks.caching import cached_task
+
+
+@lru_cache(maxsize=8)
+def _transport(base_url: str | None, timeout: float, max_retries: int) -> Transport:
+    """One client per server and process (it remembers, e.g., that a server refuses JSON mode)."""
+    return openai_transport(base_url, timeout=timeout, max_retries=max_retries)
+
+
+@cached_task(key_fn=lambda request, **_: request, task_run_name="oracle-call")
+def oracle_call(request: dict, base_url: str | None = None, timeout: float = 120.0, max_retries: int = 4) -> str:
+    """Send one chat request (the client retries 429/5xx/timeouts with backoff) and return the text."""
+    return _transport(base_url, timeout, max_retries)(ChatRequest.from_dict(request))
