@@ -42,10 +42,14 @@ def _search_objects(config: dict, setup: dict):
         no_mutation=config["no_mutation"], no_crossover=config["no_crossover"],
     )
 
-    def transport(request) -> str:
-        return oracle_call(request.to_dict(), config["base_url"], config["oracle_timeout"])
+    calls = {"made": 0, "replayed": 0}
 
-    return arch, ctx, params, make_oracle(config["oracle"], config["base_url"], transport)
+    def transport(request) -> str:
+        state = oracle_call(request.to_dict(), config["base_url"], config["oracle_timeout"], return_state=True)
+        calls["replayed" if state.name == "Cached" else "made"] += 1
+        return state.result()
+
+    return arch, ctx, params, make_oracle(config["oracle"], config["base_url"], transport), calls
 
 
 def _scoring(config: dict, split: str, windows: int | None) -> dict:
@@ -62,7 +66,8 @@ def _evaluate(config: dict, setup: dict, structure: list, split: str, windows: i
     """Score one structure through the cached task; also say whether the cache answered."""
     state = score_candidate(
         config["model"], setup["model_fp"], setup["stats_key"], structure, _scoring(config, split, windows),
-        _calibration(config), config["device"], config["dtype"], return_state=True,
+        _calibration(config), config["device"], config["dtype"], str(Path(config["out"]) / "evaluations.jsonl"),
+        return_state=True,
     )
     return state.result(), state.name == "Cached"
 
@@ -71,7 +76,7 @@ def _evaluate(config: dict, setup: dict, structure: list, split: str, windows: i
 def generation(generation: int, population: list[dict], setup: dict, config: dict) -> dict:
     """Generation 0 builds and scores G_0; generation g >= 1 asks the oracle for mutants and
     crossovers of the population, scores them, and keeps the top K of both (Algorithm 1)."""
-    arch, ctx, params, oracle = _search_objects(config, setup)
+    arch, ctx, params, oracle, calls = _search_objects(config, setup)
     if generation == 0:
         children = initial_population(oracle, ctx, params)
     else:
@@ -98,7 +103,8 @@ def generation(generation: int, population: list[dict], setup: dict, config: dic
         "population": new_population,
         "evaluations": evaluations,
         "cache_hits": hits,
-        "oracle_calls": getattr(oracle, "calls", 0),
+        "oracle_calls": calls["made"],
+        "oracle_replays": calls["replayed"],
         "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
     }
 
@@ -144,7 +150,8 @@ def search(
 
     progress = create_progress_artifact(0.0, key=f"{config['artifact_key']}-progress", description="generations done")
     members: list[dict] = []
-    history, totals = [], {"evaluations": 0, "cache_hits": 0, "oracle_calls": 0, "oracle_fallbacks": 0}
+    history, totals = [], {"evaluations": 0, "cache_hits": 0, "oracle_calls": 0, "oracle_replays": 0,
+                        "oracle_fallbacks": 0}
     for g in range(generations + 1):
         result = generation(g, members, setup, config)
         members = result["population"]

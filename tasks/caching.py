@@ -16,7 +16,8 @@ The cache key
     DEFAULT policy has RUN_ID, so a rerun after preemption would miss), the task's source
     (TASK_SOURCE hashes only its own body; ``selfprune.CODE_VERSION`` and ``version=`` are the
     explicit knobs), or tensors. ``namespace`` defaults to the function's ``module.qualname``,
-    so two tasks with equal inputs never share a result file. If the key cannot be built (a
+    so two tasks with equal inputs never share a result file (give ``namespace=`` explicitly
+    for a task in a script, whose module is ``__main__`` when run but not when imported). If the key cannot be built (a
     tensor in it, say), a ``cached_task`` fails with ``TypeError``; a bare ``content_cache``
     policy on a plain ``@task`` only gets Prefect's behaviour: a logged traceback and an
     uncached run.

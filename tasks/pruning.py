@@ -8,6 +8,9 @@ never reach Prefect's key hashing or result serializer.
 
 from __future__ import annotations
 
+import json
+import os
+
 from selfprune.allocation import structure_from_json
 from selfprune.data import data_fingerprint
 from selfprune.workbench import Calibration, Scoring, shared_workbench
@@ -36,10 +39,18 @@ def _candidate_key(model_fp: str, stats_key: str, structure: list, scoring: dict
 @cached_task(key_fn=_candidate_key, task_run_name="score-candidate")
 def score_candidate(
     model: str, model_fp: str, stats_key: str, structure: list, scoring: dict, calibration: dict,
-    device: str = "auto", dtype: str = "auto",
+    device: str = "auto", dtype: str = "auto", ledger: str | None = None,
 ) -> dict:
-    """Build the candidate by slicing the loaded dense model and measure its perplexity."""
+    """Build the candidate by slicing the loaded dense model and measure its perplexity.
+
+    Every real (uncached) evaluation is appended to ``ledger`` (JSON lines), the run's audit of
+    what was computed, and of what a resumed run did not compute again.
+    """
     bench = shared_workbench(model, Calibration(**calibration), device, dtype)
     if bench.stats_key != stats_key:
         raise RuntimeError(f"statistics {bench.stats_key} differ from the flow's {stats_key}; the model or data changed mid-run")
-    return bench.score(structure_from_json(structure), Scoring(**scoring)).to_dict()
+    result = bench.score(structure_from_json(structure), Scoring(**scoring)).to_dict()
+    if ledger:
+        with open(ledger, "a") as fh:
+            fh.write(json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid()}) + "\n")
+    return result

@@ -80,3 +80,35 @@ def tiny_dir(request, tmp_path) -> Path:
 def random_windows(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, seqlen), generator=g)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(_isolated_home) -> str:
+    """One local Prefect API server for the session, in the isolated home (10-20 s once).
+
+    Subprocesses inherit ``PREFECT_API_URL`` and reuse it instead of starting their own.
+    """
+    from selfprune import prefect_env
+
+    prefect_env.configure(user_profiles=False, log_level="WARNING")
+    return prefect_env.ensure_api_server()
+
+
+def write_corpus(path: Path, paragraphs: int = 200, seed: int = 0) -> Path:
+    """An English-like corpus of function words: enough tokens for tiny calibration and scoring."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the of and to in is was for on that with as by at from his her it be are".split()
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(paragraphs)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory) -> Path:
+    """A saved tiny GQA Llama (``model/``) and a corpus (``corpus.txt``), shared by the session."""
+    root = tmp_path_factory.mktemp("workspace")
+    build_tiny("llama_gqa").save_pretrained(root / "model")
+    byte_tokenizer().save_pretrained(root / "model")
+    write_corpus(root / "corpus.txt")
+    return root

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny, byte_tokenizer
 from selfprune import cli
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    build_tiny("llama_gqa").save_pretrained(root / "model")
-    byte_tokenizer().save_pretrained(root / "model")
-    rng = random.Random(0)
-    words = "the of and to in is was for on that with as by at from his her it be are".split()
-    paragraphs = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)]
-    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
-    return root
+@pytest.fixture
+def workspace(tiny_workspace) -> Path:
+    return tiny_workspace
 
 
 def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:

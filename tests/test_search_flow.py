@@ -1,0 +1,120 @@
+"""The search as a real Prefect flow on a tiny model: results, caching, resume after SIGKILL,
+and the LLM oracle through the real openai client against a local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fake_openai_server import FakeOpenAI, reply
+from selfprune.allocation import project_to_mean
+
+SMALL = dict(population=6, mutations=2, crossovers=2, generations=4, samples=4, calib_seqlen=64, seqlen=64,
+             fitness_windows=4, test_windows=4, device="cpu")
+REQUIRED = {"rates", "structure", "fitness", "test_ppl", "evaluations", "cache_hits", "oracle_calls",
+            "oracle_fallbacks", "wall_s"}
+
+
+def run_search(ws: Path, out: Path, **overrides) -> dict:
+    from selfprune.flows.search import search
+
+    return search(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, out=str(out), **(SMALL | overrides))
+
+
+def ledger(out: Path) -> list[dict]:
+    path = out / "evaluations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tiny_workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "run"
+    return run_search(tiny_workspace, out), out
+
+
+def test_search_writes_best_json_and_plots(first_run):
+    summary, out = first_run
+    best = json.loads((out / "best.json").read_text())
+    assert REQUIRED <= set(best) and best["rates"] == summary["rates"]
+    assert abs(sum(best["rates"]) / 4 - 0.5) < 1e-6 and max(best["rates"]) <= 0.9
+    assert best["evaluations"] == 6 + 4 * (2 + 2) and best["cache_hits"] == 0
+    assert [h["generation"] for h in best["history"]] == list(range(5))
+    assert all(a["best"] >= b["best"] for a, b in zip(best["history"], best["history"][1:]))  # elitist
+    assert best["fitness"] == best["history"][-1]["best"] <= best["uniform_fitness"]
+    assert (out / "fitness.png").stat().st_size > 1000 and (out / "rates.png").stat().st_size > 1000
+    # Every evaluation is in the ledger once: the candidates plus the final test/uniform scores.
+    assert len(ledger(out)) == best["evaluations"] + 3
+
+
+def test_rerun_evaluates_nothing_and_finds_the_same_best(first_run, tiny_workspace, tmp_path):
+    summary, _ = first_run
+    again = run_search(tiny_workspace, tmp_path / "rerun")
+    assert again["evaluations"] == 0 and again["cache_hits"] == summary["evaluations"]
+    assert (again["rates"], again["fitness"], again["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
+    assert ledger(tmp_path / "rerun") == []
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(first_run, tiny_workspace, tmp_path):
+    """Kill the CLI mid-search with SIGKILL, run the same command again: no candidate is
+    evaluated twice (but the one in flight), and the result equals the uninterrupted run's."""
+    summary, _ = first_run
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
+    env["SELFPRUNE_HOME"] = str(tmp_path / "home")  # a cold cache; the API server is shared
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "selfprune.cli", "search", "--model", str(tiny_workspace / "model"),
+           "--data", str(tiny_workspace / "corpus.txt"), "--ratio", "0.5", "--out", str(out)]
+    for k, v in SMALL.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(ledger(out)) < 9 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the search ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = len(ledger(out))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((out / "best.json").read_text())
+    assert (resumed["rates"], resumed["fitness"], resumed["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
+    counts = Counter((json.dumps(e["structure"]), e["split"]) for e in ledger(out))
+    repeated = [k for k, n in counts.items() if n > 1]
+    assert len(repeated) <= 1, repeated  # only the evaluation in flight at the kill
+    assert resumed["cache_hits"] >= before - 1 and resumed["evaluations"] + resumed["cache_hits"] == 22
+
+
+def _llm_reply(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    vectors = [[round(x, 4) for x in project_to_mean([rng.uniform(0, 0.9) for _ in range(4)], 0.5, 0.9)] for _ in range(n)]
+    return "Here are the configurations:\n" + json.dumps({"rates": vectors})
+
+
+def test_llm_oracle_search_replays_cached_replies(prefect_api, tiny_workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-123")
+    script = [reply(_llm_reply(8, s)) for s in range(12)]
+    with FakeOpenAI(script) as server:
+        first = run_search(tiny_workspace, tmp_path / "llm", oracle="openai:fake-gpt", base_url=server.base_url,
+                           generations=2)
+        asked = len(server.requests)
+        assert first["oracle_calls"] >= 3 and asked == first["oracle_calls"]
+        assert server.requests[0].headers["authorization"] == "Bearer sk-test-secret-123"
+        # The same command again (same server address, hence same request keys): all replayed.
+        again = run_search(tiny_workspace, tmp_path / "llm2", oracle="openai:fake-gpt", base_url=server.base_url,
+                           generations=2)
+        assert len(server.requests) == asked
+    assert (again["rates"], again["fitness"]) == (first["rates"], first["fitness"]) and again["oracle_calls"] == 0
+    # The key reaches no file the run wrote, and no cached result.
+    from selfprune.prefect_env import results_dir
+
+    for path in [*(tmp_path / "llm").rglob("*"), *results_dir().rglob("*")]:
+        if path.is_file():
+            assert b"sk-test-secret-123" not in path.read_bytes(), path
