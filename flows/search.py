@@ -53,7 +53,7 @@ def _search_objects(config: dict, setup: dict):
 
 
 def _scoring(config: dict, split: str, windows: int | None) -> dict:
-    return {"data": config["data"], "split": split, "seqlen": config["seqlen"], "windows": windows,
+    return {"data": config["data"], "split": split, "seqlen": config["seqlen"], "windows": windows or None,
             "batch_size": config["batch_size"]}
 
 

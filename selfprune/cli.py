@@ -135,7 +135,7 @@ def search(
     calib_seqlen: CalibSeqlen = 512,
     seqlen: Annotated[int, typer.Option("--seqlen", help="tokens per perplexity window")] = 512,
     fitness_windows: Annotated[int, typer.Option("--fitness-windows", help="windows of the fitness split per candidate")] = 8,
-    test_windows: Annotated[int, typer.Option("--test-windows", help="windows of the test split for the final score")] = 64,
+    test_windows: Annotated[int, typer.Option("--test-windows", help="windows of the test split for the final score (0: all)")] = 64,
     random_init: Annotated[bool, typer.Option("--random-init", help="ablation: random initial population")] = False,
     no_mutation: Annotated[bool, typer.Option("--no-mutation", help="ablation: no mutation")] = False,
     no_crossover: Annotated[bool, typer.Option("--no-crossover", help="ablation: no crossover")] = False,
