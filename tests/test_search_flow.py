@@ -24,10 +24,11 @@ REQUIRED = {"rates", "structure", "fitness", "test_ppl", "evaluations", "cache_h
             "oracle_fallbacks", "wall_s"}
 
 
-def run_search(ws: Path, out: Path, **overrides) -> dict:
+def run_search(ws: Path, out: Path, return_state: bool = False, **overrides):
     from selfprune.flows.search import search
 
-    return search(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, out=str(out), **(SMALL | overrides))
+    return search(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, out=str(out),
+                  return_state=return_state, **(SMALL | overrides))
 
 
 def ledger(out: Path) -> list[dict]:
@@ -118,3 +119,32 @@ def test_llm_oracle_search_replays_cached_replies(prefect_api, tiny_workspace, t
     for path in [*(tmp_path / "llm").rglob("*"), *results_dir().rglob("*")]:
         if path.is_file():
             assert b"sk-test-secret-123" not in path.read_bytes(), path
+
+
+def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(prefect_api, tiny_workspace, tmp_path):
+    """The oracle goes down past its retries mid-search: the flow run fails with the reason.
+    `prefect flow-run retry` (what the UI's Retry does) then completes it, re-evaluating nothing."""
+    from fake_openai_server import status
+    from selfprune.search.oracles import OracleUnavailable
+
+    out = tmp_path / "retry"
+    good = [reply(_llm_reply(8, s)) for s in range(3)]
+    with FakeOpenAI([*good, status(500)]) as server:
+        state = run_search(tiny_workspace, out, oracle="openai:fake-gpt", base_url=server.base_url, generations=3,
+                           oracle_timeout=5.0, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(OracleUnavailable, match="500"):
+            state.result()
+        evaluated = len(ledger(out))
+        assert evaluated >= 6 and not (out / "best.json").exists()
+        server.script = [reply(_llm_reply(8, 100 + s)) for s in range(1)]  # the oracle is back
+        retry = subprocess.run(
+            [sys.executable, "-m", "prefect", "flow-run", "retry", str(state.state_details.flow_run_id),
+             "--entrypoint", "flows/search.py:search"],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+        )
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    best = json.loads((out / "best.json").read_text())
+    counts = Counter((json.dumps(e["structure"]), e["split"]) for e in ledger(out))
+    assert max(counts.values()) == 1  # nothing that had completed ran again
+    assert len(ledger(out)) > evaluated and REQUIRED <= set(best)
