@@ -23,22 +23,21 @@ from .wanda_sp import Rankings, kept
 class RemovedAttention(nn.Module):
     """Stands in for a fully pruned attention sub-layer: adds nothing to the residual stream.
 
-    It still registers an empty key/value entry in a generation cache, so cache bookkeeping that
-    reads sequence lengths from any layer keeps working.
+    It still registers a one-channel zero key/value entry per position in a generation cache:
+    cache bookkeeping reads the sequence length from layer 0, and an empty entry would read 0.
     """
 
-    def __init__(self, layer_idx: int, head_dim: int, o_bias: torch.Tensor | None):
+    def __init__(self, layer_idx: int, o_bias: torch.Tensor | None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.head_dim = head_dim
         self.bias = None if o_bias is None else nn.Parameter(o_bias, requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         if cache is not None:
             b, s = hidden_states.shape[:2]
-            empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
-            cache.update(empty, empty, self.layer_idx)
+            placeholder = hidden_states.new_zeros(b, 1, s, 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
         out = torch.zeros_like(hidden_states)
         return (out if self.bias is None else out + self.bias), None
 
@@ -87,7 +86,7 @@ def prune_layer(layer: nn.Module, arch: Arch, layer_idx: int, groups: torch.Tens
     """Replace one (structurally copied) layer's projections with slices of the given units."""
     attn, mlp = layer.self_attn, layer.mlp
     if len(groups) == 0:
-        layer.self_attn = RemovedAttention(layer_idx, arch.head_dim, attn.o_proj.bias)
+        layer.self_attn = RemovedAttention(layer_idx, attn.o_proj.bias)
     elif len(groups) < arch.n_kv_heads:
         q, kv = head_rows(arch, groups)
         attn.q_proj, attn.k_proj, attn.v_proj = _rows(attn.q_proj, q), _rows(attn.k_proj, kv), _rows(attn.v_proj, kv)

@@ -128,10 +128,11 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
     from selfprune.search.oracles import OracleUnavailable
 
     out = tmp_path / "retry"
-    good = [reply(_llm_reply(8, s)) for s in range(3)]
+    good = [reply(_llm_reply(8, 50 + s)) for s in range(3)]  # candidates no other test scored
     with FakeOpenAI([*good, status(500)]) as server:
+        # seed 7: requests no other test has made, so nothing comes from the session's cache
         state = run_search(tiny_workspace, out, oracle="openai:fake-gpt", base_url=server.base_url, generations=3,
-                           oracle_timeout=5.0, return_state=True)
+                           seed=7, oracle_timeout=5.0, return_state=True)
         assert state.is_failed()
         with pytest.raises(OracleUnavailable, match="500"):
             state.result()

@@ -1,0 +1,36 @@
+"""Evaluating pruned models: zero-shot accuracy (lm-eval), local cloze tasks, speed and memory,
+DeciLM export for vLLM, and LoRA recovery.
+
+Pure library code (no Prefect). Submodules import their heavy dependencies (lm-eval, peft,
+vLLM) inside the functions that need them, so ``import selfprune.evaluate`` stays cheap::
+
+    from selfprune.evaluate.zeroshot import evaluate_zero_shot, PAPER_TASKS
+    from selfprune.evaluate.cloze import build_cloze_task, build_lastword_task
+    from selfprune.evaluate.speed import measure, vllm_measure
+    from selfprune.evaluate.deci import deci_compatible, export_deci
+    from selfprune.evaluate.lora import lora_recover
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "evaluate_zero_shot": "zeroshot",
+    "PAPER_TASKS": "zeroshot",
+    "build_cloze_task": "cloze",
+    "build_lastword_task": "cloze",
+    "measure": "speed",
+    "vllm_measure": "speed",
+    "deci_compatible": "deci",
+    "export_deci": "deci",
+    "lora_recover": "lora",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,336 @@
+"""Size, memory and speed of a (pruned) model: the numbers a pruning table reports beside accuracy.
+
+:func:`measure` times the model object in this process with transformers (dense and pruned with
+identical settings); :func:`vllm_measure` serves an export with vLLM (CUDA machines only).
+
+Definitions (every number travels with the settings that produced it):
+
+* ``params``: distinct parameters (tied embeddings counted once); ``weight_bytes``: their bytes.
+* ``kv_cache_bytes_per_token``: bytes one token adds to the KV cache, from the kept K/V widths
+  (a removed attention layer adds none).
+* ``prefill_tokens_per_s``: ``batch_size * prompt_tokens`` over the median time of one forward
+  over the prompt (no cache, logits of the last position only, as a server's prefill).
+* ``generate_tokens_per_s``: ``batch_size * new_tokens`` over the median time of
+  ``model.generate(min_new_tokens = max_new_tokens = new_tokens, do_sample=False)`` (prefill
+  included); ``decode_tokens_per_s``: ``batch_size * (new_tokens - 1)`` over that time minus the
+  prefill time, i.e. the per-token decode rate alone (``None`` when that difference is not positive,
+  which only timing noise on very small models produces).
+* ``peak_memory_bytes``: CUDA: ``torch.cuda.max_memory_allocated`` over the timed runs (weights,
+  activations and KV cache; the caching allocator's reserve not included). CPU: the process's peak
+  resident set size (VmHWM) over the timed runs, after resetting the kernel's high-water mark by
+  writing ``5`` to ``/proc/self/clear_refs``; where that is not permitted a 1 ms sampler thread
+  reads the current RSS instead (method ``"rss-sampler"``, which can miss spikes shorter than a
+  sample). Before the baseline is read, glibc's ``malloc_trim(0)`` returns freed heap pages to the
+  OS, so the warm-up's freed buffers do not hide the runs' growth. No tracemalloc: it does not see
+  tensor memory. ``peak_memory_delta_bytes`` is the peak minus the allocation/RSS just before the
+  runs (what inference adds on top of the resident weights). CPU RSS includes the Python runtime
+  and libraries, so compare CPU peaks only between runs of the same process setup.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import UserError
+from .zeroshot import check_device
+
+
+def weight_stats(model: torch.nn.Module) -> tuple[int, int]:
+    """(distinct parameters, their bytes); parameters sharing storage are counted once."""
+    seen: set[tuple[int, int]] = set()
+    params = nbytes = 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset()) if p.device.type != "meta" else (id(p), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        params += p.numel()
+        nbytes += p.numel() * p.element_size()
+    return params, nbytes
+
+
+def kv_cache_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one token adds to a full KV cache: sum over attention layers of K and V widths."""
+    total = 0
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        k = getattr(attn, "k_proj", None)
+        v = getattr(attn, "v_proj", None)
+        if k is None or v is None:  # a removed attention layer caches nothing real
+            continue
+        total += (k.out_features + v.out_features) * k.weight.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the baseline RSS is live memory only and
+    the runs' activations and KV cache show up as growth instead of reusing resident free pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def _peak_memory(device: torch.device) -> Iterator[dict]:
+    """Yields a dict filled on exit with peak, baseline and the method used."""
+    out: dict[str, Any] = {}
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        _sync(device)
+        out.update(peak=torch.cuda.max_memory_allocated(device), baseline=base, method="cuda-max-allocated")
+        return
+    _trim_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # 5: reset the peak RSS (Linux >= 4.0)
+            f.write("5")
+        base = _rss_bytes()
+        yield out
+        out.update(peak=max(_status_kb("VmHWM"), base), baseline=base, method="vmhwm-reset")
+        return
+    except OSError:
+        pass
+    try:
+        base = _rss_bytes()
+    except OSError:  # not Linux: only the lifetime peak is available
+        import resource
+
+        yield out
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if os.uname().sysname == "Darwin" else 1024)
+        out.update(peak=peak, baseline=None, method="ru_maxrss-lifetime")
+        return
+    stop = threading.Event()
+    peak = [base]
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+    out.update(peak=max(peak[0], _rss_bytes()), baseline=base, method="rss-sampler")
+
+
+def _prompt(vocab_size: int, batch_size: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Fixed pseudo-random prompt ids (the content does not matter for speed; the length does)."""
+    g = torch.Generator().manual_seed(seed)
+    low = min(256, max(vocab_size // 4, 0))  # skip the low ids, where special tokens usually sit
+    return torch.randint(low, vocab_size, (batch_size, prompt_tokens), generator=g)
+
+
+def measure(
+    model: torch.nn.Module,
+    tokenizer=None,
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    batch_size: int = 1,
+    repeats: int = 3,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Parameters, weight bytes, KV-cache bytes per token, peak memory, prefill and decode speed.
+
+    ``device``: where the model must already be (``None``: wherever it is; the model is not moved).
+    One untimed warm-up precedes the timed runs; times are medians over ``repeats``. The tokenizer
+    is only used for the pad / EOS ids handed to ``generate``. See the module docstring for the
+    exact definitions.
+    """
+    from transformers import GenerationConfig
+
+    if min(prompt_tokens, new_tokens, batch_size, repeats) < 1:
+        raise UserError("prompt_tokens, new_tokens, batch_size and repeats must all be at least 1")
+    dev = check_device(model, device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = _prompt(vocab, batch_size, prompt_tokens).to(dev)
+    mask = torch.ones_like(ids)
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           num_beams=1, use_cache=True, eos_token_id=eos, pad_token_id=pad)
+
+    def prefill() -> None:
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        except TypeError:  # a model without logits_to_keep
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def generate() -> torch.Tensor:
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            prefill()  # warm-up: kernels, allocator, lazy initialisation
+            out = generate()
+            if out.shape[1] != prompt_tokens + new_tokens:
+                raise RuntimeError(f"generate returned {out.shape[1] - prompt_tokens} new tokens, not {new_tokens}")
+            prefill_s, generate_s = [], []
+            with _peak_memory(dev) as mem:
+                for _ in range(repeats):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    prefill()
+                    _sync(dev)
+                    t1 = time.perf_counter()
+                    generate()
+                    _sync(dev)
+                    t2 = time.perf_counter()
+                    prefill_s.append(t1 - t0)
+                    generate_s.append(t2 - t1)
+    finally:
+        model.train(was_training)
+    params, nbytes = weight_stats(model)
+    t_pre, t_gen = statistics.median(prefill_s), statistics.median(generate_s)
+    decode_s = t_gen - t_pre
+    return {
+        "backend": "transformers",
+        "device": str(dev),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "params": params,
+        "weight_bytes": nbytes,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
+        "peak_memory_bytes": mem["peak"],
+        "peak_memory_delta_bytes": None if mem["baseline"] is None else mem["peak"] - mem["baseline"],
+        "peak_memory_method": mem["method"],
+        "prefill_s": t_pre,
+        "prefill_tokens_per_s": batch_size * prompt_tokens / t_pre,
+        "generate_s": t_gen,
+        "generate_tokens_per_s": batch_size * new_tokens / t_gen,
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+    }
+
+
+def format_measurement(m: dict[str, Any]) -> str:
+    """One readable line per field group, for logs and the CLI."""
+    mib = 1 / 2**20
+    delta = m["peak_memory_delta_bytes"]
+    decode = m["decode_tokens_per_s"]
+    return "\n".join([
+        f"{m['backend']} on {m['device']} ({m['dtype']}): {m['params']:,} params, "
+        f"{m['weight_bytes'] * mib:.1f} MiB weights, KV cache {m['kv_cache_bytes_per_token']:,} B/token",
+        f"peak memory {m['peak_memory_bytes'] * mib:.1f} MiB"
+        + (f" (+{delta * mib:.1f} MiB over baseline)" if delta is not None else "") + f" [{m['peak_memory_method']}]",
+        f"prefill {m['prefill_tokens_per_s']:.1f} tok/s; generate {m['generate_tokens_per_s']:.1f} tok/s; "
+        + (f"decode {decode:.1f} tok/s" if decode is not None else "decode n/a (generate not slower than prefill)"),
+        f"(batch {m['batch_size']}, prompt {m['prompt_tokens']}, new {m['new_tokens']}, median of {m['repeats']})",
+    ])
+
+
+def vllm_measure(
+    export_dir: str | Path,
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    batch_size: int = 1,
+    repeats: int = 3,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.5,
+    work_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Serve a model directory with vLLM and time prefill and generation (same definitions as
+    :func:`measure`, except that peak memory is not observable from this process).
+
+    ``export_dir``: a dense Hugging Face directory, a DeciLM directory from
+    :func:`~selfprune.evaluate.deci.export_deci`, or a selfprune export (converted to DeciLM first,
+    into ``work_dir`` or ``<export_dir>-deci``; a UserError if its structure has no DeciLM form).
+    """
+    try:
+        import vllm
+    except ImportError:
+        raise UserError("vLLM is not installed: pip install 'selfprune[vllm]' on a CUDA machine") from None
+    if min(prompt_tokens, new_tokens, batch_size, repeats) < 1:
+        raise UserError("prompt_tokens, new_tokens, batch_size and repeats must all be at least 1")
+    src = Path(export_dir).expanduser().resolve()
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src} has no config.json; give a model directory or a selfprune export")
+    if (src / "selfprune.json").is_file():
+        from .deci import export_deci
+
+        model_dir = export_deci(src, Path(work_dir) if work_dir else src.with_name(src.name + "-deci"))
+    else:
+        model_dir = src
+    llm = vllm.LLM(model=str(model_dir), trust_remote_code=True, dtype=dtype, seed=0,
+                   gpu_memory_utilization=gpu_memory_utilization,
+                   max_model_len=prompt_tokens + new_tokens + 16)
+    vocab = llm.get_tokenizer().vocab_size
+    prompts = [{"prompt_token_ids": row.tolist()} for row in _prompt(vocab, batch_size, prompt_tokens)]
+    one = vllm.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    full = vllm.SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    def timed(params) -> float:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        got = {len(o.outputs[0].token_ids) for o in outs}
+        if got != {params.max_tokens}:
+            raise RuntimeError(f"vLLM returned {got} new tokens, not {params.max_tokens}")
+        return dt
+
+    timed(full)  # warm-up (CUDA graphs, allocator)
+    t_pre = statistics.median(timed(one) for _ in range(repeats))
+    t_gen = statistics.median(timed(full) for _ in range(repeats))
+    decode_s = t_gen - t_pre
+    return {
+        "backend": "vllm",
+        "vllm_version": getattr(vllm, "__version__", "?"),
+        "model_dir": str(model_dir),
+        "device": "cuda",
+        "dtype": dtype,
+        "peak_memory_bytes": None,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "prefill_s": t_pre,
+        "prefill_tokens_per_s": batch_size * prompt_tokens / t_pre,
+        "generate_s": t_gen,
+        "generate_tokens_per_s": batch_size * new_tokens / t_gen,
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "repeats": repeats,
+    }
