@@ -22,41 +22,43 @@ def best_markdown(generation: int, best: dict, n_layers: int) -> str:
     )
 
 
-def plot_history(history: list[dict], path: Path) -> Path:
-    """Best and mean fitness per generation."""
+def new_axes():
+    """A headless matplotlib figure of the size every plot here uses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6, 3.5))
+
+
+def save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Best and mean fitness per generation."""
     gens = [h["generation"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_axes()
     ax.plot(gens, [h["best"] for h in history], marker="o", label="best")
     ax.plot(gens, [h["mean"] for h in history], marker=".", label="population mean")
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness perplexity (lower is better)")
     ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, ax, path)
 
 
 def plot_rates(rates: list[float], beta: float, path: Path) -> Path:
     """The best per-layer pruning rates against the uniform target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_axes()
     ax.bar(range(len(rates)), rates, color="tab:blue")
     ax.axhline(beta, color="tab:red", linestyle="--", label=f"uniform {beta}")
     ax.set_xlabel("layer")
     ax.set_ylabel("pruning rate")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, ax, path)

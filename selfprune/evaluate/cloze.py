@@ -64,6 +64,16 @@ def _yaml(config: dict) -> str:
     return yaml.dump(config, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000)
 
 
+def _write_task(out_dir: Path, name: str, rows: list[dict], spec: dict) -> Path:
+    """Write ``name.jsonl`` (the items) and ``name.yaml`` (the lm-eval task) into ``out_dir``."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / f"{name}.jsonl"
+    _write(jsonl, _jsonl(rows))
+    _write(out_dir / f"{name}.yaml", _yaml({"task": name, **_dataset_block(jsonl, out_dir), **spec}))
+    return out_dir
+
+
 def _dataset_block(jsonl: Path, out_dir: Path) -> dict:
     return {
         "dataset_path": "json",
@@ -109,13 +119,7 @@ def build_cloze_task(data: str, out_dir: Path, n_items: int = 200, n_choices: in
         rng.shuffle(choices)
         rows.append({"id": idx, "context": "\n".join(lines[pos - context_lines:pos]),
                      "choices": choices, "label": choices.index(true)})
-    out_dir = Path(out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl = out_dir / f"{CLOZE_TASK}.jsonl"
-    _write(jsonl, _jsonl(rows))
-    config = {
-        "task": CLOZE_TASK,
-        **_dataset_block(jsonl, out_dir),
+    return _write_task(out_dir, CLOZE_TASK, rows, {
         "output_type": "multiple_choice",
         "doc_to_text": "{{context}}",
         "doc_to_choice": "choices",
@@ -127,9 +131,7 @@ def build_cloze_task(data: str, out_dir: Path, n_items: int = 200, n_choices: in
         ],
         "metadata": {"version": 1.0, "source": str(data), "split": split, "n_items": n_items,
                      "n_choices": n_choices, "context_lines": context_lines, "seed": seed},
-    }
-    _write(out_dir / f"{CLOZE_TASK}.yaml", _yaml(config))
-    return out_dir
+    })
 
 
 _WORD = re.compile(r"^(.*\S)\s+([A-Za-z][A-Za-z']{2,})[^A-Za-z']*$")
@@ -161,13 +163,7 @@ def build_lastword_task(data: str, out_dir: Path, n_items: int = 200, seed: int 
         i, head, word = candidates[k]
         context = "\n".join([*lines[i - context_lines:i], head])
         rows.append({"id": idx, "context": context, "target": word})
-    out_dir = Path(out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl = out_dir / f"{LASTWORD_TASK}.jsonl"
-    _write(jsonl, _jsonl(rows))
-    config = {
-        "task": LASTWORD_TASK,
-        **_dataset_block(jsonl, out_dir),
+    return _write_task(out_dir, LASTWORD_TASK, rows, {
         "output_type": "loglikelihood",
         "doc_to_text": "{{context}}",
         # lm-eval adds no target_delimiter to loglikelihood requests: the space is part of the target
@@ -175,9 +171,7 @@ def build_lastword_task(data: str, out_dir: Path, n_items: int = 200, seed: int 
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0, "source": str(data), "split": split, "n_items": n_items,
                      "context_lines": context_lines, "seed": seed},
-    }
-    _write(out_dir / f"{LASTWORD_TASK}.yaml", _yaml(config))
-    return out_dir
+    })
 
 
 def build_local_tasks(data: str, out_dir: Path, n_items: int = 200, seed: int = 0) -> Path:

@@ -155,6 +155,23 @@ def _prompt(vocab_size: int, batch_size: int, prompt_tokens: int, seed: int = 0)
     return torch.randint(low, vocab_size, (batch_size, prompt_tokens), generator=g)
 
 
+def _throughput(t_pre: float, t_gen: float, prompt_tokens: int, new_tokens: int, batch_size: int,
+                repeats: int) -> dict[str, Any]:
+    """Tokens/s from median prefill and generate times; decode is generate minus prefill."""
+    decode_s = t_gen - t_pre
+    return {
+        "prefill_s": t_pre,
+        "prefill_tokens_per_s": batch_size * prompt_tokens / t_pre,
+        "generate_s": t_gen,
+        "generate_tokens_per_s": batch_size * new_tokens / t_gen,
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "repeats": repeats,
+    }
+
+
 def measure(
     model: torch.nn.Module,
     tokenizer=None,
@@ -221,7 +238,6 @@ def measure(
         model.train(was_training)
     params, nbytes = weight_stats(model)
     t_pre, t_gen = statistics.median(prefill_s), statistics.median(generate_s)
-    decode_s = t_gen - t_pre
     return {
         "backend": "transformers",
         "device": str(dev),
@@ -232,15 +248,7 @@ def measure(
         "peak_memory_bytes": mem["peak"],
         "peak_memory_delta_bytes": None if mem["baseline"] is None else mem["peak"] - mem["baseline"],
         "peak_memory_method": mem["method"],
-        "prefill_s": t_pre,
-        "prefill_tokens_per_s": batch_size * prompt_tokens / t_pre,
-        "generate_s": t_gen,
-        "generate_tokens_per_s": batch_size * new_tokens / t_gen,
-        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "batch_size": batch_size,
-        "repeats": repeats,
+        **_throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
     }
@@ -315,7 +323,6 @@ def vllm_measure(
     timed(full)  # warm-up (CUDA graphs, allocator)
     t_pre = statistics.median(timed(one) for _ in range(repeats))
     t_gen = statistics.median(timed(full) for _ in range(repeats))
-    decode_s = t_gen - t_pre
     return {
         "backend": "vllm",
         "vllm_version": getattr(vllm, "__version__", "?"),
@@ -324,13 +331,5 @@ def vllm_measure(
         "dtype": dtype,
         "peak_memory_bytes": None,
         "gpu_memory_utilization": gpu_memory_utilization,
-        "prefill_s": t_pre,
-        "prefill_tokens_per_s": batch_size * prompt_tokens / t_pre,
-        "generate_s": t_gen,
-        "generate_tokens_per_s": batch_size * new_tokens / t_gen,
-        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "batch_size": batch_size,
-        "repeats": repeats,
+        **_throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
     }
