@@ -112,3 +112,13 @@ def tiny_workspace(tmp_path_factory) -> Path:
     byte_tokenizer().save_pretrained(root / "model")
     write_corpus(root / "corpus.txt")
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped on machines without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
