@@ -7,9 +7,8 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import build_tiny, byte_tokenizer, random_windows
+from conftest import build_tiny, random_windows
 from selfprune import allocation, slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of
