@@ -5,16 +5,13 @@ bias compensation) of the inputs of ``o_proj`` (concatenated head outputs) and `
 (``act(gate) * up``), and the sum of squares of the inputs of ``q_proj`` and ``gate_proj`` (the
 normed hidden states, which OWL needs to score q/k/v/gate/up). Sums accumulate in float32 on the
 model's device whatever the model dtype, batch by batch, so memory is bounded by one batch.
+They are stored in the artifact store (safetensors, atomic, digest-checked) under a content key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .models import decoder_layers
@@ -85,21 +82,9 @@ def mean_sq(stats: dict[str, torch.Tensor], layer: int, stat: str) -> torch.Tens
     return stats[f"{layer}.{stat}.sq"].double().div(stats["tokens"]).float()
 
 
-def save(stats: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write atomically: a killed run never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
-
-
-def load(path: Path, n_layers: int) -> dict[str, torch.Tensor]:
-    """Read statistics, refusing a truncated or foreign file with the fix in the message."""
-    try:
-        stats = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"statistics file {path} is corrupt ({e}); delete it and rerun to recompute it") from None
+def check(stats: dict[str, torch.Tensor], n_layers: int, where: object) -> dict[str, torch.Tensor]:
+    """Refuse statistics that do not cover the model (a foreign or truncated file)."""
     missing = [k for k in ("tokens", f"{n_layers - 1}.mlp_in.sq") if k not in stats]
     if missing:
-        raise UserError(f"statistics file {path} lacks {missing}; delete it and rerun to recompute it")
+        raise UserError(f"statistics {where} lack {missing}; delete the file and rerun to recompute it")
     return stats

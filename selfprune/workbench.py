@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
+
+from selfprune.artifacts.store import ArtifactStore
 
 from . import CODE_VERSION, allocation, data, slicing, stats, wanda_sp
 from .allocation import Structure
 from .errors import UserError
 from .hashing import content_hash
 from .models import LoadedModel, load_model
-from .paths import subdir
 from .perplexity import Perplexity, perplexity
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
@@ -76,18 +78,19 @@ class Workbench:
         self._windows: dict[tuple, torch.Tensor] = {}
 
     @property
-    def stats_path(self):
-        return subdir("stats") / f"{self.stats_key}.safetensors"
+    def stats_path(self) -> Path:
+        return ArtifactStore().tensor_path(self.stats_key)
 
     def _stats(self) -> dict[str, torch.Tensor]:
-        """Load the cached statistics, or run the one calibration pass and cache them."""
-        if self.stats_path.exists():
-            return stats.load(self.stats_path, self.arch.n_layers)
+        """Load the stored statistics, or run the one calibration pass and store them."""
+        store = ArtifactStore()
+        if store.has(self.stats_key):
+            return stats.check(store.get_tensors(self.stats_key), self.arch.n_layers, self.stats_path)
         c = self.calibration
         windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
         captured = stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
         meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "code": CODE_VERSION}
-        stats.save(captured, self.stats_path, meta | {k: str(v) for k, v in c.key_fields().items()})
+        store.put_tensors(self.stats_key, captured, meta | {k: str(v) for k, v in c.key_fields().items()})
         return captured
 
     def structure(self, rates: list[float]) -> Structure:

@@ -94,10 +94,10 @@ def test_corpus_too_short(workspace, capsys, monkeypatch):
 def test_corrupt_statistics_file_is_reported_not_overwritten(workspace, capsys, monkeypatch):
     args = prune_args(workspace, "--ratio", "0.3", "--out", str(workspace / "u"), "--calib-seqlen", "48")
     assert run(capsys, monkeypatch, *args)[0] == 0
-    from selfprune.paths import subdir
+    from selfprune.artifacts.store import ArtifactStore
 
-    newest = max(subdir("stats").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    newest = max(ArtifactStore().root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     newest.write_bytes(b"garbage")
     code, _, err = run(capsys, monkeypatch, *args)
-    assert code == 2 and "corrupt" in err and "delete it" in err
+    assert code == 2 and "corrupt" in err and "Delete it" in err
     assert newest.read_bytes() == b"garbage"
