@@ -160,6 +160,8 @@ def search(
         fitness = [m["fitness"] for m in members]
         history.append({"generation": g, "best": fitness[0], "mean": sum(fitness) / len(fitness)})
         update_progress_artifact(progress, 100.0 * (g + 1) / (generations + 1))
+        print(f"generation {g}/{generations}: best {fitness[0]:.3f}, mean {history[-1]['mean']:.3f} | "
+              f"{result['evaluations']} evaluated, {result['cache_hits']} from cache", flush=True)
 
     best = members[0]
     test, _ = _evaluate(config, setup, best["structure"], "test", test_windows)
