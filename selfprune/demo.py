@@ -90,18 +90,13 @@ def _build_model(staging: Path) -> None:
             shutil.copyfileobj(src, dst, 1 << 20)
         gguf_sha = _sha256_file(tmp / gguf_name)
 
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .models import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
-        # Dequantized weights are plain fp32: drop the GGUF quantizer so the checkpoint is ordinary.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            delattr(model.config, "quantization_config")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        del model
+        # The GGUF path of load_model dequantizes to plain fp32 and drops the quantizer.
+        lm = load_model(str(tmp / gguf_name), device="cpu", dtype="float32")
+        lm.model.save_pretrained(staging)
+        lm.tokenizer.save_pretrained(staging)
+        del lm
 
     config = json.loads((staging / "config.json").read_text())
     if "quantization_config" in config:
