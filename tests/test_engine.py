@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import build_tiny, random_windows
+import selfprune
 from selfprune import allocation, slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of
 from selfprune.errors import UserError
-from selfprune.export import load_pruned, save_pruned
+from selfprune.export import save_pruned
 from selfprune.models import load_model
 from selfprune.perplexity import perplexity
 
@@ -146,7 +147,7 @@ def test_export_round_trip(tiny_dir, tmp_path):
     windows = random_windows(3, 32, seed=4)
     out = save_pruned(pruned, lm.tokenizer, tmp_path / "export", {"rates": [0.3, 1.0, 0.5, 0.2]})
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
-    back = load_pruned(out, device="cpu")
+    back = selfprune.load_pruned(out, device="cpu")  # the documented one call
     assert back.model.config.selfprune_layers == allocation.structure_to_json(structure)
     a, b = perplexity(pruned, windows).ppl, perplexity(back.model, windows).ppl
     assert b == pytest.approx(a, rel=1e-5)
