@@ -55,6 +55,29 @@ def _read_rates(path: Path) -> list[float]:
     return rates
 
 
+def _check_deci(structure, arch) -> None:
+    """A UserError listing every layer that DeciLM / vLLM cannot hold, before anything is written."""
+    from .evaluate.deci import deci_compatible
+
+    ok, reasons = deci_compatible(structure, arch)
+    if not ok:
+        raise UserError("this structure cannot be written as DeciLM / nemotron-nas for vLLM:\n  - "
+                        + "\n  - ".join(reasons) + "\nFix: use --format hf (load it with selfprune.load_pruned)")
+
+
+def _save_deci(model, tokenizer, out: Path, record: dict) -> None:
+    """The selfprune export in a temporary directory beside OUT, converted into OUT."""
+    import tempfile
+
+    from .evaluate.deci import export_deci
+    from .export import save_pruned
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+        save_pruned(model, tokenizer, Path(tmp), record)
+        export_deci(Path(tmp), out)
+
+
 @app.command()
 def prune(
     model: Model = "demo",
@@ -64,6 +87,7 @@ def prune(
     out: Annotated[Path, typer.Option("--out", help="export directory")] = Path("runs/pruned"),
     samples: Samples = 128,
     calib_seqlen: CalibSeqlen = 512,
+    fmt: Annotated[str, typer.Option("--format", help="hf: a selfprune export | deci: DeciLM for vLLM")] = "hf",
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
@@ -74,20 +98,29 @@ def prune(
     from .workbench import Calibration, Workbench
 
     alloc.check_ratio(ratio)
+    if fmt not in ("hf", "deci"):
+        raise UserError(f"--format {fmt!r} is not known; use hf (a selfprune export) or deci (DeciLM for vLLM)")
     spec: str | list[float] = allocation if allocation in ("uniform", "owl") else _read_rates(Path(allocation))
     with rich_progress() as progress:
         bench = Workbench(load_model(model, device, dtype), Calibration(data, samples, calib_seqlen), progress)
         rates = bench.allocate(spec, ratio)
         structure = bench.structure(rates)
+        if fmt == "deci":
+            _check_deci(structure, bench.arch)
         pruned = bench.build(structure)
     method = allocation if isinstance(spec, str) else f"file:{allocation}"
-    save_pruned(pruned, bench.lm.tokenizer, out, bench.record(rates, structure, f"wanda-sp/{method}"))
+    record = bench.record(rates, structure, f"wanda-sp/{method}")
+    if fmt == "deci":
+        _save_deci(pruned, bench.lm.tokenizer, out, record)
+    else:
+        save_pruned(pruned, bench.lm.tokenizer, out, record)
     table = Table("layer", "rate", "KV groups kept", "MLP channels kept", title=f"pruned {model} -> {out}")
     for i, (r, k) in enumerate(zip(rates, structure)):
         table.add_row(str(i), f"{r:.3f}", f"{k.groups}/{bench.arch.n_kv_heads}", f"{k.channels}/{bench.arch.intermediate}")
     console.print(table)
-    console.print(f"realized ratio {alloc.realized_ratio(bench.arch, structure):.4f} (target {ratio}); "
-                  f"load it with selfprune.load_pruned({str(out)!r})")
+    load = (f"serve it with vllm.LLM({str(out)!r}, trust_remote_code=True)" if fmt == "deci"
+            else f"load it with selfprune.load_pruned({str(out)!r})")
+    console.print(f"realized ratio {alloc.realized_ratio(bench.arch, structure):.4f} (target {ratio}); {load}")
 
 
 @app.command()
@@ -166,6 +199,207 @@ def search(
         f"cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
         f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {out / 'best.json'}"
     )
+
+
+class _DropUserErrors:
+    """A logging filter: Prefect's "flow run failed" traceback for a UserError is noise; main()
+    prints the one-line message. Other failures keep their logs."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UserError) and "UserError(" not in str(record.msg)
+
+
+def _configure_flows() -> None:
+    import logging
+
+    from .prefect_env import configure
+
+    configure(log_level="WARNING")
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropUserErrors) for f in logger.filters):
+            logger.addFilter(_DropUserErrors())
+
+
+def _comma_list(text: str, what: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not a comma-separated list of numbers, e.g. 0.3,0.5") from None
+
+
+@app.command()
+def report(
+    model: Model = "demo",
+    data: Data = "demo",
+    ratios: Annotated[str, typer.Option("--ratios", help="comma-separated target ratios for uniform and OWL, e.g. 0.3,0.5")] = "",
+    search: Annotated[list[Path] | None, typer.Option("--search", help="a search's best.json (repeatable)")] = None,
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated lm-eval tasks; selfprune_cloze/selfprune_lastword are built from --data")] = "selfprune_cloze",
+    include_path: Annotated[Path | None, typer.Option("--include-path", help="a directory of lm-eval task YAMLs")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="at most this many documents per task (0: all)")] = 0,
+    cloze_items: Annotated[int, typer.Option("--cloze-items", help="items of the offline cloze/lastword tasks")] = 200,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="tokens per perplexity window")] = 512,
+    test_windows: Annotated[int, typer.Option("--test-windows", help="windows of the test split (0: all)")] = 64,
+    samples: Annotated[int | None, typer.Option("--samples", help="calibration windows (default: the searches', else 128)")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option("--calib-seqlen", help="tokens per calibration window (default: the searches', else 512)")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="lm-eval context length")] = 2048,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="perplexity and calibration batch")] = 4,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="lm-eval batch")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="report directory (report.md, report.html, plots)")] = Path("runs/report"),
+    device: Device = "auto",
+    dtype: DType = "auto",
+) -> None:
+    """Compare dense, uniform Wanda-sp, OWL and searched allocations: test perplexity and zero-shot accuracy."""
+    ratio_list = _comma_list(ratios, "--ratios", float)
+    task_list = _comma_list(tasks, "--tasks")
+    if not task_list:
+        raise UserError("--tasks is empty; give lm-eval task names, e.g. selfprune_cloze or boolq,piqa")
+    if limit < 0 or min(cloze_items, seqlen, max_length, batch_size, eval_batch_size) < 1 or test_windows < 0:
+        raise UserError("--limit and --test-windows must be >= 0; --cloze-items, --seqlen, --max-length and batch sizes >= 1")
+    _configure_flows()
+    from selfprune.artifacts.comparison import table as comparison_table
+    from selfprune.flows.report import report as report_flow
+
+    summary = report_flow(
+        model=model, data=data, ratios=ratio_list, searches=[str(p) for p in search or []], tasks=task_list,
+        include_path=str(include_path) if include_path else None, limit=limit or None, cloze_items=cloze_items,
+        seqlen=seqlen, test_windows=test_windows, samples=samples, calib_seqlen=calib_seqlen, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, max_length=max_length, out=str(out), device=device, dtype=dtype,
+    )
+    meta = summary["meta"]
+    header, cells = comparison_table(summary["rows"], meta["tasks"])
+    table = Table(*header, title=f"{model}: test ppl ({meta['seqlen']}-token windows, {meta['test_tokens']} tokens) "
+                                 f"and zero-shot accuracy")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"computed {meta['computed']}, from cache {meta['cached']}, {meta['wall_s']:.0f} s -> "
+                  f"{out / 'report.md'}, {out / 'report.html'}")
+
+
+BENCH_FIELDS = [  # (label, key, scale, format)
+    ("params", "params", 1, "{:,.0f}"),
+    ("weight MiB", "weight_bytes", 2**-20, "{:.1f}"),
+    ("KV cache B/token", "kv_cache_bytes_per_token", 1, "{:,.0f}"),
+    ("peak memory MiB", "peak_memory_bytes", 2**-20, "{:.1f}"),
+    ("peak over baseline MiB", "peak_memory_delta_bytes", 2**-20, "{:.1f}"),
+    ("prefill tok/s", "prefill_tokens_per_s", 1, "{:.1f}"),
+    ("decode tok/s", "decode_tokens_per_s", 1, "{:.1f}"),
+    ("generate tok/s", "generate_tokens_per_s", 1, "{:.1f}"),
+]
+
+
+@app.command("bench-model")
+def bench_model(
+    model: Model = "demo",
+    pruned: Annotated[list[Path] | None, typer.Option("--pruned", help="a selfprune export to compare (repeatable)")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens")] = 128,
+    new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", help="timed runs; the median is reported")] = 3,
+    use_vllm: Annotated[bool, typer.Option("--vllm", help="serve each model with vLLM instead (CUDA; pip install 'selfprune[vllm]')")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON list of measurements")] = False,
+    device: Device = "auto",
+    dtype: DType = "auto",
+) -> None:
+    """Parameters, weight bytes, peak memory, prefill and decode tokens/s of MODEL and each --pruned export,
+    one after another under identical settings."""
+    import gc
+
+    from .evaluate.speed import format_measurement, measure, vllm_measure
+    from .models import load_model
+
+    settings = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch_size, repeats=repeats)
+    if min(settings.values()) < 1:
+        raise UserError("--prompt-tokens, --new-tokens, --batch-size and --repeats must all be at least 1")
+    names = [model, *[str(p) for p in pruned or []]]
+    for p in pruned or []:
+        if not (p / "selfprune.json").is_file():
+            raise UserError(f"--pruned {p} is not a selfprune export (no selfprune.json); make one with selfprune prune --out DIR")
+    results = []
+    for name in names:
+        if use_vllm:
+            from .demo import demo_model_dir
+
+            path = str(demo_model_dir()) if name == "demo" else name
+            m = vllm_measure(path, dtype=dtype, **settings)
+        else:
+            lm = load_model(name, device, dtype)
+            m = measure(lm.model, lm.tokenizer, **settings)
+            del lm
+            gc.collect()
+        m["model"] = name
+        results.append(m)
+        if not as_json:
+            console.print(f"[bold]{name}[/bold]\n" + format_measurement(m) if not use_vllm else f"[bold]{name}[/bold]: {m}")
+    if as_json:
+        print(json.dumps(results))
+        return
+    base = results[0]
+    table = Table("", *[f"{'dense' if i == 0 else 'pruned'}: {Path(r['model']).name}" for i, r in enumerate(results)],
+                  title=f"{results[0]['backend']} on {results[0]['device']} ({results[0]['dtype']}), batch {batch_size}, "
+                        f"prompt {prompt_tokens}, new {new_tokens}, median of {repeats}")
+    for label, key, scale, fmt in BENCH_FIELDS:
+        cells = []
+        for r in results:
+            v = r.get(key)
+            if v is None:
+                cells.append("n/a")
+                continue
+            cell = fmt.format(v * scale)
+            if r is not base and base.get(key):
+                cell += f" ({v / base[key]:.2f}x)"
+            cells.append(cell)
+        table.add_row(label, *cells)
+    console.print(table)
+
+
+@app.command("export-deci")
+def export_deci_cmd(
+    export_dir: Annotated[Path, typer.Argument(help="a selfprune export (prune --out DIR)")],
+    out: Annotated[Path, typer.Argument(help="the DeciLM / nemotron-nas directory to write")],
+) -> None:
+    """Convert a selfprune export to DeciLM (nemotron-nas), which vLLM serves natively."""
+    from .evaluate.deci import export_deci
+
+    path = export_deci(export_dir, out)
+    console.print(f"DeciLM checkpoint -> {path}; serve it with vllm.LLM({str(path)!r}, trust_remote_code=True)")
+
+
+@app.command()
+def recover(
+    model: Annotated[str, typer.Option("--model", help="a selfprune export directory (prune --out DIR)")],
+    data: Data = "demo",
+    steps: Annotated[int, typer.Option("--steps", help="LoRA training steps")] = 100,
+    out: Annotated[Path, typer.Option("--out", help="directory of the recovered export")] = Path("runs/recovered"),
+    lr: Annotated[float, typer.Option("--lr")] = 1e-4,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r")] = 8,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha")] = 16,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="tokens per training window")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="training windows per step")] = 2,
+    test_seqlen: Annotated[int, typer.Option("--test-seqlen", help="tokens per test perplexity window")] = 512,
+    test_windows: Annotated[int, typer.Option("--test-windows", help="windows of the test split (0: all)")] = 16,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Device = "auto",
+    dtype: DType = "auto",
+) -> None:
+    """Fine-tune a pruned export with LoRA on the calibration split (shapes kept); perplexity before and after."""
+    if not (Path(model).expanduser() / "selfprune.json").is_file():
+        raise UserError(f"--model {model} is not a selfprune export (no selfprune.json); make one with selfprune prune --out DIR")
+    if out.expanduser().resolve() == Path(model).expanduser().resolve():
+        raise UserError("--out must differ from the export being recovered; it is kept as it is")
+    if test_windows < 0:
+        raise UserError("--test-windows must be >= 0")
+    _configure_flows()
+    from selfprune.flows.recover import recover as recover_flow
+
+    s = recover_flow(model=model, data=data, steps=steps, out=str(out), lr=lr, rank=rank, alpha=alpha, seqlen=seqlen,
+                     batch_size=batch_size, test_seqlen=test_seqlen, test_windows=test_windows, seed=seed,
+                     device=device, dtype=dtype)
+    console.print(f"test ppl {s['ppl_before']:.3f} -> {s['ppl_after']:.3f} ({s['tokens']} tokens in {test_seqlen}-token "
+                  f"windows); loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} over {steps} steps; "
+                  f"{s['params']:,} params -> {out}")
 
 
 def main() -> None:

@@ -1,0 +1,100 @@
+"""Prefect tasks for the comparison report: allocations, perplexity and zero-shot accuracy.
+
+Like ``tasks/pruning.py`` they run against the process-wide
+:func:`selfprune.workbench.shared_workbench` (one dense model per process; a candidate is
+``bench.build(structure)``), take small JSON inputs and return plain JSON, so a report over many
+models and ratios recomputes nothing it already has.
+
+* Perplexity is :func:`selfprune.tasks.pruning.score_candidate` itself (re-exported here as
+  :data:`evaluate_ppl`): the report shares its cache with the search, so the search's final
+  test-split scores are hits. The dense model is the structure that keeps every unit
+  (:func:`dense_structure`): slicing leaves every layer of it untouched, so it *is* the dense model.
+* :func:`evaluate_zero_shot` runs lm-eval on the in-memory candidate; its key holds the task names,
+  a path-independent fingerprint of the local task files, lm-eval's version, limit, max length and
+  batch size.
+* :func:`allocation_rates` gives the uniform / OWL rates of a ratio (OWL needs the statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from selfprune.allocation import structure_from_json
+from selfprune.arch import Arch
+from selfprune.workbench import Calibration, shared_workbench
+from selfprune.tasks.caching import cached_task
+from selfprune.tasks.pruning import score_candidate
+
+evaluate_ppl = score_candidate  # one perplexity task for the search and the report (shared cache)
+
+DENSE = "dense"
+
+
+def dense_structure(arch: Arch | dict) -> list[list[int]]:
+    """The structure that keeps every KV group and MLP channel: the dense model, as a candidate."""
+    a = arch if isinstance(arch, Arch) else Arch(**arch)
+    return [[a.n_kv_heads, a.intermediate] for _ in range(a.n_layers)]
+
+
+def _bench(model: str, stats_key: str, calibration: dict, device: str, dtype: str):
+    bench = shared_workbench(model, Calibration(**calibration), device, dtype)
+    if bench.stats_key != stats_key:
+        raise RuntimeError(f"statistics {bench.stats_key} differ from the flow's {stats_key}; the model or data changed mid-run")
+    return bench
+
+
+def _allocation_key(model_fp: str, stats_key: str, method: str, ratio: float, **_) -> dict:
+    return {"model": model_fp, "stats": stats_key, "method": method, "ratio": ratio}
+
+
+@cached_task(key_fn=_allocation_key, task_run_name="allocate-{method}-{ratio}")
+def allocation_rates(model: str, model_fp: str, stats_key: str, method: str, ratio: float, calibration: dict,
+                     device: str = "auto", dtype: str = "auto") -> dict:
+    """Per-layer rates of ``method`` (``uniform`` or ``owl``) at ``ratio``, and their structure."""
+    from selfprune.allocation import structure_to_json
+
+    bench = _bench(model, stats_key, calibration, device, dtype)
+    rates = bench.allocate(method, ratio)
+    return {"rates": rates, "structure": structure_to_json(bench.structure(rates))}
+
+
+def task_files_fingerprint(include_path: str | None) -> str | None:
+    """sha256 of the task files (``*.yaml``, ``*.yml``, ``*.jsonl``, ``*.json``, ``*.txt``) under
+    ``include_path``, with the directory's own path replaced by a placeholder, so the same tasks
+    built into two directories share results. ``None`` when there is no include path."""
+    if not include_path:
+        return None
+    root = Path(include_path).expanduser().resolve()
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and ".hf_cache" not in p.parts
+                    and p.suffix in (".yaml", ".yml", ".jsonl", ".json", ".txt")):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.read_bytes().replace(str(root).encode(), b"<include>") + b"\0")
+    return h.hexdigest()
+
+
+def _zero_shot_key(model_fp: str, stats_key: str, structure: list | None, tasks: list[str], include_path: str | None,
+                   limit: int | None, max_length: int, batch_size: int, **_) -> dict:
+    from importlib.metadata import version
+
+    return {"model": model_fp, "stats": stats_key if structure is not None else None,
+            "structure": structure if structure is not None else DENSE, "tasks": list(tasks),
+            "task_files": task_files_fingerprint(include_path), "lm_eval": version("lm_eval"),
+            "limit": limit, "max_length": max_length, "batch_size": batch_size}
+
+
+@cached_task(key_fn=_zero_shot_key, task_run_name="zero-shot")
+def evaluate_zero_shot(
+    model: str, model_fp: str, stats_key: str, structure: list | None, tasks: list[str], calibration: dict,
+    include_path: str | None = None, limit: int | None = None, max_length: int = 2048, batch_size: int = 8,
+    device: str = "auto", dtype: str = "auto",
+) -> dict:
+    """lm-eval accuracy of the candidate ``structure`` (``None``: the dense model) on ``tasks``
+    (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
+    from selfprune.evaluate.zeroshot import evaluate_zero_shot as run_lm_eval
+
+    bench = _bench(model, stats_key, calibration, device, dtype)
+    candidate = bench.lm.model if structure is None else bench.build(structure_from_json(structure))
+    return run_lm_eval(candidate, bench.lm.tokenizer, list(tasks), include_path=include_path, limit=limit,
+                       max_length=max_length, batch_size=batch_size)

@@ -1,0 +1,85 @@
+"""LoRA recovery of a tiny export through the CLI and the flow: lower loss and perplexity, the
+pruned shapes kept, the recovered export loadable with its updated record; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_bench_model import prune_args
+from test_report import run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
+    threads waiting on each other make small ops ~50x slower (measured: LoRA 1 s vs 65 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def export(tiny_workspace) -> Path:
+    import sys
+
+    from selfprune import cli
+
+    out = tiny_workspace / "recover-owl-0.3"
+    argv, sys.argv = sys.argv, ["selfprune", *prune_args(tiny_workspace, out, "--ratio", "0.3", "--allocation", "owl")]
+    try:
+        cli.main()
+    except SystemExit as e:
+        assert not e.code
+    finally:
+        sys.argv = argv
+    return out
+
+
+def recover_args(ws: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["recover", "--model", str(model), "--data", str(ws / "corpus.txt"), "--steps", "25", "--lr", "5e-3",
+            "--seqlen", "64", "--batch-size", "2", "--test-seqlen", "64", "--test-windows", "4", "--out", str(out),
+            "--device", "cpu", *extra]
+
+
+def test_recover_lowers_loss_and_keeps_shapes(prefect_api, export, tiny_workspace, tmp_path, capsys, monkeypatch):
+    from selfprune.export import load_pruned
+    from selfprune.data import split_windows
+    from selfprune.perplexity import perplexity
+
+    out = tmp_path / "recovered"
+    code, _, err = run(capsys, monkeypatch, *recover_args(tiny_workspace, export, out))
+    assert code == 0, err
+    assert "test ppl" in err and "->" in err
+    record = json.loads((out / "selfprune.json").read_text())
+    source = json.loads((export / "selfprune.json").read_text())
+    rec = record["recovery"]
+    assert record["method"] == source["method"] + "+lora" and record["kept_channels"] == source["kept_channels"]
+    assert rec["loss_last"] < rec["loss_first"] and rec["test_after"]["ppl"] < rec["test_before"]["ppl"]
+    assert rec["test_after"]["tokens"] == 4 * 63 and rec["steps"] == 25
+    before, after = load_pruned(export, device="cpu"), load_pruned(out, device="cpu")
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}  # noqa: E731
+    assert shapes(after.model) == shapes(before.model)
+    assert json.loads((out / "config.json").read_text())["selfprune_layers"] == \
+        json.loads((export / "config.json").read_text())["selfprune_layers"]
+    test = split_windows(after.tokenizer, str(tiny_workspace / "corpus.txt"), "test", 64, 4)
+    assert perplexity(after.model, test).ppl == pytest.approx(rec["test_after"]["ppl"], rel=1e-4)
+    assert perplexity(before.model, test).ppl == pytest.approx(rec["test_before"]["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("dense", "is not a selfprune export"),
+    ("same-out", "--out must differ"),
+    ("steps", "LoRA needs steps"),
+])
+def test_bad_recover_input_exits_2(case, message, prefect_api, export, tiny_workspace, tmp_path, capsys, monkeypatch):
+    model = tiny_workspace / "model" if case == "dense" else export
+    out = export if case == "same-out" else tmp_path / "r"
+    extra = ["--steps", "0"] if case == "steps" else []
+    code, _, err = run(capsys, monkeypatch, *recover_args(tiny_workspace, model, out, *extra))
+    assert code == 2 and message in err and "Traceback" not in err, err[-2000:]

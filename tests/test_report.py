@@ -1,0 +1,136 @@
+"""The comparison report over two small search runs: every table, plot and artifact; a rerun
+recomputes nothing; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfprune import cli
+
+SMALL = dict(population=4, mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
+             fitness_windows=4, test_windows=4, device="cpu")
+METHODS = [("dense", None), ("uniform", 0.3), ("owl", 0.3), ("search", 0.3), ("uniform", 0.5), ("owl", 0.5), ("search", 0.5)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
+    threads waiting on each other make small ops ~50x slower (measured: LoRA 1 s vs 65 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["selfprune", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def searches(prefect_api, tiny_workspace, tmp_path_factory) -> list[Path]:
+    from selfprune.flows.search import search
+
+    root = tmp_path_factory.mktemp("searches")
+    for r in (0.3, 0.5):
+        search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=r,
+               out=str(root / f"s{r}"), **SMALL)
+    return [root / f"s{r}" / "best.json" for r in (0.3, 0.5)]
+
+
+def report_args(ws: Path, searches: list[Path], out: Path, *extra: str) -> list[str]:
+    args = ["report", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"), "--ratios", "0.3,0.5",
+            "--tasks", "selfprune_cloze", "--limit", "3", "--cloze-items", "8", "--seqlen", "64",
+            "--test-windows", "4", "--max-length", "256", "--out", str(out), "--device", "cpu"]
+    for s in searches:
+        args += ["--search", str(s)]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def first_report(searches, tiny_workspace, tmp_path_factory):
+    from selfprune.flows.report import report
+
+    out = tmp_path_factory.mktemp("report") / "r"
+    summary = report(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratios=[0.3, 0.5],
+                     searches=[str(s) for s in searches], tasks=["selfprune_cloze"], limit=3, cloze_items=8,
+                     seqlen=64, test_windows=4, max_length=256, out=str(out), device="cpu")
+    return summary, out
+
+
+def test_report_has_every_table_and_plot(first_report, searches):
+    summary, out = first_report
+    rows = summary["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == METHODS
+    for r in rows:
+        assert r["ppl"] > 1 and r["tokens"] == 4 * 63 and r["seqlen"] == 64
+        assert 0 <= r["acc"]["selfprune_cloze"] <= 1 and r["mean_acc"] == r["acc"]["selfprune_cloze"]
+        assert r["zero_shot"]["tasks"]["selfprune_cloze"]["samples"] == 3
+    # The search's own test scores are the report's (one cached task for both).
+    for best_path, r in zip(searches, [rows[3], rows[6]]):
+        best = json.loads(best_path.read_text())
+        assert r["ppl"] == best["test_ppl"] and r["rates"] == best["rates"]
+        uniform = next(u for u in rows if u["method"] == "uniform" and u["ratio"] == best["config"]["ratio"])
+        assert uniform["ppl"] == best["uniform_test_ppl"]
+    assert summary["meta"]["cached"] == 4 and summary["meta"]["computed"] == 10
+
+    md = (out / "report.md").read_text()
+    assert "| ratio | method | realized | kept params | test ppl | selfprune_cloze | mean acc |" in md
+    assert md.count("| search |") == 2 and md.count("| owl |") == 2 and md.count("| dense |") == 1
+    assert "4 non-overlapping windows of 64 tokens" in md and "](ppl.png)" in md and "](accuracy.png)" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "src='ppl.png'" not in html
+    assert html.count("<tr>") == 1 + 7 and "<th>selfprune_cloze</th>" in html
+    for name in ("ppl.png", "accuracy.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 5000
+    assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_report_artifacts_published(first_report, prefect_api):
+    import httpx
+
+    keys = ["selfprune-report-r", "selfprune-report-r-table"]
+    found = httpx.post(f"{prefect_api.rstrip('/')}/artifacts/filter",
+                       json={"artifacts": {"key": {"any_": keys}}, "sort": "CREATED_DESC", "limit": 10}).json()
+    assert {a["type"] for a in found} == {"markdown", "table"}
+    table = next(a for a in found if a["type"] == "table")
+    data = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert len(data) == 7 and {"test ppl", "mean acc", "selfprune_cloze"} <= set(data[0])
+    markdown = next(a for a in found if a["type"] == "markdown")
+    assert "| search |" in markdown["data"]
+
+
+def test_rerun_through_cli_computes_nothing(first_report, searches, tiny_workspace, tmp_path, capsys, monkeypatch):
+    summary, _ = first_report
+    code, _, err = run(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "again"))
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["meta"]["computed"] == 0 and again["meta"]["cached"] == 14
+    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in summary["rows"]]
+    assert not (tmp_path / "again" / "evaluations.jsonl").exists()
+    assert "search" in err and "computed 0" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratios", "0.3,abc"], "not a comma-separated list"),
+    (["--ratios", "1.5"], "--ratio must lie strictly between 0 and 1"),
+    (["--search", "{missing}"], "does not exist"),
+    (["--include-path", "{missing}"], "built from --data"),
+    (["--samples", "8"], "other calibration statistics"),
+])
+def test_bad_report_input_exits_2(extra, message, searches, tiny_workspace, tmp_path, capsys, monkeypatch):
+    extra = [a.replace("{missing}", str(tmp_path / "missing.json")) for a in extra]
+    code, _, err = run(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "bad"), *extra)
+    assert code == 2 and message in err.replace("\n", " ") and "Traceback" not in err, err[-2000:]
