@@ -21,6 +21,7 @@ from selfprune.allocation import check_ratio, kept_params, realized_ratio, struc
 from selfprune.arch import Arch
 from selfprune.artifacts import comparison
 from selfprune.errors import UserError
+from selfprune.userfiles import read_json
 from selfprune.evaluate.cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 from selfprune.hashing import content_hash
 from selfprune.models import model_fingerprint
@@ -33,12 +34,7 @@ DEFAULT_TASKS = [CLOZE_TASK]
 
 def _read_search(path: str) -> dict:
     p = Path(path)
-    try:
-        best = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"search result {p} does not exist; pass a search run's best.json (selfprune search --out DIR)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"search result {p} is not valid JSON ({e}); pass a search run's best.json") from None
+    best = read_json(p, "search result", "a search run's best.json (selfprune search --out DIR)")
     if not isinstance(best, dict) or not {"rates", "config", "model_fingerprint", "stats_key"} <= set(best):
         raise UserError(f"{p} is not a search's best.json (it needs rates, config, model_fingerprint, stats_key)")
     return best

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import UserError
+from .userfiles import read_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -43,12 +44,7 @@ def rich_progress():
 
 def _read_rates(path: Path) -> list[float]:
     """A rates file: a JSON list, or an object with ``rates`` (a search's best.json, an export record)."""
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"allocation file {path} does not exist; pass uniform, owl, or a RATES.json path") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"allocation file {path} is not valid JSON ({e}); it must hold a list of rates") from None
+    obj = read_json(path, "allocation file", "uniform, owl, or a RATES.json holding a list of rates")
     rates = obj.get("rates") if isinstance(obj, dict) else obj
     if not isinstance(rates, list):
         raise UserError(f"{path} holds no rate list; write [p_1, ..., p_n] or {{\"rates\": [...]}}")

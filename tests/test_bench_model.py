@@ -7,23 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from selfprune.cli import BENCH_FIELDS
-from test_report import run
 
 FAST = ["--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
-    threads waiting on each other make small ops ~50x slower (measured: LoRA 1 s vs 65 s)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prune_args(ws: Path, out: Path, *extra: str) -> list[str]:
@@ -33,8 +21,9 @@ def prune_args(ws: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def export(tiny_workspace) -> Path:
-    from selfprune import cli
     import sys
+
+    from selfprune import cli
 
     out = tiny_workspace / "bench-uniform-0.5"
     argv = sys.argv
@@ -49,7 +38,7 @@ def export(tiny_workspace) -> Path:
 
 
 def test_bench_model_prints_every_field(export, tiny_workspace, capsys, monkeypatch):
-    code, _, err = run(capsys, monkeypatch, "bench-model", "--model", str(tiny_workspace / "model"),
+    code, _, err = run_cli(capsys, monkeypatch, "bench-model", "--model", str(tiny_workspace / "model"),
                        "--pruned", str(export), *FAST)
     assert code == 0, err
     for label, *_ in BENCH_FIELDS:
@@ -59,7 +48,7 @@ def test_bench_model_prints_every_field(export, tiny_workspace, capsys, monkeypa
 
 
 def test_bench_model_json_dense_vs_pruned(export, tiny_workspace, capsys, monkeypatch):
-    code, out, err = run(capsys, monkeypatch, "bench-model", "--model", str(tiny_workspace / "model"),
+    code, out, err = run_cli(capsys, monkeypatch, "bench-model", "--model", str(tiny_workspace / "model"),
                          "--pruned", str(export), "--json", *FAST)
     assert code == 0, err
     dense, pruned = json.loads(out)
@@ -71,16 +60,16 @@ def test_bench_model_json_dense_vs_pruned(export, tiny_workspace, capsys, monkey
 
 def test_prune_format_deci_and_export_deci(export, tiny_workspace, tmp_path, capsys, monkeypatch):
     # uniform 0.1 keeps every KV group (MLP widths are free): DeciLM can hold it
-    code, _, err = run(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "deci", "--ratio", "0.1", "--format", "deci"))
+    code, _, err = run_cli(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "deci", "--ratio", "0.1", "--format", "deci"))
     assert code == 0, err
     config = json.loads((tmp_path / "deci" / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and len(config["block_configs"]) == 4
     assert (tmp_path / "deci" / "selfprune_record.json").is_file() and not (tmp_path / "deci" / "selfprune.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["deci"]  # the temporary export is gone
     # uniform 0.5 keeps 1 of 2 KV groups per layer: refused, naming the layers, nothing written
-    code, _, err = run(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "no", "--ratio", "0.5", "--format", "deci"))
+    code, _, err = run_cli(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "no", "--ratio", "0.5", "--format", "deci"))
     assert code == 2 and "layer 0 keeps 1 of 2 KV groups" in err and "layer 3" in err and not (tmp_path / "no").exists()
-    code, _, err = run(capsys, monkeypatch, "export-deci", str(export), str(tmp_path / "no2"))
+    code, _, err = run_cli(capsys, monkeypatch, "export-deci", str(export), str(tmp_path / "no2"))
     assert code == 2 and "layer 0 keeps 1 of 2 KV groups" in err and "Traceback" not in err
 
 
@@ -97,10 +86,10 @@ def test_bad_bench_input_exits_2(args, message, tiny_workspace, capsys, monkeypa
         except ImportError:
             pass
     args = [a.replace("{model}", str(tiny_workspace / "model")) for a in args]
-    code, _, err = run(capsys, monkeypatch, "bench-model", "--model", str(tiny_workspace / "model"), *FAST, *args)
+    code, _, err = run_cli(capsys, monkeypatch, "bench-model", "--model", str(tiny_workspace / "model"), *FAST, *args)
     assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
 
 
 def test_prune_bad_format_exits_2(tiny_workspace, tmp_path, capsys, monkeypatch):
-    code, _, err = run(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "x", "--format", "onnx"))
+    code, _, err = run_cli(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "x", "--format", "onnx"))
     assert code == 2 and "--format 'onnx' is not known" in err

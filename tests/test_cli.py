@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-from selfprune import cli
+from conftest import run_cli
 
 
 @pytest.fixture
 def workspace(tiny_workspace) -> Path:
     return tiny_workspace
-
-
-def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["selfprune", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def prune_args(ws: Path, *extra: str) -> list[str]:
@@ -34,13 +21,13 @@ def prune_args(ws: Path, *extra: str) -> list[str]:
 
 def test_prune_then_ppl_json(workspace, capsys, monkeypatch):
     out_dir = workspace / "owl"
-    code, _, err = run(capsys, monkeypatch, *prune_args(workspace, "--ratio", "0.4", "--allocation", "owl", "--out", str(out_dir)))
+    code, _, err = run_cli(capsys, monkeypatch, *prune_args(workspace, "--ratio", "0.4", "--allocation", "owl", "--out", str(out_dir)))
     assert code == 0, err
     record = json.loads((out_dir / "selfprune.json").read_text())
     assert abs(record["realized_ratio"] - 0.4) < 0.005 + 194 / 27648
     assert len(record["kept_channels"]) == 4 and record["method"] == "wanda-sp/owl"
     assert "api_key" not in json.dumps(record).lower()
-    code, out, err = run(capsys, monkeypatch, "ppl", "--model", str(out_dir), "--data", str(workspace / "corpus.txt"),
+    code, out, err = run_cli(capsys, monkeypatch, "ppl", "--model", str(out_dir), "--data", str(workspace / "corpus.txt"),
                          "--seqlen", "64", "--windows", "3", "--json", "--device", "cpu")
     assert code == 0, err
     result = json.loads(out)
@@ -50,7 +37,7 @@ def test_prune_then_ppl_json(workspace, capsys, monkeypatch):
 def test_rates_file_allocation(workspace, capsys, monkeypatch):
     rates = workspace / "rates.json"
     rates.write_text(json.dumps({"rates": [0.1, 0.5, 0.5, 0.9]}))
-    code, _, err = run(capsys, monkeypatch, *prune_args(workspace, "--ratio", "0.5", "--allocation", str(rates), "--out", str(workspace / "f")))
+    code, _, err = run_cli(capsys, monkeypatch, *prune_args(workspace, "--ratio", "0.5", "--allocation", str(rates), "--out", str(workspace / "f")))
     assert code == 0, err
     assert json.loads((workspace / "f" / "selfprune.json").read_text())["rates"] == [0.1, 0.5, 0.5, 0.9]
 
@@ -71,33 +58,33 @@ def test_bad_prune_input(case, workspace, capsys, monkeypatch):
     rates = workspace / f"rates-{case}.json"
     rates.write_text(json.dumps(RATES.get(case, [])))
     args = [a.replace("{rates}", str(rates)) for a in args]
-    code, _, err = run(capsys, monkeypatch, *prune_args(workspace, *args, "--out", str(workspace / "x")))
+    code, _, err = run_cli(capsys, monkeypatch, *prune_args(workspace, *args, "--out", str(workspace / "x")))
     assert code == 2 and message in err.replace("\n", " ") and "Traceback" not in err
 
 
 def test_missing_model_and_unsupported_arch(workspace, capsys, monkeypatch, tmp_path):
-    code, _, err = run(capsys, monkeypatch, "ppl", "--model", str(tmp_path / "missing"), "--device", "cpu")
+    code, _, err = run_cli(capsys, monkeypatch, "ppl", "--model", str(tmp_path / "missing"), "--device", "cpu")
     assert code == 2 and "does not exist" in err
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256)).save_pretrained(tmp_path / "gpt2")
-    code, _, err = run(capsys, monkeypatch, "ppl", "--model", str(tmp_path / "gpt2"), "--device", "cpu")
+    code, _, err = run_cli(capsys, monkeypatch, "ppl", "--model", str(tmp_path / "gpt2"), "--device", "cpu")
     assert code == 2 and "unsupported architecture" in err and "Traceback" not in err
 
 
 def test_corpus_too_short(workspace, capsys, monkeypatch):
-    code, _, err = run(capsys, monkeypatch, "ppl", "--model", str(workspace / "model"), "--data", str(workspace / "corpus.txt"),
+    code, _, err = run_cli(capsys, monkeypatch, "ppl", "--model", str(workspace / "model"), "--data", str(workspace / "corpus.txt"),
                        "--seqlen", "512", "--windows", "500", "--device", "cpu")
     assert code == 2 and "tokens" in err and "Traceback" not in err
 
 
 def test_corrupt_statistics_file_is_reported_not_overwritten(workspace, capsys, monkeypatch):
     args = prune_args(workspace, "--ratio", "0.3", "--out", str(workspace / "u"), "--calib-seqlen", "48")
-    assert run(capsys, monkeypatch, *args)[0] == 0
+    assert run_cli(capsys, monkeypatch, *args)[0] == 0
     from selfprune.artifacts.store import ArtifactStore
 
     newest = max(ArtifactStore().root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     newest.write_bytes(b"garbage")
-    code, _, err = run(capsys, monkeypatch, *args)
+    code, _, err = run_cli(capsys, monkeypatch, *args)
     assert code == 2 and "corrupt" in err and "Delete it" in err
     assert newest.read_bytes() == b"garbage"

@@ -7,21 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
+from conftest import run_cli
 from test_bench_model import prune_args
-from test_report import run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
-    threads waiting on each other make small ops ~50x slower (measured: LoRA 1 s vs 65 s)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +35,12 @@ def recover_args(ws: Path, model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_recover_lowers_loss_and_keeps_shapes(prefect_api, export, tiny_workspace, tmp_path, capsys, monkeypatch):
-    from selfprune.export import load_pruned
     from selfprune.data import split_windows
+    from selfprune.export import load_pruned
     from selfprune.perplexity import perplexity
 
     out = tmp_path / "recovered"
-    code, _, err = run(capsys, monkeypatch, *recover_args(tiny_workspace, export, out))
+    code, _, err = run_cli(capsys, monkeypatch, *recover_args(tiny_workspace, export, out))
     assert code == 0, err
     assert "test ppl" in err and "->" in err
     record = json.loads((out / "selfprune.json").read_text())
@@ -81,5 +68,5 @@ def test_bad_recover_input_exits_2(case, message, prefect_api, export, tiny_work
     model = tiny_workspace / "model" if case == "dense" else export
     out = export if case == "same-out" else tmp_path / "r"
     extra = ["--steps", "0"] if case == "steps" else []
-    code, _, err = run(capsys, monkeypatch, *recover_args(tiny_workspace, model, out, *extra))
+    code, _, err = run_cli(capsys, monkeypatch, *recover_args(tiny_workspace, model, out, *extra))
     assert code == 2 and message in err and "Traceback" not in err, err[-2000:]

@@ -4,39 +4,14 @@ recomputes nothing; bad input exits 2."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-from selfprune import cli
+from conftest import run_cli
 
 SMALL = dict(population=4, mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
              fitness_windows=4, test_windows=4, device="cpu")
 METHODS = [("dense", None), ("uniform", 0.3), ("owl", 0.3), ("search", 0.3), ("uniform", 0.5), ("owl", 0.5), ("search", 0.5)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
-    threads waiting on each other make small ops ~50x slower (measured: LoRA 1 s vs 65 s)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["selfprune", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +89,7 @@ def test_report_artifacts_published(first_report, prefect_api):
 
 def test_rerun_through_cli_computes_nothing(first_report, searches, tiny_workspace, tmp_path, capsys, monkeypatch):
     summary, _ = first_report
-    code, _, err = run(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "again"))
+    code, _, err = run_cli(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "again"))
     assert code == 0, err
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["meta"]["computed"] == 0 and again["meta"]["cached"] == 14
@@ -132,5 +107,5 @@ def test_rerun_through_cli_computes_nothing(first_report, searches, tiny_workspa
 ])
 def test_bad_report_input_exits_2(extra, message, searches, tiny_workspace, tmp_path, capsys, monkeypatch):
     extra = [a.replace("{missing}", str(tmp_path / "missing.json")) for a in extra]
-    code, _, err = run(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "bad"), *extra)
+    code, _, err = run_cli(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "bad"), *extra)
     assert code == 2 and message in err.replace("\n", " ") and "Traceback" not in err, err[-2000:]
