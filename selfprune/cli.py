@@ -173,9 +173,7 @@ def search(
     dtype: DType = "auto",
 ) -> None:
     """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
-    from .prefect_env import configure
-
-    configure(log_level="WARNING")
+    _configure_flows()
     from selfprune.flows.search import search as search_flow
 
     summary = search_flow(
