@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 # The user's real selfprune home, read before the session fixture below isolates the tests.
 REAL_HOME = Path(os.environ.get("SELFPRUNE_HOME") or Path.home() / ".cache" / "selfprune")
 
@@ -148,3 +147,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny_prune_args(ws: Path, out: Path, *extra: str) -> list[str]:
+    """``selfprune prune`` arguments for the tiny workspace (4 calibration windows of 64 tokens)."""
+    return ["prune", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"), "--samples", "4",
+            "--calib-seqlen", "64", "--device", "cpu", "--out", str(out), *extra]
+
+
+def tiny_export(ws: Path, out: Path, *extra: str) -> Path:
+    """Prune the tiny workspace model through the real CLI into ``out`` (for module-scoped fixtures)."""
+    import sys
+
+    from selfprune import cli
+
+    argv, sys.argv = sys.argv, ["selfprune", *tiny_prune_args(ws, out, *extra)]
+    try:
+        cli.main()
+    except SystemExit as e:
+        assert not e.code
+    finally:
+        sys.argv = argv
+    return out

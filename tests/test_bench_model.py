@@ -7,34 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, tiny_export, tiny_prune_args
 
 from selfprune.cli import BENCH_FIELDS
 
 FAST = ["--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"]
 
 
-def prune_args(ws: Path, out: Path, *extra: str) -> list[str]:
-    return ["prune", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"), "--samples", "4",
-            "--calib-seqlen", "64", "--device", "cpu", "--out", str(out), *extra]
-
-
 @pytest.fixture(scope="module")
 def export(tiny_workspace) -> Path:
-    import sys
-
-    from selfprune import cli
-
-    out = tiny_workspace / "bench-uniform-0.5"
-    argv = sys.argv
-    sys.argv = ["selfprune", *prune_args(tiny_workspace, out, "--ratio", "0.5")]
-    try:
-        cli.main()
-    except SystemExit as e:
-        assert not e.code
-    finally:
-        sys.argv = argv
-    return out
+    return tiny_export(tiny_workspace, tiny_workspace / "bench-uniform-0.5", "--ratio", "0.5")
 
 
 def test_bench_model_prints_every_field(export, tiny_workspace, capsys, monkeypatch):
@@ -60,14 +42,14 @@ def test_bench_model_json_dense_vs_pruned(export, tiny_workspace, capsys, monkey
 
 def test_prune_format_deci_and_export_deci(export, tiny_workspace, tmp_path, capsys, monkeypatch):
     # uniform 0.1 keeps every KV group (MLP widths are free): DeciLM can hold it
-    code, _, err = run_cli(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "deci", "--ratio", "0.1", "--format", "deci"))
+    code, _, err = run_cli(capsys, monkeypatch, *tiny_prune_args(tiny_workspace, tmp_path / "deci", "--ratio", "0.1", "--format", "deci"))
     assert code == 0, err
     config = json.loads((tmp_path / "deci" / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and len(config["block_configs"]) == 4
     assert (tmp_path / "deci" / "selfprune_record.json").is_file() and not (tmp_path / "deci" / "selfprune.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["deci"]  # the temporary export is gone
     # uniform 0.5 keeps 1 of 2 KV groups per layer: refused, naming the layers, nothing written
-    code, _, err = run_cli(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "no", "--ratio", "0.5", "--format", "deci"))
+    code, _, err = run_cli(capsys, monkeypatch, *tiny_prune_args(tiny_workspace, tmp_path / "no", "--ratio", "0.5", "--format", "deci"))
     assert code == 2 and "layer 0 keeps 1 of 2 KV groups" in err and "layer 3" in err and not (tmp_path / "no").exists()
     code, _, err = run_cli(capsys, monkeypatch, "export-deci", str(export), str(tmp_path / "no2"))
     assert code == 2 and "layer 0 keeps 1 of 2 KV groups" in err and "Traceback" not in err
@@ -91,5 +73,5 @@ def test_bad_bench_input_exits_2(args, message, tiny_workspace, capsys, monkeypa
 
 
 def test_prune_bad_format_exits_2(tiny_workspace, tmp_path, capsys, monkeypatch):
-    code, _, err = run_cli(capsys, monkeypatch, *prune_args(tiny_workspace, tmp_path / "x", "--format", "onnx"))
+    code, _, err = run_cli(capsys, monkeypatch, *tiny_prune_args(tiny_workspace, tmp_path / "x", "--format", "onnx"))
     assert code == 2 and "--format 'onnx' is not known" in err

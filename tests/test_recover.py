@@ -7,25 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from test_bench_model import prune_args
+from conftest import run_cli, tiny_export
 
 
 @pytest.fixture(scope="module")
 def export(tiny_workspace) -> Path:
-    import sys
-
-    from selfprune import cli
-
-    out = tiny_workspace / "recover-owl-0.3"
-    argv, sys.argv = sys.argv, ["selfprune", *prune_args(tiny_workspace, out, "--ratio", "0.3", "--allocation", "owl")]
-    try:
-        cli.main()
-    except SystemExit as e:
-        assert not e.code
-    finally:
-        sys.argv = argv
-    return out
+    return tiny_export(tiny_workspace, tiny_workspace / "recover-owl-0.3", "--ratio", "0.3", "--allocation", "owl")
 
 
 def recover_args(ws: Path, model: Path, out: Path, *extra: str) -> list[str]:
