@@ -201,3 +201,19 @@ def test_foreign_statistics_are_refused():
     assert stats.check(st, 4, "here")["tokens"] == 32
     with pytest.raises(UserError, match="lack.*delete the file"):
         stats.check(st, 8, "here")  # statistics of a 4-layer model for an 8-layer one
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_path_matches_cpu(tiny_dir):
+    """On a GPU: bf16 model, fp32 statistics, the same rankings' candidates, perplexity close to CPU fp32."""
+    gpu = load_model(str(tiny_dir), device="cuda", dtype="auto")
+    assert next(gpu.model.parameters()).dtype == torch.bfloat16
+    cpu = load_model(str(tiny_dir), device="cpu")
+    windows = random_windows(4, 32)
+    st = stats.capture(gpu.model, windows)
+    assert st["0.attn_in.sq"].dtype == torch.float32
+    rankings = wanda_sp.rank(cpu.model, cpu.arch, stats.capture(cpu.model, windows))
+    structure = allocation.rates_to_structure(cpu.arch, [0.3, 0.5, 0.4, 0.6])
+    a = perplexity(slicing.materialize(gpu.model, gpu.arch, rankings, structure), windows).ppl
+    b = perplexity(slicing.materialize(cpu.model, cpu.arch, rankings, structure), windows).ppl
+    assert a == pytest.approx(b, rel=0.05)
