@@ -18,7 +18,6 @@ corpus is cut.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import tempfile
@@ -86,18 +85,6 @@ def data_fingerprint(data: str, split: str) -> str:
     """sha256 (hex) of the split's text: what cache keys use to name the data (memoized)."""
     _check_split(split)
     return _fingerprint_cached(_data_key(data), split)
-
-
-def data_source(data: str) -> dict[str, Any]:
-    """A small provenance record of a data spec (for run records): kind and where it came from."""
-    key = _data_key(data)
-    if key[0] == DEMO:
-        meta = Path(key[1]).with_suffix(".json")
-        return {"kind": DEMO, "path": key[1], **(json.loads(meta.read_text()) if meta.is_file() else {})}
-    if key[0] == WIKITEXT2:
-        return {"kind": WIKITEXT2, "repo": WIKITEXT_REPO, "config": WIKITEXT_CONFIG,
-                "revision": WIKITEXT_REVISION, "splits": dict(WIKITEXT_SPLITS)}
-    return {"kind": "file", "path": key[1], "bytes": key[3]}
 
 
 def paragraphs(text: str) -> list[str]:

@@ -25,15 +25,6 @@ class Rankings:
     groups: list[torch.Tensor]
     channels: list[torch.Tensor]
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"{i}.groups": g for i, g in enumerate(self.groups)}
-        out.update({f"{i}.channels": c for i, c in enumerate(self.channels)})
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], n_layers: int) -> "Rankings":
-        return cls([tensors[f"{i}.groups"] for i in range(n_layers)], [tensors[f"{i}.channels"] for i in range(n_layers)])
-
 
 def channel_scores(weight: torch.Tensor, in_mean_sq: torch.Tensor) -> torch.Tensor:
     """Wanda-sp score of each input channel of ``weight`` ([out, in])."""

@@ -145,14 +145,6 @@ def _checked_json_returning(fn: Callable[..., Any], check_key: Callable[[dict[st
         except (TypeError, ValueError, KeyError) as exc:
             raise TypeError(f"cached task {name!r}: cannot build its cache key: {exc}") from exc
 
-    if inspect.iscoroutinefunction(fn):
-        @functools.wraps(fn)
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            check(args, kwargs)
-            return _json_roundtrip(await fn(*args, **kwargs), name)
-
-        return async_wrapper
-
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         check(args, kwargs)

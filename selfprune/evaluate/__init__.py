@@ -10,27 +10,3 @@ vLLM) inside the functions that need them, so ``import selfprune.evaluate`` stay
     from selfprune.evaluate.deci import deci_compatible, export_deci
     from selfprune.evaluate.lora import lora_recover
 """
-
-from __future__ import annotations
-
-import importlib
-
-_EXPORTS = {
-    "evaluate_zero_shot": "zeroshot",
-    "PAPER_TASKS": "zeroshot",
-    "build_cloze_task": "cloze",
-    "build_lastword_task": "cloze",
-    "measure": "speed",
-    "vllm_measure": "speed",
-    "deci_compatible": "deci",
-    "export_deci": "deci",
-    "lora_recover": "lora",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -173,8 +173,3 @@ def build_lastword_task(data: str, out_dir: Path, n_items: int = 200, seed: int 
                      "context_lines": context_lines, "seed": seed},
     })
 
-
-def build_local_tasks(data: str, out_dir: Path, n_items: int = 200, seed: int = 0) -> Path:
-    """Both offline tasks in one include directory; returns it."""
-    build_cloze_task(data, out_dir, n_items=n_items, seed=seed)
-    return build_lastword_task(data, out_dir, n_items=n_items, seed=seed)
