@@ -16,6 +16,9 @@ import torch
 from .errors import UserError
 from .models import decoder_layers
 
+# Part of the statistics key: bump it when what capture() records or how it computes it changes.
+STATS_VERSION = "stats-1"
+
 # statistic name -> (sub-module path inside a decoder layer, whether the plain sum is kept too)
 HOOKED = {
     "attn_in": ("self_attn.o_proj", True),
