@@ -6,10 +6,6 @@ tasks and flows that orchestrate it live in ``tasks/`` and ``flows/``.
 
 __version__ = "0.1.0"
 
-# Bumped whenever a change alters what any cached computation returns: it is part of every
-# cache key, so old results are never served for new code.
-CODE_VERSION = "selfprune-1"
-
 
 def load_pruned(path, device: str = "auto", dtype: str = "auto"):
     """Load a selfprune export directory: ``selfprune.load_pruned("DIR").model`` (and ``.tokenizer``).
@@ -19,3 +15,13 @@ def load_pruned(path, device: str = "auto", dtype: str = "auto"):
     from .export import load_pruned as _load_pruned
 
     return _load_pruned(path, device=device, dtype=dtype)
+
+
+def search(config=None, on_generation=None, **overrides):
+    """Self-Pruner's search in this process, without Prefect; see :func:`selfprune.evolve.runner.search`.
+
+    ``selfprune.search(model="demo", ratio=0.5, oracle="ga", population=10, generations=5)``
+    """
+    from .evolve.runner import search as _search
+
+    return _search(config, on_generation=on_generation, **overrides)

@@ -53,7 +53,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -62,6 +64,8 @@ from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
 from selfprune.hashing import content_hash
+
+logger = logging.getLogger("selfprune.cache")
 
 # Plain json: no "__class__" object encoder/decoder, so nothing is imported or built on read.
 JSON_RESULTS = JSONSerializer(object_encoder=None, object_decoder=None)
@@ -103,7 +107,29 @@ class ContentCache(CachePolicy):
             if fn is None:
                 raise ValueError("content_cache needs a namespace outside a task run")
             namespace = f"{fn.__module__}.{fn.__qualname__}"
-        return self.key_for(namespace, inputs or {})
+        key = self.key_for(namespace, inputs or {})
+        set_aside_if_corrupt(key)
+        return key
+
+
+def set_aside_if_corrupt(key: str) -> None:
+    """A cached result that no longer parses (a disk fault, a truncated copy) is renamed to
+    ``<key>.corrupt-<time>`` with a warning, so the task recomputes it. Prefect alone would treat
+    it as a silent miss and overwrite it; this way the fault is seen and nothing is deleted."""
+    from prefect.results import ResultRecord
+
+    from selfprune.prefect_env import results_dir
+
+    path = results_dir() / key
+    try:
+        ResultRecord.deserialize(path.read_bytes())
+    except FileNotFoundError:
+        return
+    except Exception as exc:  # noqa: BLE001 - any unreadable record is the same fault
+        aside = path.with_name(f"{key}.corrupt-{int(time.time())}")
+        path.replace(aside)
+        logger.warning("cached result %s is corrupt (%s: %s); recomputing it, the bad file is kept as %s",
+                       path, type(exc).__name__, (str(exc).splitlines() or [""])[0][:200], aside.name)
 
 
 def content_cache(

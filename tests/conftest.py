@@ -48,9 +48,30 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_home(tmp_path_factory):
     """Tests never touch the user's cache, except the real demo files, which they share."""
-    if "SELFPRUNE_HOME" not in os.environ:
-        os.environ["SELFPRUNE_HOME"] = str(tmp_path_factory.mktemp("selfprune_home"))
+    os.environ["SELFPRUNE_HOME"] = str(tmp_path_factory.mktemp("selfprune_home"))
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def module_home(_isolated_home, tmp_path_factory, request) -> Path:
+    """Each test module gets its own ``SELFPRUNE_HOME`` and Prefect results directory (the task
+    cache), so what a test computes or finds cached never depends on which other modules ran."""
+    from selfprune import prefect_env
+
+    home = tmp_path_factory.mktemp(f"home-{request.module.__name__.rsplit('.', 1)[-1]}")
+    names = ("SELFPRUNE_HOME", "PREFECT_LOCAL_STORAGE_PATH")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["SELFPRUNE_HOME"] = str(home)
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "results")
+    (home / "results").mkdir(mode=0o700)
+    prefect_env.refresh()
+    yield home
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    prefect_env.refresh()
 
 
 def byte_tokenizer():

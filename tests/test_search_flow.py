@@ -18,9 +18,8 @@ import pytest
 from fake_openai_server import FakeOpenAI, reply
 from selfprune.allocation import project_to_mean
 
-# seed 3: candidates no other test module scores, so the session's shared cache starts cold for them
 SMALL = dict(population=6, mutations=2, crossovers=2, generations=4, samples=4, calib_seqlen=64, seqlen=64,
-             fitness_windows=4, test_windows=4, device="cpu", seed=3)
+             fitness_windows=4, test_windows=4, device="cpu")
 REQUIRED = {"rates", "structure", "fitness", "test_ppl", "evaluations", "cache_hits", "oracle_calls",
             "oracle_fallbacks", "wall_s"}
 
@@ -41,12 +40,15 @@ def ledger(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def first_run(prefect_api, tiny_workspace, tmp_path_factory):
+    """The search, its run directory, and its cached scores (this module's results start empty)."""
+    from selfprune.prefect_env import results_dir
+
     out = tmp_path_factory.mktemp("search") / "run"
-    return run_search(tiny_workspace, out), out
+    return run_search(tiny_workspace, out), out, sorted(results_dir().glob("score_candidate-*"))
 
 
 def test_search_writes_best_json_and_plots(first_run):
-    summary, out = first_run
+    summary, out, _ = first_run
     best = json.loads((out / "best.json").read_text())
     assert REQUIRED <= set(best) and best["rates"] == summary["rates"]
     assert abs(sum(best["rates"]) / 4 - 0.5) < 1e-6 and max(best["rates"]) <= 0.9
@@ -55,13 +57,13 @@ def test_search_writes_best_json_and_plots(first_run):
     assert all(a["best"] >= b["best"] for a, b in zip(best["history"], best["history"][1:]))  # elitist
     assert best["fitness"] == best["history"][-1]["best"] <= best["uniform_fitness"]
     assert (out / "fitness.png").stat().st_size > 1000 and (out / "rates.png").stat().st_size > 1000
-    # Every evaluation is in the ledger once: the candidates plus those of the three final scores
-    # (best and uniform on the test split, uniform on the fitness split) that other tests left uncached.
-    assert best["evaluations"] <= len(ledger(out)) <= best["evaluations"] + 3
+    # Every evaluation is in the ledger once: the candidates and the three final scores (best and
+    # uniform on the test split, uniform on the fitness split).
+    assert len(ledger(out)) == best["evaluations"] + 3
 
 
 def test_rerun_evaluates_nothing_and_finds_the_same_best(first_run, tiny_workspace, tmp_path):
-    summary, _ = first_run
+    summary, *_ = first_run
     again = run_search(tiny_workspace, tmp_path / "rerun")
     assert again["evaluations"] == 0 and again["cache_hits"] == summary["evaluations"]
     assert (again["rates"], again["fitness"], again["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
@@ -71,7 +73,7 @@ def test_rerun_evaluates_nothing_and_finds_the_same_best(first_run, tiny_workspa
 def test_resume_after_sigkill_matches_uninterrupted_run(first_run, tiny_workspace, tmp_path):
     """Kill the CLI mid-search with SIGKILL, run the same command again: no candidate is
     evaluated twice (but the one in flight), and the result equals the uninterrupted run's."""
-    summary, _ = first_run
+    summary, *_ = first_run
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
     env["SELFPRUNE_HOME"] = str(tmp_path / "home")  # a cold cache; the API server is shared
     out = tmp_path / "killed"
@@ -132,9 +134,9 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
     from selfprune.evolve.oracles import OracleUnavailable
 
     out = tmp_path / "retry"
-    good = [reply(_llm_reply(8, 50 + s)) for s in range(3)]  # candidates no other test scored
+    good = [reply(_llm_reply(8, 50 + s)) for s in range(3)]  # candidates the other LLM test did not score
     with FakeOpenAI([*good, status(500)]) as server:
-        # seed 7: requests no other test has made, so nothing comes from the session's cache
+        # seed 7: requests the other LLM test did not make, so nothing comes from this module's cache
         state = run_search(tiny_workspace, out, oracle="openai:fake-gpt", base_url=server.base_url, generations=3,
                            seed=7, oracle_timeout=5.0, return_state=True)
         assert state.is_failed()
@@ -153,3 +155,49 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
     counts = Counter((json.dumps(e["structure"]), e["split"]) for e in ledger(out))
     assert max(counts.values()) == 1  # nothing that had completed ran again
     assert len(ledger(out)) > evaluated and REQUIRED <= set(best)
+
+
+def test_library_search_runs_the_same_loop_as_the_flow(first_run, tiny_workspace, tmp_path):
+    """selfprune.search (no Prefect, no task cache) follows the same path to the same best."""
+    import selfprune
+
+    summary, *_ = first_run
+    plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.5,
+                             out=str(tmp_path / "plain"), **SMALL)
+    assert (plain["rates"], plain["fitness"], plain["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
+    assert plain["history"] == summary["history"] and plain["evaluations"] == summary["evaluations"]
+    assert json.loads((tmp_path / "plain" / "best.json").read_text())["rates"] == plain["rates"]
+
+
+def test_a_corrupt_cached_result_is_recomputed_with_a_warning(first_run, tiny_workspace, tmp_path, caplog):
+    summary, _, scores = first_run
+    victim = scores[len(scores) // 2]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated, as after a disk fault
+    with caplog.at_level("WARNING", logger="selfprune.cache"):
+        again = run_search(tiny_workspace, tmp_path / "again")
+    assert any(victim.name in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    assert list(victim.parent.glob(victim.name + ".corrupt-*"))  # kept aside, not deleted
+    assert (again["rates"], again["fitness"], again["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
+    assert len(ledger(tmp_path / "again")) == 1  # only the corrupt entry was computed again
+
+
+def test_float32_and_bfloat16_runs_share_no_cached_number(first_run, tiny_workspace, tmp_path):
+    summary, *_ = first_run
+    bf16 = run_search(tiny_workspace, tmp_path / "bf16", dtype="bfloat16", generations=1)
+    assert bf16["cache_hits"] == 0 and bf16["evaluations"] == 6 + 4
+    assert bf16["stats_key"] != summary["stats_key"] and bf16["precision"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert summary["precision"] == {"device": "cpu", "dtype": "float32"}
+    assert len(ledger(tmp_path / "bf16")) == bf16["evaluations"] + 3  # the final scores too: nothing shared
+
+
+def test_a_split_too_short_fails_before_the_calibration_pass(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    from selfprune.artifacts.store import ArtifactStore
+
+    monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))
+    code, _, err = run_cli(capsys, monkeypatch, "search", "--model", str(tiny_workspace / "model"), "--data",
+                           str(tiny_workspace / "corpus.txt"), "--samples", "4", "--calib-seqlen", "64", "--seqlen", "64",
+                           "--test-windows", "100000", "--device", "cpu", "--out", str(tmp_path / "short"))
+    assert code == 2 and "split test" in err and "100000 windows" in err and "retry it with" in err
+    assert not list(ArtifactStore().root.rglob("*.safetensors"))  # no statistics were computed
