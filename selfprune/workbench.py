@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from selfprune.artifacts.store import ArtifactStore
+from selfprune.store import ArtifactStore
 
 from . import CODE_VERSION, allocation, data, slicing, stats, wanda_sp
 from .allocation import Structure

@@ -81,7 +81,7 @@ def test_corpus_too_short(workspace, capsys, monkeypatch):
 def test_corrupt_statistics_file_is_reported_not_overwritten(workspace, capsys, monkeypatch):
     args = prune_args(workspace, "--ratio", "0.3", "--out", str(workspace / "u"), "--calib-seqlen", "48")
     assert run_cli(capsys, monkeypatch, *args)[0] == 0
-    from selfprune.artifacts.store import ArtifactStore
+    from selfprune.store import ArtifactStore
 
     newest = max(ArtifactStore().root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     newest.write_bytes(b"garbage")
