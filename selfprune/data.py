@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .demo import demo_corpus_path
 from .errors import UserError
 from .hashing import content_hash
 from .paths import subdir
@@ -137,8 +138,6 @@ def _data_key(data: str) -> tuple:
         raise UserError(f"no data given: use {ACCEPTED}.")
     spec = str(data).strip()
     if spec == DEMO:
-        from .demo import demo_corpus_path
-
         path = demo_corpus_path()
         st = path.stat()
         return (DEMO, str(path), st.st_mtime_ns, st.st_size)

@@ -30,6 +30,9 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
+from .checkpoint import from_pretrained
 from .errors import UserError
 from .paths import HOME_ENV, subdir
 
@@ -90,13 +93,10 @@ def _build_model(staging: Path) -> None:
             shutil.copyfileobj(src, dst, 1 << 20)
         gguf_sha = _sha256_file(tmp / gguf_name)
 
-        from .models import load_model
-
-        # The GGUF path of load_model dequantizes to plain fp32 and drops the quantizer.
-        lm = load_model(str(tmp / gguf_name), device="cpu", dtype="float32")
-        lm.model.save_pretrained(staging)
-        lm.tokenizer.save_pretrained(staging)
-        del lm
+        model, tokenizer = from_pretrained(str(tmp), torch.float32, local_files_only=True, gguf_file=gguf_name)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
 
     config = json.loads((staging / "config.json").read_text())
     if "quantization_config" in config:

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .arch import arch_of
+from .arch import arch_of, decoder_layers
+from .checkpoint import LoadedModel, fingerprint
 from .devices import resolve_device, resolve_dtype
 from .errors import UserError
-from .models import LoadedModel, decoder_layers, fingerprint
 from .slicing import prune_layer
 
 RECORD = "selfprune.json"

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 import torch
 
+from .arch import decoder_layers
 from .errors import UserError
-from .models import decoder_layers
 
 # statistic name -> (sub-module path inside a decoder layer, whether the plain sum is kept too)
 HOOKED = {

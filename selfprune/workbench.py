@@ -21,7 +21,8 @@ from . import CODE_VERSION, allocation, data, slicing, stats, wanda_sp
 from .allocation import Structure
 from .errors import UserError
 from .hashing import content_hash
-from .models import LoadedModel, load_model
+from .checkpoint import LoadedModel
+from .models import load_model
 from .perplexity import Perplexity, perplexity
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
