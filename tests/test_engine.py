@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -34,6 +35,22 @@ def test_load_local_dir_reads_arch_and_fingerprint(tiny_dir):
     assert lm.arch.n_layers == 4 and lm.arch.hidden == 64
     assert lm.arch.qkv_bias == (lm.arch.model_type == "qwen2")
     assert lm.fingerprint == load_model(str(tiny_dir), device="cpu").fingerprint
+
+
+def test_fingerprint_is_memoized_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from selfprune import checkpoint
+    from selfprune.hashing import sha256_file
+
+    build_tiny("llama_mha").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    first = checkpoint.fingerprint(tmp_path)
+    hashed = []
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    assert checkpoint.fingerprint(tmp_path) == first and hashed == []  # from the memo
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert checkpoint.fingerprint(tmp_path) == first and hashed == [weights.resolve()]  # same bytes, rehashed
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert checkpoint.fingerprint(tmp_path) != first
 
 
 @pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa", "qwen2", "mistral"])
