@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from selfprune.allocation import check_ratio, kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
 from selfprune.arch import Arch
+from selfprune.fileio import atomic_write_text
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.models import model_fingerprint
 from selfprune.search.evolution import SearchParams, initial_population, offspring, survivors
@@ -185,7 +186,7 @@ def search(
         "stats_key": setup["stats_key"],
         "config": {k: v for k, v in config.items() if k != "artifact_key"},
     }
-    (out_dir / "best.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "best.json", json.dumps(summary, indent=2))
     plot_history(history, out_dir / "fitness.png")
     plot_rates(best["rates"], ratio, out_dir / "rates.png")
     create_markdown_artifact(

@@ -34,6 +34,7 @@ import torch
 
 from .checkpoint import from_pretrained
 from .errors import UserError
+from .fileio import atomic_write_text
 from .hashing import sha256_file
 from .paths import HOME_ENV, subdir
 
@@ -148,8 +149,8 @@ def demo_corpus_path() -> Path:
             "license": "texts: public domain (Project Gutenberg); package: MIT",
         }
         # The text first, the record last: the record's presence means the text is whole.
-        _atomic_write(text_path, text.encode("utf-8"))
-        _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write_text(text_path, text)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return text_path
 
 
@@ -285,20 +286,6 @@ def _remove_stale(root: Path, name: str) -> None:
             p.unlink(missing_ok=True)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _share(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -306,7 +293,7 @@ def _umask() -> int:
 
 
 def _share(path: Path) -> None:
-    """Give ``path`` (and what is inside) the umask's modes: mkdtemp/mkstemp make them private."""
+    """Give ``path`` (and what is inside) the umask's modes: mkdtemp makes them private."""
     mask = _umask()
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in paths:
