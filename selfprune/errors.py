@@ -9,11 +9,12 @@ class UserError(Exception):
 
 
 class CorruptFile(UserError):
-    """A cached file that cannot be trusted (truncated, bit-flipped, foreign). ``path`` names it,
-    so a caller that can recompute the content may set the file aside and do so."""
+    """A cached file that cannot be trusted (truncated, bit-flipped, foreign). ``path`` names it
+    and ``why`` says what is wrong, so a caller that can recompute the content may set the file
+    aside and do so."""
 
     def __init__(self, path: object, why: object):
-        self.path = path
+        self.path, self.why = path, why
         super().__init__(
             f"file {path} is corrupt or unreadable ({why}). Delete it (rm '{path}') and run again: "
             "it will be recomputed."

@@ -114,11 +114,15 @@ class ArtifactStore:
             out = {k: v.to(device) for k, v in out.items()}
         return out
 
-    def set_aside(self, key: str) -> Path:
+    def set_aside(self, key: str) -> Path | None:
         """Rename the file of ``key`` to ``<file>.corrupt-<UTC time>`` (kept for inspection, never
-        read again) so the key can be written afresh; return the new path."""
+        read again) so the key can be written afresh; return the new path, or None when the file
+        is already gone (another process set it aside first)."""
         path = self.tensor_path(key)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-        path.rename(aside)
+        try:
+            path.rename(aside)
+        except FileNotFoundError:
+            return None
         return aside

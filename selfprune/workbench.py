@@ -8,6 +8,7 @@ benchmarks all go through this object, so "where does a candidate get pruned?" h
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -15,15 +16,14 @@ from pathlib import Path
 
 import torch
 
-from selfprune.store import ArtifactStore
-
 from . import CODE_VERSION, allocation, data, slicing, stats, wanda_sp
 from .allocation import Structure
-from .errors import UserError
-from .hashing import content_hash
 from .checkpoint import LoadedModel
+from .errors import CorruptFile, UserError
+from .hashing import content_hash
 from .models import load_model
 from .perplexity import Perplexity, perplexity
+from .store import ArtifactStore
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 
@@ -72,7 +72,7 @@ class Workbench:
         self.progress = progress
         self.calibration_fingerprint = data.data_fingerprint(calibration.data, "calibration")
         self.stats_key = content_hash(
-            "stats", lm.fingerprint, self.calibration_fingerprint, calibration.key_fields(), CODE_VERSION
+            "stats", stats.STATS_VERSION, lm.fingerprint, self.calibration_fingerprint, calibration.key_fields(), CODE_VERSION
         )
         self.stats = self._stats()
         self.rankings = wanda_sp.rank(lm.model, self.arch, self.stats)
@@ -83,14 +83,25 @@ class Workbench:
         return ArtifactStore().tensor_path(self.stats_key)
 
     def _stats(self) -> dict[str, torch.Tensor]:
-        """Load the stored statistics, or run the one calibration pass and store them."""
+        """Load the stored statistics, or run the one calibration pass and store them.
+
+        The statistics are a pure function of their key, so a stored file that is corrupt or does
+        not fit the model is not an error: it is set aside (renamed, kept for inspection) with a
+        warning, and recomputed.
+        """
         store = ArtifactStore()
         if store.has(self.stats_key):
-            return stats.check(store.get_tensors(self.stats_key), self.arch.n_layers, self.stats_path)
+            try:
+                return stats.check(store.get_tensors(self.stats_key), self.arch.n_layers, self.stats_path)
+            except CorruptFile as bad:
+                aside = store.set_aside(self.stats_key)
+                kept = f"kept as {aside}" if aside else "already set aside by another process"
+                warnings.warn(f"statistics file {bad.path} is corrupt ({bad.why}); {kept}; recomputing it", stacklevel=2)
         c = self.calibration
         windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
         captured = stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
-        meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "code": CODE_VERSION}
+        meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "code": CODE_VERSION,
+                "stats": stats.STATS_VERSION}
         store.put_tensors(self.stats_key, captured, meta | {k: str(v) for k, v in c.key_fields().items()})
         return captured
 
