@@ -38,6 +38,7 @@ def main() -> None:
     prefect_env.configure(user_profiles=False, log_level="ERROR")
     prefect_env.ensure_api_server()
     from selfprune.allocation import project_to_mean, structure_to_json
+    from selfprune.config import SearchConfig
     from selfprune.flows.search import search
     from selfprune.models import load_model
     from selfprune.workbench import Calibration, Scoring, Workbench, shared_workbench
@@ -47,10 +48,10 @@ def main() -> None:
                     generations=args.generations, samples=args.samples, fitness_windows=4, test_windows=4,
                     device=args.device)
     t0 = time.perf_counter()
-    first = search(out=os.path.join(os.environ["SELFPRUNE_HOME"], "run1"), **settings)
+    first = search(SearchConfig(out=os.path.join(os.environ["SELFPRUNE_HOME"], "run1"), **settings))
     search_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = search(out=os.path.join(os.environ["SELFPRUNE_HOME"], "run2"), **settings)
+    again = search(SearchConfig(out=os.path.join(os.environ["SELFPRUNE_HOME"], "run2"), **settings))
     rerun_s = time.perf_counter() - t0
     assert again["evaluations"] == 0 and again["rates"] == first["rates"]
 

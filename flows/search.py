@@ -1,198 +1,89 @@
-"""Self-Pruner's evolutionary search (Algorithm 1) as a Prefect flow, one subflow per generation.
+"""Self-Pruner's search as a Prefect flow: the library's loop with cached tasks injected.
 
-Every candidate evaluation and oracle call is a content-hash-cached task (``tasks/``), so
-running the same command again after a crash, a SIGKILL or a failed generation redoes only
-what had not completed and follows the same path: the oracles are deterministic given the seed,
-and LLM replies are replayed from the cache.
+The loop is :func:`selfprune.evolve.runner.run`, the one the library's ``selfprune.search`` runs.
+This flow injects: candidate scoring through the cached ``score_candidate`` task (a generation's
+candidates submitted as one batch, so the task runner may run them side by side), oracle requests
+through the cached ``oracle_call`` task, and a per-generation hook that publishes artifacts. Running
+the same configuration again after a crash, a SIGKILL or a failed run redoes only what had not
+completed and follows the same path: the oracles are deterministic given the seed, and LLM replies
+are replayed from the cache.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from selfprune.allocation import check_ratio, kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
 from selfprune.arch import Arch
-from selfprune.fileio import atomic_write_text
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
+from selfprune.config import SearchConfig
+from selfprune.evolve import runner
+from selfprune.evolve.oracles import ChatRequest
 from selfprune.models import model_fingerprint
-from selfprune.search.evolution import SearchParams, initial_population, offspring, survivors
-from selfprune.search.oracles import SearchContext, make_oracle
 from selfprune.tasks.oracle import oracle_call
 from selfprune.tasks.pruning import capture_statistics, score_candidate
+from selfprune.flows.run_info import announce_run
+from selfprune.workbench import shared_model
 
 
-def _search_objects(config: dict, setup: dict):
-    """Rebuild the pure search objects from plain settings (subflow parameters stay JSON)."""
-    arch = Arch(**setup["arch"])
+def _artifact_key(config: SearchConfig) -> str:
+    return "selfprune-" + "".join(c if c.isalnum() else "-" for c in Path(config.out).name.lower())
 
-    def canonical(rates: list[float]) -> tuple:
-        return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates))))
 
-    ctx = SearchContext(
-        model_name=config["model"], n_layers=arch.n_layers, beta=config["ratio"], p_max=config["p_max"],
-        seed=config["seed"], canonical=canonical, dataset=config["data"],
-    )
-    params = SearchParams(
-        population=config["population"], mutations=config["mutations"], crossovers=config["crossovers"],
-        generations=config["generations"], seed=config["seed"], random_init=config["random_init"],
-        no_mutation=config["no_mutation"], no_crossover=config["no_crossover"],
-    )
+# One candidate at a time by default: candidates share the one loaded model (and, on a GPU, its
+# memory). The batch is still submitted whole, so a larger pool only needs a different runner.
+@flow(name="selfprune-search", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def search(config: SearchConfig) -> dict:
+    """Search per-layer rates with mean ``config.ratio``; write ``config.out``/best.json and plots."""
+    logger = get_run_logger()
+    announce_run(logger, "selfprune.flows.search.search")
+    runner.check(config)
+    runner.check_windows(config, shared_model(config.model, config.device, config.dtype).tokenizer)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    calibration = vars(runner.calibration(config))
+    model_fp = model_fingerprint(config.model)
+    stats = capture_statistics(config.model, model_fp, calibration, config.device, config.dtype)
+    setup = runner.Setup(Arch(**stats["arch"]), model_fp, stats["stats_key"])
+    calls = {"oracle_calls": 0, "oracle_replays": 0}
 
-    calls = {"made": 0, "replayed": 0}
+    def score(structures: list, split: str, windows: int | None) -> list[dict]:
+        how = vars(runner.scoring(config, split, windows))
+        futures = [score_candidate.submit(config.model, model_fp, setup.stats_key, s, how, calibration, config.device,
+                                          config.dtype, str(out / "evaluations.jsonl")) for s in structures]
+        for f in futures:
+            f.wait()
+        return [f.state.result() | {"cached": f.state.name == "Cached"} for f in futures]
 
-    def transport(request) -> str:
-        state = oracle_call(request.to_dict(), config["base_url"], config["oracle_timeout"], return_state=True)
-        calls["replayed" if state.name == "Cached" else "made"] += 1
+    def transport(request: ChatRequest) -> str:
+        state = oracle_call(request.to_dict(), config.base_url, config.oracle_timeout, return_state=True)
+        calls["oracle_replays" if state.name == "Cached" else "oracle_calls"] += 1
         return state.result()
 
-    return arch, ctx, params, make_oracle(config["oracle"], config["base_url"], transport), calls
+    key = _artifact_key(config)
+    progress = create_progress_artifact(0.0, key=f"{key}-progress", description="generations done")
 
+    def publish(g: runner.GenerationReport) -> None:
+        rows = [{"rates": fmt_rates(r["rates"]), "kept_params": r["kept_params"], "fitness": round(r["fitness"], 4),
+                 "origin": "cache" if r["cached"] else config.oracle} for r in g.rows]
+        create_table_artifact(rows, key=f"{key}-gen-{g.index}", description=f"generation {g.index}: {len(rows)} candidates")
+        create_markdown_artifact(best_markdown(g.index, g.population[0], setup.arch.n_layers), key=f"{key}-best")
+        update_progress_artifact(progress, 100.0 * (g.index + 1) / (g.generations + 1))
+        logger.info(f"generation {g.index}/{g.generations}: best {g.best:.3f}, mean {g.mean:.3f} | "
+                    f"{g.evaluated} evaluated, {g.cached} cached")
 
-def _scoring(config: dict, split: str, windows: int | None) -> dict:
-    return {"data": config["data"], "split": split, "seqlen": config["seqlen"], "windows": windows or None,
-            "batch_size": config["batch_size"]}
-
-
-def _calibration(config: dict) -> dict:
-    return {"data": config["data"], "samples": config["samples"], "seqlen": config["calib_seqlen"],
-            "batch_size": config["batch_size"]}
-
-
-def _evaluate(config: dict, setup: dict, structure: list, split: str, windows: int | None) -> tuple[dict, bool]:
-    """Score one structure through the cached task; also say whether the cache answered."""
-    state = score_candidate(
-        config["model"], setup["model_fp"], setup["stats_key"], structure, _scoring(config, split, windows),
-        _calibration(config), config["device"], config["dtype"], str(Path(config["out"]) / "evaluations.jsonl"),
-        return_state=True,
-    )
-    return state.result(), state.name == "Cached"
-
-
-@flow(name="selfprune-generation", flow_run_name="generation-{generation}", validate_parameters=False)
-def generation(generation: int, population: list[dict], setup: dict, config: dict) -> dict:
-    """Generation 0 builds and scores G_0; generation g >= 1 asks the oracle for mutants and
-    crossovers of the population, scores them, and keeps the top K of both (Algorithm 1)."""
-    arch, ctx, params, oracle, calls = _search_objects(config, setup)
-    if generation == 0:
-        children = initial_population(oracle, ctx, params)
-    else:
-        children = offspring(oracle, ctx, params, [(p["rates"], p["fitness"]) for p in population], generation)
-    scored, rows, evaluations, hits = [], [], 0, 0
-    for rates in children:
-        structure = structure_to_json(rates_to_structure(arch, rates))
-        result, cached = _evaluate(config, setup, structure, "fitness", config["fitness_windows"])
-        evaluations += not cached
-        hits += cached
-        member = {"rates": rates, "structure": structure, "fitness": result["ppl"],
-                  "kept_params": kept_params(arch, structure_from_json(structure))}
-        scored.append(member)
-        rows.append({"rates": fmt_rates(rates), "kept_params": member["kept_params"],
-                     "fitness": round(result["ppl"], 4), "origin": "cache" if cached else config["oracle"]})
-    merged = survivors([(m["rates"], m["fitness"]) for m in population + scored], params.population)
-    by_rates = {tuple(m["rates"]): m for m in population + scored}
-    new_population = [by_rates[tuple(r)] for r, _ in merged]
-    create_table_artifact(rows, key=f"{config['artifact_key']}-gen-{generation}",
-                          description=f"generation {generation}: {len(rows)} candidates")
-    create_markdown_artifact(best_markdown(generation, new_population[0], arch.n_layers),
-                             key=f"{config['artifact_key']}-best")
-    return {
-        "population": new_population,
-        "evaluations": evaluations,
-        "cache_hits": hits,
-        "oracle_calls": calls["made"],
-        "oracle_replays": calls["replayed"],
-        "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
-    }
-
-
-@flow(name="selfprune-search", validate_parameters=True)
-def search(
-    model: str = "demo",
-    ratio: float = 0.5,
-    oracle: str = "ga",
-    base_url: str | None = None,
-    data: str = "demo",
-    population: int = 30,
-    mutations: int = 10,
-    crossovers: int = 10,
-    generations: int = 20,
-    seed: int = 0,
-    p_max: float = 0.9,
-    samples: int = 128,
-    calib_seqlen: int = 512,
-    seqlen: int = 512,
-    fitness_windows: int = 8,
-    test_windows: int = 64,
-    batch_size: int = 4,
-    random_init: bool = False,
-    no_mutation: bool = False,
-    no_crossover: bool = False,
-    oracle_timeout: float = 120.0,
-    out: str = "runs/search",
-    device: str = "auto",
-    dtype: str = "auto",
-) -> dict:
-    """Search per-layer rates with mean ``ratio`` for ``model``; write ``out/best.json`` and plots."""
-    start = time.perf_counter()
-    config = dict(locals())
-    del config["start"]
-    check_ratio(ratio)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config["artifact_key"] = "selfprune-" + "".join(c if c.isalnum() else "-" for c in out_dir.name.lower())
-    model_fp = model_fingerprint(model)
-    setup = capture_statistics(model, model_fp, _calibration(config), device, dtype) | {"model_fp": model_fp}
-    _search_objects(config, setup)  # validate every search setting before any long work
-
-    progress = create_progress_artifact(0.0, key=f"{config['artifact_key']}-progress", description="generations done")
-    members: list[dict] = []
-    history, totals = [], {"evaluations": 0, "cache_hits": 0, "oracle_calls": 0, "oracle_replays": 0,
-                        "oracle_fallbacks": 0}
-    for g in range(generations + 1):
-        result = generation(g, members, setup, config)
-        members = result["population"]
-        for k in totals:
-            totals[k] += result[k]
-        fitness = [m["fitness"] for m in members]
-        history.append({"generation": g, "best": fitness[0], "mean": sum(fitness) / len(fitness)})
-        update_progress_artifact(progress, 100.0 * (g + 1) / (generations + 1))
-        print(f"generation {g}/{generations}: best {fitness[0]:.3f}, mean {history[-1]['mean']:.3f} | "
-              f"{result['evaluations']} evaluated, {result['cache_hits']} from cache", flush=True)
-
-    best = members[0]
-    test, _ = _evaluate(config, setup, best["structure"], "test", test_windows)
-    arch = Arch(**setup["arch"])
-    uniform_structure = structure_to_json(rates_to_structure(arch, uniform(arch.n_layers, ratio)))
-    uniform_fitness, _ = _evaluate(config, setup, uniform_structure, "fitness", fitness_windows)
-    uniform_test, _ = _evaluate(config, setup, uniform_structure, "test", test_windows)
-    summary = {
-        "rates": best["rates"],
-        "structure": best["structure"],
-        "fitness": best["fitness"],
-        "test_ppl": test["ppl"],
-        "test_tokens": test["tokens"],
-        "seqlen": seqlen,
-        "uniform_fitness": uniform_fitness["ppl"],
-        "uniform_test_ppl": uniform_test["ppl"],
-        **totals,
-        "wall_s": round(time.perf_counter() - start, 2),
-        "history": history,
-        "model_fingerprint": model_fp,
-        "stats_key": setup["stats_key"],
-        "config": {k: v for k, v in config.items() if k != "artifact_key"},
-    }
-    atomic_write_text(out_dir / "best.json", json.dumps(summary, indent=2))
-    plot_history(history, out_dir / "fitness.png")
-    plot_rates(best["rates"], ratio, out_dir / "rates.png")
+    summary = runner.run(config, setup, score, transport, publish) | calls
+    runner.write_summary(summary, out)
+    plot_history(summary["history"], out / "fitness.png")
+    plot_rates(summary["rates"], config.ratio, out / "rates.png")
     create_markdown_artifact(
-        best_markdown(generations, best, arch.n_layers)
-        + f"- test perplexity: **{test['ppl']:.4f}** (uniform Wanda-sp: {uniform_test['ppl']:.4f}), "
-        f"{test['tokens']} tokens in {seqlen}-token windows\n- plots: `{out_dir / 'fitness.png'}`, `{out_dir / 'rates.png'}`\n",
-        key=f"{config['artifact_key']}-final",
+        best_markdown(config.generations, summary, setup.arch.n_layers)
+        + f"- test perplexity: **{summary['test_ppl']:.4f}** (uniform Wanda-sp: {summary['uniform_test_ppl']:.4f}), "
+        f"{summary['test_tokens']} tokens in {config.seqlen}-token windows\n"
+        f"- plots: `{out / 'fitness.png'}`, `{out / 'rates.png'}`\n",
+        key=f"{key}-final",
     )
     return summary

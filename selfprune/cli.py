@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from contextlib import contextmanager
@@ -11,8 +12,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from pydantic import BaseModel
 from rich.table import Table
 
+from .config import SearchConfig
 from .errors import UserError
 from .userfiles import read_json
 
@@ -147,43 +150,33 @@ def ppl(
         console.print(f"ppl {result.ppl:.3f} on {result.tokens} tokens ({result.windows} x {seqlen}-token windows)")
 
 
-@app.command()
-def search(
-    model: Model = "demo",
-    ratio: Annotated[float, typer.Option("--ratio", help="target mean pruning rate beta")] = 0.5,
-    oracle: Annotated[str, typer.Option("--oracle", help="openai:MODEL | ga | random")] = "ga",
-    base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible server (vLLM, Ollama)")] = None,
-    data: Data = "demo",
-    population: Annotated[int, typer.Option("--population", help="K: population size")] = 30,
-    mutations: Annotated[int, typer.Option("--mutations", help="M: mutants per generation")] = 10,
-    crossovers: Annotated[int, typer.Option("--crossovers", help="S: crossovers per generation")] = 10,
-    generations: Annotated[int, typer.Option("--generations", help="N: generations")] = 20,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    p_max: Annotated[float, typer.Option("--p-max", help="upper bound of any layer's rate")] = 0.9,
-    samples: Samples = 128,
-    calib_seqlen: CalibSeqlen = 512,
-    seqlen: Annotated[int, typer.Option("--seqlen", help="tokens per perplexity window")] = 512,
-    fitness_windows: Annotated[int, typer.Option("--fitness-windows", help="windows of the fitness split per candidate")] = 8,
-    test_windows: Annotated[int, typer.Option("--test-windows", help="windows of the test split for the final score (0: all)")] = 64,
-    random_init: Annotated[bool, typer.Option("--random-init", help="ablation: random initial population")] = False,
-    no_mutation: Annotated[bool, typer.Option("--no-mutation", help="ablation: no mutation")] = False,
-    no_crossover: Annotated[bool, typer.Option("--no-crossover", help="ablation: no crossover")] = False,
-    out: Annotated[Path, typer.Option("--out", help="run directory (best.json, plots)")] = Path("runs/search"),
-    device: Device = "auto",
-    dtype: DType = "auto",
-) -> None:
+def _config_command(model_cls: type[BaseModel], run):
+    """A typer command whose options are the fields of ``model_cls`` (one definition of each
+    setting: the config's field, with its type, default and help)."""
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=Annotated[f.annotation, typer.Option("--" + name.replace("_", "-"), help=f.description)])
+        for name, f in model_cls.model_fields.items()
+    ]
+
+    def command(**values):
+        return run(values)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = run.__doc__
+    return command
+
+
+def _search(values: dict) -> None:
     """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
+    from .config import search_config
+
+    config = search_config(**values)
     _configure_flows()
     from selfprune.flows.search import search as search_flow
 
-    summary = search_flow(
-        model=model, ratio=ratio, oracle=oracle, base_url=base_url, data=data, population=population,
-        mutations=mutations, crossovers=crossovers, generations=generations, seed=seed, p_max=p_max,
-        samples=samples, calib_seqlen=calib_seqlen, seqlen=seqlen, fitness_windows=fitness_windows,
-        test_windows=test_windows, random_init=random_init, no_mutation=no_mutation,
-        no_crossover=no_crossover, out=str(out), device=device, dtype=dtype,
-    )
-    table = Table("generation", "best fitness", "mean fitness", title=f"search {model} at ratio {ratio} ({oracle})")
+    summary = _flow_result(search_flow(config, return_state=True), "selfprune.flows.search.search")
+    table = Table("generation", "best fitness", "mean fitness", title=f"search {config.model} at ratio {config.ratio} ({config.oracle})")
     for h in summary["history"]:
         table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
     console.print(table)
@@ -191,8 +184,28 @@ def search(
         f"best: fitness {summary['fitness']:.3f}, test ppl {summary['test_ppl']:.3f} "
         f"(uniform {summary['uniform_test_ppl']:.3f}) | evaluations {summary['evaluations']}, "
         f"cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
-        f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {out / 'best.json'}"
+        f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {Path(config.out) / 'best.json'}"
     )
+
+
+def _flow_result(state, entrypoint: str):
+    """The flow's return value; a failed run's error gains its run id and the exact retry command."""
+    if state.is_completed():
+        return state.result()
+    from selfprune.flows.run_info import retry_hint
+
+    hint = retry_hint(str(state.state_details.flow_run_id), entrypoint, deployed=False)
+    try:
+        state.result()
+    except UserError as e:
+        raise UserError(f"{e}\n{hint}") from None
+    except BaseException:
+        console.print(f"[red]the run failed:[/red] {hint}", highlight=False, soft_wrap=True)
+        raise
+    raise UserError(f"the flow run ended {state.name}: {state.message}\n{hint}")
+
+
+app.command("search")(_config_command(SearchConfig, _search))
 
 
 class _DropUserErrors:
@@ -210,6 +223,7 @@ def _configure_flows() -> None:
     from .prefect_env import configure
 
     configure(log_level="WARNING")
+    logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)  # the run id, retry command, progress
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropUserErrors) for f in logger.filters):

@@ -27,3 +27,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def precision(device: str = "auto", dtype: str = "auto") -> dict[str, str]:
+    """The resolved device kind and dtype of a run: they change every number, so every cache key
+    holds them (an fp32 CPU run and a bf16 GPU run never share a result)."""
+    dev = resolve_device(device)
+    return {"device": dev.type, "dtype": str(resolve_dtype(dtype, dev)).removeprefix("torch.")}
+
+
+def model_precision(model: torch.nn.Module) -> dict[str, str]:
+    """:func:`precision` of a loaded model, read from its parameters."""
+    p = next(model.parameters())
+    return {"device": p.device.type, "dtype": str(p.dtype).removeprefix("torch.")}

@@ -8,17 +8,19 @@ benchmarks all go through this object, so "where does a candidate get pruned?" h
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from . import CODE_VERSION, allocation, data, slicing, stats, wanda_sp
+from . import allocation, data, slicing, stats, wanda_sp
 from .allocation import Structure
 from .checkpoint import LoadedModel
+from .devices import model_precision
 from .errors import CorruptFile, UserError
 from .hashing import content_hash
 from .models import load_model
@@ -30,12 +32,13 @@ Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> adva
 
 @dataclass(frozen=True)
 class Calibration:
-    """What decides the statistics (batch size does not: sums are order-independent up to fp32)."""
+    """What decides the statistics. The batch size does not (fp32 sums, order-independent up to
+    rounding), so it is left out of equality too: a second batch size reuses the loaded workbench."""
 
     data: str = "demo"
     samples: int = 128
     seqlen: int = 512
-    batch_size: int = 4
+    batch_size: int = field(default=4, compare=False)
 
     def key_fields(self) -> dict:
         return {"data": self.data, "samples": self.samples, "seqlen": self.seqlen}
@@ -71,8 +74,10 @@ class Workbench:
         self.calibration = calibration
         self.progress = progress
         self.calibration_fingerprint = data.data_fingerprint(calibration.data, "calibration")
+        self.precision = model_precision(lm.model)
         self.stats_key = content_hash(
-            "stats", stats.STATS_VERSION, lm.fingerprint, self.calibration_fingerprint, calibration.key_fields(), CODE_VERSION
+            "stats", stats.STATS_VERSION, lm.fingerprint, self.calibration_fingerprint, calibration.key_fields(),
+            self.precision,
         )
         self.stats = self._stats()
         self.rankings = wanda_sp.rank(lm.model, self.arch, self.stats)
@@ -100,8 +105,8 @@ class Workbench:
         c = self.calibration
         windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
         captured = stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
-        meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "code": CODE_VERSION,
-                "stats": stats.STATS_VERSION}
+        meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "version": stats.STATS_VERSION,
+                **self.precision}
         store.put_tensors(self.stats_key, captured, meta | {k: str(v) for k, v in c.key_fields().items()})
         return captured
 
@@ -152,11 +157,32 @@ class Workbench:
             "base_model": {"source": self.lm.source, "fingerprint": self.lm.fingerprint, "arch": self.arch.to_dict()},
             "calibration": self.calibration.key_fields() | {"fingerprint": self.calibration_fingerprint},
             "stats_key": self.stats_key,
-            "code_version": CODE_VERSION,
+            "precision": self.precision,
         }
 
 
+# Tasks may run in threads: each model is loaded, and each workbench built, once per process.
+_LOADING = threading.Lock()
+_BUILDING = threading.Lock()
+
+
 @lru_cache(maxsize=2)
+def _shared_model(model: str, device: str, dtype: str) -> LoadedModel:
+    return load_model(model, device, dtype)
+
+
+def shared_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The process-wide dense model: loaded once per worker process, reused by every task."""
+    with _LOADING:
+        return _shared_model(model, device, dtype)
+
+
+@lru_cache(maxsize=4)
+def _shared_workbench(model: str, calibration: Calibration, device: str, dtype: str) -> Workbench:
+    return Workbench(shared_model(model, device, dtype), calibration)
+
+
 def shared_workbench(model: str, calibration: Calibration, device: str = "auto", dtype: str = "auto") -> Workbench:
-    """The process-wide workbench for a model: loaded once per worker process, reused by every task."""
-    return Workbench(load_model(model, device, dtype), calibration)
+    """The process-wide workbench of a model and calibration, on the one shared dense model."""
+    with _BUILDING:
+        return _shared_workbench(model, calibration, device, dtype)

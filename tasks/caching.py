@@ -3,19 +3,21 @@
 Declare a task with ``@cached_task(...)`` (or pass ``cache_policy=content_cache(...)`` to
 ``@task`` yourself)::
 
-    @cached_task(key_fn=lambda model_fp, units, settings, **_: (model_fp, units, settings))
+    @cached_task(key_fn=lambda model_fp, units, settings, **_: (model_fp, units, settings), version="1")
     def score_candidate(model, model_fp: str, units: dict, settings: dict) -> dict: ...
 
 The cache key
-    ``<namespace>-<content_hash(CODE_VERSION, namespace, version, payload)>`` where ``payload``
+    ``<namespace>-<content_hash(namespace, version, payload)>`` where ``payload``
     is ``key_fn(**task_parameters)`` (or the parameters named in ``include``, or, with neither,
     all parameters). It is built only from small explicit values (str, numbers, bool, None and
     lists/dicts of them, or objects with ``to_dict()``) through ``selfprune.hashing``: a tensor
     or a model reaching the key raises ``TypeError`` instead of being cloudpickled (torch
     pickles are not deterministic). Never in the key: the flow or task run id (Prefect's
     DEFAULT policy has RUN_ID, so a rerun after preemption would miss), the task's source
-    (TASK_SOURCE hashes only its own body; ``selfprune.CODE_VERSION`` and ``version=`` are the
-    explicit knobs), or tensors. ``namespace`` defaults to the function's ``module.qualname``,
+    (TASK_SOURCE hashes only its own body; each task's own ``version=`` is the explicit knob:
+    bump it when a change alters what that task returns), or tensors. What changes the numbers
+    (the resolved device kind and dtype, the method's version, data fingerprints) belongs in the
+    payload. ``namespace`` defaults to the function's ``module.qualname``,
     so two tasks with equal inputs never share a result file (give ``namespace=`` explicitly
     for a task in a script, whose module is ``__main__`` when run but not when imported). If the key cannot be built (a
     tensor in it, say), a ``cached_task`` fails with ``TypeError``; a bare ``content_cache``
@@ -59,7 +61,6 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
-from selfprune import CODE_VERSION
 from selfprune.hashing import content_hash
 
 # Plain json: no "__class__" object encoder/decoder, so nothing is imported or built on read.
@@ -72,7 +73,7 @@ def _slug(text: str) -> str:
 
 @dataclass
 class ContentCache(CachePolicy):
-    """Cache key = content hash of explicit small inputs + CODE_VERSION (see module doc)."""
+    """Cache key = content hash of explicit small inputs + the task's version (see module doc)."""
 
     key_fn: Optional[Callable[..., Any]] = None
     include: Optional[Sequence[str]] = None
@@ -91,7 +92,7 @@ class ContentCache(CachePolicy):
         return dict(inputs)
 
     def key_for(self, namespace: str, inputs: dict[str, Any]) -> str:
-        digest = content_hash(CODE_VERSION, namespace, self.version, self.payload(inputs), length=32)
+        digest = content_hash(namespace, self.version, self.payload(inputs), length=32)
         return f"{_slug(namespace)}-{digest}"
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> Optional[str]:
@@ -159,10 +160,12 @@ def cached_task(
     key_fn: Optional[Callable[..., Any]] = None,
     include: Optional[Sequence[str]] = None,
     namespace: Optional[str] = None,
-    version: str = "",
+    version: str,
     **task_kwargs: Any,
 ):
     """``@task`` with a content cache, persisted plain-JSON results and a JSON-only return value.
+
+    ``version`` is required: the task's own cache version, bumped when what it returns changes.
 
     Other ``@task`` options (``name``, ``retries``, ``refresh_cache``, ...) pass through.
     """

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from selfprune.allocation import structure_from_json
 from selfprune.arch import Arch
+from selfprune.devices import precision
 from selfprune.workbench import Calibration, shared_workbench
 from selfprune.tasks.caching import cached_task
 from selfprune.tasks.pruning import score_candidate
@@ -48,7 +49,7 @@ def _allocation_key(model_fp: str, stats_key: str, method: str, ratio: float, **
     return {"model": model_fp, "stats": stats_key, "method": method, "ratio": ratio}
 
 
-@cached_task(key_fn=_allocation_key, task_run_name="allocate-{method}-{ratio}")
+@cached_task(key_fn=_allocation_key, version="1", task_run_name="allocate-{method}-{ratio}")
 def allocation_rates(model: str, model_fp: str, stats_key: str, method: str, ratio: float, calibration: dict,
                      device: str = "auto", dtype: str = "auto") -> dict:
     """Per-layer rates of ``method`` (``uniform`` or ``owl``) at ``ratio``, and their structure."""
@@ -75,16 +76,16 @@ def task_files_fingerprint(include_path: str | None) -> str | None:
 
 
 def _zero_shot_key(model_fp: str, stats_key: str, structure: list | None, tasks: list[str], include_path: str | None,
-                   limit: int | None, max_length: int, batch_size: int, **_) -> dict:
+                   limit: int | None, max_length: int, batch_size: int, device: str, dtype: str, **_) -> dict:
     from importlib.metadata import version
 
-    return {"model": model_fp, "stats": stats_key if structure is not None else None,
+    return {"model": model_fp, "precision": precision(device, dtype), "stats": stats_key if structure is not None else None,
             "structure": structure if structure is not None else DENSE, "tasks": list(tasks),
             "task_files": task_files_fingerprint(include_path), "lm_eval": version("lm_eval"),
             "limit": limit, "max_length": max_length, "batch_size": batch_size}
 
 
-@cached_task(key_fn=_zero_shot_key, task_run_name="zero-shot")
+@cached_task(key_fn=_zero_shot_key, version="2", task_run_name="zero-shot")
 def evaluate_zero_shot(
     model: str, model_fp: str, stats_key: str, structure: list | None, tasks: list[str], calibration: dict,
     include_path: str | None = None, limit: int | None = None, max_length: int = 2048, batch_size: int = 8,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from selfprune.search.oracles import ChatRequest, Transport, openai_transport
+from selfprune.evolve.oracles import ChatRequest, Transport, openai_transport
 from selfprune.tasks.caching import cached_task
 
 
@@ -19,7 +19,7 @@ def _transport(base_url: str | None, timeout: float, max_retries: int) -> Transp
     return openai_transport(base_url, timeout=timeout, max_retries=max_retries)
 
 
-@cached_task(key_fn=lambda request, **_: request, task_run_name="oracle-call")
+@cached_task(key_fn=lambda request, **_: request, version="1", task_run_name="oracle-call")
 def oracle_call(request: dict, base_url: str | None = None, timeout: float = 120.0, max_retries: int = 4) -> str:
     """Send one chat request (the client retries 429/5xx/timeouts with backoff) and return the text."""
     return _transport(base_url, timeout, max_retries)(ChatRequest.from_dict(request))

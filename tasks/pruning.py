@@ -13,30 +13,33 @@ import os
 
 from selfprune.allocation import structure_from_json
 from selfprune.data import data_fingerprint
+from selfprune.devices import precision
+from selfprune.stats import STATS_VERSION
 from selfprune.workbench import Calibration, Scoring, shared_workbench
 from selfprune.tasks.caching import cached_task
 
 
-def _calibration_key(model_fp: str, calibration: dict, **_) -> dict:
+def _calibration_key(model_fp: str, calibration: dict, device: str, dtype: str, **_) -> dict:
     return {"model": model_fp, "data": data_fingerprint(calibration["data"], "calibration"),
-            "settings": Calibration(**calibration).key_fields()}
+            "settings": Calibration(**calibration).key_fields(), "stats": STATS_VERSION,
+            "precision": precision(device, dtype)}
 
 
-@cached_task(key_fn=_calibration_key, task_run_name="capture-statistics")
+@cached_task(key_fn=_calibration_key, version="2", task_run_name="capture-statistics")
 def capture_statistics(model: str, model_fp: str, calibration: dict, device: str = "auto", dtype: str = "auto") -> dict:
     """One calibration pass (or the stored statistics): returns the statistics key and shapes."""
     bench = shared_workbench(model, Calibration(**calibration), device, dtype)
     return {"stats_key": bench.stats_key, "arch": bench.arch.to_dict()}
 
 
-def _candidate_key(model_fp: str, stats_key: str, structure: list, scoring: dict, **_) -> dict:
+def _candidate_key(model_fp: str, stats_key: str, structure: list, scoring: dict, device: str, dtype: str, **_) -> dict:
     """A candidate is its effective structure: rate vectors that round alike share this key."""
     s = Scoring(**scoring)
-    return {"model": model_fp, "stats": stats_key, "structure": structure,
+    return {"model": model_fp, "stats": stats_key, "structure": structure, "precision": precision(device, dtype),
             "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
 
-@cached_task(key_fn=_candidate_key, task_run_name="score-candidate")
+@cached_task(key_fn=_candidate_key, version="2", task_run_name="score-candidate")
 def score_candidate(
     model: str, model_fp: str, stats_key: str, structure: list, scoring: dict, calibration: dict,
     device: str = "auto", dtype: str = "auto", ledger: str | None = None,

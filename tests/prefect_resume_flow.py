@@ -43,7 +43,7 @@ def _toy_score(x: int, salt: str, sleep: float, counter: str) -> dict:
 
 
 # Keyed on (x, salt) only: the counter path and the sleep are plumbing, not inputs.
-toy_score = cached_task(_toy_score, key_fn=lambda x, salt, **_: {"x": x, "salt": salt}, namespace="toy_score")
+toy_score = cached_task(_toy_score, key_fn=lambda x, salt, **_: {"x": x, "salt": salt}, namespace="toy_score", version="1")
 
 
 @flow(name="toy-resume")

@@ -213,7 +213,7 @@ def test_cached_task_runs_once_across_flow_runs(prefect_session, tmp_path):
 
     counter = tmp_path / "counter"
 
-    @cached_task(key_fn=lambda cfg, **_: cfg, namespace="infra_toy_score")
+    @cached_task(key_fn=lambda cfg, **_: cfg, namespace="infra_toy_score", version="1")
     def toy_score(cfg: dict, model=None) -> dict:
         with open(counter, "a") as fh:
             fh.write(f"{cfg['x']}\n")
@@ -247,11 +247,11 @@ def test_cached_task_rejects_tensor_keys_and_non_json_results(prefect_session):
 
     from selfprune.tasks.caching import cached_task
 
-    @cached_task(namespace="infra_bad_key")
+    @cached_task(namespace="infra_bad_key", version="1")
     def takes_tensor(t) -> int:
         return 1
 
-    @cached_task(namespace="infra_bad_result")
+    @cached_task(namespace="infra_bad_result", version="1")
     def returns_tensor(x: int):
         return torch.ones(x)
 

@@ -16,12 +16,13 @@ METHODS = [("dense", None), ("uniform", 0.3), ("owl", 0.3), ("search", 0.3), ("u
 
 @pytest.fixture(scope="module")
 def searches(prefect_api, tiny_workspace, tmp_path_factory) -> list[Path]:
+    from selfprune.config import SearchConfig
     from selfprune.flows.search import search
 
     root = tmp_path_factory.mktemp("searches")
     for r in (0.3, 0.5):
-        search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=r,
-               out=str(root / f"s{r}"), **SMALL)
+        search(SearchConfig(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=r,
+                            out=str(root / f"s{r}"), **SMALL))
     return [root / f"s{r}" / "best.json" for r in (0.3, 0.5)]
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from selfprune.errors import UserError
 from selfprune.hashing import content_hash
-from selfprune.search.evolution import SearchParams, initial_population, offspring, run_search, survivors
-from selfprune.search.oracles import (
+from selfprune.evolve.evolution import SearchParams, initial_population, offspring, run_search, survivors
+from selfprune.evolve.oracles import (
     ChatRequest,
     GAOracle,
     LLMOracle,
@@ -88,10 +88,14 @@ class CountingFitness:
     def __init__(self, ctx=CTX):
         self.ctx = ctx
         self.seen: Counter = Counter()
+        self.batches: list[int] = []
 
-    def __call__(self, rates):
-        self.seen[self.ctx.canonical(rates)] += 1
-        return toy_fitness(rates)
+    def __call__(self, batch):
+        """A batch evaluator, as the search calls it: one list of candidates per generation."""
+        self.batches.append(len(batch))
+        for rates in batch:
+            self.seen[self.ctx.canonical(rates)] += 1
+        return [toy_fitness(rates) for rates in batch]
 
 
 def test_run_search_improves_and_never_evaluates_twice():
@@ -111,8 +115,36 @@ def test_run_search_improves_and_never_evaluates_twice():
 def test_run_search_memo_with_a_coarse_key():
     coarse = SearchContext("tiny", 3, 0.3, 0.9, canonical=lambda r: tuple(round(x, 1) for x in r))
     fitness = CountingFitness(coarse)
-    run_search(RandomOracle(), coarse, SearchParams(population=4, mutations=3, crossovers=3, generations=10), fitness)
+    seen = []
+    result = run_search(RandomOracle(), coarse, SearchParams(population=4, mutations=3, crossovers=3, generations=10),
+                        fitness, on_generation=seen.append)
     assert max(fitness.seen.values()) == 1
+    # The hook sees every generation once, after selection; no structure is in a population twice.
+    assert [g.index for g in seen] == list(range(11)) and [g.stats for g in seen] == result.history
+    for g in seen:
+        keys = [coarse.canonical(r) for r, _ in g.population]
+        assert len(keys) == len(set(keys)) and g.evaluated <= len(g.candidates)
+    assert fitness.batches == [g.evaluated for g in seen if g.evaluated]
+
+
+class DuplicatingOracle(GAOracle):
+    """Returns every child twice plus a copy of the best population member: the loop must drop them."""
+
+    def evolve(self, ctx, population, n_crossover, n_mutation, generation):
+        kids = super().evolve(ctx, population, n_crossover, n_mutation, generation)
+        return kids + kids + [list(population[0][0])]
+
+
+def test_duplicates_never_enter_the_population_twice():
+    fitness = CountingFitness()
+    seen = []
+    run_search(DuplicatingOracle(), CTX, SearchParams(population=6, mutations=2, crossovers=2, generations=4), fitness,
+               on_generation=seen.append)
+    assert max(fitness.seen.values()) == 1
+    for g in seen:
+        keys = [CTX.canonical(r) for r, _ in g.population]
+        assert len(keys) == len(set(keys))
+        assert g.index == 0 or len(g.candidates) == 4  # the repeats and the copy were dropped
 
 
 class Spy:
@@ -140,7 +172,7 @@ def test_ablation_switches():
     assert len(offspring(spy, CTX, params, pop, 1)) == 2
     assert spy.asks == [("evolve", 2, 0, 1)]
     both_off = SearchParams(population=4, generations=3, no_mutation=True, no_crossover=True)
-    result = run_search(spy, CTX, both_off, toy_fitness)
+    result = run_search(spy, CTX, both_off, lambda batch: [toy_fitness(r) for r in batch])
     assert result.evaluations == 4 and spy.asks[-1] == ("init", 4)
 
 

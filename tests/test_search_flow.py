@@ -26,10 +26,12 @@ REQUIRED = {"rates", "structure", "fitness", "test_ppl", "evaluations", "cache_h
 
 
 def run_search(ws: Path, out: Path, return_state: bool = False, **overrides):
+    from selfprune.config import SearchConfig
     from selfprune.flows.search import search
 
-    return search(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, out=str(out),
-                  return_state=return_state, **(SMALL | overrides))
+    config = SearchConfig(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, out=str(out),
+                          **(SMALL | overrides))
+    return search(config, return_state=return_state)
 
 
 def ledger(out: Path) -> list[dict]:
@@ -127,7 +129,7 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
     """The oracle goes down past its retries mid-search: the flow run fails with the reason.
     `prefect flow-run retry` (what the UI's Retry does) then completes it, re-evaluating nothing."""
     from fake_openai_server import status
-    from selfprune.search.oracles import OracleUnavailable
+    from selfprune.evolve.oracles import OracleUnavailable
 
     out = tmp_path / "retry"
     good = [reply(_llm_reply(8, 50 + s)) for s in range(3)]  # candidates no other test scored
@@ -143,7 +145,7 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
         server.script = [reply(_llm_reply(8, 100 + s)) for s in range(1)]  # the oracle is back
         retry = subprocess.run(
             [sys.executable, "-m", "prefect", "flow-run", "retry", str(state.state_details.flow_run_id),
-             "--entrypoint", "flows/search.py:search"],
+             "--entrypoint", "selfprune.flows.search.search"],
             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
         )
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]

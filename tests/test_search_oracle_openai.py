@@ -13,7 +13,7 @@ import time
 import pytest
 from fake_openai_server import FakeOpenAI, no_json_mode, reply, slow, status
 
-from selfprune.search.oracles import (
+from selfprune.evolve.oracles import (
     LLMOracle,
     OracleUnavailable,
     SearchContext,

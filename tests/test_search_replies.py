@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from selfprune.search.prompts import evolution_prompt, initialization_prompt
-from selfprune.search.replies import parse_candidates, repair
+from selfprune.evolve.prompts import evolution_prompt, initialization_prompt
+from selfprune.evolve.replies import parse_candidates, repair
 
 A = [0.1, 0.2, 0.3, 0.4]
 B = [0.4, 0.3, 0.2, 0.1]

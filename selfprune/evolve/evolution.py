@@ -1,7 +1,8 @@
-"""Algorithm 1 of Self-Pruner as pure step functions, plus a plain loop that chains them.
+"""Algorithm 1 of Self-Pruner: pure step functions and :func:`run_search`, the one loop.
 
-The orchestrator calls the steps itself (one task per generation, with caching and resumption);
-:func:`run_search` is the same algorithm without any of that, for tests and library use.
+The library calls :func:`run_search` with a plain fitness function; the Prefect flow calls the
+same loop with its cached task (a generation's candidates submitted as one batch) and a hook that
+publishes artifacts. There is no second copy of the loop.
 
 Algorithm 1, with G_0 the initial population of K::
 
@@ -108,43 +109,65 @@ def offspring(
     return oracle.evolve(ctx, population, params.n_crossover, params.n_mutation, generation)
 
 
-def _stats(generation: int, population: list[Scored], evaluations: int) -> GenerationStats:
-    """``population`` is sorted best first (see :func:`survivors`)."""
-    mean = sum(f for _, f in population) / len(population)
-    return GenerationStats(generation, population[0][1], mean, evaluations)
+Evaluate = Callable[[list[list[float]]], list[float]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one generation did, for a hook: its new candidates (scored, in the oracle's order),
+    how many of them were evaluated (the rest had been scored in an earlier generation), and the
+    population after selection, best first."""
+
+    index: int
+    candidates: list[Scored]
+    evaluated: int
+    population: list[Scored]
+
+    @property
+    def stats(self) -> GenerationStats:
+        mean = sum(f for _, f in self.population) / len(self.population)
+        return GenerationStats(self.index, self.population[0][1], mean, self.evaluated)
 
 
 def run_search(
-    oracle: Oracle, ctx: SearchContext, params: SearchParams, evaluate: Callable[[list[float]], float]
+    oracle: Oracle,
+    ctx: SearchContext,
+    params: SearchParams,
+    evaluate: Evaluate,
+    on_generation: Callable[[Generation], None] | None = None,
 ) -> SearchResult:
-    """Run Algorithm 1 end to end with ``evaluate`` as the fitness (perplexity; lower is better).
+    """Run Algorithm 1 with ``evaluate`` as the fitness (perplexity; lower is better).
 
-    Candidates are identified by ``ctx.canonical``: one already in the population is skipped,
-    and one evaluated before (then dropped) reuses its memoized fitness, so no structure is ever
-    evaluated twice.
+    ``evaluate`` takes a generation's new candidates as one batch (so an orchestrator can run
+    them side by side) and returns their fitnesses in order. Candidates are identified by
+    ``ctx.canonical``: one already in the population never enters it twice, and one evaluated
+    before (then dropped) reuses its fitness, so no structure is ever evaluated twice.
+    ``on_generation`` sees every generation, G_0 included, after selection.
     """
     memo: dict[Hashable, float] = {}
-
-    def score(candidates: list[list[float]], taken: set[Hashable]) -> list[Scored]:
-        out = []
-        for rates in candidates:
-            key = ctx.canonical(rates)
-            if key in taken:
-                continue
-            taken.add(key)
-            if key not in memo:
-                memo[key] = evaluate(rates)
-            out.append((rates, memo[key]))
-        return out
-
-    population = survivors(score(initial_population(oracle, ctx, params), set()), params.population)
-    if not population:
-        raise UserError("the oracle produced no initial candidates; check the target ratio and p_max")
-    history = [_stats(0, population, len(memo))]
-    for generation in range(1, params.generations + 1):
-        children = offspring(oracle, ctx, params, population, generation)
+    population: list[Scored] = []
+    history: list[GenerationStats] = []
+    for index in range(params.generations + 1):
+        children = initial_population(oracle, ctx, params) if index == 0 else offspring(oracle, ctx, params, population, index)
         taken = {ctx.canonical(rates) for rates, _ in population}
-        population = survivors(population + score(children, taken), params.population)
-        history.append(_stats(generation, population, len(memo)))
+        new: list[tuple[list[float], Hashable]] = []
+        for rates in children:
+            key = ctx.canonical(rates)
+            if key not in taken:
+                taken.add(key)
+                new.append((rates, key))
+        todo = [rates for rates, key in new if key not in memo]
+        fitnesses = evaluate(todo) if todo else []
+        if len(fitnesses) != len(todo):
+            raise RuntimeError(f"evaluate returned {len(fitnesses)} fitnesses for {len(todo)} candidates")
+        memo.update((ctx.canonical(rates), f) for rates, f in zip(todo, fitnesses))
+        scored = [(rates, memo[key]) for rates, key in new]
+        population = survivors(population + scored, params.population)
+        if not population:
+            raise UserError("the oracle produced no initial candidates; check the target ratio and p_max")
+        generation = Generation(index, scored, len(todo), population)
+        history.append(generation.stats)
+        if on_generation is not None:
+            on_generation(generation)
     best_rates, best_fitness = population[0]
     return SearchResult(best_rates, best_fitness, history, len(memo), population)

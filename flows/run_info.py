@@ -1,0 +1,30 @@
+"""Where a flow run can be found and how to rerun it: said at its start and in every failure."""
+
+from __future__ import annotations
+
+from logging import Logger
+
+
+def ui_url(flow_run_id: str) -> str | None:
+    """The run's page when a Prefect server is configured (``PREFECT_API_URL``/``PREFECT_UI_URL``);
+    None for the temporary server of a run without one (it is gone when the run ends)."""
+    from prefect.settings import get_current_settings
+
+    base = get_current_settings().ui_url
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
+
+
+def retry_hint(flow_run_id: str, entrypoint: str, deployed: bool) -> str:
+    """The exact rerun command: a deployment's run is retried by id (or the UI's Retry); a run
+    without a deployment needs the flow's entrypoint, and resumes in the calling process."""
+    cmd = f"prefect flow-run retry {flow_run_id}" + ("" if deployed else f" --entrypoint {entrypoint}")
+    url = ui_url(flow_run_id)
+    where = f" (UI: {url}{', Retry button' if deployed else ''})" if url else ""
+    return f"flow run {flow_run_id}{where}; retry it with: {cmd}, or run the same command again"
+
+
+def announce_run(logger: Logger, entrypoint: str) -> None:
+    """Log the current flow run's id, page and retry command at its start."""
+    from prefect.runtime import deployment, flow_run
+
+    logger.info(retry_hint(flow_run.id, entrypoint, bool(deployment.id)))

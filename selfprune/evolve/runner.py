@@ -1,0 +1,200 @@
+"""One search run, end to end: checks, the evolutionary loop, the final scores, the summary.
+
+The library's :func:`search` and the Prefect flow (``flows/search.py``) both call :func:`run`; they
+differ only in what they inject: how a batch of candidates is scored (here, directly on the
+workbench; in the flow, through the cached Prefect task), how an oracle request is sent (the
+openai client; the cached oracle task), and what happens after each generation (nothing; the
+flow's artifacts and log line).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..allocation import kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
+from ..arch import Arch
+from ..config import SearchConfig, search_config
+from ..data import split_windows
+from ..devices import precision
+from ..workbench import Calibration, Scoring, shared_model, shared_workbench
+from .evolution import Generation, SearchParams, run_search
+from .oracles import Oracle, SearchContext, Transport, make_oracle
+
+# (structures as JSON, split, windows) -> one perplexity record per structure, in order. A record
+# may carry "cached": True when an orchestrator's cache answered instead of a computation.
+Score = Callable[[list[list[list[int]]], str, "int | None"], list[dict]]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the search needs from the loaded model: its shapes and the identities that key caches."""
+
+    arch: Arch
+    model_fp: str
+    stats_key: str
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """A generation as the hook sees it: rows for its new candidates, the population (best first)."""
+
+    index: int
+    generations: int
+    rows: list[dict]
+    population: list[dict]
+    evaluated: int
+    cached: int
+
+    @property
+    def best(self) -> float:
+        return self.population[0]["fitness"]
+
+    @property
+    def mean(self) -> float:
+        return sum(m["fitness"] for m in self.population) / len(self.population)
+
+
+def calibration(config: SearchConfig) -> Calibration:
+    return Calibration(config.data, config.samples, config.calib_seqlen, config.batch_size)
+
+
+def scoring(config: SearchConfig, split: str, windows: int | None) -> Scoring:
+    return Scoring(config.data, split, config.seqlen, windows or None, config.batch_size)
+
+
+def check(config: SearchConfig) -> None:
+    """Every check that needs nothing loaded: device and dtype, the oracle's name. Fails fast."""
+    precision(config.device, config.dtype)
+    make_oracle(config.oracle, config.base_url, transport=lambda request: "")
+
+
+def check_windows(config: SearchConfig, tokenizer) -> None:
+    """Each split holds the windows asked of it (a short test split fails now, not after the search).
+
+    The token ids are memoized on disk, so the passes that follow do not tokenize again.
+    """
+    split_windows(tokenizer, config.data, "calibration", config.calib_seqlen, config.samples)
+    split_windows(tokenizer, config.data, "fitness", config.seqlen, config.fitness_windows)
+    split_windows(tokenizer, config.data, "test", config.seqlen, config.test_windows or None)
+
+
+def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None = None) -> tuple[SearchContext, SearchParams, Oracle]:
+    """The pure search objects of ``config``: a candidate's identity is its pruned structure."""
+
+    def canonical(rates: list[float]) -> tuple:
+        return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates))))
+
+    ctx = SearchContext(model_name=config.model, n_layers=arch.n_layers, beta=config.ratio, p_max=config.p_max,
+                        seed=config.seed, canonical=canonical, dataset=config.data)
+    params = SearchParams(population=config.population, mutations=config.mutations, crossovers=config.crossovers,
+                          generations=config.generations, seed=config.seed, random_init=config.random_init,
+                          no_mutation=config.no_mutation, no_crossover=config.no_crossover)
+    return ctx, params, make_oracle(config.oracle, config.base_url, transport)
+
+
+def _member(arch: Arch, rates: list[float], record: dict) -> dict:
+    structure = structure_to_json(rates_to_structure(arch, rates))
+    return {"rates": rates, "structure": structure, "fitness": record["ppl"],
+            "kept_params": kept_params(arch, structure_from_json(structure))}
+
+
+def run(
+    config: SearchConfig,
+    setup: Setup,
+    score: Score,
+    transport: Transport | None = None,
+    on_generation: Callable[[GenerationReport], None] | None = None,
+) -> dict:
+    """Algorithm 1 on ``setup``'s model, then the best and uniform Wanda-sp on the test split.
+
+    Returns the summary that ``best.json`` holds. ``evaluations`` counts candidates computed,
+    ``cache_hits`` those a cache answered (``score``'s "cached" records, and structures the loop
+    had scored in an earlier generation); the final test scores are in neither.
+    """
+    start = time.perf_counter()
+    arch = setup.arch
+    ctx, params, oracle = search_objects(config, arch, transport)
+    records: dict[tuple, dict] = {}
+    totals = {"evaluations": 0, "cache_hits": 0}
+
+    def evaluate(batch: list[list[float]]) -> list[float]:
+        structures = [structure_to_json(rates_to_structure(arch, rates)) for rates in batch]
+        results = score(structures, "fitness", config.fitness_windows)
+        for rates, result in zip(batch, results):
+            records[tuple(rates)] = result
+        return [r["ppl"] for r in results]
+
+    def hook(g: Generation) -> None:
+        rows = []
+        for rates, fitness in g.candidates:
+            record = records.pop(tuple(rates), None)  # None: scored in an earlier generation
+            rows.append(_member(arch, rates, {"ppl": fitness}) | {"cached": record is None or bool(record.get("cached"))})
+        records.clear()
+        cached = sum(r["cached"] for r in rows)
+        totals["evaluations"] += len(rows) - cached
+        totals["cache_hits"] += cached
+        if on_generation is not None:
+            population = [_member(arch, rates, {"ppl": f}) for rates, f in g.population]
+            on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - cached, cached))
+
+    result = run_search(oracle, ctx, params, evaluate, hook)
+    best = _member(arch, result.best_rates, {"ppl": result.best_fitness})
+    uniform_structure = structure_to_json(rates_to_structure(arch, uniform(arch.n_layers, config.ratio)))
+    test, uniform_test = score([best["structure"], uniform_structure], "test", config.test_windows)
+    (uniform_fitness,) = score([uniform_structure], "fitness", config.fitness_windows)
+    return {
+        "rates": best["rates"],
+        "structure": best["structure"],
+        "fitness": best["fitness"],
+        "kept_params": best["kept_params"],
+        "test_ppl": test["ppl"],
+        "test_tokens": test["tokens"],
+        "seqlen": config.seqlen,
+        "uniform_fitness": uniform_fitness["ppl"],
+        "uniform_test_ppl": uniform_test["ppl"],
+        **totals,
+        "oracle_calls": getattr(oracle, "calls", 0),
+        "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "history": [{"generation": h.generation, "best": h.best, "mean": h.mean} for h in result.history],
+        "model_fingerprint": setup.model_fp,
+        "stats_key": setup.stats_key,
+        "precision": precision(config.device, config.dtype),
+        "config": config.model_dump(),
+    }
+
+
+def write_summary(summary: dict, out: str | Path) -> Path:
+    """``out/best.json``, written atomically (a reader never sees half a file)."""
+    from ..fileio import atomic_write_text
+
+    path = Path(out) / "best.json"
+    atomic_write_text(path, json.dumps(summary, indent=2))
+    return path
+
+
+def search(config: SearchConfig | None = None, on_generation: Callable[[GenerationReport], None] | None = None,
+           **overrides) -> dict:
+    """Self-Pruner's search in this process, without Prefect: ``selfprune.search(model=..., ratio=...)``.
+
+    Takes a :class:`SearchConfig` or its fields as keywords; writes ``out/best.json`` and returns
+    the summary. Nothing is cached between calls but the statistics (in the artifact store); the
+    ``selfprune search`` command runs the same loop as a resumable, cached Prefect flow.
+    """
+    config = search_config(**((config.model_dump() if config else {}) | overrides))
+    check(config)
+    check_windows(config, shared_model(config.model, config.device, config.dtype).tokenizer)
+    bench = shared_workbench(config.model, calibration(config), config.device, config.dtype)
+    setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
+
+    def score(structures: list, split: str, windows: int | None) -> list[dict]:
+        how = scoring(config, split, windows)
+        return [bench.score(structure_from_json(s), how).to_dict() for s in structures]
+
+    summary = run(config, setup, score, on_generation=on_generation)
+    write_summary(summary, config.out)
+    return summary
