@@ -21,6 +21,7 @@ from selfprune.allocation import check_ratio, kept_params, realized_ratio, struc
 from selfprune.arch import Arch
 from selfprune.artifacts import comparison
 from selfprune.errors import UserError
+from selfprune.fileio import atomic_write_text
 from selfprune.userfiles import read_json
 from selfprune.evaluate.cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 from selfprune.hashing import content_hash
@@ -164,12 +165,12 @@ def report(
     plots = {"test perplexity by method and ratio": comparison.plot_ppl(rows, out_dir / comparison.PLOTS["ppl"]),
              "mean zero-shot accuracy by method and ratio": comparison.plot_accuracy(rows, out_dir / comparison.PLOTS["acc"])}
     md = comparison.markdown(rows, tasks, meta, {k: p.name for k, p in plots.items()})
-    (out_dir / "report.md").write_text(md)
-    (out_dir / "report.html").write_text(comparison.html_report(rows, tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))
+    atomic_write_text(out_dir / "report.md", md)
+    atomic_write_text(out_dir / "report.html", comparison.html_report(rows, tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))
     meta["wall_s"] = round(time.perf_counter() - start, 2)
     summary = {"meta": meta, "rows": comparison.sort_rows(rows),
                "files": {name: str(out_dir / name) for name in ("report.md", "report.html", *comparison.PLOTS.values())}}
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "report.json", json.dumps(summary, indent=2))
     key = "selfprune-report-" + "".join(c if c.isalnum() else "-" for c in out_dir.name.lower())
     create_table_artifact(comparison.artifact_rows(rows, tasks), key=f"{key}-table",
                           description=f"{model}: test ppl ({seqlen}-token windows) and zero-shot accuracy")

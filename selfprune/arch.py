@@ -10,8 +10,12 @@ intermediate channels (rows of gate/up, columns of down).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # model_type -> human name. Llama 1/2/3/3.1, Vicuna and SmolLM2 all report model_type "llama".
 SUPPORTED = {
@@ -87,3 +91,8 @@ def arch_of(config) -> Arch:
         o_bias=model_type != "qwen2" and bool(getattr(config, "attention_bias", False)),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
     )
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM of a supported family (all keep them at ``model.model.layers``)."""
+    return model.model.layers

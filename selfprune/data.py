@@ -20,16 +20,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .demo import demo_corpus_path
 from .errors import UserError
 from .hashing import content_hash
-from .paths import subdir
+from .memo import open_memo
 
 SPLITS = ("calibration", "fitness", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -55,7 +56,8 @@ ACCEPTED = (
 )
 
 # Bump when tokenization or the memo file layout changes (part of the memo key).
-TOKENS_VERSION = "tokens-1"
+TOKENS_VERSION = "tokens-2"
+_ID_DTYPE = np.dtype("<i4")
 CHUNK_CHARS = 64_000
 
 
@@ -137,8 +139,6 @@ def _data_key(data: str) -> tuple:
         raise UserError(f"no data given: use {ACCEPTED}.")
     spec = str(data).strip()
     if spec == DEMO:
-        from .demo import demo_corpus_path
-
         path = demo_corpus_path()
         st = path.stat()
         return (DEMO, str(path), st.st_mtime_ns, st.st_size)
@@ -249,11 +249,13 @@ def split_windows(tokenizer, data: str, split: str, seqlen: int, n_windows: int 
 
 
 def token_ids(tokenizer, text: str) -> torch.LongTensor:
-    """The 1-D token ids of ``text`` (no special tokens), memoized in ``home()/tokens/<key>.safetensors``.
+    """The 1-D token ids of ``text`` (no special tokens), memoized in the memo ``home()/tokens``.
 
     The key hashes the text (sha256) and the tokenizer's identity: for a fast tokenizer its class,
     vocabulary size and the sha256 of its full ``tokenizer.json`` serialization (which fixes the
     tokenization, wherever the tokenizer was loaded from); otherwise its ``name_or_path`` and size.
+    The value is the ids as little-endian int32 bytes (raw, never pickled); ids beyond int32 are
+    not memoized.
 
     Long texts are tokenized in chunks of about ``CHUNK_CHARS`` characters in one batch call (the
     fast tokenizer spreads a batch over the cores). Chunks are cut just before a whitespace run that
@@ -266,16 +268,14 @@ def token_ids(tokenizer, text: str) -> torch.LongTensor:
     """
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     key = content_hash(TOKENS_VERSION, CHUNK_CHARS, text_sha, tokenizer_identity(tokenizer))
-    path = subdir("tokens") / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            from safetensors.torch import load_file
-
-            return load_file(path)["ids"].long()
-        except Exception:  # noqa: BLE001 - a damaged memo is recomputed
-            path.unlink(missing_ok=True)
+    with open_memo("tokens") as memo:
+        raw = memo.get(key)
+    if isinstance(raw, bytes) and len(raw) % _ID_DTYPE.itemsize == 0:  # else: damaged, recompute
+        return torch.from_numpy(np.frombuffer(raw, dtype=_ID_DTYPE).astype(np.int64))
     ids = _tokenize_chunked(tokenizer, text)
-    _save_ids(path, ids, {"text_sha256": text_sha, "tokens": str(ids.numel())})
+    if ids.numel() == 0 or int(ids.max()) <= np.iinfo(_ID_DTYPE).max:
+        with open_memo("tokens") as memo:
+            memo.set(key, ids.numpy().astype(_ID_DTYPE).tobytes())
     return ids
 
 
@@ -319,17 +319,3 @@ def _tokenize_chunked(tokenizer, text: str) -> torch.LongTensor:
     flat = [i for ids in out for i in ids]
     return torch.tensor(flat, dtype=torch.long)
 
-
-def _save_ids(path: Path, ids: torch.Tensor, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    dtype = torch.int32 if ids.numel() == 0 or int(ids.max()) < 2**31 else torch.int64
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
-    os.close(fd)
-    try:
-        save_file({"ids": ids.to(dtype).contiguous()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

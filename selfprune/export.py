@@ -16,22 +16,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .arch import arch_of
+from .arch import arch_of, decoder_layers
+from .checkpoint import LoadedModel, fingerprint
 from .devices import resolve_device, resolve_dtype
 from .errors import UserError
-from .models import LoadedModel, decoder_layers, fingerprint
+from .fileio import atomic_write_text, staged_dir
 from .slicing import prune_layer
 
 RECORD = "selfprune.json"
 
 
 def save_pruned(model: torch.nn.Module, tokenizer, out_dir: Path, record: dict) -> Path:
-    """Write the export; ``record`` becomes ``selfprune.json`` (it must hold no secrets)."""
+    """Write the export; ``record`` becomes ``selfprune.json`` (it must hold no secrets).
+
+    Every file appears whole (staged, then atomically replaced), and ``selfprune.json`` comes last:
+    loaders take a directory for an export by that file, so a killed save is never mistaken for one.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / RECORD).write_text(json.dumps(record, indent=2))
+    (out_dir / RECORD).unlink(missing_ok=True)  # overwriting: no longer an export until done
+    with staged_dir(out_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    atomic_write_text(out_dir / RECORD, json.dumps(record, indent=2))
     return out_dir
 
 

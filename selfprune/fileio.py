@@ -1,28 +1,75 @@
-"""Atomic file writes: a reader sees the old complete file or the new one, never half of one."""
+"""Whole-file atomic writes: a reader sees the old complete file or the new one, never a half.
+
+Every writer of a file that something reads back (the store, exports, memos, reports) goes
+through here: write a temporary file in the target's directory (same file system, so the rename
+is atomic), fsync it, ``os.replace`` it over the target, then fsync the directory where the OS
+allows. A process killed mid-write leaves at most a stray ``.<name>.<pid>.<random>.tmp`` file,
+which nothing reads. Temporary files are created with ``open``, so they get the umask's modes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that needs a path (``save_file``);
+    when the block succeeds the file is fsynced and replaces ``path``. Parents are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        yield tmp
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; return ``path``."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staged_dir(directory: Path | str) -> Iterator[Path]:
+    """Yield an empty staging directory inside ``directory`` for writers that emit several files
+    (``save_pretrained``); when the block succeeds each file written there replaces its namesake
+    in ``directory`` atomically. A failure leaves ``directory`` as it was."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".staging-"))
+    try:
+        yield staging
+        for f in sorted(staging.iterdir()):
+            if not f.is_file():
+                raise ValueError(f"staged_dir only moves files; {f.name} is not one")
+            _replace(f, directory / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it over ``path``, and make the rename durable where the OS allows."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

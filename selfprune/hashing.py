@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -23,3 +24,12 @@ def _default(obj: Any) -> Any:
 def content_hash(*parts: Any, length: int = 24) -> str:
     """sha256 over the canonical JSON of ``parts``, truncated to ``length`` hex digits."""
     return hashlib.sha256(stable_json(parts).encode()).hexdigest()[:length]
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in blocks (weight files are tens of GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

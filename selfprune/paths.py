@@ -11,8 +11,9 @@ HOME_ENV = "SELFPRUNE_HOME"
 def home() -> Path:
     """The cache root: ``$SELFPRUNE_HOME`` if set, else ``~/.cache/selfprune``; created on demand.
 
-    Below it: ``models/`` (the demo model), ``data/`` (the demo corpus), ``tokens/`` (memoized
-    token ids). Everything there can be deleted; it is fetched or recomputed when next needed.
+    Below it: ``models/`` (the demo model), ``data/`` (the demo corpus), the memos ``tokens/``
+    (token ids) and ``fingerprints/`` (weight-file digests), and ``store/`` (statistics).
+    Everything there can be deleted; it is fetched or recomputed when next needed.
     """
     env = os.environ.get(HOME_ENV, "").strip()
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "selfprune"

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from .allocation import Structure
-from .arch import Arch
-from .models import decoder_layers
+from .arch import Arch, decoder_layers
 from .wanda_sp import Rankings, kept
 
 

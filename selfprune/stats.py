@@ -1,30 +1,31 @@
 """Activation statistics from one calibration pass, the input of Wanda-sp and OWL.
 
-Forward hooks record, per decoder layer, the per-channel sum of squares (and sum, for FLAP-style
-bias compensation) of the inputs of ``o_proj`` (concatenated head outputs) and ``down_proj``
-(``act(gate) * up``), and the sum of squares of the inputs of ``q_proj`` and ``gate_proj`` (the
-normed hidden states, which OWL needs to score q/k/v/gate/up). Sums accumulate in float32 on the
-model's device whatever the model dtype, batch by batch, so memory is bounded by one batch.
-They are stored in the artifact store (safetensors, atomic, digest-checked) under a content key.
+Forward pre-hooks record, per decoder layer, the per-channel sum of squares of the inputs of
+``o_proj`` (concatenated head outputs) and ``down_proj`` (``act(gate) * up``), which Wanda-sp
+scores with, and of ``q_proj`` and ``gate_proj`` (the normed hidden states, which OWL needs to
+score q/k/v/gate/up). Sums accumulate in float32 on the model's device whatever the model dtype,
+batch by batch, so memory is bounded by one batch. They are stored in the artifact store
+(safetensors, atomic, digest-checked) under a content key that includes :data:`STATS_VERSION`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 
-from .errors import UserError
-from .models import decoder_layers
+from .arch import decoder_layers
+from .errors import CorruptFile
 
-# Part of the statistics key: bump it when what capture() records or how it computes it changes.
-STATS_VERSION = "stats-1"
+# Bump whenever what capture() returns changes: it is part of the statistics' cache key.
+STATS_VERSION = "stats-2"
 
-# statistic name -> (sub-module path inside a decoder layer, whether the plain sum is kept too)
+# statistic name -> the sub-module (inside a decoder layer) whose input it records
 HOOKED = {
-    "attn_in": ("self_attn.o_proj", True),
-    "mlp_in": ("mlp.down_proj", True),
-    "qkv_in": ("self_attn.q_proj", False),
-    "gate_in": ("mlp.gate_proj", False),
+    "attn_in": "self_attn.o_proj",
+    "mlp_in": "mlp.down_proj",
+    "qkv_in": "self_attn.q_proj",
+    "gate_in": "mlp.gate_proj",
 }
 
 
@@ -36,33 +37,26 @@ def capture(
 ) -> dict[str, torch.Tensor]:
     """Run ``windows`` ([n, seqlen] token ids) through the model and return summed statistics.
 
-    Keys are ``"{layer}.{stat}.sq"`` / ``"{layer}.{stat}.sum"`` plus ``"tokens"`` (a 0-d count);
-    divide by ``tokens`` for means.
+    Keys are ``"{layer}.{stat}.sq"`` plus ``"tokens"`` (a 0-d count); divide by ``tokens`` for means.
     """
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     handles = []
 
-    def make_hook(prefix: str, keep_sum: bool):
+    def make_hook(key: str):
         def hook(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sq = x.pow(2).sum(0)
-            if prefix + ".sq" in sums:
-                sums[prefix + ".sq"] += sq
+            if key in sums:
+                sums[key] += sq
             else:
-                sums[prefix + ".sq"] = sq
-            if keep_sum:
-                s = x.sum(0)
-                if prefix + ".sum" in sums:
-                    sums[prefix + ".sum"] += s
-                else:
-                    sums[prefix + ".sum"] = s
+                sums[key] = sq
 
         return hook
 
     for i, layer in enumerate(decoder_layers(model)):
-        for stat, (path, keep_sum) in HOOKED.items():
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(make_hook(f"{i}.{stat}", keep_sum)))
+        for stat, path in HOOKED.items():
+            handles.append(layer.get_submodule(path).register_forward_pre_hook(make_hook(f"{i}.{stat}.sq")))
     tokens = 0
     try:
         with torch.inference_mode():
@@ -86,8 +80,10 @@ def mean_sq(stats: dict[str, torch.Tensor], layer: int, stat: str) -> torch.Tens
 
 
 def check(stats: dict[str, torch.Tensor], n_layers: int, where: object) -> dict[str, torch.Tensor]:
-    """Refuse statistics that do not cover the model (a foreign or truncated file)."""
-    missing = [k for k in ("tokens", f"{n_layers - 1}.mlp_in.sq") if k not in stats]
-    if missing:
-        raise UserError(f"statistics {where} lack {missing}; delete the file and rerun to recompute it")
+    """``stats`` if they hold exactly what :func:`capture` gives for an ``n_layers`` model; else
+    :class:`CorruptFile` naming ``where`` (a foreign, truncated or older-version file)."""
+    expected = {"tokens"} | {f"{i}.{stat}.sq" for i in range(n_layers) for stat in HOOKED}
+    missing, extra = sorted(expected - set(stats)), sorted(set(stats) - expected)
+    if missing or extra:
+        raise CorruptFile(where, f"statistics for a {n_layers}-layer model, but missing {missing[:4]}, unexpected {extra[:4]}")
     return stats

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import Arch
-from .models import decoder_layers
+from .allocation import lod
+from .arch import Arch, decoder_layers
 from .stats import mean_sq
 
 
@@ -55,8 +55,6 @@ def kept(order: torch.Tensor, n_keep: int) -> torch.Tensor:
 
 def outlier_ratios(model: torch.nn.Module, stats: dict[str, torch.Tensor], m: float = 5.0) -> list[float]:
     """OWL's layer outlier distribution (LOD) from unstructured Wanda scores |W_ij| * ||x_j||."""
-    from .allocation import lod
-
     ratios = []
     for i, layer in enumerate(decoder_layers(model)):
         a, mlp = layer.self_attn, layer.mlp

@@ -8,23 +8,24 @@ benchmarks all go through this object, so "where does a candidate get pruned?" h
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import threading
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from selfprune.artifacts.store import ArtifactStore
-
 from . import allocation, data, slicing, stats, wanda_sp
 from .allocation import Structure
+from .checkpoint import LoadedModel
 from .devices import model_precision
-from .errors import UserError
+from .errors import CorruptFile, UserError
 from .hashing import content_hash
-from .models import LoadedModel, load_model
+from .models import load_model
 from .perplexity import Perplexity, perplexity
+from .store import ArtifactStore
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 
@@ -87,10 +88,20 @@ class Workbench:
         return ArtifactStore().tensor_path(self.stats_key)
 
     def _stats(self) -> dict[str, torch.Tensor]:
-        """Load the stored statistics, or run the one calibration pass and store them."""
+        """Load the stored statistics, or run the one calibration pass and store them.
+
+        The statistics are a pure function of their key, so a stored file that is corrupt or does
+        not fit the model is not an error: it is set aside (renamed, kept for inspection) with a
+        warning, and recomputed.
+        """
         store = ArtifactStore()
         if store.has(self.stats_key):
-            return stats.check(store.get_tensors(self.stats_key), self.arch.n_layers, self.stats_path)
+            try:
+                return stats.check(store.get_tensors(self.stats_key), self.arch.n_layers, self.stats_path)
+            except CorruptFile as bad:
+                aside = store.set_aside(self.stats_key)
+                kept = f"kept as {aside}" if aside else "already set aside by another process"
+                warnings.warn(f"statistics file {bad.path} is corrupt ({bad.why}); {kept}; recomputing it", stacklevel=2)
         c = self.calibration
         windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
         captured = stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))

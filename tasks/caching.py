@@ -30,7 +30,7 @@ Results
     Prefect object hooks). The task's return value is round-tripped through JSON on its first
     run too, so a fresh result and a cached one are identical (a tuple comes back as a list
     both times) and a non-JSON return fails at once, not on resume. Tensors go to
-    ``selfprune.artifacts.store``; the task returns their key.
+    ``selfprune.store``; the task returns their key.
 
 Locks: why READ_COMMITTED and no lock manager
     Prefect's SERIALIZABLE isolation needs a lock manager; ``FileSystemLockManager`` writes a
@@ -153,7 +153,7 @@ def _json_roundtrip(value: Any, name: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"cached task {name!r} returned {type(value).__name__}, which is not plain JSON ({exc}). "
-            "Return dicts/lists/str/numbers/bool/None; put tensors in selfprune.artifacts.store "
+            "Return dicts/lists/str/numbers/bool/None; put tensors in selfprune.store "
             "and return their key."
         ) from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -78,13 +79,16 @@ def test_corpus_too_short(workspace, capsys, monkeypatch):
     assert code == 2 and "tokens" in err and "Traceback" not in err
 
 
-def test_corrupt_statistics_file_is_reported_not_overwritten(workspace, capsys, monkeypatch):
+def test_corrupt_statistics_file_is_set_aside_and_recomputed(workspace, capsys, monkeypatch):
     args = prune_args(workspace, "--ratio", "0.3", "--out", str(workspace / "u"), "--calib-seqlen", "48")
     assert run_cli(capsys, monkeypatch, *args)[0] == 0
-    from selfprune.artifacts.store import ArtifactStore
+    from selfprune.store import ArtifactStore
 
     newest = max(ArtifactStore().root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     newest.write_bytes(b"garbage")
-    code, _, err = run_cli(capsys, monkeypatch, *args)
-    assert code == 2 and "corrupt" in err and "Delete it" in err
-    assert newest.read_bytes() == b"garbage"
+    with pytest.warns(UserWarning, match=f"statistics file {re.escape(str(newest))} is corrupt"):
+        code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0 and "Traceback" not in err
+    [aside] = newest.parent.glob(newest.name + ".corrupt-*")
+    assert aside.read_bytes() == b"garbage"  # kept aside, not lost
+    assert ArtifactStore().get_tensors(newest.stem)["tokens"] > 0  # recomputed in its place

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import selfprune
 from selfprune import allocation, slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of
-from selfprune.errors import UserError
+from selfprune.errors import CorruptFile, UserError
 from selfprune.export import save_pruned
 from selfprune.models import load_model
 from selfprune.perplexity import perplexity
@@ -34,6 +36,22 @@ def test_load_local_dir_reads_arch_and_fingerprint(tiny_dir):
     assert lm.arch.n_layers == 4 and lm.arch.hidden == 64
     assert lm.arch.qkv_bias == (lm.arch.model_type == "qwen2")
     assert lm.fingerprint == load_model(str(tiny_dir), device="cpu").fingerprint
+
+
+def test_fingerprint_is_memoized_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from selfprune import checkpoint
+    from selfprune.hashing import sha256_file
+
+    build_tiny("llama_mha").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    first = checkpoint.fingerprint(tmp_path)
+    hashed = []
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    assert checkpoint.fingerprint(tmp_path) == first and hashed == []  # from the memo
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert checkpoint.fingerprint(tmp_path) == first and hashed == [weights.resolve()]  # same bytes, rehashed
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert checkpoint.fingerprint(tmp_path) != first
 
 
 @pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa", "qwen2", "mistral"])
@@ -198,9 +216,37 @@ def test_unsupported_architecture(tmp_path):
 
 def test_foreign_statistics_are_refused():
     st = stats.capture(build_tiny("llama_mha"), random_windows(2, 16))
+    assert set(st) == {"tokens"} | {f"{i}.{s}.sq" for i in range(4) for s in stats.HOOKED}
     assert stats.check(st, 4, "here")["tokens"] == 32
-    with pytest.raises(UserError, match="lack.*delete the file"):
+    with pytest.raises(CorruptFile, match="here.*8-layer model, but missing") as err:
         stats.check(st, 8, "here")  # statistics of a 4-layer model for an 8-layer one
+    assert err.value.path == "here"
+    with pytest.raises(CorruptFile, match="unexpected"):
+        stats.check(st | {"0.attn_in.sum": st["0.attn_in.sq"]}, 4, "here")  # an older version's file
+
+
+def test_corrupt_statistics_are_set_aside_and_recomputed(tiny_workspace, tmp_path, monkeypatch):
+    from selfprune.store import ArtifactStore
+    from selfprune.workbench import Calibration, Workbench
+
+    monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))
+    lm = load_model(str(tiny_workspace / "model"), device="cpu")
+    calibration = Calibration(str(tiny_workspace / "corpus.txt"), samples=4, seqlen=32)
+    first = Workbench(lm, calibration)
+    path = first.stats_path
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[-5] ^= 0xFF
+    for bad in (good[: len(good) // 2], bytes(flipped)):
+        path.write_bytes(bad)
+        with pytest.warns(UserWarning, match=f"statistics file {re.escape(str(path))} is corrupt"):
+            again = Workbench(lm, calibration)
+        assert set(again.stats) == set(first.stats)
+        assert all(torch.equal(again.stats[k], first.stats[k]) for k in first.stats)
+        stored = ArtifactStore().get_tensors(first.stats_key)  # recomputed and stored again
+        assert all(torch.equal(stored[k], first.stats[k]) for k in first.stats)
+    aside = sorted(path.parent.glob(path.name + ".corrupt-*"))
+    assert [p.read_bytes() for p in aside] == [good[: len(good) // 2], bytes(flipped)]  # nothing lost
 
 
 @pytest.mark.cuda

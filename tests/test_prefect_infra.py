@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfprune.artifacts.store import ArtifactStore
-from selfprune.errors import UserError
+from selfprune.store import ArtifactStore
+from selfprune.errors import CorruptFile, UserError
 
 HELPER = Path(__file__).with_name("prefect_resume_flow.py")
 _MANAGED = (
@@ -57,27 +57,16 @@ def test_store_roundtrip(tmp_path):
     assert set(got) == set(tensors)
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
-    assert store.get_metadata(key) == {"model": "tiny", "n": "3"}
     with pytest.raises(KeyError):
         store.get_tensors("ffff00")
     with pytest.raises(ValueError):
         store.tensor_path("../etc/passwd")
-
-    record = {"ppl": 14.25, "units": {"0": [1, 2]}, "name": "café", "inf": float("inf")}
-    store.put_json("candidate", key, record)
-    assert store.has_json("candidate", key) and store.get_json("candidate", key) == record
-    with pytest.raises(KeyError):
-        store.get_json("candidate", "ffff00")
     assert not list((tmp_path / "store").rglob("*.tmp"))
 
 
 def test_store_default_root_follows_selfprune_home(tmp_path, monkeypatch):
-    from selfprune.artifacts import store as store_mod
-
     monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "h"))
-    store_mod.put_json("k", "abcd", [1])
-    assert (tmp_path / "h" / "store" / "records" / "k" / "ab" / "abcd.json").is_file()
-    assert store_mod.get_json("k", "abcd") == [1] and not store_mod.has("abcd")
+    assert ArtifactStore().tensor_path("abcd") == tmp_path / "h" / "store" / "tensors" / "ab" / "abcd.safetensors"
 
 
 def test_store_write_is_atomic(tmp_path, monkeypatch):
@@ -120,17 +109,17 @@ def test_store_corrupt_file_is_a_clear_user_error(tmp_path):
     flipped = bytearray(good)
     flipped[-5] ^= 0xFF  # one flipped bit in the data section: the header still parses
     path.write_bytes(bytes(flipped))
-    with pytest.raises(UserError, match="digest mismatch"):
+    with pytest.raises(CorruptFile, match="digest mismatch") as err:
         store.get_tensors(key)
+    assert err.value.path == path
 
     path.write_bytes(b"not a safetensors file at all")
     with pytest.raises(UserError, match=str(path)):
         store.get_tensors(key)
 
-    jpath = store.put_json("rec", key, {"a": 1})
-    jpath.write_text('{"a": ')
-    with pytest.raises(UserError, match="elete"):
-        store.get_json("rec", key)
+    aside = store.set_aside(key)
+    assert not store.has(key) and aside.read_bytes() == b"not a safetensors file at all"
+    assert aside.parent == path.parent and aside.name.startswith(path.name + ".corrupt-")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ byte-identical files (the YAML holds the absolute path of the JSON-lines file).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
 
 from ..data import load_split
 from ..errors import UserError
+from ..fileio import atomic_write_text
 
 CLOZE_TASK = "selfprune_cloze"
 LASTWORD_TASK = "selfprune_lastword"
@@ -39,12 +39,6 @@ def _lines(text: str) -> list[str]:
 def _content(line: str) -> bool:
     """A line of running text: enough words, not a bracketed stage direction."""
     return len(line.split()) >= MIN_WORDS and not line.startswith("[")
-
-
-def _write(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -69,8 +63,8 @@ def _write_task(out_dir: Path, name: str, rows: list[dict], spec: dict) -> Path:
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / f"{name}.jsonl"
-    _write(jsonl, _jsonl(rows))
-    _write(out_dir / f"{name}.yaml", _yaml({"task": name, **_dataset_block(jsonl, out_dir), **spec}))
+    atomic_write_text(jsonl, _jsonl(rows))
+    atomic_write_text(out_dir / f"{name}.yaml", _yaml({"task": name, **_dataset_block(jsonl, out_dir), **spec}))
     return out_dir
 
 

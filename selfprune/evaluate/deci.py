@@ -34,7 +34,6 @@ it carries both ``rope_parameters`` (transformers 5) and ``rope_theta`` / ``rope
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from typing import Any
 from ..allocation import LayerKeep
 from ..arch import Arch, arch_of
 from ..errors import UserError
+from ..fileio import atomic_path, atomic_write_text
 
 CONFIG_MODULE = "configuration_decilm"
 WEIGHT_SKIP = re.compile(r"rotary_emb\.inv_freq$")
@@ -346,16 +346,15 @@ def export_deci(pruned_export_dir: Path, out_dir: Path) -> Path:
                 name = deci_tensor_name(key, structure)
                 if name is not None:
                     tensors[name] = fh.get_tensor(key).contiguous()
-        tmp = out / f".{shard.name}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / shard.name)
+        with atomic_path(out / shard.name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         weight_map.update({k: shard.name for k in tensors})
     if len(shards) > 1:
         total = sum((out / s.name).stat().st_size for s in shards)
-        (out / "model.safetensors.index.json").write_text(
+        atomic_write_text(out / "model.safetensors.index.json",
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    (out / "config.json").write_text(json.dumps(deci_config(base, structure, arch), indent=2, sort_keys=False))
-    (out / f"{CONFIG_MODULE}.py").write_text(CONFIG_PY)
+    atomic_write_text(out / "config.json", json.dumps(deci_config(base, structure, arch), indent=2, sort_keys=False))
+    atomic_write_text(out / f"{CONFIG_MODULE}.py", CONFIG_PY)
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in _NOT_COPIED:
             shutil.copy2(f, out / f.name)
