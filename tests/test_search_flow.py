@@ -193,7 +193,7 @@ def test_float32_and_bfloat16_runs_share_no_cached_number(first_run, tiny_worksp
 def test_a_split_too_short_fails_before_the_calibration_pass(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
     from conftest import run_cli
 
-    from selfprune.artifacts.store import ArtifactStore
+    from selfprune.store import ArtifactStore
 
     monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))
     code, _, err = run_cli(capsys, monkeypatch, "search", "--model", str(tiny_workspace / "model"), "--data",

@@ -20,6 +20,7 @@ from ..arch import Arch
 from ..config import SearchConfig, search_config
 from ..data import split_windows
 from ..devices import precision
+from ..fileio import atomic_write_text
 from ..workbench import Calibration, Scoring, shared_model, shared_workbench
 from .evolution import Generation, SearchParams, run_search
 from .oracles import Oracle, SearchContext, Transport, make_oracle
@@ -170,8 +171,6 @@ def run(
 
 def write_summary(summary: dict, out: str | Path) -> Path:
     """``out/best.json``, written atomically (a reader never sees half a file)."""
-    from ..fileio import atomic_write_text
-
     path = Path(out) / "best.json"
     atomic_write_text(path, json.dumps(summary, indent=2))
     return path
