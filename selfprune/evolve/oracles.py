@@ -24,6 +24,7 @@ from typing import Callable, Hashable, Protocol
 from ..allocation import project_to_mean
 from ..errors import UserError
 from ..hashing import content_hash
+from ..registry import Registry
 from . import prompts
 from .replies import parse_candidates, repair
 
@@ -434,24 +435,46 @@ def openai_transport(
     return send
 
 
-ORACLE_CHOICES = ("ga", "random", "openai:MODEL")
+@dataclass(frozen=True)
+class OracleKind:
+    """A registered oracle: how it is written on the command line, and how it is built.
+
+    ``usage`` is ``NAME`` or ``NAME:ARG`` (the spec then must carry an argument, such as the
+    served model of ``openai:MODEL``). ``build(arg, base_url, transport)`` returns the oracle.
+    """
+
+    usage: str
+    build: Callable[[str, str | None, Transport | None], Oracle]
+
+    @property
+    def takes_argument(self) -> bool:
+        return ":" in self.usage
+
+
+def _openai(model: str, base_url: str | None, transport: Transport | None) -> Oracle:
+    where = base_url or "https://api.openai.com/v1"
+    return LLMOracle(model, transport or openai_transport(base_url), backend=f"openai@{where}")
+
+
+ORACLES: Registry[OracleKind] = Registry("oracle")
+ORACLES.register("ga", OracleKind("ga", lambda arg, base_url, transport: GAOracle()))
+ORACLES.register("random", OracleKind("random", lambda arg, base_url, transport: RandomOracle()))
+ORACLES.register("openai", OracleKind("openai:MODEL", _openai))
 
 
 def make_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None) -> Oracle:
-    """Build an oracle from its command-line name: "ga", "random" or "openai:MODEL".
+    """Build an oracle from its command-line spec, ``NAME`` or ``NAME:ARG`` ("ga", "random",
+    "openai:MODEL", or any registered in :data:`ORACLES`).
 
     ``base_url`` points "openai:MODEL" at a compatible server; it is part of the backend name,
     hence of every request's cache key. ``transport`` replaces the network (tests, caching).
     """
-    if spec == "ga":
-        return GAOracle()
-    if spec == "random":
-        return RandomOracle()
-    kind, _, model = spec.partition(":")
-    if kind == "openai" and model.strip():
-        where = base_url or "https://api.openai.com/v1"
-        return LLMOracle(model.strip(), transport or openai_transport(base_url), backend=f"openai@{where}")
-    raise UserError(
-        f"unknown oracle {spec!r}; choose one of {', '.join(ORACLE_CHOICES)} "
-        "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama base URL)"
-    )
+    name, colon, arg = spec.partition(":")
+    kind = ORACLES.get(name) if name in ORACLES else None
+    if kind is None or (not arg.strip() if kind.takes_argument else colon):
+        choices = ", ".join(ORACLES.get(n).usage for n in ORACLES.names())
+        raise UserError(
+            f"unknown oracle {spec!r}; choose one of {choices} "
+            "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama base URL)"
+        )
+    return kind.build(arg.strip(), base_url, transport)
