@@ -16,7 +16,7 @@ import torch
 
 from selfprune import allocation, data, stats
 from selfprune.models import load_model
-from selfprune.perplexity import perplexity
+from selfprune.ppl import perplexity
 from selfprune.workbench import Calibration, Scoring, Workbench
 
 

@@ -41,7 +41,7 @@ def recover(
     from selfprune.evaluate.lora import lora_recover
     from selfprune.export import RECORD, save_pruned
     from selfprune.models import load_model
-    from selfprune.perplexity import perplexity
+    from selfprune.ppl import perplexity
 
     start = time.perf_counter()
     src = Path(model).expanduser()

@@ -25,3 +25,20 @@ def search(config=None, on_generation=None, **overrides):
     from .evolve.runner import search as _search
 
     return _search(config, on_generation=on_generation, **overrides)
+
+
+# The library API (``selfprune.prune(...)``, ...): name -> module, imported on first use so that
+# ``import selfprune`` does not import torch.
+_LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

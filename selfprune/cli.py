@@ -17,7 +17,6 @@ from rich.table import Table
 
 from .config import SearchConfig
 from .errors import UserError
-from .userfiles import read_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -45,38 +44,6 @@ def rich_progress():
         yield factory
 
 
-def _read_rates(path: Path) -> list[float]:
-    """A rates file: a JSON list, or an object with ``rates`` (a search's best.json, an export record)."""
-    obj = read_json(path, "allocation file", "uniform, owl, or a RATES.json holding a list of rates")
-    rates = obj.get("rates") if isinstance(obj, dict) else obj
-    if not isinstance(rates, list):
-        raise UserError(f"{path} holds no rate list; write [p_1, ..., p_n] or {{\"rates\": [...]}}")
-    return rates
-
-
-def _check_deci(structure, arch) -> None:
-    """A UserError listing every layer that DeciLM / vLLM cannot hold, before anything is written."""
-    from .evaluate.deci import deci_compatible
-
-    ok, reasons = deci_compatible(structure, arch)
-    if not ok:
-        raise UserError("this structure cannot be written as DeciLM / nemotron-nas for vLLM:\n  - "
-                        + "\n  - ".join(reasons) + "\nFix: use --format hf (load it with selfprune.load_pruned)")
-
-
-def _save_deci(model, tokenizer, out: Path, record: dict) -> None:
-    """The selfprune export in a temporary directory beside OUT, converted into OUT."""
-    import tempfile
-
-    from .evaluate.deci import export_deci
-    from .export import save_pruned
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
-        save_pruned(model, tokenizer, Path(tmp), record)
-        export_deci(Path(tmp), out)
-
-
 @app.command()
 def prune(
     model: Model = "demo",
@@ -87,39 +54,24 @@ def prune(
     samples: Samples = 128,
     calib_seqlen: CalibSeqlen = 512,
     fmt: Annotated[str, typer.Option("--format", help="hf: a selfprune export | deci: DeciLM for vLLM")] = "hf",
+    method: Annotated[str, typer.Option("--method", help="a registered pruning method")] = "wanda-sp",
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
-    """Prune MODEL to a mean rate RATIO with Wanda-sp and export it to OUT."""
-    from . import allocation as alloc
-    from .export import save_pruned
-    from .models import load_model
-    from .workbench import Calibration, Workbench
+    """Prune MODEL to a mean rate RATIO (Wanda-sp by default) and export it to OUT."""
+    from .api import prune as prune_model
 
-    alloc.check_ratio(ratio)
-    if fmt not in ("hf", "deci"):
-        raise UserError(f"--format {fmt!r} is not known; use hf (a selfprune export) or deci (DeciLM for vLLM)")
-    spec: str | list[float] = allocation if allocation in ("uniform", "owl") else _read_rates(Path(allocation))
     with rich_progress() as progress:
-        bench = Workbench(load_model(model, device, dtype), Calibration(data, samples, calib_seqlen), progress)
-        rates = bench.allocate(spec, ratio)
-        structure = bench.structure(rates)
-        if fmt == "deci":
-            _check_deci(structure, bench.arch)
-        pruned = bench.build(structure)
-    method = allocation if isinstance(spec, str) else f"file:{allocation}"
-    record = bench.record(rates, structure, f"wanda-sp/{method}")
-    if fmt == "deci":
-        _save_deci(pruned, bench.lm.tokenizer, out, record)
-    else:
-        save_pruned(pruned, bench.lm.tokenizer, out, record)
+        result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
+                             device=device, dtype=dtype, out=out, format=fmt, progress=progress)
+    arch = result.arch
     table = Table("layer", "rate", "KV groups kept", "MLP channels kept", title=f"pruned {model} -> {out}")
-    for i, (r, k) in enumerate(zip(rates, structure)):
-        table.add_row(str(i), f"{r:.3f}", f"{k.groups}/{bench.arch.n_kv_heads}", f"{k.channels}/{bench.arch.intermediate}")
+    for i, (r, k) in enumerate(zip(result.rates, result.structure)):
+        table.add_row(str(i), f"{r:.3f}", f"{k.groups}/{arch.n_kv_heads}", f"{k.channels}/{arch.intermediate}")
     console.print(table)
     load = (f"serve it with vllm.LLM({str(out)!r}, trust_remote_code=True)" if fmt == "deci"
             else f"load it with selfprune.load_pruned({str(out)!r})")
-    console.print(f"realized ratio {alloc.realized_ratio(bench.arch, structure):.4f} (target {ratio}); {load}")
+    console.print(f"realized ratio {result.realized_ratio:.4f} (target {ratio}); {load}")
 
 
 @app.command()
@@ -135,19 +87,14 @@ def ppl(
     dtype: DType = "auto",
 ) -> None:
     """Token-level perplexity of MODEL (dense or an export) on a split, in non-overlapping windows."""
-    from .data import split_windows
-    from .models import load_model
-    from .perplexity import perplexity
+    from .api import perplexity
 
-    lm = load_model(model, device, dtype)
-    ids = split_windows(lm.tokenizer, data, split, seqlen, windows or None)
     with rich_progress() as progress:
-        result = perplexity(lm.model, ids, batch_size, progress("perplexity", len(ids)))
-    record = result.to_dict() | {"model": model, "fingerprint": lm.fingerprint, "data": data, "split": split}
+        record = perplexity(model, data, split, seqlen, windows or None, batch_size, device, dtype, progress)
     if as_json:
         print(json.dumps(record))
     else:
-        console.print(f"ppl {result.ppl:.3f} on {result.tokens} tokens ({result.windows} x {seqlen}-token windows)")
+        console.print(f"ppl {record['ppl']:.3f} on {record['tokens']} tokens ({record['windows']} x {seqlen}-token windows)")
 
 
 def _config_command(model_cls: type[BaseModel], run):

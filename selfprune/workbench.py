@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from . import allocation, data, slicing, stats, wanda_sp
+from . import allocation, allocators, data, slicing, stats
 from .allocation import Structure
 from .checkpoint import LoadedModel
 from .devices import model_precision
 from .errors import CorruptFile, UserError
 from .hashing import content_hash
+from .methods import METHODS
 from .models import load_model
-from .perplexity import Perplexity, perplexity
+from .ppl import Perplexity, perplexity
 from .store import ArtifactStore
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
@@ -66,9 +67,12 @@ def _no_progress(label: str, total: int) -> Callable[[int], None]:
 
 
 class Workbench:
-    def __init__(self, lm: LoadedModel, calibration: Calibration, progress: Progress = _no_progress):
+    def __init__(
+        self, lm: LoadedModel, calibration: Calibration, progress: Progress = _no_progress, method: str = "wanda-sp"
+    ):
         if getattr(lm.model.config, "selfprune_layers", None) is not None:
             raise UserError(f"{lm.source} is already a pruned export; prune its base model instead")
+        self.method = METHODS.get(method)
         self.lm = lm
         self.arch = lm.arch
         self.calibration = calibration
@@ -80,7 +84,7 @@ class Workbench:
             self.precision,
         )
         self.stats = self._stats()
-        self.rankings = wanda_sp.rank(lm.model, self.arch, self.stats)
+        self.rankings = self.method.rank(lm.model, self.arch, self.stats)
         self._windows: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -132,21 +136,24 @@ class Workbench:
         return perplexity(model, windows, scoring.batch_size, self.progress(f"perplexity ({scoring.split})", len(windows)))
 
     def allocate(self, allocation_spec: str | list[float], ratio: float) -> list[float]:
-        """Per-layer rates from ``uniform``, ``owl``, or an explicit list (validated)."""
-        n = self.arch.n_layers
-        if allocation_spec == "uniform":
-            return allocation.uniform(n, ratio)
-        if allocation_spec == "owl":
-            return allocation.owl(wanda_sp.outlier_ratios(self.lm.model, self.stats), ratio)
+        """Per-layer rates from a registered allocation (``uniform``, ``owl``, ...), a RATES.json
+        path, or an explicit list; validated whatever their source."""
         if isinstance(allocation_spec, list):
-            return allocation.check_rates(allocation_spec, n, ratio)
-        raise UserError(f"unknown allocation {allocation_spec!r}; use uniform, owl or a RATES.json file")
+            rates = allocation_spec
+        else:
+            rates = allocators.allocator(allocation_spec)(self.lm.model, self.arch, self.stats, ratio)
+        return allocation.check_rates(rates, self.arch.n_layers, ratio)
 
-    def record(self, rates: list[float], structure: Structure, method: str) -> dict:
-        """Provenance for ``selfprune.json``: enough to rebuild the model from its base."""
+    def record(self, rates: list[float], structure: Structure, allocation_spec: str | list[float]) -> dict:
+        """Provenance for ``selfprune.json``: enough to rebuild the model from its base.
+
+        ``method`` reads ``METHOD/ALLOCATION`` (e.g. ``wanda-sp/owl``); ``method_version`` says
+        which scoring of that method ranked the units.
+        """
         units = slicing.kept_units(self.rankings, structure)
         return {
-            "method": method,
+            "method": f"{self.method.name}/{allocators.label(allocation_spec)}",
+            "method_version": self.method.version,
             "rates": rates,
             "structure": allocation.structure_to_json(structure),
             "kept_groups": [g.tolist() for g, _ in units],

@@ -24,9 +24,9 @@ def test_demo_prune_export_reload(real_home, tmp_path):
     pruned = bench.build(structure)
     in_memory = bench.score(structure, scoring)
     assert in_memory.tokens == 2 * 127 and dense < in_memory.ppl < 100 * dense
-    out = save_pruned(pruned, bench.lm.tokenizer, tmp_path / "demo-owl", bench.record(rates, structure, "wanda-sp/owl"))
+    out = save_pruned(pruned, bench.lm.tokenizer, tmp_path / "demo-owl", bench.record(rates, structure, "owl"))
     back = load_pruned(out, device="cpu")
-    from selfprune.perplexity import perplexity
+    from selfprune.ppl import perplexity
 
     assert perplexity(back.model, bench.windows(scoring)).ppl == pytest.approx(in_memory.ppl, rel=1e-5)
     assert sum(p.numel() for p in back.model.parameters()) < 0.8 * sum(p.numel() for p in bench.lm.model.parameters())

@@ -18,7 +18,7 @@ from selfprune.arch import arch_of
 from selfprune.errors import CorruptFile, UserError
 from selfprune.export import save_pruned
 from selfprune.models import load_model
-from selfprune.perplexity import perplexity
+from selfprune.ppl import perplexity
 
 
 def _ranked(model, seed=0):

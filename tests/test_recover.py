@@ -24,7 +24,7 @@ def recover_args(ws: Path, model: Path, out: Path, *extra: str) -> list[str]:
 def test_recover_lowers_loss_and_keeps_shapes(prefect_api, export, tiny_workspace, tmp_path, capsys, monkeypatch):
     from selfprune.data import split_windows
     from selfprune.export import load_pruned
-    from selfprune.perplexity import perplexity
+    from selfprune.ppl import perplexity
 
     out = tmp_path / "recovered"
     code, _, err = run_cli(capsys, monkeypatch, *recover_args(tiny_workspace, export, out))

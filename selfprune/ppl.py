@@ -1,4 +1,8 @@
-"""Token-level perplexity over non-overlapping windows, batched."""
+"""Token-level perplexity over non-overlapping windows, batched: the loop over token ids.
+
+:func:`selfprune.perplexity` (in :mod:`selfprune.api`) is the user-level call on a model spec and
+a corpus; this module is named ``ppl`` so that name stays free on the package.
+"""
 
 from __future__ import annotations
 

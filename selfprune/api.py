@@ -1,0 +1,130 @@
+"""The library's front door for scripts and notebooks: ``selfprune.prune`` and ``selfprune.perplexity``.
+
+Each call is one whole job (load, calibrate, allocate, slice, export; or load and score) on plain
+values, the way the CLI's commands are: the CLI parses its options, calls these, and prints.
+``selfprune.report`` (the comparison without Prefect) lives in :mod:`selfprune.evaluate.report`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import allocators
+from .allocation import Structure, check_ratio, realized_ratio
+from .arch import Arch
+from .data import split_windows
+from .errors import UserError
+from .export import save_pruned
+from .checkpoint import LoadedModel
+from .models import load_model
+from .ppl import perplexity as score_windows
+from .workbench import Calibration, Progress, Workbench, _no_progress
+
+FORMATS = {"hf": "a selfprune export", "deci": "DeciLM for vLLM"}
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """A pruned model in memory, with what it came from; ``out`` is its export directory, if any."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    arch: Arch  # the dense model's shapes (what ``structure`` counts against)
+    rates: list[float]
+    structure: Structure
+    record: dict  # what ``selfprune.json`` holds
+    realized_ratio: float
+    out: Path | None = None
+
+
+def prune(
+    model: str | LoadedModel,
+    ratio: float,
+    allocation: str | list[float] = "uniform",
+    data: str = "demo",
+    *,
+    samples: int = 128,
+    calib_seqlen: int = 512,
+    method: str = "wanda-sp",
+    device: str = "auto",
+    dtype: str = "auto",
+    out: str | Path | None = None,
+    format: str = "hf",
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Prune ``model`` (a spec as for ``--model``, or a loaded one) to mean rate ``ratio``.
+
+    ``allocation``: a registered allocation (``uniform``, ``owl``), a RATES.json path, or one rate
+    per layer. ``method``: a registered pruning method. With ``out`` the model is exported there
+    (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
+    ``progress``: ``(label, total) -> advance(n)`` for long steps. The dense model is not modified.
+    """
+    check_ratio(ratio)
+    if format not in FORMATS:
+        raise UserError(f"format {format!r} is not known; use " + " or ".join(f"{k} ({v})" for k, v in FORMATS.items()))
+    if isinstance(allocation, str):
+        allocators.allocator(allocation)  # a bad rate file fails here, before the model loads
+    lm = load_model(model, device, dtype) if isinstance(model, str) else model
+    bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress or _no_progress, method)
+    rates = bench.allocate(allocation, ratio)
+    structure = bench.structure(rates)
+    if out is not None and format == "deci":
+        _check_deci(structure, bench.arch)
+    pruned = bench.build(structure)
+    record = bench.record(rates, structure, allocation)
+    if out is not None:
+        out = Path(out)
+        (_save_deci if format == "deci" else save_pruned)(pruned, lm.tokenizer, out, record)
+    return PruneResult(pruned, lm.tokenizer, bench.arch, rates, structure, record,
+                       realized_ratio(bench.arch, structure), out)
+
+
+def _check_deci(structure: Structure, arch: Arch) -> None:
+    """A UserError listing every layer that DeciLM / vLLM cannot hold, before anything is written."""
+    from .evaluate.deci import deci_compatible
+
+    ok, reasons = deci_compatible(structure, arch)
+    if not ok:
+        raise UserError("this structure cannot be written as DeciLM / nemotron-nas for vLLM:\n  - "
+                        + "\n  - ".join(reasons) + "\nFix: use --format hf (load it with selfprune.load_pruned)")
+
+
+def _save_deci(model: torch.nn.Module, tokenizer, out: Path, record: dict) -> None:
+    """The selfprune export in a temporary directory beside OUT, converted into OUT."""
+    from .evaluate.deci import export_deci
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+        save_pruned(model, tokenizer, Path(tmp), record)
+        export_deci(Path(tmp), out)
+
+
+def perplexity(
+    model: str | LoadedModel | PruneResult,
+    data: str = "demo",
+    split: str = "test",
+    seqlen: int = 512,
+    windows: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress | None = None,
+) -> dict:
+    """Token-level perplexity of ``model`` on ``split`` of ``data``, in ``windows`` (``None``: all)
+    non-overlapping windows of ``seqlen`` tokens.
+
+    ``model``: a spec as for ``--model`` (loaded with ``device``/``dtype``), or a model already in
+    memory (a loaded model, ``selfprune.load_pruned(DIR)``, a :class:`PruneResult`), scored where
+    it lies. Returns the :class:`selfprune.ppl.Perplexity` fields with ``data`` and ``split``, and,
+    for a spec or a loaded model, ``model`` and ``fingerprint``.
+    """
+    lm = load_model(model, device, dtype) if isinstance(model, str) else model
+    ids = split_windows(lm.tokenizer, data, split, seqlen, windows)
+    result = score_windows(lm.model, ids, batch_size, (progress or _no_progress)("perplexity", len(ids)))
+    identity = {"model": lm.source, "fingerprint": lm.fingerprint} if isinstance(lm, LoadedModel) else {}
+    return result.to_dict() | identity | {"data": data, "split": split}
