@@ -29,7 +29,7 @@ def search(config=None, on_generation=None, **overrides):
 
 # The library API (``selfprune.prune(...)``, ...): name -> module, imported on first use so that
 # ``import selfprune`` does not import torch.
-_LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api"}
+_LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api", "report": "evaluate.report"}
 
 
 def __getattr__(name: str):

@@ -118,6 +118,11 @@ def rates_to_structure(arch: Arch, rates: list[float]) -> Structure:
     return tuple(layer_keep(arch, r) for r in rates)
 
 
+def dense_structure(arch: Arch) -> Structure:
+    """The structure that keeps every KV group and MLP channel: the dense model, as a candidate."""
+    return tuple(LayerKeep(arch.n_kv_heads, arch.intermediate) for _ in range(arch.n_layers))
+
+
 def kept_params(arch: Arch, structure: Structure) -> int:
     return sum(k.groups * arch.group_params + k.channels * arch.channel_params for k in structure)
 

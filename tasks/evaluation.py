@@ -8,11 +8,14 @@ models and ratios recomputes nothing it already has.
 * Perplexity is :func:`selfprune.tasks.pruning.score_candidate` itself (re-exported here as
   :data:`evaluate_ppl`): the report shares its cache with the search, so the search's final
   test-split scores are hits. The dense model is the structure that keeps every unit
-  (:func:`dense_structure`): slicing leaves every layer of it untouched, so it *is* the dense model.
+  (:func:`selfprune.allocation.dense_structure`): slicing leaves every layer of it untouched, so it
+  *is* the dense model.
 * :func:`evaluate_zero_shot` runs lm-eval on the in-memory candidate; its key holds the task names,
   a path-independent fingerprint of the local task files, lm-eval's version, limit, max length and
   batch size.
-* :func:`allocation_rates` gives the uniform / OWL rates of a ratio (OWL needs the statistics).
+* :func:`allocation_rates` gives the rates of a named allocation at a ratio (OWL needs the statistics).
+
+The work itself is the library's (:mod:`selfprune.evaluate.report`); these add the caching.
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from selfprune.allocation import structure_from_json
-from selfprune.arch import Arch
 from selfprune.devices import precision
+from selfprune.evaluate import report
 from selfprune.workbench import Calibration, shared_workbench
 from selfprune.tasks.caching import cached_task
 from selfprune.tasks.pruning import score_candidate
@@ -30,12 +32,6 @@ from selfprune.tasks.pruning import score_candidate
 evaluate_ppl = score_candidate  # one perplexity task for the search and the report (shared cache)
 
 DENSE = "dense"
-
-
-def dense_structure(arch: Arch | dict) -> list[list[int]]:
-    """The structure that keeps every KV group and MLP channel: the dense model, as a candidate."""
-    a = arch if isinstance(arch, Arch) else Arch(**arch)
-    return [[a.n_kv_heads, a.intermediate] for _ in range(a.n_layers)]
 
 
 def _bench(model: str, stats_key: str, calibration: dict, device: str, dtype: str):
@@ -52,12 +48,8 @@ def _allocation_key(model_fp: str, stats_key: str, method: str, ratio: float, **
 @cached_task(key_fn=_allocation_key, version="1", task_run_name="allocate-{method}-{ratio}")
 def allocation_rates(model: str, model_fp: str, stats_key: str, method: str, ratio: float, calibration: dict,
                      device: str = "auto", dtype: str = "auto") -> dict:
-    """Per-layer rates of ``method`` (``uniform`` or ``owl``) at ``ratio``, and their structure."""
-    from selfprune.allocation import structure_to_json
-
-    bench = _bench(model, stats_key, calibration, device, dtype)
-    rates = bench.allocate(method, ratio)
-    return {"rates": rates, "structure": structure_to_json(bench.structure(rates))}
+    """Per-layer rates of the allocation ``method`` (``uniform``, ``owl``, ...) at ``ratio``, and their structure."""
+    return report.allocation_entry(_bench(model, stats_key, calibration, device, dtype), method, ratio)
 
 
 def task_files_fingerprint(include_path: str | None) -> str | None:
@@ -93,9 +85,5 @@ def evaluate_zero_shot(
 ) -> dict:
     """lm-eval accuracy of the candidate ``structure`` (``None``: the dense model) on ``tasks``
     (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
-    from selfprune.evaluate.zeroshot import evaluate_zero_shot as run_lm_eval
-
     bench = _bench(model, stats_key, calibration, device, dtype)
-    candidate = bench.lm.model if structure is None else bench.build(structure_from_json(structure))
-    return run_lm_eval(candidate, bench.lm.tokenizer, list(tasks), include_path=include_path, limit=limit,
-                       max_length=max_length, batch_size=batch_size)
+    return report.zero_shot(bench, structure, tasks, include_path, limit, max_length, batch_size)

@@ -1,0 +1,261 @@
+"""The comparison report without Prefect: which models to compare, their rows, and the files.
+
+A report compares dense, uniform, OWL and searched allocations (``best.json``) of one model per
+ratio, on test-split perplexity and zero-shot accuracy. How a model gets evaluated is injected:
+``flows/report.py`` passes its cached Prefect tasks (a rerun computes nothing twice), and
+:func:`report` (``selfprune.report``) passes plain calls on one :class:`Workbench`, for a
+notebook. Either way a structure of ``None`` stands for the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfprune.artifacts import comparison
+
+from ..allocation import check_ratio, dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
+from ..arch import Arch
+from ..errors import UserError
+from ..fileio import atomic_write_text
+from ..hashing import content_hash
+from ..models import load_model
+from ..userfiles import read_json
+from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress
+from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
+
+LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
+DEFAULT_TASKS = [CLOZE_TASK]
+
+Allocate = Callable[[str, float], dict]  # (allocation, ratio) -> {"rates", "structure"}
+EvaluatePpl = Callable[[list | None], dict]  # structure -> Perplexity fields
+EvaluateZeroShot = Callable[[list | None], dict]  # structure -> zero-shot record
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """What a report compares and how, settled (and checked) before any model is loaded."""
+
+    model: str
+    data: str
+    ratios: list[float]  # targets: the given ratios and every search's
+    searches: dict[str, dict]  # path -> its best.json
+    tasks: list[str]
+    include_path: str | None  # where lm-eval finds the tasks (the offline ones are built there)
+    limit: int | None
+    max_length: int
+    eval_batch_size: int
+    calibration: dict  # Calibration fields
+    scoring: dict  # Scoring fields (the test split)
+
+
+def _read_search(path: str) -> dict:
+    p = Path(path)
+    best = read_json(p, "search result", "a search run's best.json (selfprune search --out DIR)")
+    if not isinstance(best, dict) or not {"rates", "config", "model_fingerprint", "stats_key"} <= set(best):
+        raise UserError(f"{p} is not a search's best.json (it needs rates, config, model_fingerprint, stats_key)")
+    return best
+
+
+def _local_tasks(data: str, tasks: list[str], n_items: int, seed: int = 0) -> str:
+    """Build the requested offline tasks of ``data`` into a directory named by their content."""
+    from selfprune.data import data_fingerprint
+    from selfprune.paths import subdir
+
+    wanted = [t for t in tasks if t in LOCAL_TASKS]
+    key = content_hash("local-tasks", data_fingerprint(data, "test"), sorted(wanted), n_items, seed)
+    out = subdir("tasks") / key
+    if CLOZE_TASK in wanted:
+        build_cloze_task(data, out, n_items=n_items, seed=seed)
+    if LASTWORD_TASK in wanted:
+        build_lastword_task(data, out, n_items=n_items, seed=seed)
+    return str(out)
+
+
+def plan_report(
+    model: str = "demo",
+    data: str = "demo",
+    ratios: list[float] | None = None,
+    searches: list[str] | None = None,
+    tasks: list[str] | None = None,
+    include_path: str | None = None,
+    limit: int | None = None,
+    cloze_items: int = 200,
+    seqlen: int = 512,
+    test_windows: int = 64,
+    samples: int | None = None,
+    calib_seqlen: int | None = None,
+    batch_size: int = 4,
+    eval_batch_size: int = 8,
+    max_length: int = 2048,
+) -> ReportPlan:
+    """Read the searches, settle the ratios and calibration, and build the offline tasks.
+
+    ``samples`` / ``calib_seqlen`` default to the searches' calibration, else 128 x 512.
+    """
+    tasks = list(dict.fromkeys(tasks or DEFAULT_TASKS))
+    bests = {path: _read_search(path) for path in (searches or [])}
+    targets = sorted({*(check_ratio(r) for r in (ratios or [])), *(b["config"]["ratio"] for b in bests.values())})
+    if not targets:
+        raise UserError("nothing to compare: give --ratios and/or --search runs/NAME/best.json")
+    calib = [(b["config"]["samples"], b["config"]["calib_seqlen"]) for b in bests.values()]
+    samples = samples or (calib[0][0] if calib else 128)
+    calib_seqlen = calib_seqlen or (calib[0][1] if calib else 512)
+    include = include_path
+    if any(t in LOCAL_TASKS for t in tasks):
+        if include_path:
+            raise UserError(f"{', '.join(LOCAL_TASKS)} are built from --data; give them without --include-path, "
+                            "or build them into your include directory yourself")
+        include = _local_tasks(data, tasks, cloze_items)
+    elif include_path and not Path(include_path).expanduser().exists():
+        raise UserError(f"task include path {include_path} does not exist")
+    return ReportPlan(
+        model=model, data=data, ratios=targets, searches=bests, tasks=tasks, include_path=include, limit=limit,
+        max_length=max_length, eval_batch_size=eval_batch_size,
+        calibration={"data": data, "samples": samples, "seqlen": calib_seqlen, "batch_size": batch_size},
+        scoring={"data": data, "split": "test", "seqlen": seqlen, "windows": test_windows or None, "batch_size": batch_size},
+    )
+
+
+def check_searches(plan: ReportPlan, model_fp: str, stats_key: str) -> None:
+    """Every search must be of this model, with these statistics (else its rates mean something else)."""
+    for path, best in plan.searches.items():
+        if best["model_fingerprint"] != model_fp:
+            raise UserError(f"{path} is a search on another model (fingerprint {best['model_fingerprint'][:12]}, "
+                            f"--model {plan.model} is {model_fp[:12]}); report each model with its own searches")
+        if best["stats_key"] != stats_key:
+            c = best["config"]
+            raise UserError(f"{path} was searched with other calibration statistics (data {c['data']}, "
+                            f"{c['samples']} x {c['calib_seqlen']}); pass --data {c['data']} --samples "
+                            f"{c['samples']} --calib-seqlen {c['calib_seqlen']}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One model of the report: ``structure`` is ``None`` for the dense model."""
+
+    label: str
+    method: str  # dense | uniform | owl | search
+    ratio: float | None
+    rates: list[float] | None
+    structure: list | None
+
+
+def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
+    """Dense; uniform and OWL at every ratio; every search (labelled by its run when a ratio has several)."""
+    out = [Entry("dense", "dense", None, None, None)]
+    for r in plan.ratios:
+        for method in ("uniform", "owl"):
+            a = allocate(method, r)
+            out.append(Entry(method, method, r, a["rates"], a["structure"]))
+    per_ratio = {r: sum(1 for b in plan.searches.values() if b["config"]["ratio"] == r) for r in plan.ratios}
+    for path, best in plan.searches.items():
+        r = best["config"]["ratio"]
+        label = "search" if per_ratio[r] == 1 else f"search ({Path(path).parent.name})"
+        out.append(Entry(label, "search", r, best["rates"], best["structure"]))
+    return out
+
+
+def build_rows(plan: ReportPlan, arch: Arch, allocate: Allocate, evaluate_ppl: EvaluatePpl,
+               evaluate_zero_shot: EvaluateZeroShot) -> list[dict]:
+    """One row per entry: its perplexity and zero-shot scores, realized ratio and kept parameters."""
+    rows = []
+    for e in entries(plan, allocate):
+        ppl = evaluate_ppl(e.structure)
+        zs = evaluate_zero_shot(e.structure)
+        keep = dense_structure(arch) if e.structure is None else structure_from_json(e.structure)
+        rows.append({
+            "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.structure,
+            "realized_ratio": realized_ratio(arch, keep), "kept_params": kept_params(arch, keep),
+            "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"], "windows": ppl["windows"],
+            "acc": {t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, "mean_acc": zs["mean_acc"],
+            "zero_shot": zs,
+        })
+    return rows
+
+
+def write_report(plan: ReportPlan, rows: list[dict], model_fp: str, stats_key: str, counts: dict[str, int],
+                 out_dir: Path, start: float) -> dict:
+    """Write report.md, report.html, the plots and report.json into ``out_dir``; returns the summary.
+
+    ``counts``: evaluations ``computed`` and taken from a ``cached`` result; ``start``: the
+    ``time.perf_counter()`` the report began at.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    zs = rows[-1]["zero_shot"]
+    meta = {"model": plan.model, "model_fingerprint": model_fp, "data": plan.data, "seqlen": plan.scoring["seqlen"],
+            "test_windows": plan.scoring["windows"] or 0, "test_tokens": rows[0]["tokens"], "tasks": plan.tasks,
+            "limit": plan.limit, "max_length": plan.max_length, "lm_eval_version": zs["lm_eval_version"],
+            "convention": zs["convention"], "include_path": plan.include_path,
+            "samples": plan.calibration["samples"], "calib_seqlen": plan.calibration["seqlen"], "stats_key": stats_key,
+            "ratios": plan.ratios, "searches": list(plan.searches), **counts}
+    plots = {"test perplexity by method and ratio": comparison.plot_ppl(rows, out_dir / comparison.PLOTS["ppl"]),
+             "mean zero-shot accuracy by method and ratio": comparison.plot_accuracy(rows, out_dir / comparison.PLOTS["acc"])}
+    atomic_write_text(out_dir / "report.md", comparison.markdown(rows, plan.tasks, meta, {k: p.name for k, p in plots.items()}))
+    atomic_write_text(out_dir / "report.html",
+                      comparison.html_report(rows, plan.tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))
+    meta["wall_s"] = round(time.perf_counter() - start, 2)
+    summary = {"meta": meta, "rows": comparison.sort_rows(rows),
+               "files": {name: str(out_dir / name) for name in ("report.md", "report.html", *comparison.PLOTS.values())}}
+    atomic_write_text(out_dir / "report.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def allocation_entry(bench: Workbench, allocation: str, ratio: float) -> dict:
+    """The rates of a named allocation at ``ratio`` and their structure, as JSON values."""
+    rates = bench.allocate(allocation, ratio)
+    return {"rates": rates, "structure": structure_to_json(bench.structure(rates))}
+
+
+def zero_shot(bench: Workbench, structure: list | None, tasks: list[str], include_path: str | None = None,
+              limit: int | None = None, max_length: int = 2048, batch_size: int = 8) -> dict:
+    """lm-eval accuracy of the candidate ``structure`` (``None``: the dense model), built in memory
+    (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
+    from .zeroshot import evaluate_zero_shot
+
+    candidate = bench.lm.model if structure is None else bench.build(structure_from_json(structure))
+    return evaluate_zero_shot(candidate, bench.lm.tokenizer, list(tasks), include_path=include_path, limit=limit,
+                              max_length=max_length, batch_size=batch_size)
+
+
+def report(
+    model: str = "demo",
+    data: str = "demo",
+    ratios: list[float] | None = None,
+    searches: list[str] | None = None,
+    tasks: list[str] | None = None,
+    include_path: str | None = None,
+    limit: int | None = None,
+    cloze_items: int = 200,
+    seqlen: int = 512,
+    test_windows: int = 64,
+    samples: int | None = None,
+    calib_seqlen: int | None = None,
+    batch_size: int = 4,
+    eval_batch_size: int = 8,
+    max_length: int = 2048,
+    out: str | Path = "runs/report",
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress | None = None,
+) -> dict:
+    """The report of ``selfprune report``, computed in this process without Prefect or its cache
+    (statistics still come from the store). Same options and files as the flow; returns its summary."""
+    start = time.perf_counter()
+    plan = plan_report(model, data, ratios, searches, tasks, include_path, limit, cloze_items, seqlen, test_windows,
+                       samples, calib_seqlen, batch_size, eval_batch_size, max_length)
+    bench = Workbench(load_model(model, device, dtype), Calibration(**plan.calibration), progress or _no_progress)
+    check_searches(plan, bench.lm.fingerprint, bench.stats_key)
+    scoring = Scoring(**plan.scoring)
+    rows = build_rows(
+        plan, bench.arch,
+        allocate=lambda allocation, ratio: allocation_entry(bench, allocation, ratio),
+        evaluate_ppl=lambda s: bench.score(None if s is None else structure_from_json(s), scoring).to_dict(),
+        evaluate_zero_shot=lambda s: zero_shot(bench, s, plan.tasks, plan.include_path, plan.limit, plan.max_length,
+                                               plan.eval_batch_size),
+    )
+    counts = {"computed": 2 * len(rows), "cached": 0}
+    return write_report(plan, rows, bench.lm.fingerprint, bench.stats_key, counts, Path(out), start)
