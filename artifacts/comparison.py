@@ -17,13 +17,10 @@ import re
 from pathlib import Path
 
 from selfprune.artifacts.report import fmt_rates
+from selfprune.evaluate.report import sort_rows
+from selfprune.fileio import atomic_write_text
 
-METHOD_ORDER = {"dense": 0, "uniform": 1, "owl": 2, "search": 3}
 PLOTS = {"ppl": "ppl.png", "acc": "accuracy.png"}
-
-
-def sort_rows(rows: list[dict]) -> list[dict]:
-    return sorted(rows, key=lambda r: (r["ratio"] or 0.0, METHOD_ORDER.get(r["method"], 9), r["label"]))
 
 
 def _num(x, digits: int = 4) -> str:
@@ -153,3 +150,15 @@ def plot_ppl(rows: list[dict], path: Path) -> Path:
 def plot_accuracy(rows: list[dict], path: Path) -> Path:
     """Mean zero-shot accuracy by method against the ratio; dense as a dashed line."""
     return _plot(rows, "mean_acc", "mean zero-shot accuracy", path, log=False)
+
+
+def render(summary: dict, out_dir: Path) -> dict[str, str]:
+    """Write ``report.md``, a self-contained ``report.html`` and the plots of a report summary
+    (:func:`selfprune.evaluate.report.summarize`) into ``out_dir``; returns name -> path."""
+    rows, meta, tasks = summary["rows"], summary["meta"], summary["meta"]["tasks"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = {"test perplexity by method and ratio": plot_ppl(rows, out_dir / PLOTS["ppl"]),
+             "mean zero-shot accuracy by method and ratio": plot_accuracy(rows, out_dir / PLOTS["acc"])}
+    atomic_write_text(out_dir / "report.md", markdown(rows, tasks, meta, {k: p.name for k, p in plots.items()}))
+    atomic_write_text(out_dir / "report.html", html_report(rows, tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))
+    return {name: str(out_dir / name) for name in ("report.md", "report.html", *PLOTS.values())}

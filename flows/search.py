@@ -53,7 +53,8 @@ def search(config: SearchConfig) -> dict:
     def score(structures: list, split: str, windows: int | None) -> list[dict]:
         how = vars(runner.scoring(config, split, windows))
         futures = [score_candidate.submit(config.model, model_fp, setup.stats_key, s, how, calibration, config.device,
-                                          config.dtype, str(out / "evaluations.jsonl")) for s in structures]
+                                          config.dtype, str(out / "evaluations.jsonl"), method=config.method)
+                   for s in structures]
         for f in futures:
             f.wait()
         return [f.state.result() | {"cached": f.state.name == "Cached"} for f in futures]

@@ -7,29 +7,11 @@ tasks and flows that orchestrate it live in ``tasks/`` and ``flows/``.
 __version__ = "0.1.0"
 
 
-def load_pruned(path, device: str = "auto", dtype: str = "auto"):
-    """Load a selfprune export directory: ``selfprune.load_pruned("DIR").model`` (and ``.tokenizer``).
-
-    Imported lazily so ``import selfprune`` stays cheap.
-    """
-    from .export import load_pruned as _load_pruned
-
-    return _load_pruned(path, device=device, dtype=dtype)
-
-
-def search(config=None, on_generation=None, **overrides):
-    """Self-Pruner's search in this process, without Prefect; see :func:`selfprune.evolve.runner.search`.
-
-    ``selfprune.search(model="demo", ratio=0.5, oracle="ga", population=10, generations=5)``
-    """
-    from .evolve.runner import search as _search
-
-    return _search(config, on_generation=on_generation, **overrides)
-
-
-# The library API (``selfprune.prune(...)``, ...): name -> module, imported on first use so that
-# ``import selfprune`` does not import torch.
-_LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api", "report": "evaluate.report"}
+# The library API: name -> module, imported on first use so that ``import selfprune`` stays cheap
+# (no torch). ``selfprune.search(model="demo", ratio=0.5)``, ``selfprune.prune(...)``,
+# ``selfprune.perplexity(...)``, ``selfprune.report(...)``, ``selfprune.load_pruned("DIR").model``.
+_LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api", "report": "evaluate.report",
+         "search": "evolve.runner", "load_pruned": "export", "SearchConfig": "config", "ReportConfig": "config"}
 
 
 def __getattr__(name: str):

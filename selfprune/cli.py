@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from typing import get_origin
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pydantic import BaseModel
 from rich.table import Table
 
-from .config import SearchConfig
+from .config import ReportConfig, SearchConfig, build_config, cli_flag
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -100,14 +101,18 @@ def ppl(
 def _config_command(model_cls: type[BaseModel], run):
     """A typer command whose options are the fields of ``model_cls`` (one definition of each
     setting: the config's field, with its type, default and help)."""
-    params = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                          annotation=Annotated[f.annotation, typer.Option("--" + name.replace("_", "-"), help=f.description)])
-        for name, f in model_cls.model_fields.items()
-    ]
+    params = []
+    for name, f in model_cls.model_fields.items():
+        is_list = get_origin(f.annotation) is list
+        default = None if is_list else f.get_default(call_default_factory=True)
+        kind = list[str] | None if is_list else f.annotation  # a list option repeats, and takes "a,b" too
+        option = typer.Option(cli_flag(model_cls, name), help=f.description + (" (repeatable)" if is_list else ""),
+                              metavar="A,B" if is_list else None, show_default=not is_list)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[kind, option]))
 
     def command(**values):
-        return run(values)
+        return run({k: v for k, v in values.items() if v is not None})  # unset: the config's default
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = run.__doc__
@@ -116,9 +121,7 @@ def _config_command(model_cls: type[BaseModel], run):
 
 def _search(values: dict) -> None:
     """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
-    from .config import search_config
-
-    config = search_config(**values)
+    config = build_config(SearchConfig, **values)
     _configure_flows()
     from selfprune.flows.search import search as search_flow
 
@@ -177,60 +180,27 @@ def _configure_flows() -> None:
             logger.addFilter(_DropUserErrors())
 
 
-def _comma_list(text: str, what: str, cast=str) -> list:
-    try:
-        return [cast(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what} {text!r} is not a comma-separated list of numbers, e.g. 0.3,0.5") from None
-
-
-@app.command()
-def report(
-    model: Model = "demo",
-    data: Data = "demo",
-    ratios: Annotated[str, typer.Option("--ratios", help="comma-separated target ratios for uniform and OWL, e.g. 0.3,0.5")] = "",
-    search: Annotated[list[Path] | None, typer.Option("--search", help="a search's best.json (repeatable)")] = None,
-    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated lm-eval tasks; selfprune_cloze/selfprune_lastword are built from --data")] = "selfprune_cloze",
-    include_path: Annotated[Path | None, typer.Option("--include-path", help="a directory of lm-eval task YAMLs")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="at most this many documents per task (0: all)")] = 0,
-    cloze_items: Annotated[int, typer.Option("--cloze-items", help="items of the offline cloze/lastword tasks")] = 200,
-    seqlen: Annotated[int, typer.Option("--seqlen", help="tokens per perplexity window")] = 512,
-    test_windows: Annotated[int, typer.Option("--test-windows", help="windows of the test split (0: all)")] = 64,
-    samples: Annotated[int | None, typer.Option("--samples", help="calibration windows (default: the searches', else 128)")] = None,
-    calib_seqlen: Annotated[int | None, typer.Option("--calib-seqlen", help="tokens per calibration window (default: the searches', else 512)")] = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="lm-eval context length")] = 2048,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="perplexity and calibration batch")] = 4,
-    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="lm-eval batch")] = 8,
-    out: Annotated[Path, typer.Option("--out", help="report directory (report.md, report.html, plots)")] = Path("runs/report"),
-    device: Device = "auto",
-    dtype: DType = "auto",
-) -> None:
+def _report(values: dict) -> None:
     """Compare dense, uniform Wanda-sp, OWL and searched allocations: test perplexity and zero-shot accuracy."""
-    ratio_list = _comma_list(ratios, "--ratios", float)
-    task_list = _comma_list(tasks, "--tasks")
-    if not task_list:
-        raise UserError("--tasks is empty; give lm-eval task names, e.g. selfprune_cloze or boolq,piqa")
-    if limit < 0 or min(cloze_items, seqlen, max_length, batch_size, eval_batch_size) < 1 or test_windows < 0:
-        raise UserError("--limit and --test-windows must be >= 0; --cloze-items, --seqlen, --max-length and batch sizes >= 1")
+    config = build_config(ReportConfig, **values)
     _configure_flows()
     from selfprune.artifacts.comparison import table as comparison_table
     from selfprune.flows.report import report as report_flow
 
-    summary = report_flow(
-        model=model, data=data, ratios=ratio_list, searches=[str(p) for p in search or []], tasks=task_list,
-        include_path=str(include_path) if include_path else None, limit=limit or None, cloze_items=cloze_items,
-        seqlen=seqlen, test_windows=test_windows, samples=samples, calib_seqlen=calib_seqlen, batch_size=batch_size,
-        eval_batch_size=eval_batch_size, max_length=max_length, out=str(out), device=device, dtype=dtype,
-    )
+    summary = _flow_result(report_flow(config, return_state=True), "selfprune.flows.report.report")
     meta = summary["meta"]
     header, cells = comparison_table(summary["rows"], meta["tasks"])
-    table = Table(*header, title=f"{model}: test ppl ({meta['seqlen']}-token windows, {meta['test_tokens']} tokens) "
+    table = Table(*header, title=f"{config.model}: test ppl ({meta['seqlen']}-token windows, {meta['test_tokens']} tokens) "
                                  f"and zero-shot accuracy")
     for row in cells:
         table.add_row(*row)
     console.print(table)
+    out = Path(config.out)
     console.print(f"computed {meta['computed']}, from cache {meta['cached']}, {meta['wall_s']:.0f} s -> "
                   f"{out / 'report.md'}, {out / 'report.html'}")
+
+
+app.command("report")(_config_command(ReportConfig, _report))
 
 
 BENCH_FIELDS = [  # (label, key, scale, format)

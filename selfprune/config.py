@@ -1,31 +1,42 @@
-"""The typed configuration of a search: one definition for the library, the CLI, the flow and prefect.yaml.
+"""Typed run configurations: one definition for the library, the CLI, the flows and prefect.yaml.
 
-``SearchConfig`` is a frozen pydantic model. The flow takes it as its one parameter (Prefect builds
-the UI form and validates deployment parameters from it), the CLI generates its ``search`` options
-from its fields, and :func:`selfprune.search` takes it directly. Checks that need nothing loaded run
-on construction, so a bad value fails before any model is read; checks that need the tokenizer
-(does each split hold the windows asked of it?) run in :func:`selfprune.search.api.check_windows`
-before the calibration pass.
+``SearchConfig`` and ``ReportConfig`` are frozen pydantic models. Each flow takes one as its only
+parameter (Prefect builds the UI form and validates deployment parameters from it), the CLI
+generates the command's options from its fields, and the library functions (``selfprune.search``,
+``selfprune.report``) take it directly. Checks that need nothing loaded run on construction, so a
+bad value fails before any model is read; checks that need the tokenizer (does each split hold
+the windows asked of it?) run before the calibration pass (:func:`selfprune.evolve.runner.check_windows`).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
 
-class SearchConfig(BaseModel):
-    """Self-Pruner's search settings (defaults: the paper's K=30, M=S=10, N=20)."""
+class RunConfig(BaseModel):
+    """What every run names: the model, the data, the pruning method, the precision."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field("demo", description="demo, a local HF directory, a .gguf file, or a hub id")
+    data: str = Field("demo", description="demo, wikitext2, or a local .txt/.md/.jsonl/.json/.parquet file")
+    method: str = Field("wanda-sp", description="pruning method (its unit rankings)")
+    seqlen: int = Field(512, ge=1, description="tokens per perplexity window")
+    batch_size: int = Field(4, ge=1, description="windows per forward pass (calibration and perplexity)")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+
+
+class SearchConfig(RunConfig):
+    """Self-Pruner's search settings (defaults: the paper's K=30, M=S=10, N=20)."""
+
     ratio: float = Field(0.5, gt=0, lt=1, description="target mean pruning rate beta, in (0, 1)")
     oracle: str = Field("ga", description="openai:MODEL | ga | random")
     base_url: str | None = Field(None, description="OpenAI-compatible server for openai:MODEL (vLLM, Ollama)")
-    data: str = Field("demo", description="demo, wikitext2, or a local .txt/.md/.jsonl/.json/.parquet file")
-    method: str = Field("wanda-sp", description="pruning method (its unit rankings)")
     population: int = Field(30, ge=2, description="K: population size")
     mutations: int = Field(10, ge=0, description="M: mutants per generation")
     crossovers: int = Field(10, ge=0, description="S: crossovers per generation")
@@ -34,17 +45,13 @@ class SearchConfig(BaseModel):
     p_max: float = Field(0.9, gt=0, le=1, description="upper bound of any layer's rate")
     samples: int = Field(128, ge=1, description="calibration windows for the activation statistics")
     calib_seqlen: int = Field(512, ge=1, description="tokens per calibration window")
-    seqlen: int = Field(512, ge=1, description="tokens per perplexity window")
     fitness_windows: int = Field(8, ge=1, description="windows of the fitness split per candidate")
     test_windows: int = Field(64, ge=0, description="windows of the test split for the final score (0: all)")
-    batch_size: int = Field(4, ge=1, description="windows per forward pass (calibration and perplexity)")
     random_init: bool = Field(False, description="ablation: random initial population")
     no_mutation: bool = Field(False, description="ablation: no mutation")
     no_crossover: bool = Field(False, description="ablation: no crossover")
     oracle_timeout: float = Field(120.0, gt=0, description="seconds per oracle request try")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
-    device: str = Field("auto", description="auto | cpu | cuda")
-    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
 
     @model_validator(mode="after")
     def _ratio_within_p_max(self) -> "SearchConfig":
@@ -53,19 +60,58 @@ class SearchConfig(BaseModel):
         return self
 
 
-def search_config(**values) -> SearchConfig:
-    """Build a :class:`SearchConfig`, turning pydantic's errors into one :class:`UserError` line
-    per bad field, named as the CLI spells it."""
+Ratio = Annotated[float, Field(gt=0, lt=1)]
+
+
+class ReportConfig(RunConfig):
+    """What a comparison report evaluates: dense, uniform and OWL per ratio, and searched allocations."""
+
+    ratios: list[Ratio] = Field(default_factory=list, description="target ratios for uniform and OWL, e.g. 0.3,0.5")
+    searches: list[str] = Field(default_factory=list, description="a search's best.json",
+                                json_schema_extra={"cli": "--search"})
+    tasks: list[str] = Field(default_factory=lambda: ["selfprune_cloze"], min_length=1,
+                             description="lm-eval tasks, e.g. boolq,piqa; selfprune_cloze/selfprune_lastword are built from --data")
+    include_path: str | None = Field(None, description="a directory of lm-eval task YAMLs")
+    limit: int = Field(0, ge=0, description="at most this many documents per task (0: all)")
+    cloze_items: int = Field(200, ge=1, description="items of the offline cloze/lastword tasks")
+    test_windows: int = Field(64, ge=0, description="windows of the test split (0: all)")
+    samples: int | None = Field(None, ge=1, description="calibration windows (default: the searches', else 128)")
+    calib_seqlen: int | None = Field(None, ge=1, description="tokens per calibration window (default: the searches', else 512)")
+    max_length: int = Field(2048, ge=1, description="lm-eval context length")
+    eval_batch_size: int = Field(8, ge=1, description="lm-eval batch")
+    out: str = Field("runs/report", description="report directory (report.md, report.html, plots)")
+
+    @field_validator("ratios", "tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        """``0.3,0.5`` and ``["0.3", "0.5"]`` alike: the CLI takes both forms."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        parts = [p for item in items for p in (item.split(",") if isinstance(item, str) else [item])]
+        return [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
+
+
+def build_config(cls: type[RunConfig], **values) -> RunConfig:
+    """Build a config, turning pydantic's errors into one :class:`UserError` that names each bad
+    field as the CLI spells it."""
     try:
-        return SearchConfig(**values)
+        return cls(**values)
     except ValidationError as e:
-        raise UserError(config_error_message(e)) from None
+        raise UserError(config_error_message(e, cls)) from None
 
 
-def config_error_message(e: ValidationError) -> str:
+def cli_flag(cls: type[RunConfig], name: str) -> str:
+    """The command-line option of a config field: ``--calib-seqlen``, or the field's own ``cli`` name."""
+    extra = cls.model_fields[name].json_schema_extra if name in cls.model_fields else None
+    return (extra or {}).get("cli") or "--" + name.replace("_", "-")
+
+
+def config_error_message(e: ValidationError, cls: type[RunConfig]) -> str:
     lines = []
     for err in e.errors():
-        field = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "the configuration"
-        got = f" (got {err['input']!r})" if err["loc"] else ""
+        loc = err["loc"]
+        field = cli_flag(cls, str(loc[0])) if loc else "the configuration"
+        got = f" (got {err['input']!r})" if loc else ""
         lines.append(f"{field}: {err['msg'].removeprefix('Value error, ')}{got}")
     return "; ".join(lines)

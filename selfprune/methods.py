@@ -34,6 +34,12 @@ class Method:
 METHODS: Registry[Method] = Registry("pruning method")
 
 
+def method_identity(name: str) -> dict[str, str]:
+    """What of a method changes the numbers (its name and version): part of every candidate's key."""
+    method = METHODS.get(name)
+    return {"name": method.name, "version": method.version}
+
+
 def register_method(method: Method) -> Method:
     """Make ``method`` usable by its name everywhere a method name is taken."""
     return METHODS.register(method.name, method)

@@ -185,11 +185,12 @@ def shared_model(model: str, device: str = "auto", dtype: str = "auto") -> Loade
 
 
 @lru_cache(maxsize=4)
-def _shared_workbench(model: str, calibration: Calibration, device: str, dtype: str) -> Workbench:
-    return Workbench(shared_model(model, device, dtype), calibration)
+def _shared_workbench(model: str, calibration: Calibration, device: str, dtype: str, method: str) -> Workbench:
+    return Workbench(shared_model(model, device, dtype), calibration, method=method)
 
 
-def shared_workbench(model: str, calibration: Calibration, device: str = "auto", dtype: str = "auto") -> Workbench:
-    """The process-wide workbench of a model and calibration, on the one shared dense model."""
+def shared_workbench(model: str, calibration: Calibration, device: str = "auto", dtype: str = "auto",
+                     method: str = "wanda-sp") -> Workbench:
+    """The process-wide workbench of a model, calibration and method, on the one shared dense model."""
     with _BUILDING:
-        return _shared_workbench(model, calibration, device, dtype)
+        return _shared_workbench(model, calibration, device, dtype, method)

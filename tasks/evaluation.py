@@ -25,31 +25,25 @@ from pathlib import Path
 
 from selfprune.devices import precision
 from selfprune.evaluate import report
-from selfprune.workbench import Calibration, shared_workbench
+from selfprune.methods import method_identity
 from selfprune.tasks.caching import cached_task
-from selfprune.tasks.pruning import score_candidate
+from selfprune.tasks.pruning import score_candidate, workbench
 
 evaluate_ppl = score_candidate  # one perplexity task for the search and the report (shared cache)
 
 DENSE = "dense"
 
 
-def _bench(model: str, stats_key: str, calibration: dict, device: str, dtype: str):
-    bench = shared_workbench(model, Calibration(**calibration), device, dtype)
-    if bench.stats_key != stats_key:
-        raise RuntimeError(f"statistics {bench.stats_key} differ from the flow's {stats_key}; the model or data changed mid-run")
-    return bench
+def _allocation_key(model_fp: str, stats_key: str, allocation: str, ratio: float, **_) -> dict:
+    return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio}
 
 
-def _allocation_key(model_fp: str, stats_key: str, method: str, ratio: float, **_) -> dict:
-    return {"model": model_fp, "stats": stats_key, "method": method, "ratio": ratio}
-
-
-@cached_task(key_fn=_allocation_key, version="1", task_run_name="allocate-{method}-{ratio}")
-def allocation_rates(model: str, model_fp: str, stats_key: str, method: str, ratio: float, calibration: dict,
+@cached_task(key_fn=_allocation_key, version="2", task_run_name="allocate-{allocation}-{ratio}")
+def allocation_rates(model: str, model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
                      device: str = "auto", dtype: str = "auto") -> dict:
-    """Per-layer rates of the allocation ``method`` (``uniform``, ``owl``, ...) at ``ratio``, and their structure."""
-    return report.allocation_entry(_bench(model, stats_key, calibration, device, dtype), method, ratio)
+    """Per-layer rates of ``allocation`` (``uniform``, ``owl``, ...) at ``ratio``, and their structure
+    (the statistics decide them; the pruning method does not)."""
+    return report.allocation_entry(workbench(model, stats_key, calibration, device, dtype), allocation, ratio)
 
 
 def task_files_fingerprint(include_path: str | None) -> str | None:
@@ -68,22 +62,24 @@ def task_files_fingerprint(include_path: str | None) -> str | None:
 
 
 def _zero_shot_key(model_fp: str, stats_key: str, structure: list | None, tasks: list[str], include_path: str | None,
-                   limit: int | None, max_length: int, batch_size: int, device: str, dtype: str, **_) -> dict:
+                   limit: int | None, max_length: int, batch_size: int, device: str, dtype: str, method: str, **_) -> dict:
     from importlib.metadata import version
 
-    return {"model": model_fp, "precision": precision(device, dtype), "stats": stats_key if structure is not None else None,
+    pruned = structure is not None
+    return {"model": model_fp, "precision": precision(device, dtype), "stats": stats_key if pruned else None,
+            "method": method_identity(method) if pruned else None,
             "structure": structure if structure is not None else DENSE, "tasks": list(tasks),
             "task_files": task_files_fingerprint(include_path), "lm_eval": version("lm_eval"),
             "limit": limit, "max_length": max_length, "batch_size": batch_size}
 
 
-@cached_task(key_fn=_zero_shot_key, version="2", task_run_name="zero-shot")
+@cached_task(key_fn=_zero_shot_key, version="3", task_run_name="zero-shot")
 def evaluate_zero_shot(
     model: str, model_fp: str, stats_key: str, structure: list | None, tasks: list[str], calibration: dict,
     include_path: str | None = None, limit: int | None = None, max_length: int = 2048, batch_size: int = 8,
-    device: str = "auto", dtype: str = "auto",
+    device: str = "auto", dtype: str = "auto", method: str = "wanda-sp",
 ) -> dict:
     """lm-eval accuracy of the candidate ``structure`` (``None``: the dense model) on ``tasks``
     (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
-    bench = _bench(model, stats_key, calibration, device, dtype)
+    bench = workbench(model, stats_key, calibration, device, dtype, method)
     return report.zero_shot(bench, structure, tasks, include_path, limit, max_length, batch_size)

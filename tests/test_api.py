@@ -68,9 +68,9 @@ def test_prune_bad_input(ws, kwargs, message):
 
 
 def test_report_without_prefect(ws, tmp_path):
-    summary = selfprune.report(str(ws / "model"), corpus(ws), ratios=[0.5], tasks=["selfprune_cloze"], limit=2,
+    summary = selfprune.report(model=str(ws / "model"), data=corpus(ws), ratios=[0.5], tasks=["selfprune_cloze"], limit=2,
                                cloze_items=8, seqlen=64, test_windows=2, samples=4, calib_seqlen=64, max_length=256,
-                               out=tmp_path / "r", device="cpu")
+                               out=str(tmp_path / "r"), device="cpu")
     rows = summary["rows"]
     assert [(r["method"], r["ratio"]) for r in rows] == [("dense", None), ("uniform", 0.5), ("owl", 0.5)]
     assert all(r["tokens"] == 2 * 63 and 0 <= r["mean_acc"] <= 1 for r in rows)
@@ -78,4 +78,8 @@ def test_report_without_prefect(ws, tmp_path):
     assert summary["meta"]["computed"] == 6 and summary["meta"]["cached"] == 0
     dense = selfprune.perplexity(str(ws / "model"), corpus(ws), seqlen=64, windows=2, device="cpu")
     assert rows[0]["ppl"] == pytest.approx(dense["ppl"], rel=1e-6)
-    assert {"report.md", "report.html", "report.json", "ppl.png", "accuracy.png"} <= {p.name for p in (tmp_path / "r").iterdir()}
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    from selfprune.artifacts.comparison import render  # rendering is the application's
+
+    files = render(summary, tmp_path / "r")
+    assert {"report.md", "report.html", "ppl.png", "accuracy.png"} == set(files)

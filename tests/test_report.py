@@ -37,12 +37,14 @@ def report_args(ws: Path, searches: list[Path], out: Path, *extra: str) -> list[
 
 @pytest.fixture(scope="module")
 def first_report(searches, tiny_workspace, tmp_path_factory):
+    from selfprune.config import ReportConfig
     from selfprune.flows.report import report
 
     out = tmp_path_factory.mktemp("report") / "r"
-    summary = report(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratios=[0.3, 0.5],
-                     searches=[str(s) for s in searches], tasks=["selfprune_cloze"], limit=3, cloze_items=8,
-                     seqlen=64, test_windows=4, max_length=256, out=str(out), device="cpu")
+    summary = report(ReportConfig(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"),
+                                  ratios=[0.3, 0.5], searches=[str(s) for s in searches], tasks=["selfprune_cloze"],
+                                  limit=3, cloze_items=8, seqlen=64, test_windows=4, max_length=256, out=str(out),
+                                  device="cpu"))
     return summary, out
 
 
@@ -100,8 +102,8 @@ def test_rerun_through_cli_computes_nothing(first_report, searches, tiny_workspa
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--ratios", "0.3,abc"], "not a comma-separated list"),
-    (["--ratios", "1.5"], "--ratio must lie strictly between 0 and 1"),
+    (["--ratios", "0.3,abc"], "--ratios: Input should be a valid number"),
+    (["--ratios", "1.5"], "--ratios: Input should be less than 1"),
     (["--search", "{missing}"], "does not exist"),
     (["--include-path", "{missing}"], "built from --data"),
     (["--samples", "8"], "other calibration statistics"),

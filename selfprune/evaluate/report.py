@@ -15,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfprune.artifacts import comparison
-
-from ..allocation import check_ratio, dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
+from ..allocation import dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
 from ..arch import Arch
+from ..config import ReportConfig, build_config
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..hashing import content_hash
@@ -28,7 +27,6 @@ from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 
 LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
-DEFAULT_TASKS = [CLOZE_TASK]
 
 Allocate = Callable[[str, float], dict]  # (allocation, ratio) -> {"rates", "structure"}
 EvaluatePpl = Callable[[list | None], dict]  # structure -> Perplexity fields
@@ -41,6 +39,7 @@ class ReportPlan:
 
     model: str
     data: str
+    method: str
     ratios: list[float]  # targets: the given ratios and every search's
     searches: dict[str, dict]  # path -> its best.json
     tasks: list[str]
@@ -75,48 +74,34 @@ def _local_tasks(data: str, tasks: list[str], n_items: int, seed: int = 0) -> st
     return str(out)
 
 
-def plan_report(
-    model: str = "demo",
-    data: str = "demo",
-    ratios: list[float] | None = None,
-    searches: list[str] | None = None,
-    tasks: list[str] | None = None,
-    include_path: str | None = None,
-    limit: int | None = None,
-    cloze_items: int = 200,
-    seqlen: int = 512,
-    test_windows: int = 64,
-    samples: int | None = None,
-    calib_seqlen: int | None = None,
-    batch_size: int = 4,
-    eval_batch_size: int = 8,
-    max_length: int = 2048,
-) -> ReportPlan:
+def plan_report(config: ReportConfig) -> ReportPlan:
     """Read the searches, settle the ratios and calibration, and build the offline tasks.
 
     ``samples`` / ``calib_seqlen`` default to the searches' calibration, else 128 x 512.
     """
-    tasks = list(dict.fromkeys(tasks or DEFAULT_TASKS))
-    bests = {path: _read_search(path) for path in (searches or [])}
-    targets = sorted({*(check_ratio(r) for r in (ratios or [])), *(b["config"]["ratio"] for b in bests.values())})
+    c = config
+    tasks, include_path, data = list(dict.fromkeys(c.tasks)), c.include_path, c.data
+    bests = {path: _read_search(path) for path in c.searches}
+    targets = sorted({*c.ratios, *(b["config"]["ratio"] for b in bests.values())})
     if not targets:
         raise UserError("nothing to compare: give --ratios and/or --search runs/NAME/best.json")
     calib = [(b["config"]["samples"], b["config"]["calib_seqlen"]) for b in bests.values()]
-    samples = samples or (calib[0][0] if calib else 128)
-    calib_seqlen = calib_seqlen or (calib[0][1] if calib else 512)
+    samples = c.samples or (calib[0][0] if calib else 128)
+    calib_seqlen = c.calib_seqlen or (calib[0][1] if calib else 512)
     include = include_path
     if any(t in LOCAL_TASKS for t in tasks):
         if include_path:
             raise UserError(f"{', '.join(LOCAL_TASKS)} are built from --data; give them without --include-path, "
                             "or build them into your include directory yourself")
-        include = _local_tasks(data, tasks, cloze_items)
+        include = _local_tasks(data, tasks, c.cloze_items)
     elif include_path and not Path(include_path).expanduser().exists():
         raise UserError(f"task include path {include_path} does not exist")
     return ReportPlan(
-        model=model, data=data, ratios=targets, searches=bests, tasks=tasks, include_path=include, limit=limit,
-        max_length=max_length, eval_batch_size=eval_batch_size,
-        calibration={"data": data, "samples": samples, "seqlen": calib_seqlen, "batch_size": batch_size},
-        scoring={"data": data, "split": "test", "seqlen": seqlen, "windows": test_windows or None, "batch_size": batch_size},
+        model=c.model, data=data, method=c.method, ratios=targets, searches=bests, tasks=tasks, include_path=include,
+        limit=c.limit or None, max_length=c.max_length, eval_batch_size=c.eval_batch_size,
+        calibration={"data": data, "samples": samples, "seqlen": calib_seqlen, "batch_size": c.batch_size},
+        scoring={"data": data, "split": "test", "seqlen": c.seqlen, "windows": c.test_windows or None,
+                 "batch_size": c.batch_size},
     )
 
 
@@ -177,31 +162,36 @@ def build_rows(plan: ReportPlan, arch: Arch, allocate: Allocate, evaluate_ppl: E
     return rows
 
 
-def write_report(plan: ReportPlan, rows: list[dict], model_fp: str, stats_key: str, counts: dict[str, int],
-                 out_dir: Path, start: float) -> dict:
-    """Write report.md, report.html, the plots and report.json into ``out_dir``; returns the summary.
+METHOD_ORDER = {"dense": 0, "uniform": 1, "owl": 2, "search": 3}
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    """By ratio (dense first), then dense, uniform, OWL, search."""
+    return sorted(rows, key=lambda r: (r["ratio"] or 0.0, METHOD_ORDER.get(r["method"], 9), r["label"]))
+
+
+def summarize(plan: ReportPlan, rows: list[dict], model_fp: str, stats_key: str, counts: dict[str, int],
+              start: float) -> dict:
+    """The report as data: ``meta`` (settings, identities, counts, wall time) and the sorted ``rows``.
 
     ``counts``: evaluations ``computed`` and taken from a ``cached`` result; ``start``: the
-    ``time.perf_counter()`` the report began at.
+    ``time.perf_counter()`` the report began at. Rendering it (Markdown, HTML, plots) is the
+    application's job: ``selfprune.artifacts.comparison.render``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     zs = rows[-1]["zero_shot"]
-    meta = {"model": plan.model, "model_fingerprint": model_fp, "data": plan.data, "seqlen": plan.scoring["seqlen"],
-            "test_windows": plan.scoring["windows"] or 0, "test_tokens": rows[0]["tokens"], "tasks": plan.tasks,
-            "limit": plan.limit, "max_length": plan.max_length, "lm_eval_version": zs["lm_eval_version"],
-            "convention": zs["convention"], "include_path": plan.include_path,
+    meta = {"model": plan.model, "model_fingerprint": model_fp, "data": plan.data, "method": plan.method,
+            "seqlen": plan.scoring["seqlen"], "test_windows": plan.scoring["windows"] or 0,
+            "test_tokens": rows[0]["tokens"], "tasks": plan.tasks, "limit": plan.limit, "max_length": plan.max_length,
+            "lm_eval_version": zs["lm_eval_version"], "convention": zs["convention"], "include_path": plan.include_path,
             "samples": plan.calibration["samples"], "calib_seqlen": plan.calibration["seqlen"], "stats_key": stats_key,
-            "ratios": plan.ratios, "searches": list(plan.searches), **counts}
-    plots = {"test perplexity by method and ratio": comparison.plot_ppl(rows, out_dir / comparison.PLOTS["ppl"]),
-             "mean zero-shot accuracy by method and ratio": comparison.plot_accuracy(rows, out_dir / comparison.PLOTS["acc"])}
-    atomic_write_text(out_dir / "report.md", comparison.markdown(rows, plan.tasks, meta, {k: p.name for k, p in plots.items()}))
-    atomic_write_text(out_dir / "report.html",
-                      comparison.html_report(rows, plan.tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))
-    meta["wall_s"] = round(time.perf_counter() - start, 2)
-    summary = {"meta": meta, "rows": comparison.sort_rows(rows),
-               "files": {name: str(out_dir / name) for name in ("report.md", "report.html", *comparison.PLOTS.values())}}
-    atomic_write_text(out_dir / "report.json", json.dumps(summary, indent=2))
-    return summary
+            "ratios": plan.ratios, "searches": list(plan.searches), **counts,
+            "wall_s": round(time.perf_counter() - start, 2)}
+    return {"meta": meta, "rows": sort_rows(rows)}
+
+
+def write_summary(summary: dict, out_dir: Path) -> Path:
+    """``out_dir/report.json``, written atomically."""
+    return atomic_write_text(Path(out_dir) / "report.json", json.dumps(summary, indent=2))
 
 
 def allocation_entry(bench: Workbench, allocation: str, ratio: float) -> dict:
@@ -221,33 +211,16 @@ def zero_shot(bench: Workbench, structure: list | None, tasks: list[str], includ
                               max_length=max_length, batch_size=batch_size)
 
 
-def report(
-    model: str = "demo",
-    data: str = "demo",
-    ratios: list[float] | None = None,
-    searches: list[str] | None = None,
-    tasks: list[str] | None = None,
-    include_path: str | None = None,
-    limit: int | None = None,
-    cloze_items: int = 200,
-    seqlen: int = 512,
-    test_windows: int = 64,
-    samples: int | None = None,
-    calib_seqlen: int | None = None,
-    batch_size: int = 4,
-    eval_batch_size: int = 8,
-    max_length: int = 2048,
-    out: str | Path = "runs/report",
-    device: str = "auto",
-    dtype: str = "auto",
-    progress: Progress | None = None,
-) -> dict:
+def report(config: ReportConfig | None = None, progress: Progress | None = None, **overrides) -> dict:
     """The report of ``selfprune report``, computed in this process without Prefect or its cache
-    (statistics still come from the store). Same options and files as the flow; returns its summary."""
+    (statistics still come from the store): a :class:`ReportConfig` or its fields as keywords.
+    Writes ``out/report.json`` and returns the summary (render it with
+    ``selfprune.artifacts.comparison.render(summary, out)``)."""
     start = time.perf_counter()
-    plan = plan_report(model, data, ratios, searches, tasks, include_path, limit, cloze_items, seqlen, test_windows,
-                       samples, calib_seqlen, batch_size, eval_batch_size, max_length)
-    bench = Workbench(load_model(model, device, dtype), Calibration(**plan.calibration), progress or _no_progress)
+    config = build_config(ReportConfig, **((config.model_dump() if config else {}) | overrides))
+    plan = plan_report(config)
+    bench = Workbench(load_model(config.model, config.device, config.dtype), Calibration(**plan.calibration),
+                      progress or _no_progress, method=config.method)
     check_searches(plan, bench.lm.fingerprint, bench.stats_key)
     scoring = Scoring(**plan.scoring)
     rows = build_rows(
@@ -257,5 +230,6 @@ def report(
         evaluate_zero_shot=lambda s: zero_shot(bench, s, plan.tasks, plan.include_path, plan.limit, plan.max_length,
                                                plan.eval_batch_size),
     )
-    counts = {"computed": 2 * len(rows), "cached": 0}
-    return write_report(plan, rows, bench.lm.fingerprint, bench.stats_key, counts, Path(out), start)
+    summary = summarize(plan, rows, bench.lm.fingerprint, bench.stats_key, {"computed": 2 * len(rows), "cached": 0}, start)
+    write_summary(summary, config.out)
+    return summary

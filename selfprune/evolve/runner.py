@@ -17,10 +17,11 @@ from pathlib import Path
 
 from ..allocation import kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
 from ..arch import Arch
-from ..config import SearchConfig, search_config
+from ..config import SearchConfig, build_config
 from ..data import split_windows
 from ..devices import precision
 from ..fileio import atomic_write_text
+from ..methods import METHODS
 from ..workbench import Calibration, Scoring, shared_model, shared_workbench
 from .evolution import Generation, SearchParams, run_search
 from .oracles import Oracle, SearchContext, Transport, make_oracle
@@ -68,8 +69,9 @@ def scoring(config: SearchConfig, split: str, windows: int | None) -> Scoring:
 
 
 def check(config: SearchConfig) -> None:
-    """Every check that needs nothing loaded: device and dtype, the oracle's name. Fails fast."""
+    """Every check that needs nothing loaded: device and dtype, method and oracle names. Fails fast."""
     precision(config.device, config.dtype)
+    METHODS.get(config.method)
     make_oracle(config.oracle, config.base_url, transport=lambda request: "")
 
 
@@ -184,10 +186,10 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     the summary. Nothing is cached between calls but the statistics (in the artifact store); the
     ``selfprune search`` command runs the same loop as a resumable, cached Prefect flow.
     """
-    config = search_config(**((config.model_dump() if config else {}) | overrides))
+    config = build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides))
     check(config)
     check_windows(config, shared_model(config.model, config.device, config.dtype).tokenizer)
-    bench = shared_workbench(config.model, calibration(config), config.device, config.dtype)
+    bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
     setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
 
     def score(structures: list, split: str, windows: int | None) -> list[dict]:
