@@ -7,6 +7,8 @@ measure again, and save the recovered export with its record extended by ``recov
 
 from __future__ import annotations
 
+import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
+
 import json
 import time
 from pathlib import Path

@@ -10,6 +10,8 @@ and a Markdown artifact.
 
 from __future__ import annotations
 
+import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
+
 import time
 from pathlib import Path
 

@@ -11,6 +11,8 @@ are replayed from the cache.
 
 from __future__ import annotations
 
+import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
+
 from pathlib import Path
 
 from prefect import flow, get_run_logger

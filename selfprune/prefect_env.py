@@ -157,3 +157,66 @@ def ensure_api_server(timeout: int = 120) -> str:
     os.environ["PREFECT_API_URL"] = url
     refresh()
     return url
+
+
+# ---------------------------------------------------------------------------------------------
+# Every process that runs a selfprune flow: the CLI, a worker's flow-run process, `prefect
+# flow-run retry`. They all import a flow module, so the flow package applies this on import.
+# ---------------------------------------------------------------------------------------------
+_PROGRESS_BARS_OFF = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+class OneLineUserErrors:
+    """A logging filter for Prefect's run loggers: a failure caused by a :class:`UserError` (bad
+    input, an oracle that stays down) is logged as Prefect's one-line message, which names the
+    exception and its text, without the traceback; the traceback is kept when the logger is at
+    DEBUG. Anything else is a bug and keeps its traceback."""
+
+    def filter(self, record) -> bool:
+        import logging
+
+        from selfprune.errors import UserError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError) and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_flow_logs() -> None:
+    """One line per failure with its cause in Prefect's run logs, and no progress bars (model
+    loading under a worker would otherwise fill its log with tqdm bars)."""
+    import logging
+
+    for key, value in _PROGRESS_BARS_OFF.items():
+        os.environ.setdefault(key, value)
+    try:  # transformers reads its own switch, not only the environment
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineUserErrors) for f in logger.filters):
+            logger.addFilter(OneLineUserErrors())
+
+
+def setup_flow_process() -> dict[str, str]:
+    """selfprune's Prefect settings (:func:`configure`: the cache under ``$SELFPRUNE_HOME/results``,
+    JSON results, ...) and quiet logs, for whatever process imports the flows.
+
+    Called when ``selfprune.flows`` is imported, which every flow module does first; so a run the
+    CLI starts, one a worker starts (``python -m prefect.engine`` imports the deployment's
+    entrypoint), and ``prefect flow-run retry`` all use one cache and one result format. Settings
+    the user set stay as they are; Prefect's already-loaded settings are refreshed.
+    """
+    applied = configure()
+    quiet_flow_logs()
+    return applied

@@ -27,7 +27,8 @@ The cache key
 Results
     Persisted (``persist_result=True``) under ``PREFECT_LOCAL_STORAGE_PATH`` (see
     ``selfprune.prefect_env``), one file per key, with a plain JSON serializer (no pickle, no
-    Prefect object hooks). The task's return value is round-tripped through JSON on its first
+    Prefect object hooks; the one thing it encodes beyond JSON is the exception of a failed run,
+    which Prefect persists with the same serializer, and it reads that back as a plain dict). The task's return value is round-tripped through JSON on its first
     run too, so a fresh result and a cached one are identical (a tuple comes back as a list
     both times) and a non-JSON return fails at once, not on resume. Tensors go to
     ``selfprune.store``; the task returns their key.
@@ -67,8 +68,21 @@ from selfprune.hashing import content_hash
 
 logger = logging.getLogger("selfprune.cache")
 
-# Plain json: no "__class__" object encoder/decoder, so nothing is imported or built on read.
-JSON_RESULTS = JSONSerializer(object_encoder=None, object_decoder=None)
+
+def encode_exception(obj: Any) -> Any:
+    """The only object the results serializer encodes: an exception, as Prefect's JSON serializer
+    writes one (``{"__exc_type__": ..., "message": ...}``). Prefect persists a failed task's
+    exception with the task's serializer; without this, every failure of a cached task (an
+    oracle that stays down, say) also logged "Failed to serialize object of type ...". Return
+    values never get here: they are checked to be plain JSON first."""
+    if isinstance(obj, BaseException):
+        return {"__exc_type__": f"{type(obj).__module__}.{type(obj).__qualname__}", "message": str(obj)}
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+# Plain json on read: no object decoder, so nothing is imported or built when a result is read
+# (a persisted exception reads back as its {"__exc_type__", "message"} dict).
+JSON_RESULTS = JSONSerializer(object_encoder=f"{__name__}.encode_exception", object_decoder=None)
 
 
 def _slug(text: str) -> str:

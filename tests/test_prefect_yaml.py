@@ -1,25 +1,30 @@
-"""prefect.yaml points at real flows with parameters those flows accept."""
+"""prefect.yaml points at real flows with parameters those flows accept, and is usable by a team:
+code from the installed package, no paths of the deploying machine, one run at a time per
+deployment, heartbeats for the zombie automation, secrets read at run time."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+TEXT = (ROOT / "prefect.yaml").read_text()
+SPEC = yaml.safe_load(TEXT)
 
 
 @pytest.mark.parametrize("deployment", SPEC["deployments"], ids=lambda d: d["name"])
-def test_deployment_entrypoint_and_parameters(deployment, monkeypatch):
+def test_deployment_entrypoint_and_parameters(deployment):
     from prefect.flows import load_flow_from_entrypoint
 
-    monkeypatch.chdir(ROOT)
-    path, _, name = deployment["entrypoint"].partition(":")
-    assert (ROOT / path).is_file()
-    flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    entrypoint = deployment["entrypoint"]
+    assert ":" not in entrypoint and entrypoint.startswith("selfprune.flows.")  # the installed package
+    flow = load_flow_from_entrypoint(entrypoint)
+    name = entrypoint.rsplit(".", 1)[1]
     assert flow.fn.__name__ == name
     accepted = inspect.signature(flow.fn).parameters
     unknown = set(deployment["parameters"]) - set(accepted)
@@ -33,6 +38,47 @@ def test_deployment_entrypoint_and_parameters(deployment, monkeypatch):
         assert schedule["active"] is False  # scheduled deployments are opt-in
 
 
-def test_pull_step_sets_the_repo_as_working_directory():
-    (step,) = SPEC["pull"]
-    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $SELFPRUNE_REPO }}"
+@pytest.mark.parametrize("deployment", SPEC["deployments"], ids=lambda d: d["name"])
+def test_deployment_operations(deployment):
+    assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    env = deployment["work_pool"]["job_variables"]["env"]
+    assert env["SELFPRUNE_HOME"] == "~/.cache/selfprune"
+    assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30  # Prefect's minimum
+    assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and env["TQDM_DISABLE"] == "1"
+    assert not any("KEY" in k or "TOKEN" in k or "SECRET" in k for k in env)  # deploy would store them in plain text
+    for step in deployment.get("pull", SPEC["pull"]):
+        (fqn,) = step
+        module, _, fn = fqn.rpartition(".")
+        assert module == "selfprune.ops" and callable(getattr(importlib.import_module(module), fn))
+    params = deployment["parameters"].get("config", deployment["parameters"])
+    if params.get("device") == "cuda":
+        assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    if str(params.get("oracle", "")).startswith("openai:"):
+        assert {"selfprune.ops.env_from_secrets": {"OPENAI_API_KEY": "openai-api-key"}} in deployment["pull"]
+
+
+def test_nothing_of_the_deploying_machine():
+    """No checkout path, no `{{ $ENV }}` resolved at deploy time, no absolute path."""
+    assert not re.search(r"\{\{\s*\$", TEXT)
+    assert not re.search(r"^\s*[^#\n]*:\s*[\"']?/", TEXT, re.M)
+    assert SPEC["pull"] == [{"selfprune.ops.run_directory": {}}]
+
+
+def test_zombie_automation_file_is_a_valid_automation():
+    from prefect.events.schemas.automations import AutomationCore
+
+    spec = yaml.safe_load((ROOT / "automations" / "zombies.yaml").read_text())
+    automation = AutomationCore.model_validate(spec)
+    trigger = automation.trigger
+    assert trigger.posture == "Proactive" and trigger.after == {"prefect.flow-run.heartbeat"}
+    assert "prefect.flow-run.heartbeat" in trigger.expect and trigger.within.total_seconds() >= 3 * 30
+    assert automation.actions[0].type == "change-flow-run-state" and automation.actions[0].state.value == "CRASHED"
+
+
+def test_run_directory_pull_step(tmp_path, monkeypatch):
+    from selfprune import ops
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))
+    assert ops.run_directory() == {"directory": str((tmp_path / "home").resolve())}
+    assert Path.cwd() == (tmp_path / "home").resolve()
