@@ -74,4 +74,4 @@ def test_bad_bench_input_exits_2(args, message, tiny_workspace, capsys, monkeypa
 
 def test_prune_bad_format_exits_2(tiny_workspace, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, monkeypatch, *tiny_prune_args(tiny_workspace, tmp_path / "x", "--format", "onnx"))
-    assert code == 2 and "--format 'onnx' is not known" in err
+    assert code == 2 and "format 'onnx' is not known" in err

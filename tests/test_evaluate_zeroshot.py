@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REAL_HOME, build_tiny, byte_tokenizer, random_windows
+from conftest import build_tiny, byte_tokenizer, random_windows
 from selfprune import slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of
@@ -177,7 +177,7 @@ def test_summary_convention():
     assert s["mean_acc_plain"] == pytest.approx((0.4 + 0.6 + 0.2) / 3)
 
 
-@pytest.mark.skipif(not (REAL_HOME / "data" / "demo.txt").is_file(), reason="demo corpus not fetched")
+@pytest.mark.demo
 def test_cloze_from_demo_corpus(real_home, tmp_path):
     out = build_cloze_task("demo", tmp_path, n_items=20)
     rows = (out / f"{CLOZE_TASK}.jsonl").read_text().splitlines()
