@@ -12,7 +12,6 @@ import io
 import json
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -138,11 +137,9 @@ def test_demo_model_loads_and_is_cached(real_home, monkeypatch):
     assert (model.config.hidden_size, model.config.num_attention_heads, model.config.num_key_value_heads) == (576, 9, 3)
     assert AutoTokenizer.from_pretrained(path).vocab_size == 49152
 
-    monkeypatch.setattr(subprocess, "run", _no_subprocess)
+    monkeypatch.setattr(subprocess, "run", _no_subprocess)  # a second call fetches and converts nothing
     monkeypatch.setattr(demo, "_build_model", _no_subprocess)
-    t = time.perf_counter()
     assert demo.demo_model_dir() == path
-    assert time.perf_counter() - t < 0.5
 
 
 @pytest.mark.demo

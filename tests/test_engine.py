@@ -109,14 +109,16 @@ def test_lowest_scored_units_go_hand_computed():
 @pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa", "qwen2"])
 def test_realized_ratio_matches_target(kind):
     arch = arch_of(build_tiny(kind).config)
+    # Each layer lands within half an MLP channel of its target (the rounding rule), so the mean does too.
+    half_channel = arch.channel_params / (2 * arch.layer_params) + 1e-12
     rng = random.Random(0)
     for beta in (0.1, 0.3, 0.5, 0.7):
         for _ in range(20):
             rates = allocation.project_to_mean([rng.uniform(0, 1) for _ in range(arch.n_layers)], beta)
             realized = allocation.realized_ratio(arch, allocation.rates_to_structure(arch, rates))
-            assert abs(realized - beta) <= 0.005 + arch.channel_params / arch.layer_params, (rates, realized)
+            assert abs(realized - beta) <= half_channel, (rates, realized)
         uniform = allocation.rates_to_structure(arch, allocation.uniform(arch.n_layers, beta))
-        assert abs(allocation.realized_ratio(arch, uniform) - beta) < 0.005
+        assert abs(allocation.realized_ratio(arch, uniform) - beta) <= half_channel
 
 
 def test_rate_one_removes_both_sublayers_and_zero_keeps_all():
@@ -263,3 +265,15 @@ def test_cuda_bf16_path_matches_cpu(tiny_dir):
     a = perplexity(slicing.materialize(gpu.model, gpu.arch, rankings, structure), windows).ppl
     b = perplexity(slicing.materialize(cpu.model, cpu.arch, rankings, structure), windows).ppl
     assert a == pytest.approx(b, rel=0.05)
+
+
+def test_one_dense_model_per_process_whatever_the_batch_size(tiny_workspace):
+    """The batch size changes no statistic, so it shares the workbench; other calibrations share the model."""
+    from selfprune.workbench import Calibration, shared_model, shared_workbench
+
+    model, corpus = str(tiny_workspace / "model"), str(tiny_workspace / "corpus.txt")
+    a = shared_workbench(model, Calibration(corpus, 4, 64, batch_size=2), "cpu")
+    assert shared_workbench(model, Calibration(corpus, 4, 64, batch_size=4), "cpu") is a
+    other = shared_workbench(model, Calibration(corpus, 8, 64), "cpu")
+    assert other is not a and other.stats_key != a.stats_key
+    assert other.lm is a.lm is shared_model(model, "cpu")
