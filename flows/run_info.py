@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from logging import Logger
 
 
@@ -14,10 +16,19 @@ def ui_url(flow_run_id: str) -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
 
 
+def _environment() -> str:
+    """The variables a shell needs to find this run and its cache: ``SELFPRUNE_HOME`` when set, and
+    ``PREFECT_HOME`` when no server is configured (the run lives in that temporary server's database)."""
+    from prefect.settings import get_current_settings
+
+    names = ["SELFPRUNE_HOME"] + ([] if get_current_settings().api.url else ["PREFECT_HOME"])
+    return "".join(f"{name}={shlex.quote(os.environ[name])} " for name in names if os.environ.get(name))
+
+
 def retry_hint(flow_run_id: str, entrypoint: str, deployed: bool) -> str:
     """The exact rerun command: a deployment's run is retried by id (or the UI's Retry); a run
     without a deployment needs the flow's entrypoint, and resumes in the calling process."""
-    cmd = f"prefect flow-run retry {flow_run_id}" + ("" if deployed else f" --entrypoint {entrypoint}")
+    cmd = _environment() + f"prefect flow-run retry {flow_run_id}" + ("" if deployed else f" --entrypoint {entrypoint}")
     url = ui_url(flow_run_id)
     where = f" (UI: {url}{', Retry button' if deployed else ''})" if url else ""
     return f"flow run {flow_run_id}{where}; retry it with: {cmd}, or run the same command again"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 from typing import get_origin
 from contextlib import contextmanager
@@ -172,8 +173,10 @@ def _configure_flows() -> None:
 
     from .prefect_env import configure
 
+    # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
+    # command, a line per generation) at INFO, the rest of Prefect at WARNING.
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
     configure(log_level="WARNING")
-    logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)  # the run id, retry command, progress
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropUserErrors) for f in logger.filters):
