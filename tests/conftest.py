@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -59,19 +61,30 @@ def module_home(_isolated_home, tmp_path_factory, request) -> Path:
     from selfprune import prefect_env
 
     home = tmp_path_factory.mktemp(f"home-{request.module.__name__.rsplit('.', 1)[-1]}")
-    names = ("SELFPRUNE_HOME", "PREFECT_LOCAL_STORAGE_PATH")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ["SELFPRUNE_HOME"] = str(home)
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "results")
     (home / "results").mkdir(mode=0o700)
+    with environ(SELFPRUNE_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "results")):
+        prefect_env.refresh()
+        yield home
     prefect_env.refresh()
-    yield home
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    prefect_env.refresh()
+
+
+@contextmanager
+def environ(**values: str | None):
+    """Set (a string) or unset (None) environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def byte_tokenizer():
@@ -129,7 +142,7 @@ def random_windows(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def prefect_api(_isolated_home) -> str:
+def prefect_api(_isolated_home) -> Iterator[str]:
     """One local Prefect API server for the session, in the isolated home (10-20 s once).
 
     Subprocesses inherit ``PREFECT_API_URL`` and reuse it instead of starting their own.
@@ -137,7 +150,18 @@ def prefect_api(_isolated_home) -> str:
     from selfprune import prefect_env
 
     prefect_env.configure(user_profiles=False, log_level="WARNING")
-    return prefect_env.ensure_api_server()
+    yield prefect_env.ensure_api_server()
+    stop_api_server()
+
+
+def stop_api_server() -> None:
+    """Stop this process's local Prefect server after its logs have reached it, while pytest's
+    streams are still open (left to exit, it logs to a closed stream and to a stopped server)."""
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=5)
+    SubprocessASGIServer().stop()
 
 
 def write_corpus(path: Path, paragraphs: int = 200, seed: int = 0) -> Path:

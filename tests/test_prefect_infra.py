@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import environ, stop_api_server
 
 from selfprune.store import ArtifactStore
 from selfprune.errors import CorruptFile, UserError
@@ -178,18 +179,13 @@ def prefect_session(tmp_path_factory):
     from selfprune import prefect_env
 
     home = tmp_path_factory.mktemp("prefect_infra")
-    saved = {k: os.environ.pop(k, None) for k in _MANAGED}
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    prefect_env.configure(home, user_profiles=False)
-    t0 = time.monotonic()
-    url = prefect_env.ensure_api_server(timeout=120)
-    print(f"\nlocal Prefect API at {url} in {time.monotonic() - t0:.1f} s")
-    yield {"home": home, "url": url}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ(**(dict.fromkeys(_MANAGED) | {"PREFECT_LOGGING_LEVEL": "WARNING"})):
+        prefect_env.configure(home, user_profiles=False)
+        t0 = time.monotonic()
+        url = prefect_env.ensure_api_server(timeout=120)
+        print(f"\nlocal Prefect API at {url} in {time.monotonic() - t0:.1f} s")
+        yield {"home": home, "url": url}
+        stop_api_server()
     prefect_env.refresh()
 
 
