@@ -22,13 +22,15 @@ def _environment() -> str:
     from prefect.settings import get_current_settings
 
     names = ["SELFPRUNE_HOME"] + ([] if get_current_settings().api.url else ["PREFECT_HOME"])
-    return "".join(f"{name}={shlex.quote(os.environ[name])} " for name in names if os.environ.get(name))
+    return "".join(f"{name}={shlex.quote(os.path.expanduser(os.environ[name]))} " for name in names if os.environ.get(name))
 
 
 def retry_hint(flow_run_id: str, entrypoint: str, deployed: bool) -> str:
-    """The exact rerun command: a deployment's run is retried by id (or the UI's Retry); a run
-    without a deployment needs the flow's entrypoint, and resumes in the calling process."""
-    cmd = _environment() + f"prefect flow-run retry {flow_run_id}" + ("" if deployed else f" --entrypoint {entrypoint}")
+    """The exact rerun command: a deployment's run is retried by id (or the UI's Retry) and runs
+    again on a worker, under the deployment's job variables; a run without a deployment needs the
+    flow's entrypoint and its environment, and resumes in the calling process."""
+    cmd = (f"prefect flow-run retry {flow_run_id}" if deployed
+           else f"{_environment()}prefect flow-run retry {flow_run_id} --entrypoint {entrypoint}")
     url = ui_url(flow_run_id)
     where = f" (UI: {url}{', Retry button' if deployed else ''})" if url else ""
     return f"flow run {flow_run_id}{where}; retry it with: {cmd}, or run the same command again"
