@@ -330,6 +330,22 @@ def recover(
                   f"{s['params']:,} params -> {out}")
 
 
+@app.command("prefect-setup")
+def prefect_setup(
+    pool: Annotated[str, typer.Option("--pool", help="process work pool for the deployments")] = "selfprune-process",
+    automation: Annotated[Path, typer.Option("--automation", help="the zombie-run automation file")] = Path("automations/zombies.yaml"),
+) -> None:
+    """Create the work pool and the automation that crashes runs whose node died, on the server at
+    PREFECT_API_URL. Safe to run again: what exists is kept (the automation is updated)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError("PREFECT_API_URL is not set: start `prefect server start` and export "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api (a temporary server would forget the setup)")
+    from .ops import ensure_work_pool, install_automation
+
+    console.print(ensure_work_pool(pool))
+    console.print(install_automation(automation))
+
+
 def main() -> None:
     """Entry point: a :class:`UserError` becomes one line on stderr and exit code 2."""
     from transformers.utils import logging as hf_logging

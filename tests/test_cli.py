@@ -92,3 +92,19 @@ def test_corrupt_statistics_file_is_set_aside_and_recomputed(workspace, capsys, 
     [aside] = newest.parent.glob(newest.name + ".corrupt-*")
     assert aside.read_bytes() == b"garbage"  # kept aside, not lost
     assert ArtifactStore().get_tensors(newest.stem)["tokens"] > 0  # recomputed in its place
+
+
+def test_prefect_setup_needs_a_server(capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    code, _, err = run_cli(capsys, monkeypatch, "prefect-setup")
+    assert code == 2 and "PREFECT_API_URL is not set" in err and "Traceback" not in err
+
+
+def test_search_options_are_the_config_fields(capsys, monkeypatch):
+    """Every SearchConfig field is a search option; a bad value is one line naming the option."""
+    from selfprune.config import SearchConfig, cli_flag
+
+    code, out, _ = run_cli(capsys, monkeypatch, "search", "--help")
+    assert code == 0 and all(cli_flag(SearchConfig, name) in out for name in SearchConfig.model_fields)
+    code, _, err = run_cli(capsys, monkeypatch, "search", "--population", "1", "--ratio", "0.95")
+    assert code == 2 and "--population" in err and "Traceback" not in err

@@ -147,13 +147,17 @@ def stack(tmp_path_factory):
 def deployed(stack):
     """What a newcomer runs, from README's Deployments section; every command exits 0."""
     t0 = time.monotonic()
-    done = stack.prefect("work-pool", "create", "selfprune-process", "--type", "process")
-    assert done.returncode == 0, done.stdout + done.stderr
     zombies = yaml.safe_load((ROOT / "automations" / "zombies.yaml").read_text())
     assert zombies["trigger"]["posture"] == "Proactive" and zombies["trigger"]["within"] == 120
     zombies["trigger"]["within"] = ZOMBIE_WINDOW_S
-    done = stack.prefect("automation", "create", "--from-json", json.dumps(zombies))
-    assert done.returncode == 0, done.stdout + done.stderr
+    (stack.tmp / "zombies.yaml").write_text(yaml.safe_dump(zombies))
+    for said in ("created", "updated"):  # `selfprune prefect-setup` is safe to run again
+        done = subprocess.run([PY, "-m", "selfprune.cli", "prefect-setup", "--automation", str(stack.tmp / "zombies.yaml")],
+                              env=stack.env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and f"{said} automation" in done.stdout + done.stderr, done.stdout + done.stderr
+    automations = stack.api.post("/automations/filter", json={}).raise_for_status().json()
+    assert [a["name"] for a in automations] == [zombies["name"]] and automations[0]["trigger"]["within"] == ZOMBIE_WINDOW_S
+    assert stack.api.get("/work_pools/selfprune-process").raise_for_status().json()["type"] == "process"
     done = stack.prefect("deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml"), cwd=stack.tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for cmd in (("deployment", "ls"), ("flow-run", "ls"), ("artifact", "ls"), ("work-pool", "ls"),
