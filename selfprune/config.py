@@ -50,7 +50,9 @@ class SearchConfig(RunConfig):
     random_init: bool = Field(False, description="ablation: random initial population")
     no_mutation: bool = Field(False, description="ablation: no mutation")
     no_crossover: bool = Field(False, description="ablation: no crossover")
-    oracle_timeout: float = Field(120.0, gt=0, description="seconds per oracle request try")
+    oracle_timeout: float = Field(120.0, gt=0, description="seconds an oracle request may take; a late one is not re-sent")
+    oracle_max_tokens: int = Field(0, ge=0, description="reply token limit per oracle request (0: from the expected answer)")
+    oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA offspring")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
 
     @model_validator(mode="after")

@@ -22,6 +22,9 @@ class Behaviour:
     delay: float = 0.0
     headers: tuple[tuple[str, str], ...] = ()
     reject_response_format: bool = False
+    reject_formats: tuple[str, ...] = ()  # response_format types answered with reject_status
+    reject_status: int = 400
+    finish_reason: str = "stop"
 
 
 def reply(content: str | None) -> Behaviour:
@@ -41,6 +44,16 @@ def slow(seconds: float, content: str) -> Behaviour:
 def no_json_mode(content: str) -> Behaviour:
     """HTTP 400 if the request asks for ``response_format``; otherwise reply with ``content``."""
     return Behaviour(content=content, reject_response_format=True)
+
+
+def like_llama_cpp_python(content: str) -> Behaviour:
+    """llama-cpp-python's server: ``json_schema`` is an HTTP 500; ``json_object`` (with a schema) works."""
+    return Behaviour(content=content, reject_formats=("json_schema",), reject_status=500)
+
+
+def cut(content: str) -> Behaviour:
+    """A reply that hit ``max_tokens``: ``finish_reason`` is "length"."""
+    return Behaviour(content=content, finish_reason="length")
 
 
 @dataclass
@@ -102,8 +115,12 @@ class FakeOpenAI:
                 behaviour = fake._next(Received(self.path, body, {k.lower(): v for k, v in self.headers.items()}))
                 if behaviour.delay and fake._stop.wait(behaviour.delay):
                     return
+                kind = (body.get("response_format") or {}).get("type")
                 if behaviour.reject_response_format and "response_format" in body:
                     self._send(400, {"error": {"message": "response_format is not supported", "type": "invalid_request_error"}})
+                elif kind in behaviour.reject_formats:
+                    self._send(behaviour.reject_status,
+                               {"error": {"message": "Input should be 'text' or 'json_object'", "type": "server_error"}})
                 elif behaviour.status != 200:
                     self._send(
                         behaviour.status,
@@ -111,7 +128,7 @@ class FakeOpenAI:
                         behaviour.headers,
                     )
                 else:
-                    self._send(200, _completion(body.get("model", "fake"), behaviour.content))
+                    self._send(200, _completion(body.get("model", "fake"), behaviour.content, behaviour.finish_reason))
 
             def _send(self, code: int, payload: dict, headers: tuple[tuple[str, str], ...] = ()) -> None:
                 data = json.dumps(payload).encode()
@@ -129,14 +146,14 @@ class FakeOpenAI:
         return Handler
 
 
-def _completion(model: str, content: str | None) -> dict:
+def _completion(model: str, content: str | None, finish_reason: str = "stop") -> dict:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 0,
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": None}
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason, "logprobs": None}
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }

@@ -11,7 +11,7 @@ import socket
 import time
 
 import pytest
-from fake_openai_server import FakeOpenAI, no_json_mode, reply, slow, status
+from fake_openai_server import FakeOpenAI, cut, like_llama_cpp_python, no_json_mode, reply, slow, status
 
 from selfprune.evolve.oracles import (
     LLMOracle,
@@ -75,7 +75,11 @@ def test_reply_behaviours_end_in_a_valid_population(content, fallbacks):
     assert len(server.requests) == oracle.calls == (1 if fallbacks == 0 else 2)
     first = server.requests[0]
     assert first.path == "/v1/chat/completions"
-    assert first.body["model"] == "fake-model" and first.body["response_format"] == {"type": "json_object"}
+    assert first.body["model"] == "fake-model" and first.body["response_format"]["type"] == "json_schema"
+    schema = first.body["response_format"]["json_schema"]["schema"]["properties"]["rates"]
+    assert schema["minItems"] == schema["maxItems"] == K and schema["items"]["maxItems"] == CTX.n_layers
+    assert schema["items"]["items"] == {"type": "number", "minimum": 0, "maximum": CTX.p_max}
+    assert first.body["max_tokens"] == 256 + 8 * K * CTX.n_layers  # bounded by what it asks for
     assert "seed" in first.body and "temperature" in first.body
     assert first.headers.get("authorization") == f"Bearer {KEY}"
 
@@ -115,21 +119,44 @@ def test_401_names_the_env_var_not_the_key():
     assert KEY not in str(err.value) and len(server.requests) == 1
 
 
-def test_slow_server_times_out_cleanly():
+def test_a_late_reply_is_never_resent_and_the_step_falls_back():
+    """A server still generating would only queue a copy: one request, then the GA fills the step."""
     start = time.monotonic()
-    with FakeOpenAI([slow(2.0, as_json(GOOD))]) as server:
-        oracle = oracle_for(server, timeout=0.3, max_retries=1)
-        with pytest.raises(OracleUnavailable, match="did not answer within 0.3s") as err:
-            oracle.initialize(CTX, K)
-    assert time.monotonic() - start < 10
-    assert len(server.requests) == 2 and KEY not in str(err.value)
-
-
-def test_slow_then_fast_succeeds_on_retry():
     with FakeOpenAI([slow(2.0, as_json(GOOD)), reply(as_json(GOOD))]) as server:
-        population = oracle_for(server, timeout=0.3, max_retries=1).initialize(CTX, K)
+        oracle = oracle_for(server, timeout=0.3, max_retries=3, max_reasks=2)
+        population = oracle.initialize(CTX, K)
+        assert len(server.requests) == 1
     assert_valid(population)
-    assert len(server.requests) == 2
+    assert oracle.timeouts == 1 and oracle.fallbacks == K and time.monotonic() - start < 2
+
+
+def test_strict_oracle_fails_instead_of_falling_back():
+    with FakeOpenAI([slow(2.0, as_json(GOOD))]) as server:
+        oracle = LLMOracle("fake-model", openai_transport(server.base_url, timeout=0.3, max_retries=0), strict=True)
+        with pytest.raises(OracleUnavailable, match="--oracle-strict") as err:
+            oracle.initialize(CTX, K)
+    assert KEY not in str(err.value)
+
+
+def test_a_reply_cut_at_max_tokens_is_invalid_and_reasked():
+    with FakeOpenAI([cut(as_json(GOOD)), reply(as_json(GOOD))]) as server:
+        oracle = oracle_for(server, max_reasks=1)
+        population = oracle.initialize(CTX, K)
+    assert_valid(population)
+    assert [CTX.canonical(p) for p in population] == [CTX.canonical(g) for g in GOOD]  # the second reply
+    assert oracle.calls == 2 and oracle.fallbacks == 0  # the cut one counted for nothing
+
+
+def test_schema_form_is_found_once_per_server():
+    """llama-cpp-python rejects json_schema with a 500 but takes json_object with a schema: the
+    transport learns that once, and sends the form that works from then on."""
+    with FakeOpenAI([like_llama_cpp_python(as_json(GOOD))]) as server:
+        oracle = oracle_for(server, max_reasks=0)
+        assert_valid(oracle.initialize(CTX, K))
+        assert_valid(oracle.evolve(CTX, [(r, 1.0) for r in GOOD], 0, 1, generation=1) + GOOD, n=4)
+    sent = [r.body["response_format"] for r in server.requests]
+    assert [f["type"] for f in sent] == ["json_schema", "json_object", "json_object"]
+    assert all("schema" in f for f in sent[1:])
 
 
 def test_server_without_json_mode():
@@ -137,8 +164,9 @@ def test_server_without_json_mode():
         oracle = oracle_for(server, max_reasks=0)
         assert_valid(oracle.initialize(CTX, K))
         assert_valid(oracle.evolve(CTX, [(r, 1.0) for r in GOOD], 0, 1, generation=1) + GOOD, n=4)
-    sent_format = ["response_format" in r.body for r in server.requests]
-    assert sent_format == [True, False, False]  # rejected once, then never sent again
+    sent_format = [(r.body.get("response_format") or {}).get("type") for r in server.requests]
+    # every form rejected once (schema, schema as llama-cpp-python takes it, JSON mode), then never sent again
+    assert sent_format == ["json_schema", "json_object", "json_object", None, None]
 
 
 def test_unreachable_server():

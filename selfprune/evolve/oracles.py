@@ -14,16 +14,18 @@ distinct ones (a tiny search space).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Hashable, Protocol
 
 from ..allocation import project_to_mean
 from ..errors import UserError
-from ..hashing import content_hash
+from ..hashing import content_hash, stable_json
 from ..registry import Registry
 from . import prompts
 from .replies import parse_candidates, repair
@@ -219,6 +221,8 @@ class ChatRequest:
     seed: int
     attempt: int
     json_mode: bool
+    max_tokens: int | None = None
+    schema: str | None = None  # the reply's JSON Schema, as canonical JSON (hashable, part of the key)
 
     def to_dict(self) -> dict:
         return {
@@ -229,18 +233,51 @@ class ChatRequest:
             "seed": self.seed,
             "attempt": self.attempt,
             "json_mode": self.json_mode,
+            "max_tokens": self.max_tokens,
+            "schema": self.schema,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChatRequest":
         return cls(**{**d, "messages": tuple((m["role"], m["content"]) for m in d["messages"])})
 
+    def response_formats(self) -> list[dict | None]:
+        """The ways to ask for this reply's shape, most constrained first: a JSON Schema as OpenAI,
+        vLLM, Ollama and llama.cpp's server take it; as llama-cpp-python takes it; plain JSON mode;
+        nothing (the reply parser copes with prose)."""
+        if not self.json_mode:
+            return [None]
+        schema = json.loads(self.schema) if self.schema else None
+        tried: list[dict | None] = []
+        if schema is not None:
+            tried += [{"type": "json_schema", "json_schema": {"name": "candidates", "schema": schema}},
+                      {"type": "json_object", "schema": schema}]
+        return tried + [{"type": "json_object"}, None]
+
     def api_messages(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
 
 
-Transport = Callable[[ChatRequest], str]
+# A transport sends one request and returns the reply's text: "" for an unusable reply (empty, or
+# cut at max_tokens), None when the server did not answer within the timeout. It raises
+# OracleUnavailable only when the server cannot be used at all.
+Transport = Callable[[ChatRequest], "str | None"]
 
+
+def rates_schema(count: int, n_layers: int, p_max: float) -> dict:
+    """The JSON Schema of a reply holding ``count`` rate vectors of ``n_layers`` entries in [0, p_max]."""
+    vector = {"type": "array", "minItems": n_layers, "maxItems": n_layers,
+              "items": {"type": "number", "minimum": 0, "maximum": p_max}}
+    return {"type": "object", "properties": {"rates": {"type": "array", "minItems": count, "maxItems": count,
+                                                       "items": vector}},
+            "required": ["rates"], "additionalProperties": False}
+
+
+def reply_budget(count: int, n_layers: int) -> int:
+    """max_tokens for a reply of ``count`` vectors of ``n_layers`` rates: about 8 tokens per number
+    (digits, separator, spaces) with room for the JSON around it. A reply cut at the limit is
+    invalid and re-asked, never waited out."""
+    return 256 + 8 * count * n_layers
 
 class LLMOracle:
     """Self-Pruner's oracle: the paper's prompts sent through an injected ``transport``.
@@ -253,8 +290,15 @@ class LLMOracle:
     ``fallbacks``, so a poor model degrades the search visibly instead of stopping it. Only a
     transport failure (:class:`OracleUnavailable`) stops it.
 
+    Every request carries ``max_tokens`` (``max_tokens``, else :func:`reply_budget` of what it
+    asks for) and the JSON Schema of the expected reply. A request the server did not answer in
+    time is never sent again: the step falls back to ``fallback`` at once (counted in
+    ``timeouts``). With ``strict`` (paper-faithful runs) any fallback raises
+    :class:`OracleUnavailable` instead.
+
     Counters: ``calls`` (requests made), ``fallbacks`` (vectors the GA supplied), ``rejected``
-    (vectors of wrong length or non-finite), ``duplicates`` (vectors dropped as repeats).
+    (vectors of wrong length or non-finite), ``duplicates`` (vectors dropped as repeats),
+    ``timeouts`` (requests without an answer in time).
     """
 
     def __init__(
@@ -266,6 +310,8 @@ class LLMOracle:
         max_reasks: int = 2,
         json_mode: bool = True,
         fallback: GAOracle | None = None,
+        max_tokens: int | None = None,
+        strict: bool = False,
     ) -> None:
         self.model = model
         self.transport = transport
@@ -274,10 +320,13 @@ class LLMOracle:
         self.max_reasks = max_reasks
         self.json_mode = json_mode
         self.fallback = fallback or GAOracle()
+        self.max_tokens = max_tokens
+        self.strict = strict
         self.calls = 0
         self.fallbacks = 0
         self.rejected = 0
         self.duplicates = 0
+        self.timeouts = 0
 
     def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
         prompt = partial(
@@ -306,6 +355,12 @@ class LLMOracle:
         return out
 
     def _fill(self, children: list[list[float]]) -> list[list[float]]:
+        if children and self.strict:
+            raise OracleUnavailable(
+                f"the oracle {self.model!r} left {len(children)} candidate(s) of a step without a valid reply "
+                "(invalid, cut or late replies) and --oracle-strict forbids the GA fallback: use a stronger "
+                "model, raise --oracle-timeout / --oracle-max-tokens, or drop --oracle-strict"
+            )
         self.fallbacks += len(children)
         return children
 
@@ -332,9 +387,15 @@ class LLMOracle:
                 seed=int(content_hash(ctx.seed, op, generation, attempt), 16) % 2**31,
                 attempt=attempt,
                 json_mode=self.json_mode,
+                max_tokens=self.max_tokens or reply_budget(missing, ctx.n_layers),
+                schema=stable_json(rates_schema(missing, ctx.n_layers, ctx.p_max)) if self.json_mode else None,
             )
             self.calls += 1
-            valid, rejected = repair(parse_candidates(self.transport(request), ctx.n_layers), ctx.n_layers, ctx.beta, ctx.p_max)
+            text = self.transport(request)
+            if text is None:  # no answer in time: asking again would queue behind a busy server
+                self.timeouts += 1
+                break
+            valid, rejected = repair(parse_candidates(text, ctx.n_layers), ctx.n_layers, ctx.beta, ctx.p_max)
             self.rejected += rejected
             for rates in valid:
                 if len(accepted) == need:
@@ -353,19 +414,26 @@ def openai_transport(
 ) -> Transport:
     """A transport through the official ``openai`` client, for OpenAI or any compatible server.
 
-    The key comes from the environment (``api_key_env``); a local server (vLLM, Ollama) given by
-    ``base_url`` needs none, so the placeholder "EMPTY" is used there. The client is built on the
-    first call, so a run whose every call is already cached needs neither key nor server.
-    Transient failures (connection, timeout, 408/409/429/5xx) are retried by the client itself
-    with exponential backoff, ``max_retries`` times, each try bounded by ``timeout`` seconds.
-    JSON mode is requested when asked; a server that rejects ``response_format`` with HTTP 400
-    is asked once more without it, and not asked with it again. Failures that remain become
-    :class:`OracleUnavailable`; the key never appears in their message.
+    The key comes from the environment (``api_key_env``); a local server (vLLM, Ollama, llama.cpp)
+    given by ``base_url`` needs none, so the placeholder "EMPTY" is used there. The client is built
+    on the first call, so a run whose every call is already cached needs neither key nor server.
+
+    * **Reply shape.** The request's :meth:`ChatRequest.response_formats` are tried in order; one a
+      server rejects (HTTP 400/422, or a 500 that names the format) is not sent to that server and
+      model again: the working form is found once and remembered.
+    * **Bounded.** ``max_tokens`` is sent; a reply cut at it (``finish_reason == "length"``) is
+      returned as "" (invalid: re-asked by the oracle, never waited out).
+    * **Timeouts are not re-sent.** A server still generating would only queue the copy (llama.cpp
+      keeps generating for a client that gave up): a request not answered within ``timeout``
+      seconds returns None, and the oracle falls back for that step.
+    * **Transient failures** (connection errors, 408/409/429/5xx) are retried ``max_retries`` times
+      with backoff (the server's ``retry-after`` when it gives one). What remains, and 401/403/404
+      at once, becomes :class:`OracleUnavailable`, whose message never holds the key.
     """
     import openai  # here, not at the top: importing it is slow and only this oracle needs it
 
     where = base_url or "https://api.openai.com/v1"
-    state: dict = {"client": None, "key": "", "json_ok": True}
+    state: dict = {"client": None, "key": "", "format": {}}
 
     def client() -> openai.OpenAI:
         if state["client"] is None:
@@ -376,61 +444,88 @@ def openai_transport(
                     "OpenAI-compatible server (vLLM, Ollama) with its base URL"
                 )
             state["key"] = key
-            state["client"] = openai.OpenAI(api_key=key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=max_retries)
+            state["client"] = openai.OpenAI(api_key=key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=0)
         return state["client"]
 
     def scrub(text: str) -> str:
         text = text[:300]
         return text.replace(state["key"], "***") if state["key"] else text
 
-    def send(request: ChatRequest) -> str:
-        create = client().chat.completions.create
-        kwargs = dict(
-            model=request.model,
-            messages=request.api_messages(),
-            temperature=request.temperature,
-            seed=request.seed,
-        )
+    def rejects_format(e: openai.APIStatusError) -> bool:
+        return e.status_code in (400, 422) or (e.status_code == 500 and any(
+            word in str(e.message).lower() for word in ("json", "schema", "response_format", "grammar")))
+
+    def backoff(attempt: int, e: Exception) -> None:
+        headers = getattr(getattr(e, "response", None), "headers", None) or {}
         try:
-            if request.json_mode and state["json_ok"]:
-                try:
-                    response = create(**kwargs, response_format={"type": "json_object"})
-                except openai.BadRequestError:
-                    response = create(**kwargs)
-                    state["json_ok"] = False
-            else:
-                response = create(**kwargs)
-        except openai.APITimeoutError:
-            raise OracleUnavailable(
-                f"oracle at {where} did not answer within {timeout}s, {max_retries + 1} tries: "
-                "check that the server is up and not overloaded, or raise the oracle timeout"
-            ) from None
-        except openai.APIConnectionError:
-            raise OracleUnavailable(
-                f"oracle at {where} could not be reached ({max_retries + 1} tries): start the server or fix the oracle base URL"
-            ) from None
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise OracleUnavailable(
-                f"oracle at {where} refused the API key (HTTP {e.status_code}): set a valid key in ${api_key_env}"
-            ) from None
-        except openai.NotFoundError:
-            raise OracleUnavailable(
-                f"oracle at {where} does not serve model {request.model!r} (HTTP 404): "
-                "check the model name after 'openai:' and the base URL"
-            ) from None
-        except openai.APIStatusError as e:
-            raise OracleUnavailable(
-                f"oracle at {where} answered HTTP {e.status_code} ({scrub(e.message)}); transient errors were "
-                f"retried {max_retries} times: check the server's log and the request limits, or retry later"
-            ) from None
-        except openai.APIError as e:
-            raise OracleUnavailable(
-                f"oracle at {where} sent an unusable response ({scrub(str(e))}): check that it speaks "
-                "the OpenAI chat-completions API"
-            ) from None
+            wait = float(headers["retry-after-ms"]) / 1000 if "retry-after-ms" in headers else float(headers["retry-after"])
+        except (KeyError, ValueError):
+            wait = 0.5 * 2**attempt
+        time.sleep(min(max(wait, 0.0), 30.0))
+
+    def call(kwargs: dict):
+        """One request, with retries of transient failures; None on a timeout."""
+        for attempt in range(max_retries + 1):
+            last = attempt == max_retries
+            try:
+                return client().chat.completions.create(**kwargs)
+            except openai.APITimeoutError:
+                return None
+            except openai.APIConnectionError as e:
+                if last:
+                    raise OracleUnavailable(
+                        f"oracle at {where} could not be reached ({max_retries + 1} tries): start the server or fix "
+                        "the oracle base URL"
+                    ) from None
+                backoff(attempt, e)
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise OracleUnavailable(
+                    f"oracle at {where} refused the API key (HTTP {e.status_code}): set a valid key in ${api_key_env}"
+                ) from None
+            except openai.NotFoundError:
+                raise OracleUnavailable(
+                    f"oracle at {where} does not serve model {kwargs['model']!r} (HTTP 404): "
+                    "check the model name after 'openai:' and the base URL"
+                ) from None
+            except openai.APIStatusError as e:
+                if "response_format" in kwargs and rejects_format(e):
+                    raise
+                if last or e.status_code not in (408, 409, 429) and e.status_code < 500:
+                    raise OracleUnavailable(
+                        f"oracle at {where} answered HTTP {e.status_code} ({scrub(str(e.message))}); transient errors "
+                        f"were retried {max_retries} times: check the server's log and the request limits, or retry later"
+                    ) from None
+                backoff(attempt, e)
+            except openai.APIError as e:
+                raise OracleUnavailable(
+                    f"oracle at {where} sent an unusable response ({scrub(str(e))}): check that it speaks "
+                    "the OpenAI chat-completions API"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def send(request: ChatRequest) -> str | None:
+        kwargs: dict = dict(model=request.model, messages=request.api_messages(), temperature=request.temperature,
+                            seed=request.seed)
+        if request.max_tokens:
+            kwargs["max_tokens"] = request.max_tokens
+        formats = request.response_formats()
+        remembered = (request.model, len(formats))
+        for i in range(state["format"].get(remembered, 0), len(formats)):
+            fmt = formats[i]
+            try:
+                response = call(kwargs | ({"response_format": fmt} if fmt else {}))
+            except openai.APIStatusError:  # this server rejects that form: try the next, and remember
+                continue
+            state["format"][remembered] = i
+            break
+        if response is None:
+            return None
         if not response.choices:
             return ""
-        return response.choices[0].message.content or ""
+        choice = response.choices[0]
+        if choice.finish_reason == "length":
+            return ""
+        return choice.message.content or ""
 
     return send
 
@@ -440,34 +535,36 @@ class OracleKind:
     """A registered oracle: how it is written on the command line, and how it is built.
 
     ``usage`` is ``NAME`` or ``NAME:ARG`` (the spec then must carry an argument, such as the
-    served model of ``openai:MODEL``). ``build(arg, base_url, transport)`` returns the oracle.
+    served model of ``openai:MODEL``). ``build(arg, base_url, transport, **options)`` returns the
+    oracle (options it does not use are ignored).
     """
 
     usage: str
-    build: Callable[[str, str | None, Transport | None], Oracle]
+    build: Callable[..., Oracle]
 
     @property
     def takes_argument(self) -> bool:
         return ":" in self.usage
 
 
-def _openai(model: str, base_url: str | None, transport: Transport | None) -> Oracle:
+def _openai(model: str, base_url: str | None, transport: Transport | None, **options) -> Oracle:
     where = base_url or "https://api.openai.com/v1"
-    return LLMOracle(model, transport or openai_transport(base_url), backend=f"openai@{where}")
+    return LLMOracle(model, transport or openai_transport(base_url), backend=f"openai@{where}", **options)
 
 
 ORACLES: Registry[OracleKind] = Registry("oracle")
-ORACLES.register("ga", OracleKind("ga", lambda arg, base_url, transport: GAOracle()))
-ORACLES.register("random", OracleKind("random", lambda arg, base_url, transport: RandomOracle()))
+ORACLES.register("ga", OracleKind("ga", lambda arg, base_url, transport, **_: GAOracle()))
+ORACLES.register("random", OracleKind("random", lambda arg, base_url, transport, **_: RandomOracle()))
 ORACLES.register("openai", OracleKind("openai:MODEL", _openai))
 
 
-def make_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None) -> Oracle:
+def make_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None, **options) -> Oracle:
     """Build an oracle from its command-line spec, ``NAME`` or ``NAME:ARG`` ("ga", "random",
     "openai:MODEL", or any registered in :data:`ORACLES`).
 
     ``base_url`` points "openai:MODEL" at a compatible server; it is part of the backend name,
     hence of every request's cache key. ``transport`` replaces the network (tests, caching).
+    ``options`` go to the oracle (the LLM oracle's ``max_tokens`` and ``strict``; others ignore them).
     """
     name, colon, arg = spec.partition(":")
     kind = ORACLES.get(name) if name in ORACLES else None
@@ -477,4 +574,4 @@ def make_oracle(spec: str, base_url: str | None = None, transport: Transport | N
             f"unknown oracle {spec!r}; choose one of {choices} "
             "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama base URL)"
         )
-    return kind.build(arg.strip(), base_url, transport)
+    return kind.build(arg.strip(), base_url, transport, **options)

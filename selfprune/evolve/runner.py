@@ -96,7 +96,8 @@ def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None
     params = SearchParams(population=config.population, mutations=config.mutations, crossovers=config.crossovers,
                           generations=config.generations, seed=config.seed, random_init=config.random_init,
                           no_mutation=config.no_mutation, no_crossover=config.no_crossover)
-    return ctx, params, make_oracle(config.oracle, config.base_url, transport)
+    return ctx, params, make_oracle(config.oracle, config.base_url, transport,
+                                    max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict)
 
 
 def _member(arch: Arch, rates: list[float], record: dict) -> dict:
@@ -162,6 +163,8 @@ def run(
         **totals,
         "oracle_calls": getattr(oracle, "calls", 0),
         "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
+        "oracle_timeouts": getattr(oracle, "timeouts", 0),
+        "oracle_rejected": getattr(oracle, "rejected", 0),
         "wall_s": round(time.perf_counter() - start, 2),
         "history": [{"generation": h.generation, "best": h.best, "mean": h.mean} for h in result.history],
         "model_fingerprint": setup.model_fp,
