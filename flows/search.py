@@ -23,7 +23,7 @@ from selfprune.arch import Arch
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
-from selfprune.evolve.oracles import ChatRequest
+from selfprune.evolve.oracles import ChatRequest, Reply
 from selfprune.models import model_fingerprint
 from selfprune.tasks.oracle import oracle_call
 from selfprune.tasks.pruning import capture_statistics, score_candidate
@@ -61,10 +61,10 @@ def search(config: SearchConfig) -> dict:
             f.wait()
         return [f.state.result() | {"cached": f.state.name == "Cached"} for f in futures]
 
-    def transport(request: ChatRequest) -> str:
+    def transport(request: ChatRequest) -> Reply:
         state = oracle_call(request.to_dict(), config.base_url, config.oracle_timeout, return_state=True)
         calls["oracle_replays" if state.name == "Cached" else "oracle_calls"] += 1
-        return state.result()
+        return Reply.from_dict(state.result())
 
     key = _artifact_key(config)
     progress = create_progress_artifact(0.0, key=f"{key}-progress", description="generations done")
@@ -72,7 +72,10 @@ def search(config: SearchConfig) -> dict:
     def publish(g: runner.GenerationReport) -> None:
         rows = [{"rates": fmt_rates(r["rates"]), "kept_params": r["kept_params"], "fitness": round(r["fitness"], 4),
                  "origin": "cache" if r["cached"] else config.oracle} for r in g.rows]
-        create_table_artifact(rows, key=f"{key}-gen-{g.index}", description=f"generation {g.index}: {len(rows)} candidates")
+        replies = "" if g.oracle is None else "; oracle replies so far: " + ", ".join(
+            f"{n} {kind}" for kind, n in g.oracle["replies"].items()) + f", {g.oracle['fallbacks']} GA fallbacks"
+        create_table_artifact(rows, key=f"{key}-gen-{g.index}",
+                              description=f"generation {g.index}: {len(rows)} candidates{replies}")
         create_markdown_artifact(best_markdown(g.index, g.population[0], setup.arch.n_layers), key=f"{key}-best")
         update_progress_artifact(progress, 100.0 * (g.index + 1) / (g.generations + 1))
         logger.info(f"generation {g.index}/{g.generations}: best {g.best:.3f}, mean {g.mean:.3f} | "

@@ -17,6 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 
+def _comma_separated(value):
+    """``0.3,0.5`` and ``["0.3", "0.5"]`` alike: list options take both forms on the command line."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        return value
+    parts = [p for item in items for p in (item.split(",") if isinstance(item, str) else [item])]
+    return [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
+
+
 class RunConfig(BaseModel):
     """What every run names: the model, the data, the pruning method, the precision."""
 
@@ -53,12 +62,19 @@ class SearchConfig(RunConfig):
     oracle_timeout: float = Field(120.0, gt=0, description="seconds an oracle request may take; a late one is not re-sent")
     oracle_max_tokens: int = Field(0, ge=0, description="reply token limit per oracle request (0: from the expected answer)")
     oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA offspring")
+    oracle_prices: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=list, min_length=0, max_length=2,
+        description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
+
+    _lists = field_validator("oracle_prices", mode="before")(_comma_separated)
 
     @model_validator(mode="after")
     def _ratio_within_p_max(self) -> "SearchConfig":
         if self.ratio > self.p_max:
             raise ValueError(f"ratio {self.ratio} exceeds p_max {self.p_max}: lower --ratio or raise --p-max")
+        if len(self.oracle_prices) == 1:
+            raise ValueError("--oracle-prices takes two numbers: USD per million prompt tokens, then completion tokens")
         return self
 
 
@@ -83,16 +99,7 @@ class ReportConfig(RunConfig):
     eval_batch_size: int = Field(8, ge=1, description="lm-eval batch")
     out: str = Field("runs/report", description="report directory (report.md, report.html, plots)")
 
-    @field_validator("ratios", "tasks", mode="before")
-    @classmethod
-    def _comma_separated(cls, value):
-        """``0.3,0.5`` and ``["0.3", "0.5"]`` alike: the CLI takes both forms."""
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            return value
-        parts = [p for item in items for p in (item.split(",") if isinstance(item, str) else [item])]
-        return [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
-
+    _lists = field_validator("ratios", "tasks", mode="before")(_comma_separated)
 
 def build_config(cls: type[RunConfig], **values) -> RunConfig:
     """Build a config, turning pydantic's errors into one :class:`UserError` that names each bad

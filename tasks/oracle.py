@@ -19,8 +19,8 @@ def _transport(base_url: str | None, timeout: float, max_retries: int) -> Transp
     return openai_transport(base_url, timeout=timeout, max_retries=max_retries)
 
 
-@cached_task(key_fn=lambda request, **_: request, version="2", task_run_name="oracle-call")
-def oracle_call(request: dict, base_url: str | None = None, timeout: float = 120.0, max_retries: int = 4) -> str | None:
-    """Send one chat request and return the reply's text ("" if unusable; None if it came too late,
-    which is cached too, so a resumed search falls back at the same step)."""
-    return _transport(base_url, timeout, max_retries)(ChatRequest.from_dict(request))
+@cached_task(key_fn=lambda request, **_: request, version="3", task_run_name="oracle-call")
+def oracle_call(request: dict, base_url: str | None = None, timeout: float = 120.0, max_retries: int = 4) -> dict:
+    """Send one chat request and return its :class:`Reply` as a dict. A late reply (no text) is
+    cached too, so a resumed search falls back at the same step and follows the same path."""
+    return _transport(base_url, timeout, max_retries)(ChatRequest.from_dict(request)).to_dict()

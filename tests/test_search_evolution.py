@@ -15,6 +15,7 @@ from selfprune.evolve.oracles import (
     GAOracle,
     LLMOracle,
     RandomOracle,
+    Reply,
     SearchContext,
     make_oracle,
 )
@@ -189,9 +190,9 @@ def test_paper_budget_is_430_evaluations():
 def scripted(*replies):
     requests: list[ChatRequest] = []
 
-    def transport(request: ChatRequest) -> str:
+    def transport(request: ChatRequest) -> Reply:
         requests.append(request)
-        return replies[min(len(requests), len(replies)) - 1]
+        return Reply(replies[min(len(requests), len(replies)) - 1])
 
     return transport, requests
 
@@ -208,6 +209,9 @@ def test_llm_oracle_reasks_then_falls_back():
     assert [r.attempt for r in requests] == [0, 1, 2]
     assert len({content_hash(r) for r in requests}) == 3
     assert "generate 4 valid" in requests[0].messages[0][1] and "generate 2 valid" in requests[1].messages[0][1]
+    # the first reply was usable as sent, "no idea" held nothing, the short vector was rejected
+    assert oracle.replies == {"valid": 1, "repaired": 0, "invalid": 2, "cut": 0, "late": 0} and oracle.reasks == 2
+    assert [r.max_tokens for r in requests] == [256 + 8 * 4 * 6, 256 + 8 * 2 * 6, 256 + 8 * 2 * 6]
 
 
 def test_llm_oracle_evolve_drops_population_duplicates():

@@ -127,7 +127,7 @@ def test_a_late_reply_is_never_resent_and_the_step_falls_back():
         population = oracle.initialize(CTX, K)
         assert len(server.requests) == 1
     assert_valid(population)
-    assert oracle.timeouts == 1 and oracle.fallbacks == K and time.monotonic() - start < 2
+    assert oracle.replies["late"] == 1 and oracle.fallbacks == K and time.monotonic() - start < 2
 
 
 def test_strict_oracle_fails_instead_of_falling_back():
@@ -145,6 +145,10 @@ def test_a_reply_cut_at_max_tokens_is_invalid_and_reasked():
     assert_valid(population)
     assert [CTX.canonical(p) for p in population] == [CTX.canonical(g) for g in GOOD]  # the second reply
     assert oracle.calls == 2 and oracle.fallbacks == 0  # the cut one counted for nothing
+    assert oracle.accounting() | {"replies": None} == {
+        "calls": 2, "replies": None, "reasks": 1, "fallbacks": 0, "rejected_vectors": 0, "duplicates": 0,
+        "prompt_tokens": 2, "completion_tokens": 2}  # the fake server's usage: 1 + 1 per reply
+    assert oracle.replies == {"valid": 1, "repaired": 0, "invalid": 0, "cut": 1, "late": 0}
 
 
 def test_schema_form_is_found_once_per_server():

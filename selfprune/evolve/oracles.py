@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable, Hashable, Protocol
 
@@ -258,10 +258,31 @@ class ChatRequest:
         return [{"role": role, "content": content} for role, content in self.messages]
 
 
-# A transport sends one request and returns the reply's text: "" for an unusable reply (empty, or
-# cut at max_tokens), None when the server did not answer within the timeout. It raises
-# OracleUnavailable only when the server cannot be used at all.
-Transport = Callable[[ChatRequest], "str | None"]
+@dataclass(frozen=True)
+class Reply:
+    """What a server sent back: the text (None: no answer within the timeout), why generation
+    stopped ("length": cut at ``max_tokens``), and the token counts of the server's ``usage``."""
+
+    text: str | None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Reply":
+        return cls(**d)
+
+
+# A transport sends one request and returns its Reply. It raises OracleUnavailable only when the
+# server cannot be used at all (unreachable, key refused, model unknown, errors past the retries).
+Transport = Callable[[ChatRequest], Reply]
+
+# How each reply of an LLM oracle ended, in best.json and the artifacts: valid as sent, usable after
+# repair, unusable, cut at max_tokens, or not answered in time.
+REPLY_KINDS = ("valid", "repaired", "invalid", "cut", "late")
 
 
 def rates_schema(count: int, n_layers: int, p_max: float) -> dict:
@@ -292,13 +313,13 @@ class LLMOracle:
 
     Every request carries ``max_tokens`` (``max_tokens``, else :func:`reply_budget` of what it
     asks for) and the JSON Schema of the expected reply. A request the server did not answer in
-    time is never sent again: the step falls back to ``fallback`` at once (counted in
-    ``timeouts``). With ``strict`` (paper-faithful runs) any fallback raises
+    time is never sent again: the step falls back to ``fallback`` at once (a "late" reply). With ``strict`` (paper-faithful runs) any fallback raises
     :class:`OracleUnavailable` instead.
 
     Counters: ``calls`` (requests made), ``fallbacks`` (vectors the GA supplied), ``rejected``
     (vectors of wrong length or non-finite), ``duplicates`` (vectors dropped as repeats),
-    ``timeouts`` (requests without an answer in time).
+    ``replies`` (how each reply ended, :data:`REPLY_KINDS`), ``reasks``, and the token counts;
+    :meth:`accounting` gathers them.
     """
 
     def __init__(
@@ -326,7 +347,16 @@ class LLMOracle:
         self.fallbacks = 0
         self.rejected = 0
         self.duplicates = 0
-        self.timeouts = 0
+        self.reasks = 0
+        self.replies = dict.fromkeys(REPLY_KINDS, 0)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def accounting(self) -> dict:
+        """Every counter, for best.json and the artifacts."""
+        return {"calls": self.calls, "replies": dict(self.replies), "reasks": self.reasks, "fallbacks": self.fallbacks,
+                "rejected_vectors": self.rejected, "duplicates": self.duplicates,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
     def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
         prompt = partial(
@@ -391,11 +421,19 @@ class LLMOracle:
                 schema=stable_json(rates_schema(missing, ctx.n_layers, ctx.p_max)) if self.json_mode else None,
             )
             self.calls += 1
-            text = self.transport(request)
-            if text is None:  # no answer in time: asking again would queue behind a busy server
-                self.timeouts += 1
+            self.reasks += attempt > 0
+            reply = self.transport(request)
+            self.prompt_tokens += reply.prompt_tokens
+            self.completion_tokens += reply.completion_tokens
+            if reply.text is None:  # no answer in time: asking again would queue behind a busy server
+                self.replies["late"] += 1
                 break
-            valid, rejected = repair(parse_candidates(text, ctx.n_layers), ctx.n_layers, ctx.beta, ctx.p_max)
+            if reply.finish_reason == "length":  # cut: whatever it holds is not the answer asked for
+                self.replies["cut"] += 1
+                continue
+            parsed = parse_candidates(reply.text, ctx.n_layers)
+            valid, rejected = repair(parsed, ctx.n_layers, ctx.beta, ctx.p_max)
+            self.replies[_reply_kind(parsed, valid, rejected)] += 1
             self.rejected += rejected
             for rates in valid:
                 if len(accepted) == need:
@@ -407,6 +445,16 @@ class LLMOracle:
                 exclude.add(key)
                 accepted.append(rates)
         return accepted
+
+
+def _reply_kind(parsed: list[list[float]], valid: list[list[float]], rejected: int) -> str:
+    """"valid" if every vector was feasible as sent, "repaired" if some were usable only after
+    repair (or some were rejected), "invalid" if none was usable."""
+    if not valid:
+        return "invalid"
+    if rejected or any(abs(a - b) > 1e-9 for p, v in zip(parsed, valid) for a, b in zip(p, v)):
+        return "repaired"
+    return "valid"
 
 
 def openai_transport(
@@ -422,10 +470,10 @@ def openai_transport(
       server rejects (HTTP 400/422, or a 500 that names the format) is not sent to that server and
       model again: the working form is found once and remembered.
     * **Bounded.** ``max_tokens`` is sent; a reply cut at it (``finish_reason == "length"``) is
-      returned as "" (invalid: re-asked by the oracle, never waited out).
+      invalid to the oracle (re-asked, never waited out).
     * **Timeouts are not re-sent.** A server still generating would only queue the copy (llama.cpp
       keeps generating for a client that gave up): a request not answered within ``timeout``
-      seconds returns None, and the oracle falls back for that step.
+      seconds returns ``Reply(None)``, and the oracle falls back for that step.
     * **Transient failures** (connection errors, 408/409/429/5xx) are retried ``max_retries`` times
       with backoff (the server's ``retry-after`` when it gives one). What remains, and 401/403/404
       at once, becomes :class:`OracleUnavailable`, whose message never holds the key.
@@ -503,7 +551,7 @@ def openai_transport(
                 ) from None
         raise AssertionError("unreachable")
 
-    def send(request: ChatRequest) -> str | None:
+    def send(request: ChatRequest) -> Reply:
         kwargs: dict = dict(model=request.model, messages=request.api_messages(), temperature=request.temperature,
                             seed=request.seed)
         if request.max_tokens:
@@ -519,13 +567,14 @@ def openai_transport(
             state["format"][remembered] = i
             break
         if response is None:
-            return None
+            return Reply(None)
+        usage = response.usage
+        tokens = {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
+                  "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
         if not response.choices:
-            return ""
+            return Reply("", None, **tokens)
         choice = response.choices[0]
-        if choice.finish_reason == "length":
-            return ""
-        return choice.message.content or ""
+        return Reply(choice.message.content or "", choice.finish_reason, **tokens)
 
     return send
 

@@ -50,6 +50,7 @@ class GenerationReport:
     population: list[dict]
     evaluated: int
     cached: int
+    oracle: dict | None = None  # the LLM oracle's accounting so far (oracle_accounting)
 
     @property
     def best(self) -> float:
@@ -100,6 +101,18 @@ def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None
                                     max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict)
 
 
+def oracle_accounting(oracle: Oracle, prices: list[float]) -> dict | None:
+    """How the LLM oracle's replies went (None for oracles that send none), and what its tokens
+    cost at ``prices`` (USD per million prompt and completion tokens) when they are given. Replies
+    replayed from the cache count too: this is what the search as a whole asked of the model."""
+    if not hasattr(oracle, "accounting"):
+        return None
+    usage = oracle.accounting()
+    if prices:
+        usage["cost_usd"] = round((prices[0] * usage["prompt_tokens"] + prices[1] * usage["completion_tokens"]) / 1e6, 6)
+    return usage
+
+
 def _member(arch: Arch, rates: list[float], record: dict) -> dict:
     structure = structure_to_json(rates_to_structure(arch, rates))
     return {"rates": rates, "structure": structure, "fitness": record["ppl"],
@@ -143,7 +156,8 @@ def run(
         totals["cache_hits"] += cached
         if on_generation is not None:
             population = [_member(arch, rates, {"ppl": f}) for rates, f in g.population]
-            on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - cached, cached))
+            on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - cached, cached,
+                                           oracle_accounting(oracle, config.oracle_prices)))
 
     result = run_search(oracle, ctx, params, evaluate, hook)
     best = _member(arch, result.best_rates, {"ppl": result.best_fitness})
@@ -163,8 +177,7 @@ def run(
         **totals,
         "oracle_calls": getattr(oracle, "calls", 0),
         "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
-        "oracle_timeouts": getattr(oracle, "timeouts", 0),
-        "oracle_rejected": getattr(oracle, "rejected", 0),
+        "oracle": oracle_accounting(oracle, config.oracle_prices),
         "wall_s": round(time.perf_counter() - start, 2),
         "history": [{"generation": h.generation, "best": h.best, "mean": h.mean} for h in result.history],
         "model_fingerprint": setup.model_fp,
