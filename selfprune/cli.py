@@ -330,6 +330,15 @@ def recover(
                   f"{s['params']:,} params -> {out}")
 
 
+@app.command("demo-gguf")
+def demo_gguf() -> None:
+    """Print the path of the demo model's GGUF (fetched once), to serve it as a local LLM oracle:
+    python -m llama_cpp.server --model "$(selfprune demo-gguf)" --n_ctx 8192 --model_alias smollm2"""
+    from .demo import demo_gguf_path
+
+    print(demo_gguf_path())
+
+
 @app.command("prefect-setup")
 def prefect_setup(
     pool: Annotated[str, typer.Option("--pool", help="process work pool for the deployments")] = "selfprune-process",

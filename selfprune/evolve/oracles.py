@@ -312,14 +312,15 @@ class LLMOracle:
     transport failure (:class:`OracleUnavailable`) stops it.
 
     Every request carries ``max_tokens`` (``max_tokens``, else :func:`reply_budget` of what it
-    asks for) and the JSON Schema of the expected reply. A request the server did not answer in
+    asks for) and, unless ``schema`` is off, the JSON Schema of the expected reply. A request the server did not answer in
     time is never sent again: the step falls back to ``fallback`` at once (a "late" reply). With ``strict`` (paper-faithful runs) any fallback raises
     :class:`OracleUnavailable` instead.
 
     Counters: ``calls`` (requests made), ``fallbacks`` (vectors the GA supplied), ``rejected``
     (vectors of wrong length or non-finite), ``duplicates`` (vectors dropped as repeats),
-    ``replies`` (how each reply ended, :data:`REPLY_KINDS`), ``reasks``, and the token counts;
-    :meth:`accounting` gathers them.
+    ``replies`` (how each reply ended, :data:`REPLY_KINDS`), ``reasks``, the token counts and
+    ``seconds`` spent waiting on the transport (a replayed reply takes none); :meth:`accounting`
+    gathers them.
     """
 
     def __init__(
@@ -333,6 +334,7 @@ class LLMOracle:
         fallback: GAOracle | None = None,
         max_tokens: int | None = None,
         strict: bool = False,
+        schema: bool = True,
     ) -> None:
         self.model = model
         self.transport = transport
@@ -343,6 +345,7 @@ class LLMOracle:
         self.fallback = fallback or GAOracle()
         self.max_tokens = max_tokens
         self.strict = strict
+        self.schema = schema
         self.calls = 0
         self.fallbacks = 0
         self.rejected = 0
@@ -351,12 +354,14 @@ class LLMOracle:
         self.replies = dict.fromkeys(REPLY_KINDS, 0)
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.seconds = 0.0
 
     def accounting(self) -> dict:
         """Every counter, for best.json and the artifacts."""
         return {"calls": self.calls, "replies": dict(self.replies), "reasks": self.reasks, "fallbacks": self.fallbacks,
                 "rejected_vectors": self.rejected, "duplicates": self.duplicates,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "seconds": round(self.seconds, 3)}
 
     def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
         prompt = partial(
@@ -418,11 +423,13 @@ class LLMOracle:
                 attempt=attempt,
                 json_mode=self.json_mode,
                 max_tokens=self.max_tokens or reply_budget(missing, ctx.n_layers),
-                schema=stable_json(rates_schema(missing, ctx.n_layers, ctx.p_max)) if self.json_mode else None,
+                schema=stable_json(rates_schema(missing, ctx.n_layers, ctx.p_max)) if self.json_mode and self.schema else None,
             )
             self.calls += 1
             self.reasks += attempt > 0
+            start = time.perf_counter()
             reply = self.transport(request)
+            self.seconds += time.perf_counter() - start
             self.prompt_tokens += reply.prompt_tokens
             self.completion_tokens += reply.completion_tokens
             if reply.text is None:  # no answer in time: asking again would queue behind a busy server

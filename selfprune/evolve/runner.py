@@ -98,7 +98,8 @@ def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None
                           generations=config.generations, seed=config.seed, random_init=config.random_init,
                           no_mutation=config.no_mutation, no_crossover=config.no_crossover)
     return ctx, params, make_oracle(config.oracle, config.base_url, transport,
-                                    max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict)
+                                    max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict,
+                                    schema=config.oracle_schema)
 
 
 def oracle_accounting(oracle: Oracle, prices: list[float]) -> dict | None:

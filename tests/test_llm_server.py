@@ -1,0 +1,77 @@
+"""The LLM oracle against a real OpenAI-compatible server: llama-cpp-python serving the demo's own
+GGUF (SmolLM2-135M), a short search on the tiny model. It must finish, account for every reply,
+and never wait on a request longer than the oracle timeout. Needs ``.[llm-server]``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from selfprune.config import SearchConfig
+
+pytestmark = [pytest.mark.demo, pytest.mark.llm_server]
+TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def llm_server(tmp_path_factory):
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: pip install -e '.[llm-server]'")
+    from conftest import REAL_HOME, environ
+
+    from selfprune.demo import demo_gguf_path
+
+    with environ(SELFPRUNE_HOME=str(REAL_HOME)):
+        gguf = demo_gguf_path()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("llm") / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                               "--port", str(port), "--n_ctx", "8192", "--model_alias", "smollm2"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_a_search_with_a_real_llm_oracle_finishes_and_accounts_for_every_reply(prefect_api, llm_server, tiny_workspace,
+                                                                                tmp_path, monkeypatch):
+    from selfprune.flows.search import search
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    config = SearchConfig(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.3,
+                          oracle="openai:smollm2", base_url=llm_server, population=4, mutations=2, crossovers=2,
+                          generations=2, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=4, test_windows=4,
+                          oracle_timeout=TIMEOUT_S, device="cpu", out=str(tmp_path / "run"))
+    start = time.monotonic()
+    summary = search(config)
+    wall = time.monotonic() - start
+    oracle = summary["oracle"]
+    assert summary["evaluations"] + summary["cache_hits"] == 4 + 2 * (2 + 2)
+    assert sum(oracle["replies"].values()) == oracle["calls"] == summary["oracle_calls"] >= 3
+    assert oracle["completion_tokens"] > 0 and oracle["prompt_tokens"] > oracle["completion_tokens"]
+    # bounded: no request can have waited past the timeout, and none was re-sent after one
+    assert wall < oracle["calls"] * TIMEOUT_S + 120
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["oracle"] == oracle
+    assert oracle["seconds"] <= oracle["calls"] * TIMEOUT_S
