@@ -107,7 +107,10 @@ def _config_command(model_cls: type[BaseModel], run):
         is_list = get_origin(f.annotation) is list
         default = None if is_list else f.get_default(call_default_factory=True)
         kind = list[str] | None if is_list else f.annotation  # a list option repeats, and takes "a,b" too
-        option = typer.Option(cli_flag(model_cls, name), help=f.description + (" (repeatable)" if is_list else ""),
+        flag = cli_flag(model_cls, name)
+        if f.annotation is bool and default:  # a switch that is on by default also needs its off form
+            flag = f"{flag}/--no-{flag[2:]}"
+        option = typer.Option(flag, help=f.description + (" (repeatable)" if is_list else ""),
                               metavar="A,B" if is_list else None, show_default=not is_list)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[kind, option]))
