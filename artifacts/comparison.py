@@ -66,6 +66,20 @@ def rates_lines(rows: list[dict]) -> list[tuple[str, str]]:
             if r["method"] != "dense"]
 
 
+def oracle_lines(rows: list[dict]) -> list[tuple[str, str]]:
+    """How each searched allocation's LLM oracle did: replies by outcome, fallbacks, tokens, cost."""
+    lines = []
+    for r in sort_rows(rows):
+        o = r.get("oracle")
+        if o:
+            replies = ", ".join(f"{n} {kind}" for kind, n in o["replies"].items())
+            cost = f", ${o['cost_usd']:.4f}" if "cost_usd" in o else ""
+            lines.append((f"{r['label']} @ {_ratio(r['ratio'])}",
+                          f"{o['calls']} requests ({replies}), {o['reasks']} re-asks, {o['fallbacks']} GA fallbacks, "
+                          f"{o['prompt_tokens']:,} prompt + {o['completion_tokens']:,} completion tokens{cost}"))
+    return lines
+
+
 def markdown(rows: list[dict], tasks: list[str], meta: dict, plots: dict[str, str] | None = None) -> str:
     """The report as Markdown; ``plots`` maps a caption to an image path (relative to the file)."""
     header, cells = table(rows, tasks)
@@ -75,6 +89,8 @@ def markdown(rows: list[dict], tasks: list[str], meta: dict, plots: dict[str, st
     out += ["| " + " | ".join(c) + " |" for c in cells]
     out += ["", "## Per-layer rates", ""]
     out += [f"- {name}: `{rates}`" for name, rates in rates_lines(rows)]
+    if oracle_lines(rows):
+        out += ["", "## LLM oracle replies", ""] + [f"- {name}: {text}" for name, text in oracle_lines(rows)]
     for caption, path in (plots or {}).items():
         out += ["", f"![{caption}]({path})"]
     return "\n".join(out) + "\n"
@@ -102,6 +118,10 @@ def html_report(rows: list[dict], tasks: list[str], meta: dict, pngs: dict[str, 
     parts.append("</tbody></table><h2>Per-layer rates</h2><ul>")
     parts += [f"<li>{e(name)}: <code>{e(rates)}</code></li>" for name, rates in rates_lines(rows)]
     parts.append("</ul>")
+    if oracle_lines(rows):
+        parts.append("<h2>LLM oracle replies</h2><ul>")
+        parts += [f"<li>{e(name)}: {e(text)}</li>" for name, text in oracle_lines(rows)]
+        parts.append("</ul>")
     for caption, png in pngs.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"

@@ -112,3 +112,22 @@ def test_bad_report_input_exits_2(extra, message, searches, tiny_workspace, tmp_
     extra = [a.replace("{missing}", str(tmp_path / "missing.json")) for a in extra]
     code, _, err = run_cli(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "bad"), *extra)
     assert code == 2 and message in err.replace("\n", " ") and "Traceback" not in err, err[-2000:]
+
+
+def test_report_shows_each_llm_search_oracle_accounting():
+    from selfprune.artifacts.comparison import html_report, markdown
+
+    oracle = {"calls": 12, "replies": {"valid": 2, "repaired": 8, "invalid": 1, "cut": 1, "late": 0}, "reasks": 3,
+              "fallbacks": 4, "prompt_tokens": 5000, "completion_tokens": 900, "cost_usd": 0.0215}
+    row = {"label": "search", "method": "search", "ratio": 0.5, "rates": [0.5, 0.5], "realized_ratio": 0.5,
+           "kept_params": 10, "ppl": 12.0, "acc": {}, "mean_acc": None, "oracle": oracle}
+    ga_row = row | {"label": "search (ga)", "oracle": None}
+    meta = {"model": "m", "model_fingerprint": "f" * 12, "data": "d", "test_windows": 4, "seqlen": 64, "test_tokens": 252,
+            "lm_eval_version": "x", "tasks": [], "limit": None, "max_length": 256, "samples": 4, "calib_seqlen": 64,
+            "convention": "acc", "stats_key": "s" * 12, "computed": 1, "cached": 0}
+    md = markdown([row, ga_row], [], meta)
+    line = ("- search @ 0.5: 12 requests (2 valid, 8 repaired, 1 invalid, 1 cut, 0 late), 3 re-asks, 4 GA fallbacks, "
+            "5,000 prompt + 900 completion tokens, $0.0215")
+    assert "## LLM oracle replies" in md and line in md and "search (ga) @" not in md.split("## LLM oracle replies")[1]
+    assert "LLM oracle replies" in html_report([row], [], meta, {})
+    assert "LLM oracle replies" not in markdown([ga_row], [], meta)

@@ -127,6 +127,7 @@ class Entry:
     ratio: float | None
     rates: list[float] | None
     structure: list | None
+    oracle: dict | None = None  # a search's LLM-oracle accounting (best.json), if it had one
 
 
 def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
@@ -140,7 +141,7 @@ def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
     for path, best in plan.searches.items():
         r = best["config"]["ratio"]
         label = "search" if per_ratio[r] == 1 else f"search ({Path(path).parent.name})"
-        out.append(Entry(label, "search", r, best["rates"], best["structure"]))
+        out.append(Entry(label, "search", r, best["rates"], best["structure"], best.get("oracle")))
     return out
 
 
@@ -154,6 +155,7 @@ def build_rows(plan: ReportPlan, arch: Arch, allocate: Allocate, evaluate_ppl: E
         keep = dense_structure(arch) if e.structure is None else structure_from_json(e.structure)
         rows.append({
             "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.structure,
+            "oracle": e.oracle,
             "realized_ratio": realized_ratio(arch, keep), "kept_params": kept_params(arch, keep),
             "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"], "windows": ppl["windows"],
             "acc": {t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, "mean_acc": zs["mean_acc"],
