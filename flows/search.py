@@ -79,7 +79,7 @@ def search(config: SearchConfig) -> dict:
         create_markdown_artifact(best_markdown(g.index, g.population[0], setup.arch.n_layers), key=f"{key}-best")
         update_progress_artifact(progress, 100.0 * (g.index + 1) / (g.generations + 1))
         logger.info(f"generation {g.index}/{g.generations}: best {g.best:.3f}, mean {g.mean:.3f} | "
-                    f"{g.evaluated} evaluated, {g.cached} cached")
+                    f"{g.evaluated} evaluated, {g.cached} cached{replies}")
 
     summary = runner.run(config, setup, score, transport, publish) | calls
     runner.write_summary(summary, out)

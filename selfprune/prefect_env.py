@@ -21,8 +21,8 @@ setting's aliases, or in the active profile of their own ``~/.prefect/profiles.t
     Cached tasks use a stricter plain-JSON serializer of their own (``selfprune.tasks.caching``).
     This matters for subflows: when a failed parent flow run is retried, Prefect reuses each
     completed subflow run by reading its persisted result; if that result could not be written,
-    the retry fails ("Path .../results/<uuid> does not exist"). Subflows (one per generation)
-    must therefore return JSON-encodable values (dicts, lists, numbers, store keys).
+    the retry fails ("Path .../results/<uuid> does not exist"). Flows must therefore return
+    JSON-encodable values (dicts, lists, numbers, store keys).
 ``PREFECT_SERVER_ANALYTICS_ENABLED=false``
     No telemetry attempts (they fail, noisily, offline).
 ``PREFECT_SERVER_EPHEMERAL_ENABLED=true`` and ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120``

@@ -69,7 +69,7 @@ def toy_generation(gen: int, per_gen: int, salt: str, counter: str, marker: str)
 
 @flow(name="toy-search")
 def toy_search(gens: int, per_gen: int, salt: str, counter: str, marker: str) -> list[list[dict]]:
-    """A parent flow with a subflow per generation (the shape of the real search flow)."""
+    """A parent flow with a subflow per generation: retrying it reuses completed subflow runs."""
     return [toy_generation(g, per_gen, salt, counter, marker) for g in range(gens)]
 
 
