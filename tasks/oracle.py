@@ -21,6 +21,6 @@ def _transport(base_url: str | None, timeout: float, max_retries: int) -> Transp
 
 @cached_task(key_fn=lambda request, **_: request, version="3", task_run_name="oracle-call")
 def oracle_call(request: dict, base_url: str | None = None, timeout: float = 120.0, max_retries: int = 4) -> dict:
-    """Send one chat request and return its :class:`Reply` as a dict. A late reply (no text) is
-    cached too, so a resumed search falls back at the same step and follows the same path."""
+    """Send one chat request and return its :class:`Reply` as a dict. The search flow replays an
+    answered reply from the cache but asks again where the cached one came too late."""
     return _transport(base_url, timeout, max_retries)(ChatRequest.from_dict(request)).to_dict()

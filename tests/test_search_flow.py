@@ -205,3 +205,19 @@ def test_a_split_too_short_fails_before_the_calibration_pass(prefect_api, tiny_w
                            "--test-windows", "100000", "--device", "cpu", "--out", str(tmp_path / "short"))
     assert code == 2 and "split test" in err and "100000 windows" in err and "retry it with" in err
     assert not list(ArtifactStore().root.rglob("*.safetensors"))  # no statistics were computed
+
+
+def test_a_late_oracle_reply_falls_back_and_is_asked_again_by_a_rerun(prefect_api, tiny_workspace, tmp_path, monkeypatch):
+    from fake_openai_server import slow
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    script = [slow(3.0, _llm_reply(6, 300)), *[reply(_llm_reply(6, 301 + s)) for s in range(20)]]
+    with FakeOpenAI(script) as server:
+        late = run_search(tiny_workspace, tmp_path / "late", oracle="openai:fake-gpt", base_url=server.base_url,
+                          generations=1, oracle_timeout=1.0, seed=11)
+        assert late["oracle"]["replies"]["late"] == 1 and late["oracle_fallbacks"] >= 6  # G_0 came from the GA
+        asked = len(server.requests)
+        again = run_search(tiny_workspace, tmp_path / "again", oracle="openai:fake-gpt", base_url=server.base_url,
+                           generations=1, oracle_timeout=1.0, seed=11)
+    assert server.requests[asked].body == server.requests[0].body  # the late question, asked again
+    assert again["oracle"]["replies"]["late"] == 0 and again["oracle_calls"] >= 1
