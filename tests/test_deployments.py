@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import psutil
 import pytest
 import yaml
 
+from conftest import free_port, wait_until_up
 from fake_openai_server import FakeOpenAI, status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +35,6 @@ ZOMBIE_WINDOW_S = 45  # the shipped file says 120; flow-run heartbeats are every
 TINY = dict(ratio=0.5, oracle="ga", population=6, mutations=2, crossovers=2, generations=2, samples=4,
             calib_seqlen=64, seqlen=64, fitness_windows=4, test_windows=4, device="cpu")
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
@@ -113,7 +107,7 @@ class Stack:
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deployments")
     (tmp / "user").mkdir()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp / "user"), "PREFECT_HOME": str(tmp / "server"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
@@ -122,15 +116,7 @@ def stack(tmp_path_factory):
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     s = Stack(tmp, url, server)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (tmp / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until_up(f"{url}/health", server, tmp / "server.log", timeout=90)
         yield s
     finally:
         s.stop_worker()

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import httpx
 import pytest
 
 from selfprune.config import SearchConfig
@@ -24,30 +23,20 @@ TIMEOUT_S = 60.0
 def llm_server(tmp_path_factory):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed: pip install -e '.[llm-server]'")
-    from conftest import REAL_HOME, environ
+    from conftest import REAL_HOME, environ, free_port, wait_until_up
 
     from selfprune.demo import demo_gguf_path
 
     with environ(SELFPRUNE_HOME=str(REAL_HOME)):
         gguf = demo_gguf_path()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path_factory.mktemp("llm") / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                                "--port", str(port), "--n_ctx", "8192", "--model_alias", "smollm2"],
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
-            time.sleep(0.5)
+        wait_until_up(f"{url}/models", server, Path(log.name), timeout=120)
         yield url
     finally:
         server.terminate()
