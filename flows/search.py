@@ -24,11 +24,10 @@ from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, p
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
 from selfprune.evolve.oracles import ChatRequest, Reply
-from selfprune.models import model_fingerprint
+from selfprune.models import load_tokenizer, model_fingerprint
 from selfprune.tasks.oracle import oracle_call
 from selfprune.tasks.pruning import capture_statistics, score_candidate
 from selfprune.flows.run_info import announce_run
-from selfprune.workbench import shared_model
 
 
 def _artifact_key(config: SearchConfig) -> str:
@@ -43,7 +42,7 @@ def search(config: SearchConfig) -> dict:
     logger = get_run_logger()
     announce_run(logger, "selfprune.flows.search.search")
     runner.check(config)
-    runner.check_windows(config, shared_model(config.model, config.device, config.dtype).tokenizer)
+    runner.check_windows(config, load_tokenizer(config.model))  # the tokenizer only: a cached rerun reads no weights
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     calibration = vars(runner.calibration(config))

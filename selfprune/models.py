@@ -44,6 +44,19 @@ def model_fingerprint(spec: str) -> str:
     return fingerprint(local)
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of ``spec`` alone (any form :func:`load_model` takes): enough to check a
+    run's windows without reading weights, which a fully cached rerun never needs."""
+    from transformers import AutoTokenizer
+
+    source, kwargs, _ = _resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load a tokenizer for {spec!r} ({str(e).splitlines()[0]}); give a local model "
+                        "directory or .gguf file, or a hub id with the hub reachable") from None
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``spec``: ``demo``, a local Hugging Face directory, a ``.gguf`` file (dequantized),
     a selfprune export directory, or a hub id (needs a reachable hub).

@@ -22,9 +22,10 @@ from ..data import split_windows
 from ..devices import precision
 from ..fileio import atomic_write_text
 from ..methods import METHODS
-from ..workbench import Calibration, Scoring, shared_model, shared_workbench
+from ..models import load_tokenizer
+from ..workbench import Calibration, Scoring, shared_workbench
 from .evolution import Generation, SearchParams, run_search
-from .oracles import Oracle, SearchContext, Transport, make_oracle
+from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
 
 # (structures as JSON, split, windows) -> one perplexity record per structure, in order. A record
 # may carry "cached": True when an orchestrator's cache answered instead of a computation.
@@ -73,7 +74,7 @@ def check(config: SearchConfig) -> None:
     """Every check that needs nothing loaded: device and dtype, method and oracle names. Fails fast."""
     precision(config.device, config.dtype)
     METHODS.get(config.method)
-    make_oracle(config.oracle, config.base_url, transport=lambda request: "")
+    make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
 
 
 def check_windows(config: SearchConfig, tokenizer) -> None:
@@ -205,7 +206,7 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     """
     config = build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides))
     check(config)
-    check_windows(config, shared_model(config.model, config.device, config.dtype).tokenizer)
+    check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
     setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
 
