@@ -37,6 +37,21 @@ TINY = dict(ratio=0.5, oracle="ga", population=6, mutations=2, crossovers=2, gen
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+class BusyRetry(httpx.HTTPTransport):
+    """Retries what the server answers while SQLite is busy (503), as Prefect's own client does
+    (``PREFECT_CLIENT_MAX_RETRIES``, ``PREFECT_CLIENT_RETRY_EXTRA_CODES``); the test's raw calls
+    would otherwise fail where every Prefect process just waits."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(5):
+            response = super().handle_request(request)
+            if response.status_code not in (429, 502, 503):
+                return response
+            response.close()
+            time.sleep(2 ** attempt)
+        return super().handle_request(request)
+
+
 class Stack:
     """The server, its URL and the minimal environments of the processes that talk to it."""
 
@@ -44,7 +59,7 @@ class Stack:
         self.tmp, self.url, self.server = tmp, url, server
         self.home = tmp / "user"  # HOME of the worker and the CLI
         self.selfprune_home = self.home / ".cache" / "selfprune"  # prefect.yaml's SELFPRUNE_HOME
-        self.api = httpx.Client(base_url=url, timeout=30)
+        self.api = httpx.Client(base_url=url, timeout=30, transport=BusyRetry())
         self.worker: subprocess.Popen | None = None
         self.worker_logs: list[Path] = []
 
