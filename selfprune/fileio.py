@@ -44,6 +44,20 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def append_line(path: Path | str, line: str) -> None:
+    """Append ``line`` and a newline to a log such as ``evaluations.jsonl``, all or nothing: a write
+    that fails (a full disk) is cut back off, so readers never meet half a line."""
+    with open(path, "ab", buffering=0) as fh:
+        start = os.fstat(fh.fileno()).st_size
+        rest = memoryview(line.encode("utf-8") + b"\n")
+        try:
+            while rest:  # an unbuffered write may write part of it and say so
+                rest = rest[fh.write(rest):]
+        except OSError:
+            os.ftruncate(fh.fileno(), start)
+            raise
+
+
 @contextlib.contextmanager
 def staged_dir(directory: Path | str) -> Iterator[Path]:
     """Yield an empty staging directory inside ``directory`` for writers that emit several files

@@ -25,6 +25,10 @@ setting's aliases, or in the active profile of their own ``~/.prefect/profiles.t
     JSON-encodable values (dicts, lists, numbers, store keys).
 ``PREFECT_SERVER_ANALYTICS_ENABLED=false``
     No telemetry attempts (they fail, noisily, offline).
+``PREFECT_CLIENT_MAX_RETRIES`` from ``SELFPRUNE_API_OUTAGE_S`` (default 300 s)
+    How long a run rides through a Prefect server that is away (a restart, a pod moving): Prefect's
+    client retries every API call with growing waits (2, 4, 8, ... s), so 8 retries cover 300 s
+    (:func:`selfprune.faults.retries_for_outage`). Past that the run ends with one line.
 ``PREFECT_SERVER_EPHEMERAL_ENABLED=true`` and ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120``
     Without ``PREFECT_API_URL`` each process starts its own temporary server (uvicorn + SQLite
     in ``PREFECT_HOME``). Measured on a 2-core machine: 17-23 s for the first flow of a process
@@ -53,6 +57,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": (),
     "PREFECT_RESULTS_DEFAULT_SERIALIZER": (),
     "PREFECT_SERVER_ANALYTICS_ENABLED": (),
+    "PREFECT_CLIENT_MAX_RETRIES": (),
     "PREFECT_SERVER_EPHEMERAL_ENABLED": ("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE",),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": (),
     "PREFECT_LOGGING_LEVEL": (),
@@ -84,11 +89,13 @@ def configure(
     ``env`` defaults to ``os.environ``; pass a copy to build the environment of a subprocess
     without touching this process (nothing is created on disk and Prefect is not refreshed).
     """
-    from selfprune.paths import home as selfprune_home
+    from selfprune.faults import outage_allowance, retries_for_outage
+    from selfprune.paths import root as selfprune_root
+    from selfprune.preflight import ensure_dir
 
     in_process = env is None
     target = os.environ if env is None else env
-    root = Path(home).expanduser().resolve() if home is not None else selfprune_home()
+    root = Path(home).expanduser().resolve() if home is not None else selfprune_root()
 
     explicit = {k for k in _ALIASES for name in (k, *_ALIASES[k]) if target.get(name, "") != ""}
     if user_profiles and not target.get("PREFECT_HOME") and not target.get("PREFECT_PROFILES_PATH"):
@@ -104,6 +111,7 @@ def configure(
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLIENT_MAX_RETRIES": str(retries_for_outage(outage_allowance(target))),
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
@@ -113,9 +121,9 @@ def configure(
     target.update(applied)
 
     if in_process:
-        for key in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH"):
+        for key, what in (("PREFECT_HOME", "Prefect's local database"), ("PREFECT_LOCAL_STORAGE_PATH", "cached task results")):
             if key in applied:
-                Path(applied[key]).mkdir(mode=0o700, parents=True, exist_ok=True)
+                ensure_dir(Path(applied[key]), what, mode=0o700)
         refresh()
     return applied
 

@@ -146,6 +146,35 @@ def set_aside_if_corrupt(key: str) -> None:
                        path, type(exc).__name__, (str(exc).splitlines() or [""])[0][:200], aside.name)
 
 
+def kept_result(state) -> Any:
+    """``state.result()``, once its cached copy is on disk and whole.
+
+    Prefect logs a result it could not write ("Execution will continue, but the result has not
+    been persisted") and goes on; a search that went on without its cache would redo all that work
+    after the next preemption, so a lost write stops the run here, naming the path (and the full
+    disk, when that is the cause)."""
+    from prefect.results import ResultRecord
+
+    from selfprune.errors import EnvironmentFault
+    from selfprune.prefect_env import results_dir
+    from selfprune.preflight import full_device, no_space
+
+    value = state.result()
+    key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
+    if state.name == "Cached" or key is None:
+        return value
+    path = results_dir() / key
+    try:
+        ResultRecord.deserialize(path.read_bytes())
+    except Exception:  # noqa: BLE001 - missing or partial: the write failed
+        full = full_device([path.parent])
+        if full is not None:
+            raise no_space(full, f"the cached result {path.name} could not be written") from None
+        raise EnvironmentFault(f"the cached result {path} could not be written (Prefect's warning above says why); "
+                               "check that directory's disk and permissions, then rerun") from None
+    return value
+
+
 def content_cache(
     key_fn: Optional[Callable[..., Any]] = None,
     *,

@@ -14,6 +14,7 @@ import os
 from selfprune.allocation import structure_from_json
 from selfprune.data import data_fingerprint
 from selfprune.devices import precision
+from selfprune.fileio import append_line
 from selfprune.methods import method_identity
 from selfprune.stats import STATS_VERSION
 from selfprune.workbench import Calibration, Scoring, shared_workbench
@@ -62,6 +63,5 @@ def score_candidate(
     bench = workbench(model, stats_key, calibration, device, dtype, method)
     result = bench.score(structure_from_json(structure), Scoring(**scoring)).to_dict()
     if ledger:
-        with open(ledger, "a") as fh:
-            fh.write(json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid()}) + "\n")
+        append_line(ledger, json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid()}))
     return result

@@ -178,6 +178,45 @@ def wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout: float)
         time.sleep(0.5)
 
 
+class PrefectServer:
+    """A real ``prefect server start`` on a fixed port, in a session of its own, that a test can
+    stop and start again (on the same database, or on a fresh one: a reset)."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, database: str = "server", timeout: float = 90) -> "PrefectServer":
+        import sys
+
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.root / "user"), "PREFECT_HOME": str(self.root / database),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
+        (self.root / "user").mkdir(parents=True, exist_ok=True)
+        self.log = self.root / f"server-{self.starts}.log"
+        self.starts += 1
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until_up(f"{self.url}/health", self.proc, self.log, timeout=timeout)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own session (it and its children), SIGKILL if it lingers."""
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 def stop_api_server() -> None:
     """Stop this process's local Prefect server after its logs have reached it, while pytest's
     streams are still open (left to exit, it logs to a closed stream and to a stopped server)."""

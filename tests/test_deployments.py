@@ -26,7 +26,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import free_port, wait_until_up
+from conftest import PrefectServer
 from fake_openai_server import FakeOpenAI, status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,8 @@ class BusyRetry(httpx.HTTPTransport):
 class Stack:
     """The server, its URL and the minimal environments of the processes that talk to it."""
 
-    def __init__(self, tmp: Path, url: str, server: subprocess.Popen) -> None:
-        self.tmp, self.url, self.server = tmp, url, server
+    def __init__(self, tmp: Path, url: str) -> None:
+        self.tmp, self.url = tmp, url
         self.home = tmp / "user"  # HOME of the worker and the CLI
         self.selfprune_home = self.home / ".cache" / "selfprune"  # prefect.yaml's SELFPRUNE_HOME
         self.api = httpx.Client(base_url=url, timeout=30, transport=BusyRetry())
@@ -121,27 +121,13 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deployments")
-    (tmp / "user").mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp / "user"), "PREFECT_HOME": str(tmp / "server"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
-    log = open(tmp / "server.log", "w")
-    server = subprocess.Popen([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    s = Stack(tmp, url, server)
+    server = PrefectServer(tmp).start()
+    s = Stack(tmp, server.url)
     try:
-        wait_until_up(f"{url}/health", server, tmp / "server.log", timeout=90)
         yield s
     finally:
         s.stop_worker()
-        os.killpg(server.pid, signal.SIGTERM)  # the server's own session: it and its children
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
