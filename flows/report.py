@@ -60,16 +60,19 @@ def report(config: ReportConfig) -> dict:
         counts["cached" if state.name == "Cached" else "computed"] += 1
         return kept_result(state)
 
-    def ppl(structure: list | None) -> dict:
+    def ppl(structure: list | dict | None) -> dict:
         full = structure if structure is not None else structure_to_json(dense_structure(arch))
         return run(evaluate_ppl, *common, full, plan.scoring, plan.calibration, c.device, c.dtype, ledger, method=c.method)
 
-    def zero_shot(structure: list | None) -> dict:
+    def zero_shot(structure: list | dict | None) -> dict:
         return run(evaluate_zero_shot, *common, structure, plan.tasks, plan.calibration, plan.include_path, plan.limit,
                    plan.max_length, plan.eval_batch_size, c.device, c.dtype, method=c.method)
 
-    rows = build_rows(plan, arch, lambda allocation, r: allocation_rates(*common, allocation, r, plan.calibration, c.device,
-                                                                          c.dtype), ppl, zero_shot)
+    def allocate(allocation: str, r: float, metric: str | None, pattern: str | None) -> dict:
+        return allocation_rates(*common, allocation, r, plan.calibration, c.device, c.dtype, metric=metric,
+                                pattern=pattern)
+
+    rows = build_rows(plan, arch, allocate, ppl, zero_shot)
     summary = summarize(plan, rows, model_fp, stats_key, counts, start)
     summary["files"] = comparison.render(summary, out_dir)
     write_summary(summary, out_dir)

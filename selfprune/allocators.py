@@ -1,8 +1,9 @@
 """Allocations by name: how a target ratio becomes per-layer rates.
 
 An allocator maps (model, arch, statistics, ratio) to one rate per layer, the same inputs a
-pruning method ranks from (OWL needs the model and statistics). ``uniform`` and ``owl`` are
-registered here; any other allocation spec is a rate file. The rate arithmetic itself lives in :mod:`.allocation`, and
+pruning method ranks from (OWL needs the model and statistics), and optionally the per-weight
+scores of each layer under a pruning metric (``layer_scores``; Wanda's when not given), which OWL
+and SDSA read a layer's outliers from. ``uniform``, ``owl`` and ``sdsa`` are registered here; any other allocation spec is a rate file. The rate arithmetic itself lives in :mod:`.allocation`, and
 :meth:`Workbench.allocate` validates whatever an allocator returns.
 """
 
@@ -18,19 +19,31 @@ from .errors import UserError
 from .registry import Registry
 from .userfiles import read_json
 
-Allocator = Callable[[torch.nn.Module, Arch, dict[str, torch.Tensor], float], list[float]]
+LayerScores = Callable[[int], list[torch.Tensor]]  # layer index -> the scores of its linears' weights
+# (model, arch, stats, ratio) -> rates; one that reads outliers also takes ``layer_scores=`` (given
+# for a metric's single-weight pruning), so an allocator of the four arguments still registers as is
+Allocator = Callable[..., list[float]]
 
 ALLOCATIONS: Registry[Allocator] = Registry("allocation")
 
 
 @ALLOCATIONS.register("uniform")
-def uniform(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float) -> list[float]:
+def uniform(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
+            layer_scores: LayerScores | None = None) -> list[float]:
     return allocation.uniform(arch.n_layers, ratio)
 
 
 @ALLOCATIONS.register("owl")
-def owl(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float) -> list[float]:
-    return allocation.owl(wanda_sp.outlier_ratios(model, stats), ratio)
+def owl(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
+        layer_scores: LayerScores | None = None) -> list[float]:
+    return allocation.owl(wanda_sp.outlier_ratios(model, stats, scores=layer_scores), ratio)
+
+
+@ALLOCATIONS.register("sdsa")
+def sdsa(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
+         layer_scores: LayerScores | None = None) -> list[float]:
+    scores = layer_scores or wanda_sp.weight_scores(model, stats)
+    return allocation.sdsa([allocation.skewness(scores(i)) for i in range(arch.n_layers)], ratio)
 
 
 def rate_file(path: str) -> Allocator:
@@ -43,7 +56,7 @@ def rate_file(path: str) -> Allocator:
     rates = obj.get("rates") if isinstance(obj, dict) else obj
     if not isinstance(rates, list):
         raise UserError(f"{path} holds no rate list; write [p_1, ..., p_n] or {{\"rates\": [...]}}")
-    return lambda model, arch, stats, ratio: rates
+    return lambda model, arch, stats, ratio, **_: rates
 
 
 def allocator(spec: str) -> Allocator:

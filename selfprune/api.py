@@ -15,14 +15,16 @@ from typing import Any
 import torch
 
 from . import allocators
-from .allocation import Structure, check_ratio, realized_ratio
+from .allocation import Structure, check_ratio, dense_structure, realized_ratio
 from .arch import Arch
 from .data import split_windows
 from .errors import UserError
 from .export import save_pruned
 from .checkpoint import LoadedModel
+from .metrics import Metric, resolve_metric
 from .models import load_model
 from .ppl import perplexity as score_windows
+from .sparsity import Pattern, parse_pattern
 from .workbench import Calibration, Progress, Workbench, _no_progress
 
 FORMATS = {"hf": "a selfprune export", "deci": "DeciLM for vLLM"}
@@ -38,7 +40,7 @@ class PruneResult:
     rates: list[float]
     structure: Structure
     record: dict  # what ``selfprune.json`` holds
-    realized_ratio: float
+    realized_ratio: float  # share of the prunable parameters removed (structured) or zeroed (metric)
     out: Path | None = None
 
 
@@ -55,12 +57,17 @@ def prune(
     dtype: str = "auto",
     out: str | Path | None = None,
     format: str = "hf",
+    metric: str | None = None,
+    pattern: str = "unstructured",
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``model`` (a spec as for ``--model``, or a loaded one) to mean rate ``ratio``.
 
-    ``allocation``: a registered allocation (``uniform``, ``owl``), a RATES.json path, or one rate
-    per layer. ``method``: a registered pruning method. With ``out`` the model is exported there
+    ``allocation``: a registered allocation (``uniform``, ``owl``, ``sdsa``), a RATES.json path, or
+    one rate per layer. ``method``: a registered structured pruning method. ``metric``: instead,
+    zero single weights by a pruning metric (a built-in name such as ``wanda``, ``ria``, or an
+    expression such as ``abs(W) * X_rms``) in ``pattern`` (``unstructured``, ``unstructured-layer``,
+    ``2:4``, ``4:8``); ``ratio`` is then the sparsity. With ``out`` the model is exported there
     (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
     ``progress``: ``(label, total) -> advance(n)`` for long steps. The dense model is not modified.
     """
@@ -69,8 +76,11 @@ def prune(
         raise UserError(f"format {format!r} is not known; use " + " or ".join(f"{k} ({v})" for k, v in FORMATS.items()))
     if isinstance(allocation, str):
         allocators.allocator(allocation)  # a bad rate file fails here, before the model loads
+    found = _check_metric(metric, pattern, ratio, allocation, format) if metric is not None else None
     lm = load_model(model, device, dtype) if isinstance(model, str) else model
     bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress or _no_progress, method)
+    if found is not None:
+        return _prune_weights(bench, lm, *found, ratio, allocation, out)
     rates = bench.allocate(allocation, ratio)
     structure = bench.structure(rates)
     if out is not None and format == "deci":
@@ -82,6 +92,31 @@ def prune(
         (_save_deci if format == "deci" else save_pruned)(pruned, lm.tokenizer, out, record)
     return PruneResult(pruned, lm.tokenizer, bench.arch, rates, structure, record,
                        realized_ratio(bench.arch, structure), out)
+
+
+def _check_metric(metric: str, pattern: str, ratio: float, allocation: str | list[float],
+                  format: str) -> tuple[Metric, Pattern]:
+    """The metric and pattern, or a UserError before any model is loaded."""
+    found, pat = resolve_metric(metric), parse_pattern(pattern)
+    fixed = pat.fixed_sparsity
+    if fixed is not None and (abs(ratio - fixed) > 1e-9 or allocation != "uniform"):
+        raise UserError(f"{pat.text} prunes exactly {fixed:g} of every layer: pass --sparsity {fixed:g} and the uniform "
+                        "allocation, or use --pattern unstructured for other sparsities and allocations")
+    if format != "hf":
+        raise UserError("--format deci holds structurally pruned models; a model pruned by --metric exports as hf")
+    return found, pat
+
+
+def _prune_weights(bench: Workbench, lm: LoadedModel, metric: Metric, pattern: Pattern, ratio: float,
+                   allocation: str | list[float], out: str | Path | None) -> PruneResult:
+    """The metric path of :func:`prune`: zeros in place of the lowest-scoring weights."""
+    rates, result = bench.sparsify(metric, allocation, ratio, pattern)
+    record = bench.metric_record(metric, pattern, rates, result, allocation)
+    if out is not None:
+        out = Path(out)
+        save_pruned(result.model, lm.tokenizer, out, record)
+    return PruneResult(result.model, lm.tokenizer, bench.arch, rates, dense_structure(bench.arch), record,
+                       result.realized, out)
 
 
 def _check_deci(structure: Structure, arch: Arch) -> None:

@@ -9,7 +9,7 @@ import sys
 from typing import get_origin
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -49,23 +49,35 @@ def rich_progress():
 @app.command()
 def prune(
     model: Model = "demo",
-    ratio: Annotated[float, typer.Option("--ratio", help="target mean pruning rate beta, in (0, 1)")] = 0.5,
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | RATES.json")] = "uniform",
+    ratio: Annotated[float, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: the sparsity), in (0, 1)")] = 0.5,
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | RATES.json")] = "uniform",
     data: Data = "demo",
     out: Annotated[Path, typer.Option("--out", help="export directory")] = Path("runs/pruned"),
     samples: Samples = 128,
     calib_seqlen: CalibSeqlen = 512,
     fmt: Annotated[str, typer.Option("--format", help="hf: a selfprune export | deci: DeciLM for vLLM")] = "hf",
-    method: Annotated[str, typer.Option("--method", help="a registered pruning method")] = "wanda-sp",
+    method: Annotated[str, typer.Option("--method", help="a registered structured pruning method")] = "wanda-sp",
+    metric: Annotated[Optional[str], typer.Option("--metric", help="zero single weights by a metric instead: magnitude | wanda | ria | an expression such as 'abs(W) * X_rms'")] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="with --metric: unstructured | unstructured-layer | 2:4 | 4:8")] = "unstructured",
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
-    """Prune MODEL to a mean rate RATIO (Wanda-sp by default) and export it to OUT."""
+    """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT."""
     from .api import prune as prune_model
 
     with rich_progress() as progress:
         result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
-                             device=device, dtype=dtype, out=out, format=fmt, progress=progress)
+                             device=device, dtype=dtype, out=out, format=fmt, metric=metric, pattern=pattern,
+                             progress=progress)
+    if metric is not None:
+        record = result.record
+        table = Table("layer", "sparsity", title=f"{model} pruned by {record['metric']['text']} ({record['pattern']}) -> {out}")
+        for i, r in enumerate(record["layer_sparsity"]):
+            table.add_row(str(i), f"{r:.4f}")
+        console.print(table)
+        console.print(f"realized sparsity {result.realized_ratio:.4f} (target {ratio}); "
+                      f"load it with selfprune.load_pruned({str(out)!r})")
+        return
     arch = result.arch
     table = Table("layer", "rate", "KV groups kept", "MLP channels kept", title=f"pruned {model} -> {out}")
     for i, (r, k) in enumerate(zip(result.rates, result.structure)):

@@ -88,6 +88,13 @@ class ReportConfig(RunConfig):
     ratios: list[Ratio] = Field(default_factory=list, description="target ratios for uniform and OWL, e.g. 0.3,0.5")
     searches: list[str] = Field(default_factory=list, description="a search's best.json",
                                 json_schema_extra={"cli": "--search"})
+    metrics: list[str] = Field(default_factory=list, json_schema_extra={"cli": "--metric"},
+                               description="pruning metrics for rows of single-weight pruning: magnitude, wanda, ria, pruner-zero, or an expression")
+    patterns: list[str] = Field(default_factory=lambda: ["unstructured"], json_schema_extra={"cli": "--pattern"},
+                                description="sparsity patterns of the metric rows: unstructured, unstructured-layer, 2:4, 4:8")
+    metric_allocations: list[str] = Field(default_factory=lambda: ["uniform", "owl", "sdsa"],
+                                          json_schema_extra={"cli": "--metric-allocation"},
+                                          description="allocations of the metric rows (N:M rows are uniform)")
     tasks: list[str] = Field(default_factory=lambda: ["selfprune_cloze"], min_length=1,
                              description="lm-eval tasks, e.g. boolq,piqa; selfprune_cloze/selfprune_lastword are built from --data")
     include_path: str | None = Field(None, description="a directory of lm-eval task YAMLs")
@@ -100,7 +107,7 @@ class ReportConfig(RunConfig):
     eval_batch_size: int = Field(8, ge=1, description="lm-eval batch")
     out: str = Field("runs/report", description="report directory (report.md, report.html, plots)")
 
-    _lists = field_validator("ratios", "tasks", mode="before")(_comma_separated)
+    _lists = field_validator("ratios", "tasks", "metrics", "patterns", "metric_allocations", mode="before")(_comma_separated)
 
 def build_config(cls: type[RunConfig], **values) -> RunConfig:
     """Build a config, turning pydantic's errors into one :class:`UserError` that names each bad

@@ -9,13 +9,14 @@ heads in o_proj. The lowest-scoring units are removed. All rankings come from on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .allocation import lod
 from .arch import Arch, decoder_layers
-from .stats import mean_sq
+from .stats import LINEAR_INPUT, mean_sq
 
 
 @dataclass(frozen=True)
@@ -53,21 +54,20 @@ def kept(order: torch.Tensor, n_keep: int) -> torch.Tensor:
     return order[-n_keep:].sort().values
 
 
-def outlier_ratios(model: torch.nn.Module, stats: dict[str, torch.Tensor], m: float = 5.0) -> list[float]:
-    """OWL's layer outlier distribution (LOD) from unstructured Wanda scores |W_ij| * ||x_j||."""
-    ratios = []
-    for i, layer in enumerate(decoder_layers(model)):
-        a, mlp = layer.self_attn, layer.mlp
-        inputs = {
-            "qkv_in": (a.q_proj, a.k_proj, a.v_proj),
-            "attn_in": (a.o_proj,),
-            "gate_in": (mlp.gate_proj, mlp.up_proj),
-            "mlp_in": (mlp.down_proj,),
-        }
-        scores = [
-            lin.weight.detach().float().abs() * mean_sq(stats, i, stat).to(lin.weight.device).sqrt()
-            for stat, lins in inputs.items()
-            for lin in lins
-        ]
-        ratios.append(lod(scores, m))
-    return ratios
+def weight_scores(model: torch.nn.Module, stats: dict[str, torch.Tensor]) -> Callable[[int], list[torch.Tensor]]:
+    """Layer ``i`` -> unstructured Wanda scores |W_ij| * ||x_j|| of each of its linears (what OWL
+    and SDSA read a layer's outliers from when no other metric is given)."""
+    layers = decoder_layers(model)
+
+    def scores(i: int) -> list[torch.Tensor]:
+        weights = {path: layers[i].get_submodule(path).weight.detach().float() for path in LINEAR_INPUT}
+        return [w.abs() * mean_sq(stats, i, LINEAR_INPUT[path]).to(w.device).sqrt() for path, w in weights.items()]
+
+    return scores
+
+
+def outlier_ratios(model: torch.nn.Module, stats: dict[str, torch.Tensor], m: float = 5.0,
+                   scores: Callable[[int], list[torch.Tensor]] | None = None) -> list[float]:
+    """OWL's layer outlier distribution (LOD) per layer, from unstructured Wanda scores by default."""
+    scores = scores or weight_scores(model, stats)
+    return [lod(scores(i), m) for i in range(len(decoder_layers(model)))]

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import torch
 
-from . import allocation, allocators, data, slicing, stats
+from . import allocation, allocators, data, gradients, slicing, sparsity, stats
 from .allocation import Structure
 from .checkpoint import LoadedModel
 from .devices import model_precision
 from .errors import CorruptFile, UserError
 from .hashing import content_hash
 from .methods import METHODS
+from .metrics import Metric, resolve_metric
 from .models import load_model
 from .ppl import Perplexity, perplexity
+from .sparsity import parse_pattern
 from .store import ArtifactStore
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
@@ -83,6 +85,7 @@ class Workbench:
             "stats", stats.STATS_VERSION, lm.fingerprint, self.calibration_fingerprint, calibration.key_fields(),
             self.precision,
         )
+        self._gradients: dict[str, torch.Tensor] | None = None
         self.stats = self._stats()
         self.rankings = self.method.rank(lm.model, self.arch, self.stats)
         self._windows: dict[tuple, torch.Tensor] = {}
@@ -92,27 +95,57 @@ class Workbench:
         return ArtifactStore().tensor_path(self.stats_key)
 
     def _stats(self) -> dict[str, torch.Tensor]:
-        """Load the stored statistics, or run the one calibration pass and store them.
+        """Load the stored statistics, or run the one calibration pass and store them."""
+        c = self.calibration
 
-        The statistics are a pure function of their key, so a stored file that is corrupt or does
-        not fit the model is not an error: it is set aside (renamed, kept for inspection) with a
-        warning, and recomputed.
+        def compute() -> dict[str, torch.Tensor]:
+            windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
+            return stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
+
+        return self._stored(self.stats_key, stats.STATS_VERSION, compute,
+                            lambda found, path: stats.check(found, self.arch.n_layers, path))
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """G for every prunable linear (:mod:`selfprune.gradients`): computed when a metric first
+        reads it, then stored like the statistics."""
+        if self._gradients is None:
+            c = self.calibration
+            key = content_hash("gradients", gradients.GRADIENTS_VERSION, self.lm.fingerprint,
+                               self.calibration_fingerprint, c.key_fields(), gradients.WINDOWS, self.precision)
+
+            def compute() -> dict[str, torch.Tensor]:
+                windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
+                windows = windows[: gradients.WINDOWS]
+                return gradients.capture(self.lm.model, windows, self.progress("gradients", len(windows)))
+
+            def check(found: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+                if set(found) != {f"{i}.{p}" for i in range(self.arch.n_layers) for p in stats.LINEAR_INPUT}:
+                    raise CorruptFile(path, "gradient statistics of another model or version")
+                return found
+
+            self._gradients = self._stored(key, gradients.GRADIENTS_VERSION, compute, check)
+        return self._gradients
+
+    def _stored(self, key: str, version: str, compute: Callable[[], dict[str, torch.Tensor]],
+                check: Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors stored under ``key``, or ``compute()`` them and store them.
+
+        They are a pure function of their key, so a stored file that is corrupt or does not fit
+        the model is not an error: it is set aside (renamed, kept for inspection) with a warning,
+        and recomputed.
         """
         store = ArtifactStore()
-        if store.has(self.stats_key):
+        if store.has(key):
             try:
-                return stats.check(store.get_tensors(self.stats_key), self.arch.n_layers, self.stats_path)
+                return check(store.get_tensors(key), store.tensor_path(key))
             except CorruptFile as bad:
-                aside = store.set_aside(self.stats_key)
+                aside = store.set_aside(key)
                 kept = f"kept as {aside}" if aside else "already set aside by another process"
-                warnings.warn(f"statistics file {bad.path} is corrupt ({bad.why}); {kept}; recomputing it", stacklevel=2)
-        c = self.calibration
-        windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
-        captured = stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
-        meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "version": stats.STATS_VERSION,
-                **self.precision}
-        store.put_tensors(self.stats_key, captured, meta | {k: str(v) for k, v in c.key_fields().items()})
-        return captured
+                warnings.warn(f"statistics file {bad.path} is corrupt ({bad.why}); {kept}; recomputing it", stacklevel=3)
+        found = compute()
+        meta = {"model": self.lm.fingerprint, "data": self.calibration_fingerprint, "version": version, **self.precision}
+        store.put_tensors(key, found, meta | {k: str(v) for k, v in self.calibration.key_fields().items()})
+        return found
 
     def structure(self, rates: list[float]) -> Structure:
         return allocation.rates_to_structure(self.arch, rates)
@@ -129,20 +162,63 @@ class Workbench:
             )
         return self._windows[key]
 
-    def score(self, structure: Structure | None, scoring: Scoring) -> Perplexity:
-        """Perplexity of the candidate (``None``: the dense model) under ``scoring``."""
-        model = self.lm.model if structure is None else self.build(structure)
+    def candidate(self, spec: Structure | list | dict | None) -> torch.nn.Module:
+        """The model a candidate stands for: ``None``, the dense model; a structure (or its JSON),
+        the sliced model; ``{"metric", "pattern", "rates"}``, the metric's single weights zeroed."""
+        if spec is None:
+            return self.lm.model
+        if isinstance(spec, dict):
+            scores = self.metric_scores(resolve_metric(spec["metric"]))
+            return sparsity.sparsify(self.lm.model, self.arch, scores, spec["rates"], parse_pattern(spec["pattern"])).model
+        return self.build(spec if isinstance(spec, tuple) else allocation.structure_from_json(spec))
+
+    def score(self, spec: Structure | list | dict | None, scoring: Scoring) -> Perplexity:
+        """Perplexity of the candidate (:meth:`candidate`) under ``scoring``."""
+        model = self.candidate(spec)
         windows = self.windows(scoring)
         return perplexity(model, windows, scoring.batch_size, self.progress(f"perplexity ({scoring.split})", len(windows)))
 
-    def allocate(self, allocation_spec: str | list[float], ratio: float) -> list[float]:
-        """Per-layer rates from a registered allocation (``uniform``, ``owl``, ...), a RATES.json
-        path, or an explicit list; validated whatever their source."""
+    def allocate(self, allocation_spec: str | list[float], ratio: float,
+                 layer_scores: allocators.LayerScores | None = None) -> list[float]:
+        """Per-layer rates from a registered allocation (``uniform``, ``owl``, ``sdsa``, ...), a
+        RATES.json path, or an explicit list; validated whatever their source. ``layer_scores``:
+        the per-weight scores OWL and SDSA read outliers from (Wanda's when not given)."""
         if isinstance(allocation_spec, list):
             rates = allocation_spec
         else:
-            rates = allocators.allocator(allocation_spec)(self.lm.model, self.arch, self.stats, ratio)
+            allocate = allocators.allocator(allocation_spec)
+            scores = {} if layer_scores is None else {"layer_scores": layer_scores}  # 4-argument allocators still work
+            rates = allocate(self.lm.model, self.arch, self.stats, ratio, **scores)
         return allocation.check_rates(rates, self.arch.n_layers, ratio)
+
+    def metric_scores(self, metric: Metric) -> Callable[[int], dict[str, torch.Tensor]]:
+        """Layer index -> the metric's scores of each of its linears' weights."""
+        grads = self.gradients() if metric.needs_gradient else None
+        return sparsity.layer_scores(self.lm.model, self.stats, metric.scores, grads)
+
+    def sparsify(self, metric: Metric, allocation_spec: str | list[float], ratio: float,
+                 pattern: sparsity.Pattern) -> tuple[list[float], sparsity.Sparsified]:
+        """Allocate per-layer sparsities (outliers read from the metric's own scores) and zero the
+        lowest-scoring weights: the unstructured or N:M candidate. The dense model is never modified."""
+        scores = self.metric_scores(metric)
+        rates = self.allocate(allocation_spec, ratio, lambda i: list(scores(i).values()))
+        return rates, sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern)
+
+    def metric_record(self, metric: Metric, pattern: sparsity.Pattern, rates: list[float],
+                      result: sparsity.Sparsified, allocation_spec: str | list[float]) -> dict:
+        """Provenance of an unstructured or N:M model for ``selfprune.json``."""
+        return {
+            "method": f"metric/{allocators.label(allocation_spec)}",
+            "metric": {"text": metric.text, "key": metric.key},
+            "pattern": pattern.text,
+            "rates": rates,
+            "layer_sparsity": result.layer_sparsity,
+            "realized_sparsity": result.realized,
+            "base_model": {"source": self.lm.source, "fingerprint": self.lm.fingerprint, "arch": self.arch.to_dict()},
+            "calibration": self.calibration.key_fields() | {"fingerprint": self.calibration_fingerprint},
+            "stats_key": self.stats_key,
+            "precision": self.precision,
+        }
 
     def record(self, rates: list[float], structure: Structure, allocation_spec: str | list[float]) -> dict:
         """Provenance for ``selfprune.json``: enough to rebuild the model from its base.

@@ -25,25 +25,32 @@ from pathlib import Path
 
 from selfprune.devices import precision
 from selfprune.evaluate import report
-from selfprune.methods import method_identity
+from selfprune.gradients import GRADIENTS_VERSION
+from selfprune.metrics import LANGUAGE_VERSION
 from selfprune.tasks.caching import cached_task
-from selfprune.tasks.pruning import score_candidate, workbench
+from selfprune.tasks.pruning import candidate_identity, score_candidate, workbench
 
 evaluate_ppl = score_candidate  # one perplexity task for the search and the report (shared cache)
 
 DENSE = "dense"
 
 
-def _allocation_key(model_fp: str, stats_key: str, allocation: str, ratio: float, **_) -> dict:
-    return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio}
+def _allocation_key(model_fp: str, stats_key: str, allocation: str, ratio: float, metric: str | None,
+                    pattern: str | None, device: str, dtype: str, **_) -> dict:
+    by_metric = {"metric": metric, "pattern": pattern, "metric_language": LANGUAGE_VERSION,
+                 "gradients": GRADIENTS_VERSION, "precision": precision(device, dtype)} if metric else {}
+    return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio, **by_metric}
 
 
-@cached_task(key_fn=_allocation_key, version="2", task_run_name="allocate-{allocation}-{ratio}")
+@cached_task(key_fn=_allocation_key, version="3", task_run_name="allocate-{allocation}-{ratio}")
 def allocation_rates(model: str, model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
-                     device: str = "auto", dtype: str = "auto") -> dict:
-    """Per-layer rates of ``allocation`` (``uniform``, ``owl``, ...) at ``ratio``, and their structure
-    (the statistics decide them; the pruning method does not)."""
-    return report.allocation_entry(workbench(model, stats_key, calibration, device, dtype), allocation, ratio)
+                     device: str = "auto", dtype: str = "auto", metric: str | None = None,
+                     pattern: str | None = None) -> dict:
+    """Per-layer rates of ``allocation`` (``uniform``, ``owl``, ``sdsa``, ...) at ``ratio`` and the
+    candidate they give: a structure (the statistics decide it; the pruning method does not), or with
+    ``metric`` a sparse candidate whose OWL/SDSA rates the metric's scores decide."""
+    bench = workbench(model, stats_key, calibration, device, dtype)
+    return report.allocation_entry(bench, allocation, ratio, metric, pattern)
 
 
 def task_files_fingerprint(include_path: str | None) -> str | None:
@@ -67,19 +74,19 @@ def _zero_shot_key(model_fp: str, stats_key: str, structure: list | None, tasks:
 
     pruned = structure is not None
     return {"model": model_fp, "precision": precision(device, dtype), "stats": stats_key if pruned else None,
-            "method": method_identity(method) if pruned else None,
-            "structure": structure if structure is not None else DENSE, "tasks": list(tasks),
+            **candidate_identity(structure, method) | {"structure": structure if pruned else DENSE}, "tasks": list(tasks),
             "task_files": task_files_fingerprint(include_path), "lm_eval": version("lm_eval"),
             "limit": limit, "max_length": max_length, "batch_size": batch_size}
 
 
 @cached_task(key_fn=_zero_shot_key, version="3", task_run_name="zero-shot")
 def evaluate_zero_shot(
-    model: str, model_fp: str, stats_key: str, structure: list | None, tasks: list[str], calibration: dict,
+    model: str, model_fp: str, stats_key: str, structure: list | dict | None, tasks: list[str], calibration: dict,
     include_path: str | None = None, limit: int | None = None, max_length: int = 2048, batch_size: int = 8,
     device: str = "auto", dtype: str = "auto", method: str = "wanda-sp",
 ) -> dict:
-    """lm-eval accuracy of the candidate ``structure`` (``None``: the dense model) on ``tasks``
+    """lm-eval accuracy of the candidate ``structure`` (a structure, a metric's sparse model, or
+    ``None``: the dense model) on ``tasks``
     (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
     bench = workbench(model, stats_key, calibration, device, dtype, method)
     return report.zero_shot(bench, structure, tasks, include_path, limit, max_length, batch_size)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 
-from selfprune.allocation import structure_from_json
 from selfprune.data import data_fingerprint
 from selfprune.devices import precision
 from selfprune.fileio import append_line
+from selfprune.gradients import GRADIENTS_VERSION
 from selfprune.methods import method_identity
+from selfprune.metrics import LANGUAGE_VERSION
 from selfprune.stats import STATS_VERSION
 from selfprune.workbench import Calibration, Scoring, shared_workbench
 from selfprune.tasks.caching import cached_task
@@ -42,26 +43,36 @@ def workbench(model: str, stats_key: str, calibration: dict, device: str, dtype:
     return bench
 
 
-def _candidate_key(model_fp: str, stats_key: str, structure: list, scoring: dict, device: str, dtype: str,
+def candidate_identity(structure: list | dict | None, method: str) -> dict:
+    """What makes a candidate: its effective structure and the pruning method that ranked its units
+    (rate vectors that round alike are one candidate), or a metric's sparse model (the metric's
+    canonical text, pattern and rates) with the versions of the metric language and of the gradient
+    statistic it may read."""
+    if isinstance(structure, dict):
+        return {"structure": structure, "metric_language": LANGUAGE_VERSION, "gradients": GRADIENTS_VERSION}
+    return {"structure": structure, "method": method_identity(method) if structure is not None else None}
+
+
+def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scoring: dict, device: str, dtype: str,
                    method: str, **_) -> dict:
-    """A candidate is its effective structure: rate vectors that round alike share this key."""
     s = Scoring(**scoring)
-    return {"model": model_fp, "stats": stats_key, "method": method_identity(method), "structure": structure,
+    return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method),
             "precision": precision(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
 
 @cached_task(key_fn=_candidate_key, version="3", task_run_name="score-candidate")
 def score_candidate(
-    model: str, model_fp: str, stats_key: str, structure: list, scoring: dict, calibration: dict,
+    model: str, model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
     device: str = "auto", dtype: str = "auto", ledger: str | None = None, method: str = "wanda-sp",
 ) -> dict:
-    """Build the candidate by slicing the loaded dense model and measure its perplexity.
+    """Build the candidate (:meth:`Workbench.candidate`: slice the loaded dense model, or zero a
+    metric's lowest-scoring weights) and measure its perplexity.
 
     Every real (uncached) evaluation is appended to ``ledger`` (JSON lines), the run's audit of
     what was computed, and of what a resumed run did not compute again.
     """
     bench = workbench(model, stats_key, calibration, device, dtype, method)
-    result = bench.score(structure_from_json(structure), Scoring(**scoring)).to_dict()
+    result = bench.score(structure, Scoring(**scoring)).to_dict()
     if ledger:
         append_line(ledger, json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid()}))
     return result

@@ -218,13 +218,30 @@ def test_unsupported_architecture(tmp_path):
 
 def test_foreign_statistics_are_refused():
     st = stats.capture(build_tiny("llama_mha"), random_windows(2, 16))
-    assert set(st) == {"tokens"} | {f"{i}.{s}.sq" for i in range(4) for s in stats.HOOKED}
+    assert set(st) == {"tokens"} | {f"{i}.{s}.{kind}" for i in range(4) for s in stats.HOOKED for kind in ("sq", "sum")}
     assert stats.check(st, 4, "here")["tokens"] == 32
     with pytest.raises(CorruptFile, match="here.*8-layer model, but missing") as err:
         stats.check(st, 8, "here")  # statistics of a 4-layer model for an 8-layer one
     assert err.value.path == "here"
     with pytest.raises(CorruptFile, match="unexpected"):
-        stats.check(st | {"0.attn_in.sum": st["0.attn_in.sq"]}, 4, "here")  # an older version's file
+        stats.check(st | {"0.attn_in.cube": st["0.attn_in.sq"]}, 4, "here")  # another version's file
+    with pytest.raises(CorruptFile, match="missing"):
+        stats.check({k: v for k, v in st.items() if not k.endswith(".sum")}, 4, "here")  # an older version's file
+
+
+def test_channel_stats_are_the_inputs_rms_mean_and_variance():
+    """What a metric sees of a linear's input, checked against the inputs themselves."""
+    model = build_tiny("llama_mha")
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    st = stats.capture(model, random_windows(3, 16), batch_size=2)
+    handle.remove()
+    x = torch.cat(seen)
+    got = stats.channel_stats(st, 1, "mlp_in")
+    torch.testing.assert_close(got["X_rms"], x.pow(2).mean(0).sqrt().float())
+    torch.testing.assert_close(got["X_mean"], x.mean(0).float())
+    torch.testing.assert_close(got["X_var"], x.var(0, unbiased=False).float(), atol=1e-6, rtol=1e-4)
 
 
 def test_corrupt_statistics_are_set_aside_and_recomputed(tiny_workspace, tmp_path, monkeypatch):

@@ -131,3 +131,35 @@ def test_report_shows_each_llm_search_oracle_accounting():
     assert "## LLM oracle replies" in md and line in md and "search (ga) @" not in md.split("## LLM oracle replies")[1]
     assert "LLM oracle replies" in html_report([row], [], meta, {})
     assert "LLM oracle replies" not in markdown([ga_row], [], meta)
+
+
+def test_report_rows_for_metric_pattern_and_allocation(prefect_api, tiny_workspace, tmp_path):
+    """Rows of single-weight pruning: each metric x pattern x allocation (N:M: uniform at its own
+    sparsity), their perplexity the library's, and a rerun that computes nothing."""
+    import selfprune
+    from selfprune.config import ReportConfig
+    from selfprune.flows.report import report
+
+    config = ReportConfig(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratios=[0.6],
+                          metrics=["wanda", "abs(W)"], patterns=["unstructured", "2:4"],
+                          metric_allocations=["uniform", "sdsa"], tasks=["selfprune_cloze"], limit=3, cloze_items=8,
+                          seqlen=64, test_windows=4, max_length=256, samples=4, calib_seqlen=64, device="cpu",
+                          out=str(tmp_path / "metrics"))
+    summary = report(config)
+    metric_rows = [(r["label"], r["ratio"]) for r in summary["rows"] if r["method"] == "metric"]
+    assert sorted(metric_rows) == sorted([("wanda uniform 2:4", 0.5), ("abs(W) uniform 2:4", 0.5),
+                                          ("wanda uniform", 0.6), ("wanda sdsa", 0.6),
+                                          ("abs(W) uniform", 0.6), ("abs(W) sdsa", 0.6)])
+    by_label = {r["label"]: r for r in summary["rows"]}
+    assert by_label["wanda uniform 2:4"]["realized_ratio"] == 0.5
+    assert abs(by_label["wanda sdsa"]["realized_ratio"] - 0.6) < 0.01
+    assert by_label["wanda sdsa"]["rates"] != by_label["wanda uniform"]["rates"]
+    assert "| wanda sdsa |" in (tmp_path / "metrics" / "report.md").read_text()
+
+    pruned = selfprune.prune(str(tiny_workspace / "model"), 0.6, "sdsa", str(tiny_workspace / "corpus.txt"), samples=4,
+                             calib_seqlen=64, device="cpu", metric="wanda")
+    library = selfprune.perplexity(pruned, str(tiny_workspace / "corpus.txt"), "test", 64, 4)
+    assert library["ppl"] == by_label["wanda sdsa"]["ppl"]
+
+    again = report(config.model_copy(update={"out": str(tmp_path / "again")}))
+    assert again["meta"]["computed"] == 0

@@ -1,7 +1,8 @@
 """The comparison report without Prefect: which models to compare, their rows, and the files.
 
 A report compares dense, uniform, OWL and searched allocations (``best.json``) of one model per
-ratio, on test-split perplexity and zero-shot accuracy. How a model gets evaluated is injected:
+ratio, and, with ``metrics``, single-weight pruning by each metric x pattern x allocation, on
+test-split perplexity and zero-shot accuracy. How a model gets evaluated is injected:
 ``flows/report.py`` passes its cached Prefect tasks (a rerun computes nothing twice), and
 :func:`report` (``selfprune.report``) passes plain calls on one :class:`Workbench`, for a
 notebook. Either way a structure of ``None`` stands for the dense model.
@@ -15,22 +16,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import sparsity
 from ..allocation import dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
+from ..allocators import allocator
 from ..arch import Arch
 from ..config import ReportConfig, build_config
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..hashing import content_hash
+from ..metrics import resolve_metric
 from ..models import load_model
+from ..sparsity import parse_pattern
 from ..userfiles import read_json
 from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 
 LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
 
-Allocate = Callable[[str, float], dict]  # (allocation, ratio) -> {"rates", "structure"}
-EvaluatePpl = Callable[[list | None], dict]  # structure -> Perplexity fields
-EvaluateZeroShot = Callable[[list | None], dict]  # structure -> zero-shot record
+# (allocation, ratio, metric, pattern) -> {"rates", "candidate"} (and "zeros" for a metric's)
+Allocate = Callable[[str, float, str | None, str | None], dict]
+Candidate = list | dict | None  # a structure, a metric's sparse model, or None for the dense model
+EvaluatePpl = Callable[[Candidate], dict]  # candidate -> Perplexity fields
+EvaluateZeroShot = Callable[[Candidate], dict]  # candidate -> zero-shot record
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,8 @@ class ReportPlan:
     eval_batch_size: int
     calibration: dict  # Calibration fields
     scoring: dict  # Scoring fields (the test split)
+    sparse: list[tuple[str, str, str, float]]  # (metric text, pattern, allocation, sparsity) rows
+    metric_names: dict[str, str]  # metric text -> how its rows are labelled
 
 
 def _read_search(path: str) -> dict:
@@ -83,7 +92,7 @@ def plan_report(config: ReportConfig) -> ReportPlan:
     tasks, include_path, data = list(dict.fromkeys(c.tasks)), c.include_path, c.data
     bests = {path: _read_search(path) for path in c.searches}
     targets = sorted({*c.ratios, *(b["config"]["ratio"] for b in bests.values())})
-    if not targets:
+    if not targets and not any(parse_pattern(p).fixed_sparsity for p in c.patterns if c.metrics):
         raise UserError("nothing to compare: give --ratios and/or --search runs/NAME/best.json")
     calib = [(b["config"]["samples"], b["config"]["calib_seqlen"]) for b in bests.values()]
     samples = c.samples or (calib[0][0] if calib else 128)
@@ -96,13 +105,30 @@ def plan_report(config: ReportConfig) -> ReportPlan:
         include = _local_tasks(data, tasks, c.cloze_items)
     elif include_path and not Path(include_path).expanduser().exists():
         raise UserError(f"task include path {include_path} does not exist")
+    names, sparse = _sparse_rows(c, targets)
     return ReportPlan(
         model=c.model, data=data, method=c.method, ratios=targets, searches=bests, tasks=tasks, include_path=include,
+        sparse=sparse, metric_names=names,
         limit=c.limit or None, max_length=c.max_length, eval_batch_size=c.eval_batch_size,
         calibration={"data": data, "samples": samples, "seqlen": calib_seqlen, "batch_size": c.batch_size},
         scoring={"data": data, "split": "test", "seqlen": c.seqlen, "windows": c.test_windows or None,
                  "batch_size": c.batch_size},
     )
+
+
+def _sparse_rows(c: ReportConfig, ratios: list[float]) -> tuple[dict[str, str], list[tuple[str, str, str, float]]]:
+    """The metric rows, every metric and pattern checked now (before any model loads): each
+    metric x pattern x allocation x ratio; an N:M pattern gives one uniform row at its sparsity."""
+    names = {resolve_metric(m).text: m for m in c.metrics}
+    for a in c.metric_allocations:
+        allocator(a)
+    rows = []
+    for text in names:
+        for p in dict.fromkeys(parse_pattern(p).text for p in c.patterns):
+            fixed = parse_pattern(p).fixed_sparsity
+            plan = [("uniform", fixed)] if fixed else [(a, r) for a in c.metric_allocations for r in ratios]
+            rows += [(text, p, a, r) for a, r in plan]
+    return names, rows
 
 
 def check_searches(plan: ReportPlan, model_fp: str, stats_key: str) -> None:
@@ -128,15 +154,21 @@ class Entry:
     rates: list[float] | None
     structure: list | None
     oracle: dict | None = None  # a search's LLM-oracle accounting (best.json), if it had one
+    zeros: int | None = None  # weights a metric's sparse model zeroes (None: structured)
 
 
 def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
-    """Dense; uniform and OWL at every ratio; every search (labelled by its run when a ratio has several)."""
+    """Dense; uniform and OWL at every ratio; every search (labelled by its run when a ratio has
+    several); every metric row (labelled ``METRIC ALLOCATION``, plus the pattern when not unstructured)."""
     out = [Entry("dense", "dense", None, None, None)]
     for r in plan.ratios:
         for method in ("uniform", "owl"):
-            a = allocate(method, r)
-            out.append(Entry(method, method, r, a["rates"], a["structure"]))
+            a = allocate(method, r, None, None)
+            out.append(Entry(method, method, r, a["rates"], a["candidate"]))
+    for text, pattern, allocation, r in plan.sparse:
+        a = allocate(allocation, r, text, pattern)
+        label = f"{plan.metric_names[text]} {allocation}" + ("" if pattern == "unstructured" else f" {pattern}")
+        out.append(Entry(label, "metric", r, a["rates"], a["candidate"], zeros=a["zeros"]))
     per_ratio = {r: sum(1 for b in plan.searches.values() if b["config"]["ratio"] == r) for r in plan.ratios}
     for path, best in plan.searches.items():
         r = best["config"]["ratio"]
@@ -152,11 +184,14 @@ def build_rows(plan: ReportPlan, arch: Arch, allocate: Allocate, evaluate_ppl: E
     for e in entries(plan, allocate):
         ppl = evaluate_ppl(e.structure)
         zs = evaluate_zero_shot(e.structure)
-        keep = dense_structure(arch) if e.structure is None else structure_from_json(e.structure)
+        if e.zeros is None:
+            keep = dense_structure(arch) if e.structure is None else structure_from_json(e.structure)
+            realized, kept = realized_ratio(arch, keep), kept_params(arch, keep)
+        else:
+            realized, kept = e.zeros / sparsity.weights(arch), arch.n_layers * arch.layer_params - e.zeros
         rows.append({
             "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.structure,
-            "oracle": e.oracle,
-            "realized_ratio": realized_ratio(arch, keep), "kept_params": kept_params(arch, keep),
+            "oracle": e.oracle, "realized_ratio": realized, "kept_params": kept,
             "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"], "windows": ppl["windows"],
             "acc": {t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, "mean_acc": zs["mean_acc"],
             "zero_shot": zs,
@@ -164,7 +199,7 @@ def build_rows(plan: ReportPlan, arch: Arch, allocate: Allocate, evaluate_ppl: E
     return rows
 
 
-METHOD_ORDER = {"dense": 0, "uniform": 1, "owl": 2, "search": 3}
+METHOD_ORDER = {"dense": 0, "uniform": 1, "owl": 2, "search": 3, "metric": 4}
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
@@ -196,21 +231,28 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
     return atomic_write_text(Path(out_dir) / "report.json", json.dumps(summary, indent=2))
 
 
-def allocation_entry(bench: Workbench, allocation: str, ratio: float) -> dict:
-    """The rates of a named allocation at ``ratio`` and their structure, as JSON values."""
-    rates = bench.allocate(allocation, ratio)
-    return {"rates": rates, "structure": structure_to_json(bench.structure(rates))}
+def allocation_entry(bench: Workbench, allocation: str, ratio: float, metric: str | None = None,
+                     pattern: str | None = None) -> dict:
+    """The rates of a named allocation at ``ratio`` and the candidate they give, as JSON values:
+    a structure, or with ``metric`` a sparse candidate (OWL and SDSA then read the metric's scores)."""
+    if metric is None:
+        rates = bench.allocate(allocation, ratio)
+        return {"rates": rates, "candidate": structure_to_json(bench.structure(rates))}
+    found, pat = resolve_metric(metric), parse_pattern(pattern or "unstructured")
+    scores = bench.metric_scores(found)
+    rates = bench.allocate(allocation, ratio, lambda i: list(scores(i).values()))
+    return {"rates": rates, "candidate": {"metric": found.text, "pattern": pat.text, "rates": rates},
+            "zeros": sparsity.zeros(bench.arch, rates, pat)}
 
 
-def zero_shot(bench: Workbench, structure: list | None, tasks: list[str], include_path: str | None = None,
+def zero_shot(bench: Workbench, candidate: Candidate, tasks: list[str], include_path: str | None = None,
               limit: int | None = None, max_length: int = 2048, batch_size: int = 8) -> dict:
-    """lm-eval accuracy of the candidate ``structure`` (``None``: the dense model), built in memory
-    (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
+    """lm-eval accuracy of a candidate (``None``: the dense model), built in memory (see
+    :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
     from .zeroshot import evaluate_zero_shot
 
-    candidate = bench.lm.model if structure is None else bench.build(structure_from_json(structure))
-    return evaluate_zero_shot(candidate, bench.lm.tokenizer, list(tasks), include_path=include_path, limit=limit,
-                              max_length=max_length, batch_size=batch_size)
+    return evaluate_zero_shot(bench.candidate(candidate), bench.lm.tokenizer, list(tasks), include_path=include_path,
+                              limit=limit, max_length=max_length, batch_size=batch_size)
 
 
 def report(config: ReportConfig | None = None, progress: Progress | None = None, **overrides) -> dict:
@@ -227,8 +269,8 @@ def report(config: ReportConfig | None = None, progress: Progress | None = None,
     scoring = Scoring(**plan.scoring)
     rows = build_rows(
         plan, bench.arch,
-        allocate=lambda allocation, ratio: allocation_entry(bench, allocation, ratio),
-        evaluate_ppl=lambda s: bench.score(None if s is None else structure_from_json(s), scoring).to_dict(),
+        allocate=lambda allocation, ratio, metric, pattern: allocation_entry(bench, allocation, ratio, metric, pattern),
+        evaluate_ppl=lambda candidate: bench.score(candidate, scoring).to_dict(),
         evaluate_zero_shot=lambda s: zero_shot(bench, s, plan.tasks, plan.include_path, plan.limit, plan.max_length,
                                                plan.eval_batch_size),
     )
