@@ -66,9 +66,22 @@ class SearchConfig(RunConfig):
     oracle_prices: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, min_length=0, max_length=2,
         description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
+    metric: str | None = Field(None, description="rank units by a pruning metric's scores summed per KV group and MLP "
+                                                "channel instead of --method: a name such as ria, or an expression")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
 
     _lists = field_validator("oracle_prices", mode="before")(_comma_separated)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_is_a_method(cls, values):
+        """``metric=ria`` is the method ``metric:ria``: one name for the ranking everywhere downstream."""
+        if isinstance(values, dict) and values.get("metric"):
+            method = values.get("method", "wanda-sp")
+            if method not in ("wanda-sp", f"metric:{values['metric']}"):
+                raise ValueError(f"give --metric or --method, not both (got --method {method})")
+            values = {**values, "method": f"metric:{values['metric']}"}
+        return values
 
     @model_validator(mode="after")
     def _ratio_within_p_max(self) -> "SearchConfig":

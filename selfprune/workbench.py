@@ -23,7 +23,7 @@ from .checkpoint import LoadedModel
 from .devices import model_precision
 from .errors import CorruptFile, UserError
 from .hashing import content_hash
-from .methods import METHODS
+from .methods import get_method
 from .metrics import Metric, resolve_metric
 from .models import load_model
 from .ppl import Perplexity, perplexity
@@ -74,7 +74,7 @@ class Workbench:
     ):
         if getattr(lm.model.config, "selfprune_layers", None) is not None:
             raise UserError(f"{lm.source} is already a pruned export; prune its base model instead")
-        self.method = METHODS.get(method)
+        self.method = get_method(method)
         self.lm = lm
         self.arch = lm.arch
         self.calibration = calibration
@@ -87,7 +87,8 @@ class Workbench:
         )
         self._gradients: dict[str, torch.Tensor] | None = None
         self.stats = self._stats()
-        self.rankings = self.method.rank(lm.model, self.arch, self.stats)
+        with_g = {"gradients": self.gradients()} if self.method.needs_gradient else {}
+        self.rankings = self.method.rank(lm.model, self.arch, self.stats, **with_g)
         self._windows: dict[tuple, torch.Tensor] = {}
 
     @property

@@ -187,3 +187,36 @@ def test_a_gradient_metric_is_computed_once_and_stored(tiny_workspace, monkeypat
     _, b = again.sparsify(resolve_metric("pruner-zero"), "uniform", 0.5, parse_pattern("unstructured"))
     assert abs(a.realized - 0.5) < 0.01
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_a_metric_ranks_units_by_the_scores_of_the_weights_they_own(bench):
+    from selfprune.methods import unit_scores
+
+    arch = bench.arch
+    layer = bench.lm.model.model.layers[3]
+    w = {p: layer.get_submodule(p).weight.detach().abs().double() for p in stats.LINEAR_INPUT}
+    groups, channels = unit_scores(arch, {p: v.float() for p, v in w.items()})
+    hd, per = arch.head_dim, arch.group_size * arch.head_dim
+    for g in range(arch.n_kv_heads):
+        expected = (w["self_attn.q_proj"][g * per:(g + 1) * per].sum() + w["self_attn.k_proj"][g * hd:(g + 1) * hd].sum()
+                    + w["self_attn.v_proj"][g * hd:(g + 1) * hd].sum() + w["self_attn.o_proj"][:, g * per:(g + 1) * per].sum())
+        assert abs(groups[g] - expected) < 1e-3 * expected
+    c = 5
+    expected = w["mlp.gate_proj"][c].sum() + w["mlp.up_proj"][c].sum() + w["mlp.down_proj"][:, c].sum()
+    assert abs(channels[c] - expected) < 1e-3 * expected
+
+
+def test_search_by_a_metric_shares_nothing_with_wanda_sp_and_resumes_from_its_own_cache(prefect_api, tiny_workspace, tmp_path):
+    from selfprune.config import SearchConfig
+    from selfprune.flows.search import search
+
+    small = dict(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.4, population=4,
+                 mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=4,
+                 test_windows=4, device="cpu")
+    wanda = search(SearchConfig(**small, out=str(tmp_path / "wanda")))
+    ria = search(SearchConfig(**small, metric="ria", out=str(tmp_path / "ria")))
+    assert ria["cache_hits"] == 0 and ria["config"]["method"] == "metric:ria"
+    assert ria["uniform_test_ppl"] != wanda["uniform_test_ppl"]  # other units pruned at the same rates
+    again = search(SearchConfig(**small, metric="X_rms ** 0.5 * (abs(W) / colsum(abs(W)) + abs(W) / rowsum(abs(W)))",
+                                out=str(tmp_path / "ria-spelled-out")))
+    assert again["evaluations"] == 0 and again["fitness"] == ria["fitness"]  # one canonical metric, one cache

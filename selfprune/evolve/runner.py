@@ -21,7 +21,7 @@ from ..config import SearchConfig, build_config
 from ..data import split_windows
 from ..devices import precision
 from ..fileio import atomic_write_text
-from ..methods import METHODS
+from ..methods import get_method
 from ..models import load_tokenizer
 from ..workbench import Calibration, Scoring, shared_workbench
 from .evolution import Generation, SearchParams, run_search
@@ -73,7 +73,7 @@ def scoring(config: SearchConfig, split: str, windows: int | None) -> Scoring:
 def check(config: SearchConfig) -> None:
     """Every check that needs nothing loaded: device and dtype, method and oracle names. Fails fast."""
     precision(config.device, config.dtype)
-    METHODS.get(config.method)
+    get_method(config.method)
     make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
 
 
