@@ -62,3 +62,42 @@ def plot_rates(rates: list[float], beta: float, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("pruning rate")
     return save(fig, ax, path)
+
+
+def metric_markdown(generation: int, best: dict) -> str:
+    """The best metric so far, for the AutoPrune search's best-so-far artifact."""
+    return (
+        f"### Best metric after generation {generation}\n\n"
+        f"- `{best['metric']}`\n"
+        f"- fitness (perplexity on the fitness split): **{best['fitness']:.4f}**\n"
+        f"- from: {best['source']}" + (f", edit `{best['edit']}`" if best.get("edit") else "") + "\n"
+    )
+
+
+def plot_metric_graph(graph: list[dict], best: str, path: Path) -> Path:
+    """The metrics of an AutoPrune search: one point per metric at (generation, fitness), an arrow
+    from each parent to its child, the best metric's lineage in red."""
+    fig, ax = new_axes()
+    where = {n["text"]: (n["generation"], n["fitness"]) for n in graph if n.get("fitness") is not None}
+    on_path, key = set(), best
+    by_text = {n["text"]: n for n in graph}
+    while key in by_text and key not in on_path:
+        on_path.add(key)
+        key = by_text[key]["parents"][0] if by_text[key]["parents"] else ""
+    for n in graph:
+        for parent in n["parents"]:
+            if n["text"] in where and parent in where:
+                red = n["text"] in on_path and parent in on_path
+                (x0, y0), (x1, y1) = where[parent], where[n["text"]]
+                ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "lw": 1.6 if red else 0.5,
+                                                                 "color": "tab:red" if red else "0.7"})
+    for source, color in (("built-in", "tab:green"), ("random", "0.5"), ("gp", "tab:blue"), ("llm", "tab:purple")):
+        points = [where[n["text"]] for n in graph if n["source"] == source and n["text"] in where]
+        if points:
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, color=color, label=source, zorder=3)
+    if best in where:
+        ax.scatter([where[best][0]], [where[best][1]], s=60, marker="*", color="tab:red", label="best", zorder=4)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness perplexity (lower is better)")
+    ax.set_yscale("log")
+    return save(fig, ax, path)

@@ -1,4 +1,4 @@
-"""selfprune: structured pruning of Llama-class LLMs with an LLM-driven per-layer rate search.
+"""selfprune: pruning Llama-class LLMs with LLM-driven searches: per-layer rates (Self-Pruner) and pruning metrics (AutoPrune).
 
 The library holds the domain logic as plain functions (no Prefect import); the Prefect
 tasks and flows that orchestrate it live in ``tasks/`` and ``flows/``.
@@ -8,10 +8,11 @@ __version__ = "0.1.0"
 
 
 # The library API: name -> module, imported on first use so that ``import selfprune`` stays cheap
-# (no torch). ``selfprune.search(model="demo", ratio=0.5)``, ``selfprune.prune(...)``,
+# (no torch). ``selfprune.search(model="demo", ratio=0.5)``, ``selfprune.autoprune(...)``, ``selfprune.prune(...)``,
 # ``selfprune.perplexity(...)``, ``selfprune.report(...)``, ``selfprune.load_pruned("DIR").model``.
 _LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api", "report": "evaluate.report",
-         "search": "evolve.runner", "load_pruned": "export", "SearchConfig": "config", "ReportConfig": "config"}
+         "search": "evolve.runner", "autoprune": "evolve.autoprune", "load_pruned": "export", "SearchConfig": "config",
+         "ReportConfig": "config", "AutopruneConfig": "config"}
 
 
 def __getattr__(name: str):

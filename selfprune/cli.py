@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pydantic import BaseModel
 from rich.table import Table
 
-from .config import ReportConfig, SearchConfig, build_config, cli_flag
+from .config import AutopruneConfig, ReportConfig, SearchConfig, build_config, cli_flag
 from .errors import EnvironmentFault, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -179,6 +179,27 @@ def _flow_result(state, entrypoint: str, out: str):
 app.command("search")(_config_command(SearchConfig, _search))
 
 
+def _autoprune(values: dict) -> None:
+    """AutoPrune's metric search (gp offline, or an LLM with GCoT prompts) as a resumable Prefect flow."""
+    config = build_config(AutopruneConfig, **values)
+    _configure_flows(config)
+    from selfprune.flows.autoprune import autoprune as autoprune_flow
+
+    summary = _flow_result(autoprune_flow(config, return_state=True), "selfprune.flows.autoprune.autoprune", config.out)
+    table = Table("metric", *(f"test ppl @ {s}" for s in config.sparsities),
+                  title=f"{config.model}: {config.pattern}, {config.allocation} allocation")
+    for name, by_s in summary["test_ppl"].items():
+        table.add_row(summary["metric"] if name == "found" else name, *(f"{v:.3f}" for v in by_s.values()))
+    console.print(table)
+    console.print(f"best metric: {summary['metric']} (fitness {summary['fitness']:.3f}) | evaluations "
+                  f"{summary['evaluations']}, cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
+                  f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {Path(config.out) / 'best.json'}; "
+                  f"prune with it: selfprune prune --metric {Path(config.out) / 'best.json'}", soft_wrap=True)
+
+
+app.command("autoprune")(_config_command(AutopruneConfig, _autoprune))
+
+
 class _DropExplained:
     """A logging filter: Prefect's "flow run failed" traceback for a UserError, or for a failure
     the machine caused (:func:`selfprune.faults.explain`), is noise; main() prints the one line.
@@ -195,7 +216,7 @@ class _DropExplained:
         return explain(exc) is None
 
 
-def _configure_flows(config: SearchConfig | ReportConfig | None = None) -> None:
+def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | None = None) -> None:
     """selfprune's Prefect settings and quiet logs; with a ``config``, the machine's checks
     (:func:`selfprune.faults.preflight`) before Prefect starts anything."""
     import logging

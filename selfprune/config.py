@@ -40,10 +40,9 @@ class RunConfig(BaseModel):
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
 
 
-class SearchConfig(RunConfig):
-    """Self-Pruner's search settings (defaults: the paper's K=30, M=S=10, N=20)."""
+class EvolutionConfig(RunConfig):
+    """What both searches share: the oracle, the evolutionary loop's sizes, the data they score on."""
 
-    ratio: float = Field(0.5, gt=0, lt=1, description="target mean pruning rate beta, in (0, 1)")
     oracle: str = Field("ga", description="openai:MODEL | ga | random")
     base_url: str | None = Field(None, description="OpenAI-compatible server for openai:MODEL (vLLM, Ollama)")
     population: int = Field(30, ge=2, description="K: population size")
@@ -51,26 +50,38 @@ class SearchConfig(RunConfig):
     crossovers: int = Field(10, ge=0, description="S: crossovers per generation")
     generations: int = Field(20, ge=0, description="N: generations")
     seed: int = Field(0, description="seeds the oracles: same seed, same search")
-    p_max: float = Field(0.9, gt=0, le=1, description="upper bound of any layer's rate")
     samples: int = Field(128, ge=1, description="calibration windows for the activation statistics")
     calib_seqlen: int = Field(512, ge=1, description="tokens per calibration window")
     fitness_windows: int = Field(8, ge=1, description="windows of the fitness split per candidate")
     test_windows: int = Field(64, ge=0, description="windows of the test split for the final score (0: all)")
-    random_init: bool = Field(False, description="ablation: random initial population")
-    no_mutation: bool = Field(False, description="ablation: no mutation")
-    no_crossover: bool = Field(False, description="ablation: no crossover")
     oracle_timeout: float = Field(120.0, gt=0, description="seconds an oracle request may take; a late one is not re-sent")
     oracle_max_tokens: int = Field(0, ge=0, description="reply token limit per oracle request (0: from the expected answer)")
     oracle_schema: bool = Field(True, description="send the reply's JSON Schema where the server takes it (off: JSON mode only)")
-    oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA offspring")
+    oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA/GP offspring")
     oracle_prices: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, min_length=0, max_length=2,
         description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
+
+    _lists = field_validator("oracle_prices", mode="before")(_comma_separated)
+
+    @model_validator(mode="after")
+    def _two_prices(self) -> "EvolutionConfig":
+        if len(self.oracle_prices) == 1:
+            raise ValueError("--oracle-prices takes two numbers: USD per million prompt tokens, then completion tokens")
+        return self
+
+
+class SearchConfig(EvolutionConfig):
+    """Self-Pruner's search settings (defaults: the paper's K=30, M=S=10, N=20)."""
+
+    ratio: float = Field(0.5, gt=0, lt=1, description="target mean pruning rate beta, in (0, 1)")
+    p_max: float = Field(0.9, gt=0, le=1, description="upper bound of any layer's rate")
+    random_init: bool = Field(False, description="ablation: random initial population")
+    no_mutation: bool = Field(False, description="ablation: no mutation")
+    no_crossover: bool = Field(False, description="ablation: no crossover")
     metric: str | None = Field(None, description="rank units by a pruning metric's scores summed per KV group and MLP "
                                                 "channel instead of --method: a name such as ria, or an expression")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
-
-    _lists = field_validator("oracle_prices", mode="before")(_comma_separated)
 
     @model_validator(mode="before")
     @classmethod
@@ -87,12 +98,29 @@ class SearchConfig(RunConfig):
     def _ratio_within_p_max(self) -> "SearchConfig":
         if self.ratio > self.p_max:
             raise ValueError(f"ratio {self.ratio} exceeds p_max {self.p_max}: lower --ratio or raise --p-max")
-        if len(self.oracle_prices) == 1:
-            raise ValueError("--oracle-prices takes two numbers: USD per million prompt tokens, then completion tokens")
         return self
 
 
 Ratio = Annotated[float, Field(gt=0, lt=1)]
+
+
+class AutopruneConfig(EvolutionConfig):
+    """AutoPrune's metric search: an oracle (``gp`` offline, or an LLM with GCoT prompts) proposes
+    pruning metrics, each judged by the fitness perplexity of the model it prunes."""
+
+    oracle: str = Field("gp", description="gp | openai:MODEL")
+    population: int = Field(12, ge=2, description="K: metrics kept per generation")
+    mutations: int = Field(4, ge=0, description="M: mutated metrics per generation")
+    crossovers: int = Field(4, ge=0, description="S: crossed metrics per generation")
+    generations: int = Field(6, ge=0, description="N: generations")
+    sparsities: list[Ratio] = Field(default_factory=lambda: [0.6], min_length=1, json_schema_extra={"cli": "--sparsity"},
+                                    description="sparsity a metric is judged at; several: the mean fitness over them")
+    pattern: str = Field("unstructured", description="unstructured | unstructured-layer | 2:4 | 4:8")
+    allocation: str = Field("uniform", description="uniform | owl | sdsa: per-layer sparsities from the metric's scores")
+    gradient: bool = Field(True, description="let metrics read G, the gradient statistic (one backward pass per window)")
+    out: str = Field("runs/autoprune", description="run directory (best.json, the metric graph, evaluations.jsonl)")
+
+    _sparsity_list = field_validator("sparsities", mode="before")(_comma_separated)
 
 
 class ReportConfig(RunConfig):

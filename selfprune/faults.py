@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Mapping
 from pathlib import Path
 
-from .config import ReportConfig, RunConfig, SearchConfig
+from .config import AutopruneConfig, EvolutionConfig, ReportConfig, RunConfig
 from .errors import EnvironmentFault, UserError
 from .preflight import MIB, Need, check, disk_fault, exception_chain
 
@@ -85,16 +85,20 @@ class Places:
 
 
 def _task_runs(config: RunConfig) -> int:
-    if isinstance(config, SearchConfig):
+    if isinstance(config, EvolutionConfig):
         evaluations = config.population + config.generations * (config.mutations + config.crossovers) + 2
+        per_candidate = len(config.sparsities) if isinstance(config, AutopruneConfig) else 1
+        finals = 5 * per_candidate if isinstance(config, AutopruneConfig) else 0  # the built-ins on the test split
         oracle = 2 * config.generations + 1 if config.oracle.startswith("openai") else 0
-        return evaluations + oracle + 1
+        return evaluations * per_candidate + finals + oracle + 1
     assert isinstance(config, ReportConfig)
-    models = 1 + 2 * max(len(config.ratios), 1) + len(config.searches)
+    ratios = max(len(config.ratios), 1)
+    metric_rows = len(config.metrics) * len(config.patterns) * len(config.metric_allocations) * ratios
+    models = 1 + 2 * ratios + len(config.searches) + metric_rows
     return 1 + models * (2 + len(config.tasks))
 
 
-def needs(config: SearchConfig | ReportConfig, places: Places) -> list[Need]:
+def needs(config: EvolutionConfig | ReportConfig, places: Places) -> list[Need]:
     """The stated estimate of what a run of ``config`` writes, and where."""
     from .demo import demo_model_pending_bytes
 
@@ -111,7 +115,7 @@ def needs(config: SearchConfig | ReportConfig, places: Places) -> list[Need]:
     return found
 
 
-def preflight(config: SearchConfig | ReportConfig) -> None:
+def preflight(config: EvolutionConfig | ReportConfig) -> None:
     """Before any work: writable directories, room for the estimate, a lockable local database."""
     places = Places.current()
     check(needs(config, places), places.database)

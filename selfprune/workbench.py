@@ -165,12 +165,13 @@ class Workbench:
 
     def candidate(self, spec: Structure | list | dict | None) -> torch.nn.Module:
         """The model a candidate stands for: ``None``, the dense model; a structure (or its JSON),
-        the sliced model; ``{"metric", "pattern", "rates"}``, the metric's single weights zeroed."""
+        the sliced model; ``{"metric", "pattern", "allocation", "sparsity"}`` (:func:`sparse_candidate`),
+        the metric's lowest-scoring single weights zeroed."""
         if spec is None:
             return self.lm.model
         if isinstance(spec, dict):
-            scores = self.metric_scores(resolve_metric(spec["metric"]))
-            return sparsity.sparsify(self.lm.model, self.arch, scores, spec["rates"], parse_pattern(spec["pattern"])).model
+            metric, pattern = resolve_metric(spec["metric"]), parse_pattern(spec["pattern"])
+            return self.sparsify(metric, spec["allocation"], spec["sparsity"], pattern)[1].model
         return self.build(spec if isinstance(spec, tuple) else allocation.structure_from_json(spec))
 
     def score(self, spec: Structure | list | dict | None, scoring: Scoring) -> Perplexity:
@@ -243,6 +244,16 @@ class Workbench:
             "stats_key": self.stats_key,
             "precision": self.precision,
         }
+
+
+def sparse_candidate(metric: str, pattern: str, allocation: str, sparsity_: float) -> dict:
+    """A metric's candidate as a small JSON value (a cache key's part): the canonical metric and
+    pattern, a registered allocation and the target sparsity."""
+    if allocation not in allocators.ALLOCATIONS:
+        raise UserError(f"allocation {allocation!r} of a metric's candidate must be registered "
+                        f"({', '.join(allocators.ALLOCATIONS.names())}): a file's rates could change under the same name")
+    return {"metric": resolve_metric(metric).text, "pattern": parse_pattern(pattern).text, "allocation": allocation,
+            "sparsity": sparsity_}
 
 
 # Tasks may run in threads: each model is loaded, and each workbench built, once per process.

@@ -159,7 +159,8 @@ def deployed(stack):
 def test_deploy_stores_no_machine_path_and_no_secret(deployed):
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for d in spec["deployments"]:
-        dep = deployed.api.get(f"/deployments/name/{'selfprune-report' if 'report' in d['name'] else 'selfprune-search'}/{d['name']}").json()
+        flow_name = "selfprune-" + d["entrypoint"].rsplit(".", 1)[1]  # selfprune.flows.search.search -> selfprune-search
+        dep = deployed.api.get(f"/deployments/name/{flow_name}/{d['name']}").raise_for_status().json()
         text = json.dumps(dep)
         assert str(ROOT) not in text and str(deployed.tmp) not in text, d["name"]
         assert dep["entrypoint"].startswith("selfprune.flows.")  # the installed package, no checkout

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .. import sparsity
 from ..allocation import dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
-from ..allocators import allocator
 from ..arch import Arch
 from ..config import ReportConfig, build_config
 from ..errors import UserError
@@ -28,7 +27,7 @@ from ..metrics import resolve_metric
 from ..models import load_model
 from ..sparsity import parse_pattern
 from ..userfiles import read_json
-from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress
+from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress, sparse_candidate
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 
 LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
@@ -121,7 +120,7 @@ def _sparse_rows(c: ReportConfig, ratios: list[float]) -> tuple[dict[str, str], 
     metric x pattern x allocation x ratio; an N:M pattern gives one uniform row at its sparsity."""
     names = {resolve_metric(m).text: m for m in c.metrics}
     for a in c.metric_allocations:
-        allocator(a)
+        sparse_candidate("abs(W)", "unstructured", a, 0.5)  # a registered allocation, else a UserError now
     rows = []
     for text in names:
         for p in dict.fromkeys(parse_pattern(p).text for p in c.patterns):
@@ -238,11 +237,10 @@ def allocation_entry(bench: Workbench, allocation: str, ratio: float, metric: st
     if metric is None:
         rates = bench.allocate(allocation, ratio)
         return {"rates": rates, "candidate": structure_to_json(bench.structure(rates))}
-    found, pat = resolve_metric(metric), parse_pattern(pattern or "unstructured")
-    scores = bench.metric_scores(found)
+    candidate = sparse_candidate(metric, pattern or "unstructured", allocation, ratio)
+    scores = bench.metric_scores(resolve_metric(metric))
     rates = bench.allocate(allocation, ratio, lambda i: list(scores(i).values()))
-    return {"rates": rates, "candidate": {"metric": found.text, "pattern": pat.text, "rates": rates},
-            "zeros": sparsity.zeros(bench.arch, rates, pat)}
+    return {"rates": rates, "candidate": candidate, "zeros": sparsity.zeros(bench.arch, rates, parse_pattern(pattern or "unstructured"))}
 
 
 def zero_shot(bench: Workbench, candidate: Candidate, tasks: list[str], include_path: str | None = None,

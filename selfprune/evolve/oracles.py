@@ -91,7 +91,7 @@ class Oracle(Protocol):
         ...
 
 
-def _rng(ctx: SearchContext, generation: int, op: str) -> random.Random:
+def rng_for(ctx, generation: int, op: str) -> random.Random:
     """A generator that depends only on (seed, generation, operation): same inputs, same outputs."""
     return random.Random(int(content_hash(ctx.seed, generation, op), 16))
 
@@ -129,13 +129,13 @@ class RandomOracle:
     """No prior and no inheritance: fresh random vectors every time (the random-init ablation)."""
 
     def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
-        rng = _rng(ctx, 0, "random-init")
+        rng = rng_for(ctx, 0, "random-init")
         return _distinct(ctx, lambda: _random_rates(rng, ctx), k, set())
 
     def evolve(
         self, ctx: SearchContext, population: list[Scored], n_crossover: int, n_mutation: int, generation: int
     ) -> list[list[float]]:
-        rng = _rng(ctx, generation, "random")
+        rng = rng_for(ctx, generation, "random")
         exclude = {ctx.canonical(rates) for rates, _ in population}
         return _distinct(ctx, lambda: _random_rates(rng, ctx), n_crossover + n_mutation, exclude)
 
@@ -167,7 +167,7 @@ class GAOracle:
 
     def random_init(self, ctx: SearchContext, n: int, exclude: set[Hashable]) -> list[list[float]]:
         """``n`` random vectors whose keys are not in ``exclude`` (which is updated)."""
-        rng = _rng(ctx, 0, "ga-init")
+        rng = rng_for(ctx, 0, "ga-init")
         return _distinct(ctx, lambda: _random_rates(rng, ctx), n, exclude)
 
     def mutate(
@@ -176,7 +176,7 @@ class GAOracle:
         """``n`` mutants of tournament-selected parents, distinct from ``exclude`` (updated)."""
         if n <= 0:
             return []
-        rng = _rng(ctx, generation, "ga-mutation")
+        rng = rng_for(ctx, generation, "ga-mutation")
 
         def child() -> list[float]:
             parent = self._select(rng, population)
@@ -190,7 +190,7 @@ class GAOracle:
         """``n`` uniform crossovers of two tournament-selected parents, distinct from ``exclude``."""
         if n <= 0:
             return []
-        rng = _rng(ctx, generation, "ga-crossover")
+        rng = rng_for(ctx, generation, "ga-crossover")
 
         def child() -> list[float]:
             a, b = self._select(rng, population), self._select(rng, population)
@@ -300,7 +300,68 @@ def reply_budget(count: int, n_layers: int) -> int:
     invalid and re-asked, never waited out."""
     return 256 + 8 * count * n_layers
 
-class LLMOracle:
+class ChatOracle:
+    """What every LLM oracle shares: the model and its transport, the request settings, the
+    offspring that fill in for a step the model left short (``fallback``), ``strict``, and the
+    counters (:meth:`accounting`). Subclasses build their own requests and parse their own replies."""
+
+    fallback_name = "GA"
+
+    def __init__(self, model: str, transport: Transport, fallback, reply_kinds: tuple[str, ...], backend: str = "openai",
+                 temperature: float = 1.0, max_reasks: int = 2, json_mode: bool = True, max_tokens: int | None = None,
+                 strict: bool = False, schema: bool = True) -> None:
+        self.model = model
+        self.transport = transport
+        self.fallback = fallback
+        self.backend = backend
+        self.temperature = temperature
+        self.max_reasks = max_reasks
+        self.json_mode = json_mode
+        self.max_tokens = max_tokens
+        self.strict = strict
+        self.schema = schema
+        self.calls = 0
+        self.fallbacks = 0
+        self.duplicates = 0
+        self.reasks = 0
+        self.replies = dict.fromkeys(reply_kinds, 0)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.seconds = 0.0
+
+    def accounting(self) -> dict:
+        """Every counter, for best.json and the artifacts."""
+        return {"calls": self.calls, "replies": dict(self.replies), "reasks": self.reasks, "fallbacks": self.fallbacks,
+                "duplicates": self.duplicates, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "seconds": round(self.seconds, 3)}
+
+    def _send(self, request: ChatRequest) -> Reply:
+        """Send through the transport, counting the call, the re-ask, the tokens and the wait."""
+        self.calls += 1
+        self.reasks += request.attempt > 0
+        start = time.perf_counter()
+        reply = self.transport(request)
+        self.seconds += time.perf_counter() - start
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+        return reply
+
+    def _seed(self, ctx, op: str, generation: int, attempt: int) -> int:
+        return int(content_hash(ctx.seed, op, generation, attempt), 16) % 2**31
+
+    def _fill(self, children: list) -> list:
+        """Count the fallback's offspring (or, ``strict``, refuse to use them)."""
+        if children and self.strict:
+            raise OracleUnavailable(
+                f"the oracle {self.model!r} left {len(children)} candidate(s) of a step without a valid reply "
+                f"(invalid, refused, cut or late replies) and --oracle-strict forbids the {self.fallback_name} fallback: "
+                "use a stronger model, raise --oracle-timeout / --oracle-max-tokens, or drop --oracle-strict"
+            )
+        self.fallbacks += len(children)
+        return children
+
+
+class LLMOracle(ChatOracle):
     """Self-Pruner's oracle: the paper's prompts sent through an injected ``transport``.
 
     The transport is injected so the orchestrator can cache each call by its exact request, and
@@ -323,45 +384,12 @@ class LLMOracle:
     gathers them.
     """
 
-    def __init__(
-        self,
-        model: str,
-        transport: Transport,
-        backend: str = "openai",
-        temperature: float = 1.0,
-        max_reasks: int = 2,
-        json_mode: bool = True,
-        fallback: GAOracle | None = None,
-        max_tokens: int | None = None,
-        strict: bool = False,
-        schema: bool = True,
-    ) -> None:
-        self.model = model
-        self.transport = transport
-        self.backend = backend
-        self.temperature = temperature
-        self.max_reasks = max_reasks
-        self.json_mode = json_mode
-        self.fallback = fallback or GAOracle()
-        self.max_tokens = max_tokens
-        self.strict = strict
-        self.schema = schema
-        self.calls = 0
-        self.fallbacks = 0
+    def __init__(self, model: str, transport: Transport, fallback: GAOracle | None = None, **settings) -> None:
+        super().__init__(model, transport, fallback or GAOracle(), REPLY_KINDS, **settings)
         self.rejected = 0
-        self.duplicates = 0
-        self.reasks = 0
-        self.replies = dict.fromkeys(REPLY_KINDS, 0)
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.seconds = 0.0
 
     def accounting(self) -> dict:
-        """Every counter, for best.json and the artifacts."""
-        return {"calls": self.calls, "replies": dict(self.replies), "reasks": self.reasks, "fallbacks": self.fallbacks,
-                "rejected_vectors": self.rejected, "duplicates": self.duplicates,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "seconds": round(self.seconds, 3)}
+        return super().accounting() | {"rejected_vectors": self.rejected}
 
     def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
         prompt = partial(
@@ -389,16 +417,6 @@ class LLMOracle:
             out += got + self._fill(ga_op(ctx, population, n - len(got), generation, exclude))
         return out
 
-    def _fill(self, children: list[list[float]]) -> list[list[float]]:
-        if children and self.strict:
-            raise OracleUnavailable(
-                f"the oracle {self.model!r} left {len(children)} candidate(s) of a step without a valid reply "
-                "(invalid, cut or late replies) and --oracle-strict forbids the GA fallback: use a stronger "
-                "model, raise --oracle-timeout / --oracle-max-tokens, or drop --oracle-strict"
-            )
-        self.fallbacks += len(children)
-        return children
-
     def _ask(
         self,
         ctx: SearchContext,
@@ -414,24 +432,17 @@ class LLMOracle:
             missing = need - len(accepted)
             if missing <= 0:
                 break
-            request = ChatRequest(
+            reply = self._send(ChatRequest(
                 backend=self.backend,
                 model=self.model,
                 messages=(("user", prompt(missing)),),
                 temperature=self.temperature,
-                seed=int(content_hash(ctx.seed, op, generation, attempt), 16) % 2**31,
+                seed=self._seed(ctx, op, generation, attempt),
                 attempt=attempt,
                 json_mode=self.json_mode,
                 max_tokens=self.max_tokens or reply_budget(missing, ctx.n_layers),
                 schema=stable_json(rates_schema(missing, ctx.n_layers, ctx.p_max)) if self.json_mode and self.schema else None,
-            )
-            self.calls += 1
-            self.reasks += attempt > 0
-            start = time.perf_counter()
-            reply = self.transport(request)
-            self.seconds += time.perf_counter() - start
-            self.prompt_tokens += reply.prompt_tokens
-            self.completion_tokens += reply.completion_tokens
+            ))
             if reply.text is None:  # no answer in time: asking again would queue behind a busy server
                 self.replies["late"] += 1
                 break

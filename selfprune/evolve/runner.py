@@ -13,11 +13,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Hashable
 from pathlib import Path
 
 from ..allocation import kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
 from ..arch import Arch
-from ..config import SearchConfig, build_config
+from ..config import EvolutionConfig, SearchConfig, build_config
 from ..data import split_windows
 from ..devices import precision
 from ..fileio import atomic_write_text
@@ -62,11 +63,33 @@ class GenerationReport:
         return sum(m["fitness"] for m in self.population) / len(self.population)
 
 
-def calibration(config: SearchConfig) -> Calibration:
+class Tally:
+    """Which candidates of a generation were computed and which a cache answered: ``scored`` keeps
+    the records of the batch just scored (a record may say ``"cached": True``); a candidate of the
+    generation without one had been scored in an earlier generation, by the loop's own memo."""
+
+    def __init__(self) -> None:
+        self.records: dict[Hashable, dict] = {}
+        self.evaluations = 0
+        self.cache_hits = 0
+
+    def scored(self, keys: list[Hashable], records: list[dict]) -> None:
+        self.records.update(zip(keys, records))
+
+    def generation(self, keys: list[Hashable]) -> list[bool]:
+        """Per candidate of the generation, whether it came from a cache; updates the totals."""
+        cached = [k not in self.records or bool(self.records[k].get("cached")) for k in keys]
+        self.records.clear()
+        self.cache_hits += sum(cached)
+        self.evaluations += len(cached) - sum(cached)
+        return cached
+
+
+def calibration(config: EvolutionConfig) -> Calibration:
     return Calibration(config.data, config.samples, config.calib_seqlen, config.batch_size)
 
 
-def scoring(config: SearchConfig, split: str, windows: int | None) -> Scoring:
+def scoring(config: EvolutionConfig, split: str, windows: int | None) -> Scoring:
     return Scoring(config.data, split, config.seqlen, windows or None, config.batch_size)
 
 
@@ -77,7 +100,7 @@ def check(config: SearchConfig) -> None:
     make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
 
 
-def check_windows(config: SearchConfig, tokenizer) -> None:
+def check_windows(config: EvolutionConfig, tokenizer) -> None:
     """Each split holds the windows asked of it (a short test split fails now, not after the search).
 
     The token ids are memoized on disk, so the passes that follow do not tokenize again.
@@ -137,29 +160,21 @@ def run(
     start = time.perf_counter()
     arch = setup.arch
     ctx, params, oracle = search_objects(config, arch, transport)
-    records: dict[tuple, dict] = {}
-    totals = {"evaluations": 0, "cache_hits": 0}
+    tally = Tally()
 
     def evaluate(batch: list[list[float]]) -> list[float]:
         structures = [structure_to_json(rates_to_structure(arch, rates)) for rates in batch]
         results = score(structures, "fitness", config.fitness_windows)
-        for rates, result in zip(batch, results):
-            records[tuple(rates)] = result
+        tally.scored([tuple(rates) for rates in batch], results)
         return [r["ppl"] for r in results]
 
     def hook(g: Generation) -> None:
-        rows = []
-        for rates, fitness in g.candidates:
-            record = records.pop(tuple(rates), None)  # None: scored in an earlier generation
-            rows.append(_member(arch, rates, {"ppl": fitness}) | {"cached": record is None or bool(record.get("cached"))})
-        records.clear()
-        cached = sum(r["cached"] for r in rows)
-        totals["evaluations"] += len(rows) - cached
-        totals["cache_hits"] += cached
+        cached = tally.generation([tuple(rates) for rates, _ in g.candidates])
+        rows = [_member(arch, rates, {"ppl": f}) | {"cached": c} for (rates, f), c in zip(g.candidates, cached)]
         if on_generation is not None:
             population = [_member(arch, rates, {"ppl": f}) for rates, f in g.population]
-            on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - cached, cached,
-                                           oracle_accounting(oracle, config.oracle_prices)))
+            on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - sum(cached),
+                                           sum(cached), oracle_accounting(oracle, config.oracle_prices)))
 
     result = run_search(oracle, ctx, params, evaluate, hook)
     best = _member(arch, result.best_rates, {"ppl": result.best_fitness})
@@ -176,7 +191,16 @@ def run(
         "seqlen": config.seqlen,
         "uniform_fitness": uniform_fitness["ppl"],
         "uniform_test_ppl": uniform_test["ppl"],
-        **totals,
+        **run_record(config, setup, tally, oracle, result, start),
+    }
+
+
+def run_record(config: EvolutionConfig, setup: Setup, tally: Tally, oracle, result, start: float) -> dict:
+    """What every search's summary holds besides its best: counts, the oracle's accounting, wall
+    time, the per-generation history, and the identities and settings it ran with."""
+    return {
+        "evaluations": tally.evaluations,
+        "cache_hits": tally.cache_hits,
         "oracle_calls": getattr(oracle, "calls", 0),
         "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
         "oracle": oracle_accounting(oracle, config.oracle_prices),

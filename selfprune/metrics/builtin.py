@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..registry import Registry
+from ..userfiles import read_json
 from .language import MetricError
 from .metric import Metric, parse_metric
 
@@ -17,9 +18,15 @@ for _name, _text in {
 
 
 def resolve_metric(name_or_text: str) -> Metric:
-    """A registered metric by name, else the metric that ``name_or_text`` spells."""
+    """A registered metric by name, a ``*.json`` file holding ``{"metric": TEXT}`` (an AutoPrune
+    search's best.json), else the metric that ``name_or_text`` spells."""
     if name_or_text in METRICS:
         return METRICS.get(name_or_text)
+    if name_or_text.endswith(".json"):
+        found = read_json(name_or_text, "metric file", "an AutoPrune search's best.json (selfprune autoprune --out DIR)")
+        if not isinstance(found, dict) or not isinstance(found.get("metric"), str):
+            raise MetricError(f"{name_or_text} holds no \"metric\" text; give an AutoPrune search's best.json")
+        return parse_metric(found["metric"])
     try:
         return parse_metric(name_or_text)
     except MetricError as e:

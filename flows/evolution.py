@@ -1,0 +1,101 @@
+"""What both search flows inject into the library's loop: candidates scored as one batch of cached
+tasks, and oracle requests sent through the cached oracle task.
+
+A batch is submitted whole, so the flow's task runner decides how many candidates run side by side.
+An oracle reply that came too late is not replayed from the cache: the rerun asks again (with a
+longer ``--oracle-timeout``, say); answered replies replay, so a resumed search follows the same path.
+"""
+
+from __future__ import annotations
+
+import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
+
+from collections.abc import Callable
+from logging import Logger
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from selfprune.arch import Arch
+from selfprune.config import EvolutionConfig
+from selfprune.faults import preflight
+from selfprune.flows.run_info import announce_run
+from selfprune.models import load_tokenizer, model_fingerprint
+from selfprune.evolve import runner
+from selfprune.evolve.oracles import ChatRequest, Reply, Transport
+from selfprune.tasks.caching import kept_result
+from selfprune.tasks.oracle import oracle_call
+from selfprune.tasks.pruning import capture_statistics, score_candidate
+
+
+def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibration: dict, ledger: str):
+    """``score(candidates, split, windows)``: one cached ``score_candidate`` per candidate (a structure
+    or a metric's sparse candidate), submitted as one batch; records say whether a cache answered."""
+
+    def score(candidates: list, split: str, windows: int | None) -> list[dict]:
+        how = vars(runner.scoring(config, split, windows))
+        futures = [score_candidate.submit(config.model, model_fp, stats_key, c, how, calibration, config.device,
+                                          config.dtype, ledger, method=config.method) for c in candidates]
+        for f in futures:
+            f.wait()
+        return [kept_result(f.state) | {"cached": f.state.name == "Cached"} for f in futures]
+
+    return score
+
+
+def cached_transport(config: EvolutionConfig, calls: dict[str, int]) -> Transport:
+    """The oracle's transport through the cached ``oracle_call`` task; counts ``oracle_calls`` (sent)
+    and ``oracle_replays`` (answered from the cache) in ``calls``."""
+
+    def transport(request: ChatRequest) -> Reply:
+        ask = (request.to_dict(), config.base_url, config.oracle_timeout)
+        state = oracle_call(*ask, return_state=True)
+        if state.name == "Cached" and Reply.from_dict(state.result()).text is None:
+            state = oracle_call.with_options(refresh_cache=True)(*ask, return_state=True)
+        calls["oracle_replays" if state.name == "Cached" else "oracle_calls"] += 1
+        return Reply.from_dict(kept_result(state))
+
+    return transport
+
+
+def artifact_key(config: EvolutionConfig) -> str:
+    return "selfprune-" + "".join(c if c.isalnum() else "-" for c in Path(config.out).name.lower())
+
+
+def publisher(config: EvolutionConfig, logger: Logger, row: Callable[[dict], dict], best: Callable[[int, dict], str],
+              fallback: str) -> Callable[[runner.GenerationReport], None]:
+    """The per-generation hook of a search flow: a table artifact of the generation's new candidates
+    (``row`` formats one), the best so far (``best`` writes its Markdown), the progress, and a log
+    line with the oracle's reply counts (``fallback`` names what fills in for the LLM)."""
+    key = artifact_key(config)
+    progress = create_progress_artifact(0.0, key=f"{key}-progress", description="generations done")
+
+    def publish(g: runner.GenerationReport) -> None:
+        rows = [row(r) | {"origin": "cache" if r["cached"] else config.oracle} for r in g.rows]
+        replies = "" if g.oracle is None else "; oracle replies so far: " + ", ".join(
+            f"{n} {kind}" for kind, n in g.oracle["replies"].items()) + f", {g.oracle['fallbacks']} {fallback} fallbacks"
+        create_table_artifact(rows, key=f"{key}-gen-{g.index}",
+                              description=f"generation {g.index}: {len(rows)} candidates{replies}")
+        create_markdown_artifact(best(g.index, g.population[0]), key=f"{key}-best")
+        update_progress_artifact(progress, 100.0 * (g.index + 1) / (g.generations + 1))
+        logger.info(f"generation {g.index}/{g.generations}: best {g.best:.3f}, mean {g.mean:.3f} | "
+                    f"{g.evaluated} evaluated, {g.cached} cached{replies}")
+
+    return publish
+
+
+def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Callable[[EvolutionConfig], None]
+            ) -> tuple[Path, dict, runner.Setup]:
+    """A search flow's start: the run id and retry command, the machine's and the config's checks,
+    the windows of each split (the tokenizer only: a cached rerun reads no weights), the run
+    directory, and the statistics (cached). Returns (out, calibration fields, setup)."""
+    announce_run(logger, entrypoint)
+    preflight(config)
+    check(config)
+    runner.check_windows(config, load_tokenizer(config.model))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    calibration = vars(runner.calibration(config))
+    model_fp = model_fingerprint(config.model)
+    stats = capture_statistics(config.model, model_fp, calibration, config.device, config.dtype)
+    return out, calibration, runner.Setup(Arch(**stats["arch"]), model_fp, stats["stats_key"])

@@ -1,0 +1,145 @@
+"""AutoPrune's metric search, end to end: checks, the evolutionary loop over metric texts, the
+final test scores against the built-in metrics, the summary.
+
+The loop is :func:`selfprune.evolve.evolution.run_search`, the one the rate search runs: only the
+candidates (metric texts, identified by their canonical form), the oracle (``gp``, or an LLM with
+GCoT prompts) and the fitness differ. A metric's fitness is the fitness-split perplexity of the
+model it prunes at each of ``sparsities`` (the mean when there are several, so a metric is not
+tuned to one sparsity), under ``pattern`` and ``allocation``. As in :mod:`.runner`, the library's
+:func:`autoprune` scores directly on the workbench and the flow (``flows/autoprune.py``) injects
+its cached tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from ..config import AutopruneConfig, build_config
+from ..devices import precision
+from ..errors import UserError
+from ..metrics import METRICS
+from ..metrics.search_space import Lineage, MetricContext
+from ..models import load_tokenizer
+from ..sparsity import parse_pattern
+from ..workbench import shared_workbench, sparse_candidate
+from .evolution import Generation, SearchParams, run_search
+from .metric_oracle import make_metric_oracle
+from .oracles import Reply, Transport
+from .runner import (GenerationReport, Setup, Tally, calibration, check_windows, oracle_accounting, run_record,
+                     scoring, write_summary)
+
+# (sparse candidates, split, windows) -> one perplexity record per candidate, in order
+Score = Callable[[list[dict], str, "int | None"], list[dict]]
+
+
+def check(config: AutopruneConfig) -> None:
+    """Every check that needs nothing loaded: precision, pattern against sparsities, allocation,
+    oracle. Fails fast, before the calibration pass."""
+    precision(config.device, config.dtype)
+    fixed = parse_pattern(config.pattern).fixed_sparsity
+    if fixed is not None and config.sparsities != [fixed]:
+        raise UserError(f"{config.pattern} prunes exactly {fixed:g} of every layer: pass --sparsity {fixed:g}, or use "
+                        "--pattern unstructured for other sparsities")
+    if fixed is not None and config.allocation != "uniform":
+        raise UserError(f"{config.pattern} gives every layer the same sparsity: use --allocation uniform with it")
+    sparse_candidate("abs(W)", config.pattern, config.allocation, config.sparsities[0])  # a registered allocation
+    make_metric_oracle(config.oracle, config.base_url, lambda request: Reply(None), Lineage())  # built, never called
+
+
+def seeds(config: AutopruneConfig) -> dict[str, str]:
+    """The built-in metrics the final scores compare against (name -> canonical text)."""
+    return {name: m.text for name, m in ((n, METRICS.get(n)) for n in METRICS.names())
+            if config.gradient or not m.needs_gradient}
+
+
+def _mean(values: list[float]) -> float:
+    return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+
+
+def run(
+    config: AutopruneConfig,
+    setup: Setup,
+    score: Score,
+    transport: Transport | None = None,
+    on_generation: Callable[[GenerationReport], None] | None = None,
+) -> dict:
+    """The metric search on ``setup``'s model, then the best metric and the built-ins on the test
+    split at every sparsity. Returns the summary that ``best.json`` holds."""
+    start = time.perf_counter()
+    lineage = Lineage()
+    oracle = make_metric_oracle(config.oracle, config.base_url, transport, lineage,
+                                max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict,
+                                schema=config.oracle_schema)
+    ctx = MetricContext(config.model, config.sparsities[0], config.pattern, config.allocation, config.seed,
+                        config.gradient, config.data)
+    params = SearchParams(population=config.population, mutations=config.mutations, crossovers=config.crossovers,
+                          generations=config.generations, seed=config.seed)
+
+    def candidates(text: str) -> list[dict]:
+        return [sparse_candidate(text, config.pattern, config.allocation, s) for s in config.sparsities]
+
+    def fitness_of(texts: list[str], split: str, windows: int | None) -> list[list[dict]]:
+        n = len(config.sparsities)
+        records = score([c for t in texts for c in candidates(t)], split, windows)
+        return [records[i * n:(i + 1) * n] for i in range(len(texts))]
+
+    tally = Tally()
+    fitness: dict[str, float] = {}
+
+    def evaluate(batch: list[str]) -> list[float]:
+        per_metric = fitness_of(batch, "fitness", config.fitness_windows)
+        tally.scored(batch, [{"cached": all(r.get("cached") for r in rs)} for rs in per_metric])
+        return [_mean([r["ppl"] for r in rs]) for rs in per_metric]
+
+    def member(text: str, f: float) -> dict:
+        origin = lineage.nodes.get(text)
+        return {"metric": text, "fitness": f, "source": origin.source if origin else "seed",
+                "edit": origin.edit if origin else "", "parents": list(origin.parents) if origin else []}
+
+    def hook(g: Generation) -> None:
+        fitness.update(g.candidates)
+        cached = tally.generation([t for t, _ in g.candidates])
+        if on_generation is not None:
+            rows = [member(t, f) | {"cached": c} for (t, f), c in zip(g.candidates, cached)]
+            on_generation(GenerationReport(g.index, params.generations, rows, [member(t, f) for t, f in g.population],
+                                           len(rows) - sum(cached), sum(cached),
+                                           oracle_accounting(oracle, config.oracle_prices)))
+
+    result = run_search(oracle, ctx, params, evaluate, hook)
+    best = result.best_rates  # the loop's name for the best candidate: here, a metric text
+    compared = {"found": best} | seeds(config)
+    test = dict(zip(compared, fitness_of(list(compared.values()), "test", config.test_windows)))
+    return {
+        "metric": best,
+        "key": sparse_candidate(best, config.pattern, config.allocation, config.sparsities[0])["metric"],
+        "fitness": result.best_fitness,
+        "lineage": [asdict(o) for o in lineage.chain(best)],
+        "test_ppl": {name: {str(s): r["ppl"] for s, r in zip(config.sparsities, rs)} for name, rs in test.items()},
+        "test_tokens": test["found"][0]["tokens"],
+        "seqlen": config.seqlen,
+        "graph": [asdict(o) | {"fitness": fitness.get(key)} for key, o in lineage.nodes.items()],
+        **run_record(config, setup, tally, oracle, result, start),
+    }
+
+
+def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[GenerationReport], None] | None = None,
+              **overrides) -> dict:
+    """AutoPrune's metric search in this process, without Prefect: ``selfprune.autoprune(model=...,
+    sparsities=[0.6])``. Writes ``out/best.json`` and returns the summary; ``selfprune autoprune``
+    runs the same loop as a resumable, cached Prefect flow."""
+    config = build_config(AutopruneConfig, **((config.model_dump() if config else {}) | overrides))
+    check(config)
+    check_windows(config, load_tokenizer(config.model))
+    bench = shared_workbench(config.model, calibration(config), config.device, config.dtype)
+    setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
+
+    def score(specs: list[dict], split: str, windows: int | None) -> list[dict]:
+        how = scoring(config, split, windows)
+        return [bench.score(spec, how).to_dict() for spec in specs]
+
+    summary = run(config, setup, score, on_generation=on_generation)
+    write_summary(summary, config.out)
+    return summary
