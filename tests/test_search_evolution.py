@@ -109,7 +109,7 @@ def test_run_search_improves_and_never_evaluates_twice():
     assert bests[-1] < bests[0]
     assert max(fitness.seen.values()) == 1
     assert result.evaluations == sum(fitness.seen.values()) <= 8 + 15 * 8
-    assert result.best_fitness == bests[-1] == toy_fitness(result.best_rates)
+    assert result.best_fitness == bests[-1] == toy_fitness(result.best)
     assert_valid([p for p, _ in result.population])
 
 

@@ -118,7 +118,7 @@ def plan_report(config: ReportConfig) -> ReportPlan:
 def _sparse_rows(c: ReportConfig, ratios: list[float]) -> tuple[dict[str, str], list[tuple[str, str, str, float]]]:
     """The metric rows, every metric and pattern checked now (before any model loads): each
     metric x pattern x allocation x ratio; an N:M pattern gives one uniform row at its sparsity."""
-    names = {resolve_metric(m).text: m for m in c.metrics}
+    names = {resolve_metric(m).text: Path(m).parent.name if m.endswith(".json") else m for m in c.metrics}
     for a in c.metric_allocations:
         sparse_candidate("abs(W)", "unstructured", a, 0.5)  # a registered allocation, else a UserError now
     rows = []

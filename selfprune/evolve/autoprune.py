@@ -109,7 +109,7 @@ def run(
                                            oracle_accounting(oracle, config.oracle_prices)))
 
     result = run_search(oracle, ctx, params, evaluate, hook)
-    best = result.best_rates  # the loop's name for the best candidate: here, a metric text
+    best = result.best  # a metric text
     compared = {"found": best} | seeds(config)
     test = dict(zip(compared, fitness_of(list(compared.values()), "test", config.test_windows)))
     return {

@@ -2,7 +2,8 @@
 
 The library calls :func:`run_search` with a plain fitness function; the Prefect flow calls the
 same loop with its cached task (a generation's candidates submitted as one batch) and a hook that
-publishes artifacts. There is no second copy of the loop.
+publishes artifacts. There is no second copy of the loop: AutoPrune's metric search runs it too,
+with metric texts as the candidates (:mod:`.autoprune`); the loop only needs ``ctx.canonical``.
 
 Algorithm 1, with G_0 the initial population of K::
 
@@ -18,7 +19,7 @@ which makes K + N(M + S) evaluations: 430 with the paper's settings (K=30, M=S=1
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from ..errors import UserError
 from .oracles import Oracle, RandomOracle, Scored, SearchContext, fitness_key
@@ -72,9 +73,10 @@ class GenerationStats:
 
 @dataclass
 class SearchResult:
-    """The best candidate found, the final population (best first) and the per-generation record."""
+    """The best candidate found (a rate vector, or a metric text for AutoPrune), the final
+    population (best first) and the per-generation record."""
 
-    best_rates: list[float]
+    best: Any
     best_fitness: float
     history: list[GenerationStats] = field(default_factory=list)
     evaluations: int = 0
@@ -169,5 +171,5 @@ def run_search(
         history.append(generation.stats)
         if on_generation is not None:
             on_generation(generation)
-    best_rates, best_fitness = population[0]
-    return SearchResult(best_rates, best_fitness, history, len(memo), population)
+    best, best_fitness = population[0]
+    return SearchResult(best, best_fitness, history, len(memo), population)

@@ -177,7 +177,7 @@ def run(
                                            sum(cached), oracle_accounting(oracle, config.oracle_prices)))
 
     result = run_search(oracle, ctx, params, evaluate, hook)
-    best = _member(arch, result.best_rates, {"ppl": result.best_fitness})
+    best = _member(arch, result.best, {"ppl": result.best_fitness})
     uniform_structure = structure_to_json(rates_to_structure(arch, uniform(arch.n_layers, config.ratio)))
     test, uniform_test = score([best["structure"], uniform_structure], "test", config.test_windows)
     (uniform_fitness,) = score([uniform_structure], "fitness", config.fitness_windows)
