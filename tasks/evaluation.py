@@ -42,7 +42,7 @@ def _allocation_key(model_fp: str, stats_key: str, allocation: str, ratio: float
     return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio, **by_metric}
 
 
-@cached_task(key_fn=_allocation_key, version="3", task_run_name="allocate-{allocation}-{ratio}")
+@cached_task(key_fn=_allocation_key, version="4", task_run_name="allocate-{allocation}-{ratio}")
 def allocation_rates(model: str, model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
                      device: str = "auto", dtype: str = "auto", metric: str | None = None,
                      pattern: str | None = None) -> dict:
