@@ -116,6 +116,8 @@ def _config_command(model_cls: type[BaseModel], run):
     setting: the config's field, with its type, default and help)."""
     params = []
     for name, f in model_cls.model_fields.items():
+        if (f.json_schema_extra or {}).get("cli") is False:  # a field this command does not use
+            continue
         is_list = get_origin(f.annotation) is list
         default = None if is_list else f.get_default(call_default_factory=True)
         kind = list[str] | None if is_list else f.annotation  # a list option repeats, and takes "a,b" too

@@ -108,6 +108,8 @@ class AutopruneConfig(EvolutionConfig):
     """AutoPrune's metric search: an oracle (``gp`` offline, or an LLM with GCoT prompts) proposes
     pruning metrics, each judged by the fitness perplexity of the model it prunes."""
 
+    method: str = Field("wanda-sp", json_schema_extra={"cli": False},
+                        description="not used: a metric ranks single weights, not units")
     oracle: str = Field("gp", description="gp | openai:MODEL")
     population: int = Field(12, ge=2, description="K: metrics kept per generation")
     mutations: int = Field(4, ge=0, description="M: mutated metrics per generation")
