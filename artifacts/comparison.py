@@ -144,10 +144,13 @@ def _plot(rows: list[dict], key: str, ylabel: str, path: Path, log: bool) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for label, points in _series(rows, key).items():
+    series = _series(rows, key)
+    many = len(series) > 8  # metric rows: the legend goes beside the axes, the styles cycle further
+    fig, ax = plt.subplots(figsize=(9.5, 4.8) if many else (6, 3.8))
+    styles = ["-", "--", ":", "-."]
+    for i, (label, points) in enumerate(series.items()):
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, marker="o", label=label, linestyle=styles[i // 10 % len(styles)] if many else "-")
     dense = [r for r in rows if r["method"] == "dense" and r.get(key) is not None]
     if dense:
         ax.axhline(dense[0][key], color="black", linestyle="--", label="dense")
@@ -155,7 +158,8 @@ def _plot(rows: list[dict], key: str, ylabel: str, path: Path, log: bool) -> Pat
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=2 if len(series) > 16 else 1) if many \
+        else ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
