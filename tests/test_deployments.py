@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from conftest import PrefectServer
-from fake_openai_server import FakeOpenAI, status
+from fake_openai_server import FakeOpenAI, reply, status
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -267,9 +267,13 @@ def test_worker_run_and_cli_run_share_one_cache(deployed, tiny_workspace):
     assert "it/s]" not in log and "%|" not in log, log[-3000:]  # no progress bars in the worker's log
 
 
-def test_dead_oracle_fails_the_run_with_one_line(deployed, tiny_workspace):
+def test_dead_oracle_fails_the_run_with_one_line_and_the_ui_retry_finishes_it(deployed, tiny_workspace):
     """An oracle that stays down: the run fails, and the worker's log names the cause in one line
-    per failed run, without a traceback and without "Failed to serialize"."""
+    per failed run, without a traceback and without "Failed to serialize". Once the oracle is back,
+    the UI's Retry button (the exact call Prefect's UI makes: force the state to Scheduled /
+    AwaitingRetry) has a worker run it again to completion."""
+    from test_search_flow import _llm_reply
+
     log_path = deployed.worker_logs[-1]
     start = len(log_path.read_text())
     with FakeOpenAI([status(500)]) as server:
@@ -277,9 +281,17 @@ def test_dead_oracle_fails_the_run_with_one_line(deployed, tiny_workspace):
             tiny_workspace, "runs/dead-oracle", seed=12, oracle="openai:fake-gpt", base_url=server.base_url,
             oracle_timeout=2.0))
         run = deployed.wait(run_id)
+        time.sleep(2)  # the worker streams the flow run's output
+        failed_log = log_path.read_text()[start:]
+        server.script = [reply(_llm_reply(8, 400))]  # the oracle is back
+        retried = deployed.api.post(f"/flow_runs/{run_id}/set_state", json={
+            "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": True})
+        assert retried.raise_for_status().json()["status"] == "ACCEPT"
+        after = deployed.wait(run_id, types={"COMPLETED", "FAILED", "CRASHED"}, timeout=240)
+    assert after["state_type"] == "COMPLETED" and after["run_count"] >= 2, log_path.read_text()[-4000:]
+    assert json.loads((deployed.selfprune_home / "runs" / "dead-oracle" / "best.json").read_text())["test_ppl"] > 0
     assert run["state_type"] == "FAILED" and "OracleUnavailable" in run["state"]["message"]
-    time.sleep(2)  # the worker streams the flow run's output
-    log = log_path.read_text()[start:]
+    log = failed_log
     assert "Traceback" not in log and "Failed to serialize" not in log, log[-5000:]
     cause = [line for line in log.splitlines() if "OracleUnavailable" in line]
     assert cause and all("500" in line for line in cause if "encountered an exception" in line), log[-5000:]
