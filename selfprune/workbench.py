@@ -202,9 +202,18 @@ class Workbench:
                  pattern: sparsity.Pattern) -> tuple[list[float], sparsity.Sparsified]:
         """Allocate per-layer sparsities (outliers read from the metric's own scores) and zero the
         lowest-scoring weights: the unstructured or N:M candidate. The dense model is never modified."""
-        scores = self.metric_scores(metric)
+        scores = self.metric_scores(metric)  # per layer, recomputed when read again: one layer's scores in memory at a time
         rates = self.allocate(allocation_spec, ratio, lambda i: list(scores(i).values()))
         return rates, sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern)
+
+    def provenance(self) -> dict:
+        """What every export record holds of its origin: the base model, calibration, statistics, precision."""
+        return {
+            "base_model": {"source": self.lm.source, "fingerprint": self.lm.fingerprint, "arch": self.arch.to_dict()},
+            "calibration": self.calibration.key_fields() | {"fingerprint": self.calibration_fingerprint},
+            "stats_key": self.stats_key,
+            "precision": self.precision,
+        }
 
     def metric_record(self, metric: Metric, pattern: sparsity.Pattern, rates: list[float],
                       result: sparsity.Sparsified, allocation_spec: str | list[float]) -> dict:
@@ -216,10 +225,7 @@ class Workbench:
             "rates": rates,
             "layer_sparsity": result.layer_sparsity,
             "realized_sparsity": result.realized,
-            "base_model": {"source": self.lm.source, "fingerprint": self.lm.fingerprint, "arch": self.arch.to_dict()},
-            "calibration": self.calibration.key_fields() | {"fingerprint": self.calibration_fingerprint},
-            "stats_key": self.stats_key,
-            "precision": self.precision,
+            **self.provenance(),
         }
 
     def record(self, rates: list[float], structure: Structure, allocation_spec: str | list[float]) -> dict:
@@ -239,10 +245,7 @@ class Workbench:
             "attention_unit": "kv_group",
             "realized_ratio": allocation.realized_ratio(self.arch, structure),
             "kept_params": allocation.kept_params(self.arch, structure),
-            "base_model": {"source": self.lm.source, "fingerprint": self.lm.fingerprint, "arch": self.arch.to_dict()},
-            "calibration": self.calibration.key_fields() | {"fingerprint": self.calibration_fingerprint},
-            "stats_key": self.stats_key,
-            "precision": self.precision,
+            **self.provenance(),
         }
 
 
