@@ -180,13 +180,12 @@ def test_a_full_disk_is_named_before_any_work(small_fs, tiny_workspace, tmp_path
     """SELFPRUNE_HOME on a 4 MiB filesystem, no Prefect server configured (its database would live
     there): exit 3 at once, naming the path, the free space and the estimate; no server started."""
     fs = small_fs(4)
-    t0 = time.monotonic()
     done = subprocess.run(search_cmd(tiny_workspace, tmp_path / "run"), env=user_env(fs / "home"),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr[-3000:]
     assert f"not enough space for this run on the device holding {fs / 'home'}" in done.stderr
     assert "Prefect's local database" in done.stderr and "Traceback" not in done.stderr
-    assert time.monotonic() - t0 < 30  # no temporary Prefect server was started (10-20 s)
+    assert not (fs / "home" / "prefect" / "prefect.db").exists()  # no temporary Prefect server was started
     assert not any((tmp_path / "run").iterdir())  # the probe leaves nothing behind
 
 
