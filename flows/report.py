@@ -70,7 +70,7 @@ def report(config: ReportConfig) -> dict:
 
     def allocate(allocation: str, r: float, metric: str | None, pattern: str | None) -> dict:
         return allocation_rates(*common, allocation, r, plan.calibration, c.device, c.dtype, metric=metric,
-                                pattern=pattern)
+                                pattern=pattern, method=c.method)
 
     rows = build_rows(plan, arch, allocate, ppl, zero_shot)
     summary = summarize(plan, rows, model_fp, stats_key, counts, start)

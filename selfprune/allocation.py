@@ -81,18 +81,25 @@ def uniform(n_layers: int, beta: float) -> list[float]:
     return [beta] * n_layers
 
 
+def spread_down(values: list[float], beta: float, lam: float) -> list[float]:
+    """The larger a layer's value, the lower its rate: min-max scale ``values`` to [0, 2*lam] and
+    subtract the centred result from beta, so the mean stays beta and rates span at most 2*lam
+    (then :func:`project_to_mean` for [0, 1]). Equal values give beta everywhere. OWL's mapping,
+    which DLP reuses (:mod:`selfprune.allocators.dlp`)."""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    scaled = [(x - lo) / span * 2 * lam for x in values]
+    mean = sum(scaled) / len(scaled)
+    return project_to_mean([beta - (s - mean) for s in scaled], beta)
+
+
 def owl(outlier_ratios: list[float], beta: float, lam: float = 0.08) -> list[float]:
     """OWL: layers with more outliers are pruned less.
 
-    ``outlier_ratios`` holds each layer's LOD (share of Wanda scores above M x the layer mean).
-    Min-max scale LOD to [0, 2*lam]; the layer rate is beta minus the centred value, so the mean
-    stays beta and rates span beta +- lam.
+    ``outlier_ratios`` holds each layer's LOD (share of Wanda scores above M x the layer mean),
+    spread to beta +- lam by :func:`spread_down`.
     """
-    lo, hi = min(outlier_ratios), max(outlier_ratios)
-    span = (hi - lo) or 1.0
-    scaled = [(x - lo) / span * 2 * lam for x in outlier_ratios]
-    mean = sum(scaled) / len(scaled)
-    return project_to_mean([beta - (s - mean) for s in scaled], beta)
+    return spread_down(outlier_ratios, beta, lam)
 
 
 SDSA_TEMPERATURE = 1.0

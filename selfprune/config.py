@@ -118,7 +118,7 @@ class AutopruneConfig(EvolutionConfig):
     sparsities: list[Ratio] = Field(default_factory=lambda: [0.6], min_length=1, json_schema_extra={"cli": "--sparsity"},
                                     description="sparsity a metric is judged at; several: the mean fitness over them")
     pattern: str = Field("unstructured", description="unstructured | unstructured-layer | 2:4 | 4:8")
-    allocation: str = Field("uniform", description="uniform | owl | sdsa: per-layer sparsities from the metric's scores")
+    allocation: str = Field("uniform", description="uniform | owl | sdsa | atp | dlp | alphapruning: per-layer sparsities")
     gradient: bool = Field(True, description="let metrics read G, the gradient statistic (one backward pass per window)")
     out: str = Field("runs/autoprune", description="run directory (best.json, the metric graph, evaluations.jsonl)")
 

@@ -176,21 +176,33 @@ class Workbench:
 
     def score(self, spec: Structure | list | dict | None, scoring: Scoring) -> Perplexity:
         """Perplexity of the candidate (:meth:`candidate`) under ``scoring``."""
-        model = self.candidate(spec)
+        return self._perplexity(self.candidate(spec), scoring)
+
+    def _perplexity(self, model: torch.nn.Module, scoring: Scoring) -> Perplexity:
         windows = self.windows(scoring)
         return perplexity(model, windows, scoring.batch_size, self.progress(f"perplexity ({scoring.split})", len(windows)))
 
+    def fitness(self, build: Callable[[list[float]], torch.nn.Module]) -> allocators.Fitness:
+        """Rates -> perplexity of the candidate ``build`` makes of them, on :func:`allocation_scoring`:
+        what an allocation that tunes itself (ATP) compares its rate vectors by."""
+        scoring = allocation_scoring(self.calibration)
+        return lambda rates: self._perplexity(build(rates), scoring).ppl
+
     def allocate(self, allocation_spec: str | list[float], ratio: float,
-                 layer_scores: allocators.LayerScores | None = None) -> list[float]:
-        """Per-layer rates from a registered allocation (``uniform``, ``owl``, ``sdsa``, ...), a
-        RATES.json path, or an explicit list; validated whatever their source. ``layer_scores``:
-        the per-weight scores OWL and SDSA read outliers from (Wanda's when not given)."""
+                 layer_scores: allocators.LayerScores | None = None,
+                 fitness: allocators.Fitness | None = None) -> list[float]:
+        """Per-layer rates from a registered allocation (``uniform``, ``owl``, ``sdsa``, ``atp``,
+        ``dlp``, ``alphapruning``, ...), a RATES.json path, or an explicit list; validated whatever
+        their source. ``layer_scores``: the per-weight scores OWL, SDSA and DLP read outliers from
+        (Wanda's when not given); ``fitness``: what ATP tunes on (the structured candidate's
+        perplexity when not given). Each allocator gets those of them it takes."""
         if isinstance(allocation_spec, list):
             rates = allocation_spec
         else:
             allocate = allocators.allocator(allocation_spec)
-            scores = {} if layer_scores is None else {"layer_scores": layer_scores}  # 4-argument allocators still work
-            rates = allocate(self.lm.model, self.arch, self.stats, ratio, **scores)
+            structured = self.fitness(lambda rates: self.build(self.structure(rates)))
+            offered = {"layer_scores": layer_scores, "fitness": fitness or structured}
+            rates = allocate(self.lm.model, self.arch, self.stats, ratio, **allocators.optional_inputs(allocate, offered))
         return allocation.check_rates(rates, self.arch.n_layers, ratio)
 
     def metric_scores(self, metric: Metric) -> Callable[[int], dict[str, torch.Tensor]]:
@@ -198,13 +210,20 @@ class Workbench:
         grads = self.gradients() if metric.needs_gradient else None
         return sparsity.layer_scores(self.lm.model, self.stats, metric.scores, grads)
 
+    def sparse_rates(self, metric: Metric, allocation_spec: str | list[float], ratio: float,
+                     pattern: sparsity.Pattern) -> list[float]:
+        """Per-layer sparsities of a metric's candidate: outliers read from the metric's own scores,
+        and ATP tuned on the perplexity of the metric's sparse candidates in ``pattern``."""
+        scores = self.metric_scores(metric)  # per layer, recomputed when read again: one layer's scores in memory at a time
+        sparse = self.fitness(lambda rates: sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern).model)
+        return self.allocate(allocation_spec, ratio, lambda i: list(scores(i).values()), sparse)
+
     def sparsify(self, metric: Metric, allocation_spec: str | list[float], ratio: float,
                  pattern: sparsity.Pattern) -> tuple[list[float], sparsity.Sparsified]:
-        """Allocate per-layer sparsities (outliers read from the metric's own scores) and zero the
-        lowest-scoring weights: the unstructured or N:M candidate. The dense model is never modified."""
-        scores = self.metric_scores(metric)  # per layer, recomputed when read again: one layer's scores in memory at a time
-        rates = self.allocate(allocation_spec, ratio, lambda i: list(scores(i).values()))
-        return rates, sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern)
+        """Allocate per-layer sparsities (:meth:`sparse_rates`) and zero the lowest-scoring weights:
+        the unstructured or N:M candidate. The dense model is never modified."""
+        rates = self.sparse_rates(metric, allocation_spec, ratio, pattern)
+        return rates, sparsity.sparsify(self.lm.model, self.arch, self.metric_scores(metric), rates, pattern)
 
     def provenance(self) -> dict:
         """What every export record holds of its origin: the base model, calibration, statistics, precision."""
@@ -247,6 +266,27 @@ class Workbench:
             "kept_params": allocation.kept_params(self.arch, structure),
             **self.provenance(),
         }
+
+
+ALLOCATION_WINDOWS = 8  # fitness windows an allocation tunes on (ATP: one pass per grid point)
+
+
+def allocation_scoring(calibration: Calibration) -> Scoring:
+    """Where an allocation that tunes itself measures its candidates: the fitness split of the
+    calibration data (never the test split), :data:`ALLOCATION_WINDOWS` windows of the calibration
+    length. Decided by the calibration settings, so a cache key need only add the windows' text
+    (:func:`tuning_identity`)."""
+    return Scoring(calibration.data, "fitness", calibration.seqlen, ALLOCATION_WINDOWS, calibration.batch_size)
+
+
+def tuning_identity(allocation_spec: str, calibration: dict) -> dict:
+    """What else decides the rates of an allocation that tunes itself (:func:`allocators.tunes`):
+    the fitness windows, with their text's fingerprint (the statistics' key names only the
+    calibration split's). Empty for every other allocation, so their cache keys stay as they were."""
+    if not allocators.tunes(allocation_spec):
+        return {}
+    scoring = allocation_scoring(Calibration(**calibration))
+    return {"allocation_fitness": scoring.key_fields() | {"data": data.data_fingerprint(scoring.data, scoring.split)}}
 
 
 def sparse_candidate(metric: str, pattern: str, allocation: str, sparsity_: float) -> dict:

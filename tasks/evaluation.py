@@ -13,7 +13,8 @@ models and ratios recomputes nothing it already has.
 * :func:`evaluate_zero_shot` runs lm-eval on the in-memory candidate; its key holds the task names,
   a path-independent fingerprint of the local task files, lm-eval's version, limit, max length and
   batch size.
-* :func:`allocation_rates` gives the rates of a named allocation at a ratio (OWL needs the statistics).
+* :func:`allocation_rates` gives the rates of a named allocation at a ratio (OWL needs the statistics;
+  ATP the perplexity of candidates on the fitness split, which its key then names).
 
 The work itself is the library's (:mod:`selfprune.evaluate.report`); these add the caching.
 """
@@ -26,30 +27,37 @@ from pathlib import Path
 from selfprune.devices import precision
 from selfprune.evaluate import report
 from selfprune.gradients import GRADIENTS_VERSION
+from selfprune.methods import method_identity
 from selfprune.metrics import LANGUAGE_VERSION
 from selfprune.tasks.caching import cached_task
 from selfprune.tasks.pruning import candidate_identity, score_candidate, workbench
+from selfprune.workbench import tuning_identity
 
 evaluate_ppl = score_candidate  # one perplexity task for the search and the report (shared cache)
 
 DENSE = "dense"
 
 
-def _allocation_key(model_fp: str, stats_key: str, allocation: str, ratio: float, metric: str | None,
-                    pattern: str | None, device: str, dtype: str, **_) -> dict:
+def _allocation_key(model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
+                    metric: str | None, pattern: str | None, device: str, dtype: str, method: str, **_) -> dict:
     by_metric = {"metric": metric, "pattern": pattern, "metric_language": LANGUAGE_VERSION,
                  "gradients": GRADIENTS_VERSION, "precision": precision(device, dtype)} if metric else {}
-    return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio, **by_metric}
+    tuning = tuning_identity(allocation, calibration)  # ATP: its fitness windows, and what builds its candidates
+    if tuning and not metric:
+        tuning |= {"method": method_identity(method), "precision": precision(device, dtype)}
+    return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio, **by_metric, **tuning}
 
 
-@cached_task(key_fn=_allocation_key, version="4", task_run_name="allocate-{allocation}-{ratio}")
+@cached_task(key_fn=_allocation_key, version="5", task_run_name="allocate-{allocation}-{ratio}")
 def allocation_rates(model: str, model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
                      device: str = "auto", dtype: str = "auto", metric: str | None = None,
-                     pattern: str | None = None) -> dict:
-    """Per-layer rates of ``allocation`` (``uniform``, ``owl``, ``sdsa``, ...) at ``ratio`` and the
-    candidate they give: a structure (the statistics decide it; the pruning method does not), or with
-    ``metric`` a sparse candidate whose OWL/SDSA rates the metric's scores decide."""
-    bench = workbench(model, stats_key, calibration, device, dtype)
+                     pattern: str | None = None, method: str = "wanda-sp") -> dict:
+    """Per-layer rates of ``allocation`` (``uniform``, ``owl``, ``sdsa``, ``atp``, ``dlp``,
+    ``alphapruning``, ...) at ``ratio`` and the candidate they give: a structure (the statistics
+    decide it; the pruning method only for ATP, which measures ``method``'s candidates), or with
+    ``metric`` a sparse candidate whose OWL/SDSA/DLP rates the metric's scores decide (and ATP's its
+    sparse candidates' perplexity)."""
+    bench = workbench(model, stats_key, calibration, device, dtype, method)
     return report.allocation_entry(bench, allocation, ratio, metric, pattern)
 
 

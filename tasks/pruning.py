@@ -18,7 +18,7 @@ from selfprune.gradients import GRADIENTS_VERSION
 from selfprune.methods import method_identity
 from selfprune.metrics import LANGUAGE_VERSION
 from selfprune.stats import STATS_VERSION
-from selfprune.workbench import Calibration, Scoring, shared_workbench
+from selfprune.workbench import Calibration, Scoring, shared_workbench, tuning_identity
 from selfprune.tasks.caching import cached_task
 
 
@@ -53,10 +53,12 @@ def candidate_identity(structure: list | dict | None, method: str) -> dict:
     return {"structure": structure, "method": method_identity(method) if structure is not None else None}
 
 
-def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scoring: dict, device: str, dtype: str,
-                   method: str, **_) -> dict:
+def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
+                   device: str, dtype: str, method: str, **_) -> dict:
     s = Scoring(**scoring)
-    return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method),
+    # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
+    tuning = tuning_identity(structure["allocation"], calibration) if isinstance(structure, dict) else {}
+    return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method), **tuning,
             "precision": precision(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
 

@@ -48,7 +48,7 @@ def test_unknown_method_lists_the_registered_ones(tiny_workspace):
 
 
 def test_unknown_allocation_is_read_as_a_file_and_names_the_registered_ones(tiny_workspace):
-    with pytest.raises(UserError, match=r"does not exist; pass uniform, owl, sdsa, alternating, or a RATES.json"):
+    with pytest.raises(UserError, match=r"does not exist; pass uniform, owl, sdsa, atp, dlp, alphapruning, alternating, or a RATES.json"):
         selfprune.prune(str(tiny_workspace / "model"), 0.3, "nope", device="cpu")
 
 

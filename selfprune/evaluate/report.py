@@ -233,14 +233,15 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
 def allocation_entry(bench: Workbench, allocation: str, ratio: float, metric: str | None = None,
                      pattern: str | None = None) -> dict:
     """The rates of a named allocation at ``ratio`` and the candidate they give, as JSON values:
-    a structure, or with ``metric`` a sparse candidate (OWL and SDSA then read the metric's scores)."""
+    a structure, or with ``metric`` a sparse candidate (OWL, SDSA and DLP then read the metric's
+    scores, and ATP tunes on its sparse candidates)."""
     if metric is None:
         rates = bench.allocate(allocation, ratio)
         return {"rates": rates, "candidate": structure_to_json(bench.structure(rates))}
     candidate = sparse_candidate(metric, pattern or "unstructured", allocation, ratio)
-    scores = bench.metric_scores(resolve_metric(metric))
-    rates = bench.allocate(allocation, ratio, lambda i: list(scores(i).values()))
-    return {"rates": rates, "candidate": candidate, "zeros": sparsity.zeros(bench.arch, rates, parse_pattern(pattern or "unstructured"))}
+    pat = parse_pattern(pattern or "unstructured")
+    rates = bench.sparse_rates(resolve_metric(metric), allocation, ratio, pat)
+    return {"rates": rates, "candidate": candidate, "zeros": sparsity.zeros(bench.arch, rates, pat)}
 
 
 def zero_shot(bench: Workbench, candidate: Candidate, tasks: list[str], include_path: str | None = None,
