@@ -61,16 +61,19 @@ def prune(
     method: Annotated[str, typer.Option("--method", help="a registered structured pruning method")] = "wanda-sp",
     metric: Annotated[Optional[str], typer.Option("--metric", help="zero single weights by a metric instead: magnitude | wanda | ria | an expression such as 'abs(W) * X_rms'")] = None,
     pattern: Annotated[str, typer.Option("--pattern", help="with --metric: unstructured | unstructured-layer | 2:4 | 4:8")] = "unstructured",
+    align: Annotated[int, typer.Option("--align", help="kept MLP channels in multiples of this (64, 128 suit kernels); the ratio is kept")] = 1,
+    align_heads: Annotated[int, typer.Option("--align-heads", help="kept query heads in multiples of this (a multiple of heads per KV group)")] = 1,
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
     """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT."""
+    from .allocation import Alignment
     from .api import prune as prune_model
 
     with rich_progress() as progress:
         result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
                              device=device, dtype=dtype, out=out, format=fmt, metric=metric, pattern=pattern,
-                             progress=progress)
+                             align=Alignment(align_heads, align), progress=progress)
     if metric is not None:
         record = result.record
         table = Table("layer", "sparsity", title=f"{model} pruned by {record['metric']['text']} ({record['pattern']}) -> {out}")

@@ -79,6 +79,10 @@ class SearchConfig(EvolutionConfig):
     random_init: bool = Field(False, description="ablation: random initial population")
     no_mutation: bool = Field(False, description="ablation: no mutation")
     no_crossover: bool = Field(False, description="ablation: no crossover")
+    align: int = Field(1, ge=1, description="kept MLP channels in multiples of this (64 or 128 suit GPU kernels; 1: exact); "
+                                           "the overall ratio is kept")
+    align_heads: int = Field(1, ge=1, description="kept query heads in multiples of this (e.g. 8; a multiple of the "
+                                                  "heads per KV group; 1: exact)")
     metric: str | None = Field(None, description="rank units by a pruning metric's scores summed per KV group and MLP "
                                                 "channel instead of --method: a name such as ria, or an expression")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
