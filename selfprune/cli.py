@@ -234,6 +234,7 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
     # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
     # command, a line per generation) at INFO, the rest of Prefect at WARNING.
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # --runner dask: a dead worker still shows
     configure(log_level="WARNING")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)

@@ -9,6 +9,7 @@ flow's artifacts and log line).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from ..arch import Arch
 from ..config import EvolutionConfig, SearchConfig, build_config
 from ..data import split_windows
 from ..devices import precision
+from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods import get_method
 from ..models import load_arch, load_tokenizer
@@ -99,8 +101,23 @@ def check(config: SearchConfig) -> None:
     precision(config.device, config.dtype)
     get_method(config.method)
     make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
+    check_runner(config)
     if alignment(config) != Alignment():
         alignment(config).check(load_arch(config.model))
+
+
+def check_runner(config: EvolutionConfig) -> None:
+    """``--runner dask|ray`` has its Prefect integration installed (looked up, not imported)."""
+    if config.runner != "local" and importlib.util.find_spec(f"prefect_{config.runner}") is None:
+        raise UserError(f"--runner {config.runner} needs prefect-{config.runner}: pip install 'selfprune[{config.runner}]'")
+
+
+def in_process(config: EvolutionConfig) -> EvolutionConfig:
+    """The library's searches score in this process: a cluster runner is the flow's (``selfprune search``)."""
+    if config.runner != "local":
+        raise UserError(f"the library's search runs in this process; --runner {config.runner} runs through the flow: "
+                        "selfprune search / autoprune, or selfprune.flows.search.search(config)")
+    return config
 
 
 def alignment(config: SearchConfig) -> Alignment:
@@ -236,7 +253,7 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     the summary. Nothing is cached between calls but the statistics (in the artifact store); the
     ``selfprune search`` command runs the same loop as a resumable, cached Prefect flow.
     """
-    config = build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides))
+    config = in_process(build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides)))
     check(config)
     check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
