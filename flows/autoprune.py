@@ -15,26 +15,25 @@ import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and q
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from selfprune.artifacts.report import metric_markdown, plot_history, plot_metric_graph
 from selfprune.config import AutopruneConfig
 from selfprune.evolve import autoprune as library
 from selfprune.evolve.runner import write_summary
-from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher
+from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher, task_runner
 
 
-@flow(name="selfprune-autoprune", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="selfprune-autoprune")
 def autoprune(config: AutopruneConfig) -> dict:
     """Search a pruning metric judged at ``config.sparsities``; write ``config.out``/best.json and plots."""
     logger = get_run_logger()
-    out, calibration, setup = prepare(config, logger, "selfprune.flows.autoprune.autoprune", library.check)
-    calls = {"oracle_calls": 0, "oracle_replays": 0}
-    score = batch_scorer(config, setup.model_fp, setup.stats_key, calibration, str(out / "evaluations.jsonl"))
-    publish = publisher(config, logger, lambda r: {"metric": r["metric"], "fitness": round(r["fitness"], 4),
-                                                   "from": r["source"], "edit": r["edit"]}, metric_markdown, "GP")
-
-    summary = library.run(config, setup, score, cached_transport(config, calls), publish) | calls
+    with task_runner(config) as workers:
+        out, calibration, setup = prepare(config, logger, "selfprune.flows.autoprune.autoprune", library.check, workers)
+        calls = {"oracle_calls": 0, "oracle_replays": 0}
+        score = batch_scorer(config, setup.model_fp, setup.stats_key, calibration, str(out / "evaluations.jsonl"), workers)
+        publish = publisher(config, logger, lambda r: {"metric": r["metric"], "fitness": round(r["fitness"], 4),
+                                                       "from": r["source"], "edit": r["edit"]}, metric_markdown, "GP")
+        summary = library.run(config, setup, score, cached_transport(config, calls), publish) | calls
     write_summary(summary, out)
     plot_history(summary["history"], out / "fitness.png")
     plot_metric_graph(summary["graph"], summary["metric"], out / "metrics.png")

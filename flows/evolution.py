@@ -15,6 +15,7 @@ from logging import Logger
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from selfprune.arch import Arch
 from selfprune.config import EvolutionConfig
@@ -28,14 +29,38 @@ from selfprune.tasks.oracle import oracle_call
 from selfprune.tasks.pruning import capture_statistics, score_candidate
 
 
-def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibration: dict, ledger: str):
+def task_runner(config: EvolutionConfig) -> TaskRunner:
+    """Where candidates (and the calibration pass) run: one at a time in this process, whose loaded
+    model they share, or on Dask / Ray worker processes, each of which loads the model once (the
+    process-wide shared workbench) and keeps it for every candidate it scores. Results come back in
+    submission order, so the search is the same wherever and in whatever order they finish."""
+    if config.runner == "local":
+        return ThreadPoolTaskRunner(max_workers=1)
+    runner.check_runner(config)
+    if config.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if config.address:
+            return DaskTaskRunner(address=config.address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    from prefect_ray import RayTaskRunner
+
+    return RayTaskRunner(address=config.address, init_kwargs=None if config.address else {"num_cpus": config.workers})
+
+
+def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibration: dict, ledger: str,
+                 workers: TaskRunner):
     """``score(candidates, split, windows)``: one cached ``score_candidate`` per candidate (a structure
-    or a metric's sparse candidate), submitted as one batch; records say whether a cache answered."""
+    or a metric's sparse candidate), submitted to ``workers`` as one batch; records say whether a
+    cache answered."""
 
     def score(candidates: list, split: str, windows: int | None) -> list[dict]:
         how = vars(runner.scoring(config, split, windows))
-        futures = [score_candidate.submit(config.model, model_fp, stats_key, c, how, calibration, config.device,
-                                          config.dtype, ledger, method=config.method) for c in candidates]
+        futures = [workers.submit(score_candidate, dict(
+            model=config.model, model_fp=model_fp, stats_key=stats_key, structure=c, scoring=how,
+            calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method))
+            for c in candidates]
         for f in futures:
             f.wait()
         return [kept_result(f.state) | {"cached": f.state.name == "Cached"} for f in futures]
@@ -84,11 +109,12 @@ def publisher(config: EvolutionConfig, logger: Logger, row: Callable[[dict], dic
     return publish
 
 
-def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Callable[[EvolutionConfig], None]
-            ) -> tuple[Path, dict, runner.Setup]:
+def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Callable[[EvolutionConfig], None],
+            workers: TaskRunner) -> tuple[Path, dict, runner.Setup]:
     """A search flow's start: the run id and retry command, the machine's and the config's checks,
     the windows of each split (the tokenizer only: a cached rerun reads no weights), the run
-    directory, and the statistics (cached). Returns (out, calibration fields, setup)."""
+    directory, and the statistics (cached), captured by one of ``workers`` and read by all.
+    Returns (out, calibration fields, setup)."""
     announce_run(logger, entrypoint)
     preflight(config)
     check(config)
@@ -97,5 +123,8 @@ def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Cal
     out.mkdir(parents=True, exist_ok=True)
     calibration = vars(runner.calibration(config))
     model_fp = model_fingerprint(config.model)
-    stats = capture_statistics(config.model, model_fp, calibration, config.device, config.dtype)
+    capture = workers.submit(capture_statistics, dict(model=config.model, model_fp=model_fp, calibration=calibration,
+                                                      device=config.device, dtype=config.dtype))
+    capture.wait()
+    stats = kept_result(capture.state)
     return out, calibration, runner.Setup(Arch(**stats["arch"]), model_fp, stats["stats_key"])

@@ -2,8 +2,8 @@
 
 The loop is :func:`selfprune.evolve.runner.run`, the one the library's ``selfprune.search`` runs.
 This flow injects (:mod:`selfprune.flows.evolution`): candidate scoring through the cached
-``score_candidate`` task (a generation's candidates submitted as one batch, so the task runner may
-run them side by side), oracle requests through the cached ``oracle_call`` task, and a
+``score_candidate`` task (a generation's candidates submitted as one batch to the run's task runner:
+this process, or Dask / Ray workers side by side with ``--runner``), oracle requests through the cached ``oracle_call`` task, and a
 per-generation hook that publishes artifacts. Running
 the same configuration again after a crash, a SIGKILL or a failed run redoes only what had not
 completed and follows the same path: the oracles are deterministic given the seed, and LLM replies
@@ -16,31 +16,25 @@ import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and q
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
-from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher
+from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher, task_runner
 
 
-# One candidate at a time by default: candidates share the one loaded model (and, on a GPU, its
-# memory). The batch is still submitted whole, so a larger pool only needs a different runner.
-@flow(name="selfprune-search", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="selfprune-search")
 def search(config: SearchConfig) -> dict:
     """Search per-layer rates with mean ``config.ratio``; write ``config.out``/best.json and plots."""
     logger = get_run_logger()
-    out, calibration, setup = prepare(config, logger, "selfprune.flows.search.search", runner.check)
-    calls = {"oracle_calls": 0, "oracle_replays": 0}
-
-    score = batch_scorer(config, setup.model_fp, setup.stats_key, calibration, str(out / "evaluations.jsonl"))
-    transport = cached_transport(config, calls)
-
-    publish = publisher(config, logger, lambda r: {"rates": fmt_rates(r["rates"]), "kept_params": r["kept_params"],
-                                                   "fitness": round(r["fitness"], 4)},
-                        lambda i, best: best_markdown(i, best, setup.arch.n_layers), "GA")
-
-    summary = runner.run(config, setup, score, transport, publish) | calls
+    with task_runner(config) as workers:
+        out, calibration, setup = prepare(config, logger, "selfprune.flows.search.search", runner.check, workers)
+        calls = {"oracle_calls": 0, "oracle_replays": 0}
+        score = batch_scorer(config, setup.model_fp, setup.stats_key, calibration, str(out / "evaluations.jsonl"), workers)
+        publish = publisher(config, logger, lambda r: {"rates": fmt_rates(r["rates"]), "kept_params": r["kept_params"],
+                                                       "fitness": round(r["fitness"], 4)},
+                            lambda i, best: best_markdown(i, best, setup.arch.n_layers), "GA")
+        summary = runner.run(config, setup, score, cached_transport(config, calls), publish) | calls
     runner.write_summary(summary, out)
     plot_history(summary["history"], out / "fitness.png")
     plot_rates(summary["rates"], config.ratio, out / "rates.png")

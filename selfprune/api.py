@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from . import allocators
-from .allocation import Structure, check_ratio, dense_structure, realized_ratio
+from .allocation import EXACT, Alignment, Structure, check_ratio, dense_structure, rates_to_structure, realized_ratio
 from .arch import Arch
 from .data import split_windows
 from .errors import UserError
 from .export import save_pruned
 from .checkpoint import LoadedModel
 from .metrics import Metric, resolve_metric
-from .models import load_model
+from .models import load_arch, load_model
 from .ppl import perplexity as score_windows
 from .sparsity import Pattern, parse_pattern
 from .workbench import Calibration, Progress, Workbench, _no_progress
@@ -59,6 +59,7 @@ def prune(
     format: str = "hf",
     metric: str | None = None,
     pattern: str = "unstructured",
+    align: Alignment = EXACT,
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``model`` (a spec as for ``--model``, or a loaded one) to mean rate ``ratio``.
@@ -67,7 +68,8 @@ def prune(
     one rate per layer. ``method``: a registered structured pruning method. ``metric``: instead,
     zero single weights by a pruning metric (a built-in name such as ``wanda``, ``ria``, or an
     expression such as ``abs(W) * X_rms``) in ``pattern`` (``unstructured``, ``unstructured-layer``,
-    ``2:4``, ``4:8``); ``ratio`` is then the sparsity. With ``out`` the model is exported there
+    ``2:4``, ``4:8``); ``ratio`` is then the sparsity. ``align``: kept heads and MLP channels in
+    multiples that kernels like (:class:`~selfprune.allocation.Alignment`). With ``out`` the model is exported there
     (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
     ``progress``: ``(label, total) -> advance(n)`` for long steps. The dense model is not modified.
     """
@@ -77,16 +79,20 @@ def prune(
     if isinstance(allocation, str):
         allocators.allocator(allocation)  # a bad rate file fails here, before the model loads
     found = _check_metric(metric, pattern, ratio, allocation, format) if metric is not None else None
+    if align != EXACT:
+        if found is not None:
+            raise UserError("--align shapes structured pruning; a model pruned by --metric keeps every row (drop --align)")
+        align.check(load_arch(model) if isinstance(model, str) else model.arch)
     lm = load_model(model, device, dtype) if isinstance(model, str) else model
     bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress or _no_progress, method)
     if found is not None:
         return _prune_weights(bench, lm, *found, ratio, allocation, out)
     rates = bench.allocate(allocation, ratio)
-    structure = bench.structure(rates)
+    structure = rates_to_structure(bench.arch, rates, align)
     if out is not None and format == "deci":
         _check_deci(structure, bench.arch)
     pruned = bench.build(structure)
-    record = bench.record(rates, structure, allocation)
+    record = bench.record(rates, structure, allocation) | {"align": {"heads": align.heads, "channels": align.channels}}
     if out is not None:
         out = Path(out)
         (_save_deci if format == "deci" else save_pruned)(pruned, lm.tokenizer, out, record)

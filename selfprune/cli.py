@@ -27,6 +27,8 @@ Model = Annotated[str, typer.Option("--model", help="demo, a local HF directory,
 Data = Annotated[str, typer.Option("--data", help="demo, wikitext2, or a local .txt/.md/.jsonl/.json/.parquet file")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 DType = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
+VllmPython = Annotated[Optional[str], typer.Option(
+    "--vllm-python", help="Python of the vLLM environment with selfprune-vllm (default: $SELFPRUNE_VLLM_PYTHON)")]
 Samples = Annotated[int, typer.Option("--samples", help="calibration windows for the activation statistics")]
 CalibSeqlen = Annotated[int, typer.Option("--calib-seqlen", help="tokens per calibration window")]
 
@@ -59,16 +61,19 @@ def prune(
     method: Annotated[str, typer.Option("--method", help="a registered structured pruning method")] = "wanda-sp",
     metric: Annotated[Optional[str], typer.Option("--metric", help="zero single weights by a metric instead: magnitude | wanda | ria | an expression such as 'abs(W) * X_rms'")] = None,
     pattern: Annotated[str, typer.Option("--pattern", help="with --metric: unstructured | unstructured-layer | 2:4 | 4:8")] = "unstructured",
+    align: Annotated[int, typer.Option("--align", help="kept MLP channels in multiples of this (64, 128 suit kernels); the ratio is kept")] = 1,
+    align_heads: Annotated[int, typer.Option("--align-heads", help="kept query heads in multiples of this (a multiple of heads per KV group)")] = 1,
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
     """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT."""
+    from .allocation import Alignment
     from .api import prune as prune_model
 
     with rich_progress() as progress:
         result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
                              device=device, dtype=dtype, out=out, format=fmt, metric=metric, pattern=pattern,
-                             progress=progress)
+                             align=Alignment(align_heads, align), progress=progress)
     if metric is not None:
         record = result.record
         table = Table("layer", "sparsity", title=f"{model} pruned by {record['metric']['text']} ({record['pattern']}) -> {out}")
@@ -84,7 +89,7 @@ def prune(
         table.add_row(str(i), f"{r:.3f}", f"{k.groups}/{arch.n_kv_heads}", f"{k.channels}/{arch.intermediate}")
     console.print(table)
     load = (f"serve it with vllm.LLM({str(out)!r}, trust_remote_code=True)" if fmt == "deci"
-            else f"load it with selfprune.load_pruned({str(out)!r})")
+            else f"load it with selfprune.load_pruned({str(out)!r}), or serve it with vLLM and selfprune-vllm")
     console.print(f"realized ratio {result.realized_ratio:.4f} (target {ratio}); {load}")
 
 
@@ -229,6 +234,7 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
     # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
     # command, a line per generation) at INFO, the rest of Prefect at WARNING.
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # --runner dask: a dead worker still shows
     configure(log_level="WARNING")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
@@ -281,7 +287,8 @@ def bench_model(
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
     repeats: Annotated[int, typer.Option("--repeats", help="timed runs; the median is reported")] = 3,
-    use_vllm: Annotated[bool, typer.Option("--vllm", help="serve each model with vLLM instead (CUDA; pip install 'selfprune[vllm]')")] = False,
+    use_vllm: Annotated[bool, typer.Option("--vllm", help="serve each model with vLLM instead (README: Serving with vLLM)")] = False,
+    vllm_python: VllmPython = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list of measurements")] = False,
     device: Device = "auto",
     dtype: DType = "auto",
@@ -291,6 +298,7 @@ def bench_model(
     import gc
 
     from .evaluate.speed import format_measurement, measure, vllm_measure
+    from .evaluate.vllm_bridge import vllm_python as vllm_python_of
     from .models import load_model
 
     settings = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch_size, repeats=repeats)
@@ -300,13 +308,11 @@ def bench_model(
     for p in pruned or []:
         if not (p / "selfprune.json").is_file():
             raise UserError(f"--pruned {p} is not a selfprune export (no selfprune.json); make one with selfprune prune --out DIR")
+    python = vllm_python_of(vllm_python) if use_vllm else None
     results = []
     for name in names:
         if use_vllm:
-            from .demo import demo_model_dir
-
-            path = str(demo_model_dir()) if name == "demo" else name
-            m = vllm_measure(path, dtype=dtype, **settings)
+            m = vllm_measure(_model_dir(name), python, dtype=dtype, **settings)
         else:
             lm = load_model(name, device, dtype)
             m = measure(lm.model, lm.tokenizer, **settings)
@@ -315,7 +321,7 @@ def bench_model(
         m["model"] = name
         results.append(m)
         if not as_json:
-            console.print(f"[bold]{name}[/bold]\n" + format_measurement(m) if not use_vllm else f"[bold]{name}[/bold]: {m}")
+            console.print(f"[bold]{name}[/bold]\n" + format_measurement(m))
     if as_json:
         print(json.dumps(results))
         return
@@ -336,6 +342,39 @@ def bench_model(
             cells.append(cell)
         table.add_row(label, *cells)
     console.print(table)
+
+
+def _model_dir(name: str) -> str:
+    """A model's directory for vLLM: the demo model's, or the path given."""
+    from .demo import demo_model_dir
+
+    return str(demo_model_dir()) if name == "demo" else name
+
+
+@app.command("vllm-check")
+def vllm_check(
+    model: Annotated[str, typer.Argument(help="a selfprune export (prune --out DIR), a model directory, or demo")],
+    vllm_python: VllmPython = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="greedy tokens per prompt")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole comparison as JSON")] = False,
+) -> None:
+    """Serve MODEL with vLLM and check it against transformers: equal greedy tokens, prompt
+    log-probabilities within tolerance (float32). Exit 1 when they disagree."""
+    from .evaluate.vllm_bridge import agreement, vllm_python as vllm_python_of
+
+    if new_tokens < 1:
+        raise UserError("--new-tokens must be at least 1")
+    python = vllm_python_of(vllm_python)
+    result = agreement(_model_dir(model), python, new_tokens)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(f"vLLM {result['vllm_version']} vs transformers on {result['model']}: greedy tokens equal on "
+                      f"{result['prompts_equal']} prompts ({result['tokens_compared']} tokens); largest prompt "
+                      f"log-probability gap {result['max_logprob_gap']:.2e} (tolerance {result['tolerance']:.0e}): "
+                      + ("[green]agree[/green]" if result["ok"] else "[red]DISAGREE[/red]"))
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command("export-deci")

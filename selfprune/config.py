@@ -26,6 +26,9 @@ def _comma_separated(value):
     return [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
 
 
+RUNNERS = ("local", "dask", "ray")
+
+
 class RunConfig(BaseModel):
     """What every run names: the model, the data, the pruning method, the precision."""
 
@@ -58,6 +61,11 @@ class EvolutionConfig(RunConfig):
     oracle_max_tokens: int = Field(0, ge=0, description="reply token limit per oracle request (0: from the expected answer)")
     oracle_schema: bool = Field(True, description="send the reply's JSON Schema where the server takes it (off: JSON mode only)")
     oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA/GP offspring")
+    runner: str = Field("local", description="local | dask | ray: where a generation's candidates are scored "
+                                            "(the same search on each)")
+    address: str | None = Field(None, description="an existing cluster for --runner dask (tcp://HOST:8786) or ray "
+                                                  "(ray://HOST:10001, or auto); without it a local one is started")
+    workers: int = Field(2, ge=1, description="worker processes of the local Dask or Ray cluster (each loads the model once)")
     oracle_prices: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, min_length=0, max_length=2,
         description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
@@ -70,6 +78,14 @@ class EvolutionConfig(RunConfig):
             raise ValueError("--oracle-prices takes two numbers: USD per million prompt tokens, then completion tokens")
         return self
 
+    @model_validator(mode="after")
+    def _known_runner(self) -> "EvolutionConfig":
+        if self.runner not in RUNNERS:
+            raise ValueError(f"--runner {self.runner!r} is not known; use one of {', '.join(RUNNERS)}")
+        if self.address and self.runner == "local":
+            raise ValueError("--address names a Dask or Ray cluster: add --runner dask or --runner ray")
+        return self
+
 
 class SearchConfig(EvolutionConfig):
     """Self-Pruner's search settings (defaults: the paper's K=30, M=S=10, N=20)."""
@@ -79,6 +95,10 @@ class SearchConfig(EvolutionConfig):
     random_init: bool = Field(False, description="ablation: random initial population")
     no_mutation: bool = Field(False, description="ablation: no mutation")
     no_crossover: bool = Field(False, description="ablation: no crossover")
+    align: int = Field(1, ge=1, description="kept MLP channels in multiples of this (64 or 128 suit GPU kernels; 1: exact); "
+                                           "the overall ratio is kept")
+    align_heads: int = Field(1, ge=1, description="kept query heads in multiples of this (e.g. 8; a multiple of the "
+                                                  "heads per KV group; 1: exact)")
     metric: str | None = Field(None, description="rank units by a pruning metric's scores summed per KV group and MLP "
                                                 "channel instead of --method: a name such as ria, or an expression")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")

@@ -24,6 +24,9 @@ from .fileio import atomic_write_text, staged_dir
 from .slicing import prune_layer
 
 RECORD = "selfprune.json"
+# The architecture a selfprune export names in config.json: vLLM serves it through the
+# selfprune-vllm plugin (plugins/vllm); transformers picks its classes by model_type, not by this.
+ARCHITECTURE = "SelfpruneForCausalLM"
 
 
 def save_pruned(model: torch.nn.Module, tokenizer, out_dir: Path, record: dict) -> Path:
@@ -37,6 +40,9 @@ def save_pruned(model: torch.nn.Module, tokenizer, out_dir: Path, record: dict) 
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "architectures": [ARCHITECTURE]}, indent=2))
     atomic_write_text(out_dir / RECORD, json.dumps(record, indent=2))
     return out_dir
 

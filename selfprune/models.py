@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .arch import arch_of
+from .arch import Arch, arch_of
 from .checkpoint import LoadedModel, fingerprint, from_pretrained
 from .demo import demo_model_dir
 from .devices import resolve_device, resolve_dtype
@@ -57,6 +57,20 @@ def load_tokenizer(spec: str):
                         "directory or .gguf file, or a hub id with the hub reachable") from None
 
 
+def load_arch(spec: str) -> Arch:
+    """The architecture of ``spec`` from its config alone: a second, no weights read."""
+    from transformers import AutoConfig  # heavy: only when loading
+
+    source, kwargs, _ = _resolve(spec)
+    try:
+        return arch_of(AutoConfig.from_pretrained(source, **kwargs))
+    except OSError as e:
+        raise UserError(
+            f"could not load a config for {spec!r} ({str(e).splitlines()[0]}); give a local model directory "
+            "or .gguf file, or a hub id with the hub reachable"
+        ) from None
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``spec``: ``demo``, a local Hugging Face directory, a ``.gguf`` file (dequantized),
     a selfprune export directory, or a hub id (needs a reachable hub).
@@ -64,21 +78,12 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     The architecture is checked from the config before any weights are read, so an unsupported
     model fails in a second with the list of what works.
     """
-    from transformers import AutoConfig  # heavy: only when loading
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, kwargs, local = _resolve(spec)
     if local is not None and (local / RECORD).is_file():
         return load_pruned(local, device=device, dtype=dtype)
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise UserError(
-            f"could not load a config for {spec!r} ({str(e).splitlines()[0]}); give a local model directory "
-            "or .gguf file, or a hub id with the hub reachable"
-        ) from None
-    arch = arch_of(config)
+    arch = load_arch(spec)
     model, tokenizer = from_pretrained(source, dt, **kwargs)
     model.to(dev).eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, arch, model_fingerprint(spec), spec)

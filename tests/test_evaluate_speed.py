@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from selfprune import slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of
 from selfprune.errors import UserError
-from selfprune.evaluate.speed import format_measurement, measure, vllm_measure, weight_stats
+from selfprune.evaluate.speed import format_measurement, measure, weight_stats
 
 # _cached_vs_full passes past_key_values (the name every transformers 4.56-5.x accepts)
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
@@ -99,9 +98,3 @@ def test_measure_rejects_bad_settings(tiny):
         measure(model, None, new_tokens=0)
     with pytest.raises(UserError, match="model is on cpu"):
         measure(model, None, device="cuda:0")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_vllm_missing_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"vLLM is not installed: pip install 'selfprune\[vllm\]' on a CUDA machine"):
-        vllm_measure(tmp_path)

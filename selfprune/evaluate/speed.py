@@ -1,7 +1,7 @@
 """Size, memory and speed of a (pruned) model: the numbers a pruning table reports beside accuracy.
 
 :func:`measure` times the model object in this process with transformers (dense and pruned with
-identical settings); :func:`vllm_measure` serves an export with vLLM (CUDA machines only).
+identical settings); :func:`vllm_measure` serves a directory (a selfprune export too) with vLLM, in vLLM's own environment.
 
 Definitions (every number travels with the settings that produced it):
 
@@ -29,6 +29,8 @@ Definitions (every number travels with the settings that produced it):
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import statistics
 import threading
@@ -270,8 +272,35 @@ def format_measurement(m: dict[str, Any]) -> str:
     ])
 
 
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors' names
+
+
+def _weights_on_disk(model_dir: Path) -> tuple[int, int]:
+    """Parameters and bytes of a directory's safetensors, from their headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    params = nbytes = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                t = st.get_slice(name)
+                n = math.prod(t.get_shape())
+                params += n
+                nbytes += n * torch.finfo(getattr(torch, _TORCH_DTYPES[t.get_dtype()])).bits // 8
+    return params, nbytes
+
+
+def _kv_bytes_per_token(config: dict, element_bytes: int) -> int:
+    """K and V bytes one token adds: the kept KV heads of every layer (a selfprune export's own)."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    groups = [g for g, _ in config.get("selfprune_layers") or [[kv, 0]] * config["num_hidden_layers"]]
+    return sum(2 * g * head_dim * element_bytes for g in groups)
+
+
 def vllm_measure(
-    export_dir: str | Path,
+    model_dir: str | Path,
+    python: str,
     *,
     prompt_tokens: int = 128,
     new_tokens: int = 64,
@@ -279,57 +308,40 @@ def vllm_measure(
     repeats: int = 3,
     dtype: str = "auto",
     gpu_memory_utilization: float = 0.5,
-    work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Serve a model directory with vLLM and time prefill and generation (same definitions as
-    :func:`measure`, except that peak memory is not observable from this process).
+    """Serve a model directory with vLLM (``python``: see :mod:`.vllm_bridge`) and time it, with the
+    definitions of :func:`measure`; ``time_to_first_token_s`` is the prefill time.
 
-    ``export_dir``: a dense Hugging Face directory, a DeciLM directory from
-    :func:`~selfprune.evaluate.deci.export_deci`, or a selfprune export (converted to DeciLM first,
-    into ``work_dir`` or ``<export_dir>-deci``; a UserError if its structure has no DeciLM form).
+    A selfprune export is served as it is, through the selfprune-vllm plugin. Peak memory is the
+    vLLM process tree's resident set (sampled) on the CPU, the device memory in use on CUDA (which
+    vLLM pre-allocates by ``gpu_memory_utilization``, so it says little about the model).
     """
-    try:
-        import vllm
-    except ImportError:
-        raise UserError("vLLM is not installed: pip install 'selfprune[vllm]' on a CUDA machine") from None
+    from .vllm_bridge import run
+
     if min(prompt_tokens, new_tokens, batch_size, repeats) < 1:
         raise UserError("prompt_tokens, new_tokens, batch_size and repeats must all be at least 1")
-    src = Path(export_dir).expanduser().resolve()
-    if not (src / "config.json").is_file():
-        raise UserError(f"{src} has no config.json; give a model directory or a selfprune export")
-    if (src / "selfprune.json").is_file():
-        from .deci import export_deci
-
-        model_dir = export_deci(src, Path(work_dir) if work_dir else src.with_name(src.name + "-deci"))
-    else:
-        model_dir = src
-    llm = vllm.LLM(model=str(model_dir), trust_remote_code=True, dtype=dtype, seed=0,
-                   gpu_memory_utilization=gpu_memory_utilization,
-                   max_model_len=prompt_tokens + new_tokens + 16)
-    vocab = llm.get_tokenizer().vocab_size
-    prompts = [{"prompt_token_ids": row.tolist()} for row in _prompt(vocab, batch_size, prompt_tokens)]
-    one = vllm.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    full = vllm.SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-
-    def timed(params) -> float:
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        got = {len(o.outputs[0].token_ids) for o in outs}
-        if got != {params.max_tokens}:
-            raise RuntimeError(f"vLLM returned {got} new tokens, not {params.max_tokens}")
-        return dt
-
-    timed(full)  # warm-up (CUDA graphs, allocator)
-    t_pre = statistics.median(timed(one) for _ in range(repeats))
-    t_gen = statistics.median(timed(full) for _ in range(repeats))
+    model_dir = Path(model_dir).expanduser().resolve()
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else None
+    if config is None:
+        raise UserError(f"{model_dir} has no config.json; give a model directory or a selfprune export")
+    prompts = _prompt(config["vocab_size"], batch_size, prompt_tokens).tolist()
+    got = run(python, "timing", model_dir, dtype=dtype, prompts=prompts, new_tokens=new_tokens, repeats=repeats,
+              max_model_len=prompt_tokens + new_tokens + 16, gpu_memory_utilization=gpu_memory_utilization)
+    params, nbytes = _weights_on_disk(model_dir)
+    t_pre, t_gen = statistics.median(got["prefill_s"]), statistics.median(got["generate_s"])
     return {
         "backend": "vllm",
-        "vllm_version": getattr(vllm, "__version__", "?"),
-        "model_dir": str(model_dir),
-        "device": "cuda",
-        "dtype": dtype,
-        "peak_memory_bytes": None,
-        "gpu_memory_utilization": gpu_memory_utilization,
+        "vllm_version": got["vllm_version"],
+        "device": got["device"],
+        "dtype": got["dtype"],
+        "params": params,
+        "weight_bytes": nbytes,
+        "kv_cache_bytes_per_token": _kv_bytes_per_token(config, torch.finfo(getattr(torch, got["dtype"])).bits // 8),
+        "peak_memory_bytes": got["peak_memory_bytes"],
+        "peak_memory_delta_bytes": got["peak_memory_bytes"] - got["peak_memory_baseline_bytes"],
+        "peak_memory_method": got["peak_memory_method"],
+        "time_to_first_token_s": t_pre,
+        "startup_s": got["startup_s"],
         **_throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
+        "gpu_memory_utilization": gpu_memory_utilization if got["device"] == "cuda" else None,
     }

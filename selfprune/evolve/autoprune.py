@@ -28,8 +28,8 @@ from ..workbench import shared_workbench, sparse_candidate
 from .evolution import Generation, SearchParams, run_search
 from .metric_oracle import make_metric_oracle
 from .oracles import Reply, Transport
-from .runner import (GenerationReport, Setup, Tally, calibration, check_windows, oracle_accounting, run_record,
-                     scoring, write_summary)
+from .runner import (GenerationReport, Setup, Tally, calibration, check_runner, check_windows, in_process,
+                     oracle_accounting, run_record, scoring, write_summary)
 
 # (sparse candidates, split, windows) -> one perplexity record per candidate, in order
 Score = Callable[[list[dict], str, "int | None"], list[dict]]
@@ -47,6 +47,7 @@ def check(config: AutopruneConfig) -> None:
         raise UserError(f"{config.pattern} gives every layer the same sparsity: use --allocation uniform with it")
     sparse_candidate("abs(W)", config.pattern, config.allocation, config.sparsities[0])  # a registered allocation
     make_metric_oracle(config.oracle, config.base_url, lambda request: Reply(None), Lineage())  # built, never called
+    check_runner(config)
 
 
 def seeds(config: AutopruneConfig) -> dict[str, str]:
@@ -130,7 +131,7 @@ def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[Ge
     """AutoPrune's metric search in this process, without Prefect: ``selfprune.autoprune(model=...,
     sparsities=[0.6])``. Writes ``out/best.json`` and returns the summary; ``selfprune autoprune``
     runs the same loop as a resumable, cached Prefect flow."""
-    config = build_config(AutopruneConfig, **((config.model_dump() if config else {}) | overrides))
+    config = in_process(build_config(AutopruneConfig, **((config.model_dump() if config else {}) | overrides)))
     check(config)
     check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype)

@@ -9,6 +9,7 @@ flow's artifacts and log line).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -16,14 +17,15 @@ from dataclasses import dataclass
 from typing import Hashable
 from pathlib import Path
 
-from ..allocation import kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
+from ..allocation import Alignment, kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
 from ..arch import Arch
 from ..config import EvolutionConfig, SearchConfig, build_config
 from ..data import split_windows
 from ..devices import precision
+from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods import get_method
-from ..models import load_tokenizer
+from ..models import load_arch, load_tokenizer
 from ..workbench import Calibration, Scoring, shared_workbench
 from .evolution import Generation, SearchParams, run_search
 from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
@@ -94,10 +96,32 @@ def scoring(config: EvolutionConfig, split: str, windows: int | None) -> Scoring
 
 
 def check(config: SearchConfig) -> None:
-    """Every check that needs nothing loaded: device and dtype, method and oracle names. Fails fast."""
+    """Every check that needs no weights: device and dtype, method and oracle names, and an
+    alignment against the model's config (read only when one is asked for). Fails fast."""
     precision(config.device, config.dtype)
     get_method(config.method)
     make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
+    check_runner(config)
+    if alignment(config) != Alignment():
+        alignment(config).check(load_arch(config.model))
+
+
+def check_runner(config: EvolutionConfig) -> None:
+    """``--runner dask|ray`` has its Prefect integration installed (looked up, not imported)."""
+    if config.runner != "local" and importlib.util.find_spec(f"prefect_{config.runner}") is None:
+        raise UserError(f"--runner {config.runner} needs prefect-{config.runner}: pip install 'selfprune[{config.runner}]'")
+
+
+def in_process(config: EvolutionConfig) -> EvolutionConfig:
+    """The library's searches score in this process: a cluster runner is the flow's (``selfprune search``)."""
+    if config.runner != "local":
+        raise UserError(f"the library's search runs in this process; --runner {config.runner} runs through the flow: "
+                        "selfprune search / autoprune, or selfprune.flows.search.search(config)")
+    return config
+
+
+def alignment(config: SearchConfig) -> Alignment:
+    return Alignment(config.align_heads, config.align)
 
 
 def check_windows(config: EvolutionConfig, tokenizer) -> None:
@@ -114,7 +138,7 @@ def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None
     """The pure search objects of ``config``: a candidate's identity is its pruned structure."""
 
     def canonical(rates: list[float]) -> tuple:
-        return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates))))
+        return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates, alignment(config)))))
 
     ctx = SearchContext(model_name=config.model, n_layers=arch.n_layers, beta=config.ratio, p_max=config.p_max,
                         seed=config.seed, canonical=canonical, dataset=config.data)
@@ -138,8 +162,8 @@ def oracle_accounting(oracle: Oracle, prices: list[float]) -> dict | None:
     return usage
 
 
-def _member(arch: Arch, rates: list[float], record: dict) -> dict:
-    structure = structure_to_json(rates_to_structure(arch, rates))
+def _member(arch: Arch, align: Alignment, rates: list[float], record: dict) -> dict:
+    structure = structure_to_json(rates_to_structure(arch, rates, align))
     return {"rates": rates, "structure": structure, "fitness": record["ppl"],
             "kept_params": kept_params(arch, structure_from_json(structure))}
 
@@ -160,25 +184,26 @@ def run(
     start = time.perf_counter()
     arch = setup.arch
     ctx, params, oracle = search_objects(config, arch, transport)
+    align = alignment(config)
     tally = Tally()
 
     def evaluate(batch: list[list[float]]) -> list[float]:
-        structures = [structure_to_json(rates_to_structure(arch, rates)) for rates in batch]
+        structures = [structure_to_json(rates_to_structure(arch, rates, align)) for rates in batch]
         results = score(structures, "fitness", config.fitness_windows)
         tally.scored([tuple(rates) for rates in batch], results)
         return [r["ppl"] for r in results]
 
     def hook(g: Generation) -> None:
         cached = tally.generation([tuple(rates) for rates, _ in g.candidates])
-        rows = [_member(arch, rates, {"ppl": f}) | {"cached": c} for (rates, f), c in zip(g.candidates, cached)]
+        rows = [_member(arch, align, rates, {"ppl": f}) | {"cached": c} for (rates, f), c in zip(g.candidates, cached)]
         if on_generation is not None:
-            population = [_member(arch, rates, {"ppl": f}) for rates, f in g.population]
+            population = [_member(arch, align, rates, {"ppl": f}) for rates, f in g.population]
             on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - sum(cached),
                                            sum(cached), oracle_accounting(oracle, config.oracle_prices)))
 
     result = run_search(oracle, ctx, params, evaluate, hook)
-    best = _member(arch, result.best, {"ppl": result.best_fitness})
-    uniform_structure = structure_to_json(rates_to_structure(arch, uniform(arch.n_layers, config.ratio)))
+    best = _member(arch, align, result.best, {"ppl": result.best_fitness})
+    uniform_structure = structure_to_json(rates_to_structure(arch, uniform(arch.n_layers, config.ratio), align))
     test, uniform_test = score([best["structure"], uniform_structure], "test", config.test_windows)
     (uniform_fitness,) = score([uniform_structure], "fitness", config.fitness_windows)
     return {
@@ -228,7 +253,7 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     the summary. Nothing is cached between calls but the statistics (in the artifact store); the
     ``selfprune search`` command runs the same loop as a resumable, cached Prefect flow.
     """
-    config = build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides))
+    config = in_process(build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides)))
     check(config)
     check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)

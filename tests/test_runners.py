@@ -1,0 +1,97 @@
+"""--runner dask: a generation's candidates on worker processes, the same search as the local runner.
+
+Real runs of the CLI in subprocesses (as a user runs them), each with a cold cache, against the
+session's Prefect server; the Dask cluster is a real LocalCluster of two single-threaded worker
+processes started by the run itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+SMALL = dict(ratio=0.4, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=2, test_windows=2, population=4,
+             mutations=2, crossovers=2, generations=2, device="cpu")
+SAME = ("rates", "structure", "fitness", "test_ppl", "uniform_test_ppl")
+
+
+def _command(ws: Path, out: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "selfprune.cli", "search", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"),
+           "--out", str(out), *extra]
+    for k, v in SMALL.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
+    return env | {"SELFPRUNE_HOME": str(home)}  # a cold cache; the API server is shared
+
+
+def _ledger(out: Path) -> list[dict]:
+    path = out / "evaluations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.fixture(scope="module")
+def local_best(tiny_workspace, prefect_api, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("local")
+    done = subprocess.run(_command(tiny_workspace, root / "run"), env=_env(root / "home"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((root / "run" / "best.json").read_text())
+
+
+def test_dask_workers_find_the_local_best_and_survive_a_killed_worker(local_best, tiny_workspace, tmp_path):
+    out = tmp_path / "dask"
+    proc = subprocess.Popen(_command(tiny_workspace, out, "--runner", "dask", "--workers", "2"), env=_env(tmp_path / "home"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not _ledger(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = _ledger(out)[0]["pid"]  # a worker that has scored a candidate and is scoring the next
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    best = json.loads((out / "best.json").read_text())
+    assert {k: best[k] for k in SAME} == {k: local_best[k] for k in SAME}
+    pids = {e["pid"] for e in _ledger(out)}
+    assert victim in pids and len(pids) >= 2 and os.getpid() not in pids  # scored on workers, side by side
+    # Only the killed worker's candidate can be scored twice; everything else once.
+    assert best["evaluations"] + best["cache_hits"] == local_best["evaluations"] + local_best["cache_hits"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runner", "spark"], "--runner 'spark' is not known; use one of local, dask, ray"),
+    (["--address", "tcp://127.0.0.1:8786"], "--address names a Dask or Ray cluster: add --runner dask"),
+])
+def test_bad_runner_settings_exit_2(args, message, capsys, monkeypatch):
+    code, _, err = run_cli(capsys, monkeypatch, "search", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_the_library_search_says_where_a_cluster_runner_runs(tiny_workspace):
+    from selfprune import search
+    from selfprune.errors import UserError
+
+    with pytest.raises(UserError, match="--runner dask runs through the flow: selfprune search"):
+        search(model=str(tiny_workspace / "model"), runner="dask")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("prefect_ray") is not None, reason="prefect-ray is installed")
+def test_a_runner_whose_integration_is_missing_names_the_extra():
+    from selfprune.config import SearchConfig
+    from selfprune.errors import UserError
+    from selfprune.evolve.runner import check_runner
+
+    with pytest.raises(UserError, match=r"--runner ray needs prefect-ray: pip install 'selfprune\[ray\]'"):
+        check_runner(SearchConfig(runner="ray"))
