@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
 
+import os
 from collections.abc import Callable
 from logging import Logger
 from pathlib import Path
@@ -17,8 +18,10 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from selfprune import prefect_env
 from selfprune.arch import Arch
 from selfprune.config import EvolutionConfig
+from selfprune.errors import UserError
 from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
 from selfprune.models import load_tokenizer, model_fingerprint
@@ -37,6 +40,12 @@ def task_runner(config: EvolutionConfig) -> TaskRunner:
     if config.runner == "local":
         return ThreadPoolTaskRunner(max_workers=1)
     runner.check_runner(config)
+    if config.address and not os.environ.get("PREFECT_API_URL"):
+        raise UserError("--address sends candidates to workers that must reach this run's Prefect server: start one "
+                        "(prefect server start) and export PREFECT_API_URL here and on the workers")
+    # Workers started from here inherit this URL; without it each would start (and, if killed,
+    # leave behind) a temporary server of its own.
+    prefect_env.ensure_api_server()
     if config.runner == "dask":
         from prefect_dask import DaskTaskRunner
 

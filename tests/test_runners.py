@@ -51,9 +51,24 @@ def local_best(tiny_workspace, prefect_api, tmp_path_factory) -> dict:
     return json.loads((root / "run" / "best.json").read_text())
 
 
+def _servers_of(home: Path) -> list[int]:
+    """PIDs of Prefect API servers (uvicorn) running with ``home`` as their SELFPRUNE_HOME."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"uvicorn" in (proc / "cmdline").read_bytes() and f"SELFPRUNE_HOME={home}\0".encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
 def test_dask_workers_find_the_local_best_and_survive_a_killed_worker(local_best, tiny_workspace, tmp_path):
-    out = tmp_path / "dask"
-    proc = subprocess.Popen(_command(tiny_workspace, out, "--runner", "dask", "--workers", "2"), env=_env(tmp_path / "home"),
+    """As from a user's shell, without PREFECT_API_URL: the run's temporary server is the one its
+    workers use (they start none of their own, which a killed worker would leave behind)."""
+    out, home = tmp_path / "dask", tmp_path / "home"
+    env = {k: v for k, v in _env(home).items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen(_command(tiny_workspace, out, "--runner", "dask", "--workers", "2"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not _ledger(out) and proc.poll() is None and time.monotonic() < deadline:
@@ -68,6 +83,7 @@ def test_dask_workers_find_the_local_best_and_survive_a_killed_worker(local_best
     assert victim in pids and len(pids) >= 2 and os.getpid() not in pids  # scored on workers, side by side
     # Only the killed worker's candidate can be scored twice; everything else once.
     assert best["evaluations"] + best["cache_hits"] == local_best["evaluations"] + local_best["cache_hits"]
+    assert _servers_of(home) == []
 
 
 @pytest.mark.parametrize("args, message", [
