@@ -52,7 +52,7 @@ def rich_progress():
 def prune(
     model: Model = "demo",
     ratio: Annotated[float, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: the sparsity), in (0, 1)")] = 0.5,
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | RATES.json")] = "uniform",
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | atp | dlp | alphapruning | RATES.json")] = "uniform",
     data: Data = "demo",
     out: Annotated[Path, typer.Option("--out", help="export directory")] = Path("runs/pruned"),
     samples: Samples = 128,
