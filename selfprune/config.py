@@ -61,6 +61,11 @@ class EvolutionConfig(RunConfig):
     oracle_max_tokens: int = Field(0, ge=0, description="reply token limit per oracle request (0: from the expected answer)")
     oracle_schema: bool = Field(True, description="send the reply's JSON Schema where the server takes it (off: JSON mode only)")
     oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA/GP offspring")
+    fitness_stages: list[str] = Field(
+        default_factory=list,
+        description="staged fitness (EvoPress): WINDOWS:KEEP,... scores each new candidate on its first WINDOWS fitness "
+                    "windows and keeps the best KEEP fraction for the next stage; the last stage is --fitness-windows. "
+                    "e.g. 1:0.5")
     runner: str = Field("local", description="local | dask | ray: where a generation's candidates are scored "
                                             "(the same search on each)")
     address: str | None = Field(None, description="an existing cluster for --runner dask (tcp://HOST:8786) or ray "
@@ -70,12 +75,29 @@ class EvolutionConfig(RunConfig):
         default_factory=list, min_length=0, max_length=2,
         description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
 
-    _lists = field_validator("oracle_prices", mode="before")(_comma_separated)
+    _lists = field_validator("oracle_prices", "fitness_stages", mode="before")(_comma_separated)
 
     @model_validator(mode="after")
     def _two_prices(self) -> "EvolutionConfig":
         if len(self.oracle_prices) == 1:
             raise ValueError("--oracle-prices takes two numbers: USD per million prompt tokens, then completion tokens")
+        return self
+
+    @property
+    def stages(self) -> list[tuple[int, float]]:
+        """``fitness_stages`` as (windows, kept fraction), checked on construction."""
+        return [(int(w), float(k)) for w, k in (stage.split(":") for stage in self.fitness_stages)]
+
+    @model_validator(mode="after")
+    def _stages_before_the_full_fitness(self) -> "EvolutionConfig":
+        fix = "write WINDOWS:KEEP with WINDOWS rising and below --fitness-windows and KEEP in (0, 1), e.g. 1:0.5"
+        try:
+            stages = self.stages
+        except ValueError:
+            raise ValueError(f"--fitness-stages {','.join(self.fitness_stages)} is not a schedule: {fix}") from None
+        windows = [w for w, _ in stages] + [self.fitness_windows]
+        if any(a >= b for a, b in zip(windows, windows[1:])) or windows[0] < 1 or not all(0 < k < 1 for _, k in stages):
+            raise ValueError(f"--fitness-stages {','.join(self.fitness_stages)}: {fix}")
         return self
 
     @model_validator(mode="after")

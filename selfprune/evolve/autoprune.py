@@ -29,7 +29,7 @@ from .evolution import Generation, SearchParams, run_search
 from .metric_oracle import make_metric_oracle
 from .oracles import Reply, Transport
 from .runner import (GenerationReport, Setup, Tally, calibration, check_runner, check_windows, in_process,
-                     oracle_accounting, run_record, scoring, write_summary)
+                     oracle_accounting, run_record, scoring, staged, write_summary)
 
 # (sparse candidates, split, windows) -> one perplexity record per candidate, in order
 Score = Callable[[list[dict], str, "int | None"], list[dict]]
@@ -90,10 +90,13 @@ def run(
     tally = Tally()
     fitness: dict[str, float] = {}
 
-    def evaluate(batch: list[str]) -> list[float]:
-        per_metric = fitness_of(batch, "fitness", config.fitness_windows)
-        tally.scored(batch, [{"cached": all(r.get("cached") for r in rs)} for rs in per_metric])
+    def measure(batch: list[str], windows: int) -> list[float]:
+        per_metric = fitness_of(batch, "fitness", windows)
+        tally.scored(batch, [{"cached": all(r.get("cached") for r in rs),
+                              "tokens": sum(0 if r.get("cached") else r["tokens"] for r in rs)} for rs in per_metric])
         return [_mean([r["ppl"] for r in rs]) for rs in per_metric]
+
+    evaluate = staged(measure, config.stages, config.fitness_windows)
 
     def member(text: str, f: float) -> dict:
         origin = lineage.nodes.get(text)

@@ -111,7 +111,9 @@ def offspring(
     return oracle.evolve(ctx, population, params.n_crossover, params.n_mutation, generation)
 
 
-Evaluate = Callable[[list[list[float]]], list[float]]
+# A batch of candidates -> their fitnesses, in order; None for a candidate the evaluation screened
+# out (staged fitness): it never enters the population and is not evaluated again.
+Evaluate = Callable[[list[list[float]]], "list[float | None]"]
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def run_search(
         if len(fitnesses) != len(todo):
             raise RuntimeError(f"evaluate returned {len(fitnesses)} fitnesses for {len(todo)} candidates")
         memo.update((ctx.canonical(rates), f) for rates, f in zip(todo, fitnesses))
-        scored = [(rates, memo[key]) for rates, key in new]
+        scored = [(rates, memo[key]) for rates, key in new if memo[key] is not None]
         population = survivors(population + scored, params.population)
         if not population:
             raise UserError("the oracle produced no initial candidates; check the target ratio and p_max")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,9 +75,11 @@ class Tally:
         self.records: dict[Hashable, dict] = {}
         self.evaluations = 0
         self.cache_hits = 0
+        self.fitness_tokens = 0  # tokens scored on the fitness split by computed records, every stage
 
     def scored(self, keys: list[Hashable], records: list[dict]) -> None:
         self.records.update(zip(keys, records))
+        self.fitness_tokens += sum(r.get("tokens", 0) for r in records if not r.get("cached"))
 
     def generation(self, keys: list[Hashable]) -> list[bool]:
         """Per candidate of the generation, whether it came from a cache; updates the totals."""
@@ -85,6 +88,25 @@ class Tally:
         self.cache_hits += sum(cached)
         self.evaluations += len(cached) - sum(cached)
         return cached
+
+
+def staged(measure: Callable[[list, int], list[float]], stages: list[tuple[int, float]], windows: int
+           ) -> Callable[[list], "list[float | None]"]:
+    """EvoPress's multi-step selection as an evaluation: ``measure(batch, w)`` scores on the first
+    ``w`` fitness windows; each stage keeps the best ``keep`` fraction (at least one; ties by
+    position) for the next, and the survivors get their fitness on all ``windows``. The others get
+    None: screened out. Every stage is a cached evaluation of its own (its window count is in the key)."""
+
+    def evaluate(batch: list) -> list[float | None]:
+        alive = list(range(len(batch)))
+        for w, keep in stages:
+            values = measure([batch[i] for i in alive], w)
+            ranked = sorted(range(len(alive)), key=lambda j: (math.inf if math.isnan(values[j]) else values[j], j))
+            alive = sorted(alive[j] for j in ranked[:max(1, math.ceil(keep * len(alive)))])
+        final = dict(zip(alive, measure([batch[i] for i in alive], windows)))
+        return [final.get(i) for i in range(len(batch))]
+
+    return evaluate
 
 
 def calibration(config: EvolutionConfig) -> Calibration:
@@ -187,11 +209,13 @@ def run(
     align = alignment(config)
     tally = Tally()
 
-    def evaluate(batch: list[list[float]]) -> list[float]:
+    def measure(batch: list[list[float]], windows: int) -> list[float]:
         structures = [structure_to_json(rates_to_structure(arch, rates, align)) for rates in batch]
-        results = score(structures, "fitness", config.fitness_windows)
+        results = score(structures, "fitness", windows)
         tally.scored([tuple(rates) for rates in batch], results)
         return [r["ppl"] for r in results]
+
+    evaluate = staged(measure, config.stages, config.fitness_windows)
 
     def hook(g: Generation) -> None:
         cached = tally.generation([tuple(rates) for rates, _ in g.candidates])
@@ -226,6 +250,7 @@ def run_record(config: EvolutionConfig, setup: Setup, tally: Tally, oracle, resu
     return {
         "evaluations": tally.evaluations,
         "cache_hits": tally.cache_hits,
+        "fitness_tokens": tally.fitness_tokens,
         "oracle_calls": getattr(oracle, "calls", 0),
         "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
         "oracle": oracle_accounting(oracle, config.oracle_prices),
