@@ -74,7 +74,8 @@ def _tiny_head64(kind: str, root: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # larger weights than the init's: layers that matter, so a wrong one shows
         for p in model.parameters():
-            p.mul_(8.0) if p.dim() > 1 else None
+            if p.dim() > 1:
+                p.mul_(8.0)
     model.save_pretrained(root / kind)
     byte_tokenizer().save_pretrained(root / kind)
     return root / kind

@@ -29,7 +29,6 @@ Definitions (every number travels with the settings that produced it):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -42,6 +41,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import UserError
+from ..userfiles import read_json
 from .zeroshot import check_device
 
 
@@ -321,9 +321,7 @@ def vllm_measure(
     if min(prompt_tokens, new_tokens, batch_size, repeats) < 1:
         raise UserError("prompt_tokens, new_tokens, batch_size and repeats must all be at least 1")
     model_dir = Path(model_dir).expanduser().resolve()
-    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else None
-    if config is None:
-        raise UserError(f"{model_dir} has no config.json; give a model directory or a selfprune export")
+    config = read_json(model_dir / "config.json", "model config", "a model directory or a selfprune export")
     prompts = _prompt(config["vocab_size"], batch_size, prompt_tokens).tolist()
     got = run(python, "timing", model_dir, dtype=dtype, prompts=prompts, new_tokens=new_tokens, repeats=repeats,
               max_model_len=prompt_tokens + new_tokens + 16, gpu_memory_utilization=gpu_memory_utilization)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..userfiles import read_json
 
 PYTHON_ENV = "SELFPRUNE_VLLM_PYTHON"
 # |vLLM - transformers| per prompt token, float32 on the CPU: measured at most ~1e-4 on the demo
@@ -66,8 +67,9 @@ def run(python: str, job: str, model_dir: str | Path, **request: Any) -> dict:
     cache space defaults to 1 GiB here (``VLLM_CPU_KVCACHE_SPACE``; set it to override).
     """
     model_dir = Path(model_dir).expanduser().resolve()
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} has no config.json; give a model directory or a selfprune export")
+    config = read_json(model_dir / "config.json", "model config", "a model directory or a selfprune export")
+    # a DeciLM export (export-deci) brings its config class, as NVIDIA's checkpoints do; nothing else runs code
+    request.setdefault("trust_remote_code", "auto_map" in config)
     with tempfile.TemporaryDirectory(prefix="selfprune-vllm-") as tmp:
         req, answer, log = Path(tmp, "request.json"), Path(tmp, "answer.json"), Path(tmp, "vllm.log")
         req.write_text(json.dumps({"job": job, "model": str(model_dir), "answer": str(answer), **request}))

@@ -124,8 +124,9 @@ def check(config: SearchConfig) -> None:
     get_method(config.method)
     make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
     check_runner(config)
-    if alignment(config) != Alignment():
-        alignment(config).check(load_arch(config.model))
+    align = alignment(config)
+    if align != Alignment():
+        align.check(load_arch(config.model))
 
 
 def check_runner(config: EvolutionConfig) -> None:
@@ -159,8 +160,10 @@ def check_windows(config: EvolutionConfig, tokenizer) -> None:
 def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None = None) -> tuple[SearchContext, SearchParams, Oracle]:
     """The pure search objects of ``config``: a candidate's identity is its pruned structure."""
 
+    align = alignment(config)
+
     def canonical(rates: list[float]) -> tuple:
-        return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates, alignment(config)))))
+        return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates, align))))
 
     ctx = SearchContext(model_name=config.model, n_layers=arch.n_layers, beta=config.ratio, p_max=config.p_max,
                         seed=config.seed, canonical=canonical, dataset=config.data)

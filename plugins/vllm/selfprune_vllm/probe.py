@@ -38,7 +38,7 @@ class PeakMemory:
     """Samples memory in a thread while the timed runs go: process-tree RSS on CPU, device use on CUDA."""
 
     def __init__(self, device: str):
-        self.device, self.peak, self.baseline, self._stop = device, 0, 0, threading.Event()
+        self.peak, self.baseline, self._stop = 0, 0, threading.Event()
         self._read = self._cuda_used if device == "cuda" else _rss_tree
         self.method = "cuda-device-used" if device == "cuda" else "rss-tree-sampler"
 
@@ -69,6 +69,7 @@ def _llm(request: dict):
     import vllm
 
     return vllm.LLM(model=request["model"], dtype=request.get("dtype", "auto"), seed=0,
+                    trust_remote_code=request["trust_remote_code"],
                     max_model_len=request["max_model_len"], enforce_eager=request.get("enforce_eager", False),
                     gpu_memory_utilization=request.get("gpu_memory_utilization", 0.5))
 
