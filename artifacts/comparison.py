@@ -1,12 +1,15 @@
-"""What a comparison report shows: dense vs uniform Wanda-sp vs OWL vs searched allocations.
+"""What a comparison report shows: dense vs the allocations vs searched allocations, and pruning metrics.
 
 Pure formatting and plotting (no Prefect): Markdown and self-contained HTML (PNG plots embedded
-as base64), table rows for a Prefect table artifact, and the two plots (test perplexity and mean
-zero-shot accuracy by method and ratio).
+as base64), table rows for a Prefect table artifact, and the plots (test perplexity and mean
+zero-shot accuracy by method and ratio; test perplexity by metric and sparsity).
 
-A row (one evaluated model) is a dict with ``label``, ``method`` (``dense``, ``uniform``, ``owl``,
-``search``), ``ratio`` (``None`` for dense), ``realized_ratio``, ``kept_params``, ``rates``,
-``ppl``, ``tokens``, ``seqlen``, ``windows``, ``acc`` (task -> score or ``None``), ``mean_acc``.
+A row (one evaluated model) is a dict with ``label``, ``method`` (``dense``, an allocation's name,
+``search``, ``metric``), ``ratio`` (``None`` for dense), ``realized_ratio``, ``kept_params``,
+``rates``, ``ppl``, ``tokens``, ``seqlen``, ``windows``, ``acc`` (task -> score or ``None``),
+``mean_acc``, ``protocol``; a search's seeds add ``ppl_spread``, ``mean_acc_spread`` and ``seeds``.
+Structured rows and metric rows go in two tables, each under the protocol its rows share
+(:func:`selfprune.protocol.common` refuses rows that differ).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from pathlib import Path
 from selfprune.artifacts.report import fmt_rates
 from selfprune.evaluate.report import sort_rows
 from selfprune.fileio import atomic_write_text
+from selfprune.protocol import common, lines as protocol_lines
 
-PLOTS = {"ppl": "ppl.png", "acc": "accuracy.png"}
+PLOTS = {"ppl": "ppl.png", "acc": "accuracy.png", "metrics": "ppl-metrics.png"}
 
 
 def _num(x, digits: int = 4) -> str:
@@ -31,15 +35,41 @@ def _ratio(x) -> str:
     return "0" if x is None else f"{x:g}"
 
 
+def _spread(r: dict, key: str, digits: int) -> str:
+    """A figure, and for a search's seeds its mean ± std and every seed's value."""
+    s = r.get(f"{key}_spread")
+    if not s:
+        return _num(r.get(key), digits)
+    each = ", ".join(f"{v:.{digits}f}" for v in s["values"].values())
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} (seeds {', '.join(s['values'])}: {each})"
+
+
 def table(rows: list[dict], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
-    """(header, cells) of the comparison table, rows sorted by ratio then method."""
-    header = ["ratio", "method", "realized", "kept params", "test ppl", *tasks, "mean acc"]
+    """(header, cells) of a comparison table, rows sorted by ratio then method; a search's seeds
+    show their mean ± std and each seed's value, and searches their candidate evaluations."""
+    evals = any(r.get("evaluations") is not None for r in rows)
+    header = ["ratio", "method", "realized", "kept params", "test ppl", *tasks, "mean acc", *(["evaluations"] * evals)]
     cells = []
     for r in sort_rows(rows):
         acc = r.get("acc") or {}
+        n = r.get("evaluations")
         cells.append([_ratio(r["ratio"]), r["label"], _num(r["realized_ratio"]), f"{r['kept_params']:,}",
-                      _num(r["ppl"], 3), *[_num(acc.get(t)) for t in tasks], _num(r.get("mean_acc"))])
+                      _spread(r, "ppl", 3), *[_num(acc.get(t)) for t in tasks], _spread(r, "mean_acc", 4),
+                      *([_num(n, 0) if n is not None else ""] * evals)])
     return header, cells
+
+
+TITLES = {"structured": "Structured pruning (ratio: share of the prunable parameters removed)",
+          "metric": "Single-weight pruning by metric (ratio: sparsity)"}
+
+
+def split_tables(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(kind, rows) of each table (titles in ``TITLES``): ``structured`` pruning (dense, allocations,
+    searches) and ``metric``, single-weight pruning (its ratio is the sparsity), each with the dense row."""
+    dense = [r for r in rows if r["method"] == "dense"]
+    structured = [r for r in rows if r["method"] != "metric"]
+    metric = [r for r in rows if r["method"] == "metric"]
+    return [(kind, part) for kind, part in (("structured", structured), ("metric", dense + metric)) if len(part) > len(dense)]
 
 
 def artifact_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
@@ -48,45 +78,51 @@ def artifact_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
     return [dict(zip(header, c)) for c in cells]
 
 
-def _settings_lines(meta: dict) -> list[str]:
-    return [
-        f"model `{meta['model']}` (fingerprint `{meta['model_fingerprint'][:12]}`), data `{meta['data']}`",
-        f"perplexity: token-level on the **test** split, {meta['test_windows'] or 'all'} non-overlapping windows of "
-        f"{meta['seqlen']} tokens ({meta['test_tokens']} predicted tokens per model)",
-        f"zero-shot: lm-eval {meta['lm_eval_version']}, tasks {', '.join(meta['tasks'])}, "
-        f"limit {meta['limit'] if meta['limit'] is not None else 'none'}, max length {meta['max_length']}; "
-        f"{meta['convention']}; mean acc is the mean over tasks",
-        f"calibration: {meta['samples']} windows of {meta['calib_seqlen']} tokens (statistics `{meta['stats_key'][:12]}`)",
-        f"evaluations computed {meta['computed']}, from cache {meta['cached']}",
-    ]
+def protocol_text(rows: list[dict]) -> list[str]:
+    """The protocol a table's rows share, as lines printed once above it (refuses mixed rows)."""
+    p = common(rows)
+    return protocol_lines(p) + [f"zero-shot: {p['zero_shot']}; mean acc is the mean over tasks"]
+
+
+def _counts_line(meta: dict) -> str:
+    return (f"statistics `{meta['stats_key'][:12]}`; {meta['test_tokens']} predicted test tokens per model; "
+            f"evaluations computed {meta['computed']}, from cache {meta['cached']}")
+
+
+def _per_seed(rows: list[dict]) -> list[tuple[str, dict]]:
+    """(name, row or seed record) for every model: a search's seeds one by one."""
+    out = []
+    for r in sort_rows(rows):
+        name = f"{r['label']} @ {_ratio(r['ratio'])}"
+        out += [(f"{name}, seed {s['seed']}", s) for s in r["seeds"]] if r.get("seeds") else [(name, r)]
+    return out
 
 
 def rates_lines(rows: list[dict]) -> list[tuple[str, str]]:
-    return [(f"{r['label']} @ {_ratio(r['ratio'])}", fmt_rates(r["rates"])) for r in sort_rows(rows)
-            if r["method"] != "dense"]
+    return [(name, fmt_rates(r["rates"])) for name, r in _per_seed([r for r in rows if r["method"] != "dense"])]
 
 
 def oracle_lines(rows: list[dict]) -> list[tuple[str, str]]:
     """How each searched allocation's LLM oracle did: replies by outcome, fallbacks, tokens, cost."""
     lines = []
-    for r in sort_rows(rows):
+    for name, r in _per_seed(rows):
         o = r.get("oracle")
         if o:
             replies = ", ".join(f"{n} {kind}" for kind, n in o["replies"].items())
             cost = f", ${o['cost_usd']:.4f}" if "cost_usd" in o else ""
-            lines.append((f"{r['label']} @ {_ratio(r['ratio'])}",
-                          f"{o['calls']} requests ({replies}), {o['reasks']} re-asks, {o['fallbacks']} GA fallbacks, "
+            lines.append((name, f"{o['calls']} requests ({replies}), {o['reasks']} re-asks, {o['fallbacks']} GA fallbacks, "
                           f"{o['prompt_tokens']:,} prompt + {o['completion_tokens']:,} completion tokens{cost}"))
     return lines
 
 
 def markdown(rows: list[dict], tasks: list[str], meta: dict, plots: dict[str, str] | None = None) -> str:
     """The report as Markdown; ``plots`` maps a caption to an image path (relative to the file)."""
-    header, cells = table(rows, tasks)
-    out = ["# selfprune comparison report", ""]
-    out += [f"- {line}" for line in _settings_lines(meta)] + [""]
-    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(c) + " |" for c in cells]
+    out = ["# selfprune comparison report", "", f"- {_counts_line(meta)}"]
+    for kind, part in split_tables(rows):
+        header, cells = table(part, tasks)
+        out += ["", f"## {TITLES[kind]}", ""] + [f"- {line}" for line in protocol_text(part)] + [""]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(c) + " |" for c in cells]
     out += ["", "## Per-layer rates", ""]
     out += [f"- {name}: `{rates}`" for name, rates in rates_lines(rows)]
     if oracle_lines(rows):
@@ -109,13 +145,16 @@ def _inline(escaped: str) -> str:
 def html_report(rows: list[dict], tasks: list[str], meta: dict, pngs: dict[str, bytes]) -> str:
     """The report as one self-contained HTML page: ``pngs`` (caption -> PNG bytes) are embedded."""
     e = html.escape
-    header, cells = table(rows, tasks)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>selfprune report: {e(meta['model'])}</title>"
-             f"<style>{_CSS}</style></head><body><h1>selfprune comparison report</h1><ul>"]
-    parts += [f"<li>{_inline(e(line))}</li>" for line in _settings_lines(meta)]
-    parts.append("</ul><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
-    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in cells]
-    parts.append("</tbody></table><h2>Per-layer rates</h2><ul>")
+             f"<style>{_CSS}</style></head><body><h1>selfprune comparison report</h1><p>{_inline(e(_counts_line(meta)))}</p>"]
+    for kind, part in split_tables(rows):
+        header, cells = table(part, tasks)
+        parts.append(f"<h2>{e(TITLES[kind])}</h2><ul>")
+        parts += [f"<li>{_inline(e(line))}</li>" for line in protocol_text(part)]
+        parts.append("</ul><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in cells]
+        parts.append("</tbody></table>")
+    parts.append("<h2>Per-layer rates</h2><ul>")
     parts += [f"<li>{e(name)}: <code>{e(rates)}</code></li>" for name, rates in rates_lines(rows)]
     parts.append("</ul>")
     if oracle_lines(rows):
@@ -130,15 +169,17 @@ def html_report(rows: list[dict], tasks: list[str], meta: dict, pngs: dict[str, 
     return "\n".join(parts) + "\n"
 
 
-def _series(rows: list[dict], key: str) -> dict[str, list[tuple[float, float]]]:
-    series: dict[str, list[tuple[float, float]]] = {}
+def _series(rows: list[dict], key: str) -> dict[str, list[tuple[float, float, float]]]:
+    """label -> (ratio, value, std over seeds or 0) points."""
+    series: dict[str, list[tuple[float, float, float]]] = {}
     for r in sort_rows(rows):
         if r["method"] != "dense" and r.get(key) is not None:
-            series.setdefault(r["label"], []).append((r["ratio"], r[key]))
+            std = (r.get(f"{key}_spread") or {}).get("std", 0.0)
+            series.setdefault(r["label"], []).append((r["ratio"], r[key], std))
     return series
 
 
-def _plot(rows: list[dict], key: str, ylabel: str, path: Path, log: bool) -> Path:
+def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log: bool) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,12 +190,13 @@ def _plot(rows: list[dict], key: str, ylabel: str, path: Path, log: bool) -> Pat
     fig, ax = plt.subplots(figsize=(9.5, 4.8) if many else (6, 3.8))
     styles = ["-", "--", ":", "-."]
     for i, (label, points) in enumerate(series.items()):
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label, linestyle=styles[i // 10 % len(styles)] if many else "-")
+        xs, ys, errs = zip(*points)
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label,
+                    linestyle=styles[i // 10 % len(styles)] if many else "-")
     dense = [r for r in rows if r["method"] == "dense" and r.get(key) is not None]
     if dense:
         ax.axhline(dense[0][key], color="black", linestyle="--", label="dense")
-    ax.set_xlabel("target pruning ratio")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
@@ -166,23 +208,26 @@ def _plot(rows: list[dict], key: str, ylabel: str, path: Path, log: bool) -> Pat
     return path
 
 
-def plot_ppl(rows: list[dict], path: Path) -> Path:
-    """Test perplexity by method (one line each) against the ratio; dense as a dashed line."""
-    return _plot(rows, "ppl", "test perplexity (lower is better)", path, log=True)
-
-
-def plot_accuracy(rows: list[dict], path: Path) -> Path:
-    """Mean zero-shot accuracy by method against the ratio; dense as a dashed line."""
-    return _plot(rows, "mean_acc", "mean zero-shot accuracy", path, log=False)
+PPL = "test perplexity (lower is better)"
 
 
 def render(summary: dict, out_dir: Path) -> dict[str, str]:
     """Write ``report.md``, a self-contained ``report.html`` and the plots of a report summary
-    (:func:`selfprune.evaluate.report.summarize`) into ``out_dir``; returns name -> path."""
+    (:func:`selfprune.evaluate.report.summarize`) into ``out_dir``: test perplexity and mean
+    zero-shot accuracy of the structured rows against the ratio (a search's seeds as mean with a
+    std bar), and the metric rows' test perplexity against the sparsity. Returns name -> path."""
     rows, meta, tasks = summary["rows"], summary["meta"], summary["meta"]["tasks"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {"test perplexity by method and ratio": plot_ppl(rows, out_dir / PLOTS["ppl"]),
-             "mean zero-shot accuracy by method and ratio": plot_accuracy(rows, out_dir / PLOTS["acc"])}
+    plots = {}
+    for kind, part in split_tables(rows):
+        if kind == "metric":
+            plots["test perplexity by metric, allocation and sparsity"] = _plot(
+                part, "ppl", PPL, "sparsity", out_dir / PLOTS["metrics"], log=True)
+            continue
+        plots["test perplexity by method and ratio"] = _plot(part, "ppl", PPL, "target pruning ratio",
+                                                             out_dir / PLOTS["ppl"], log=True)
+        plots["mean zero-shot accuracy by method and ratio"] = _plot(
+            part, "mean_acc", "mean zero-shot accuracy", "target pruning ratio", out_dir / PLOTS["acc"], log=False)
     atomic_write_text(out_dir / "report.md", markdown(rows, tasks, meta, {k: p.name for k, p in plots.items()}))
     atomic_write_text(out_dir / "report.html", html_report(rows, tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))
-    return {name: str(out_dir / name) for name in ("report.md", "report.html", *PLOTS.values())}
+    return {name: str(out_dir / name) for name in ("report.md", "report.html", *(p.name for p in plots.values()))}

@@ -21,11 +21,16 @@ from selfprune.config import AutopruneConfig
 from selfprune.evolve import autoprune as library
 from selfprune.evolve.runner import write_summary
 from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher, task_runner
+from selfprune.seeds import over_seeds
 
 
 @flow(name="selfprune-autoprune")
 def autoprune(config: AutopruneConfig) -> dict:
-    """Search a pruning metric judged at ``config.sparsities``; write ``config.out``/best.json and plots."""
+    """Search a pruning metric judged at ``config.sparsities``; write ``config.out``/best.json and plots.
+    With ``seeds``, one subflow run per seed (``seed-N``) and ``config.out``/seeds.json."""
+    if config.seeds:
+        return over_seeds(config, lambda one: autoprune.with_options(flow_run_name=f"seed-{one.seed}")(one),
+                          library.figures)
     logger = get_run_logger()
     with task_runner(config) as workers:
         out, calibration, setup = prepare(config, logger, "selfprune.flows.autoprune.autoprune", library.check, workers)

@@ -72,7 +72,7 @@ def report(config: ReportConfig) -> dict:
         return allocation_rates(*common, allocation, r, plan.calibration, c.device, c.dtype, metric=metric,
                                 pattern=pattern, method=c.method)
 
-    rows = build_rows(plan, arch, allocate, ppl, zero_shot)
+    rows = build_rows(plan, arch, model_fp, allocate, ppl, zero_shot)
     summary = summarize(plan, rows, model_fp, stats_key, counts, start)
     summary["files"] = comparison.render(summary, out_dir)
     write_summary(summary, out_dir)

@@ -21,11 +21,15 @@ from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, p
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
 from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher, task_runner
+from selfprune.seeds import over_seeds
 
 
 @flow(name="selfprune-search")
 def search(config: SearchConfig) -> dict:
-    """Search per-layer rates with mean ``config.ratio``; write ``config.out``/best.json and plots."""
+    """Search per-layer rates with mean ``config.ratio``; write ``config.out``/best.json and plots.
+    With ``seeds``, one subflow run per seed (``seed-N``) and ``config.out``/seeds.json."""
+    if config.seeds:
+        return over_seeds(config, lambda one: search.with_options(flow_run_name=f"seed-{one.seed}")(one), runner.figures)
     logger = get_run_logger()
     with task_runner(config) as workers:
         out, calibration, setup = prepare(config, logger, "selfprune.flows.search.search", runner.check, workers)

@@ -149,6 +149,8 @@ def _search(values: dict) -> None:
     from selfprune.flows.search import search as search_flow
 
     summary = _flow_result(search_flow(config, return_state=True), "selfprune.flows.search.search", config.out)
+    if config.seeds:
+        return _print_seeds(summary, config)
     table = Table("generation", "best fitness", "mean fitness", title=f"search {config.model} at ratio {config.ratio} ({config.oracle})")
     for h in summary["history"]:
         table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
@@ -159,6 +161,17 @@ def _search(values: dict) -> None:
         f"cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
         f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {Path(config.out) / 'best.json'}"
     )
+
+
+def _print_seeds(summary: dict, config: SearchConfig | AutopruneConfig) -> None:
+    """A search over several seeds: every seed's figures, then their mean and standard deviation."""
+    spread = summary["spread"]
+    table = Table("seed", *spread, "evaluations", title=f"{config.model}: {len(config.seeds)} seeds ({config.oracle})")
+    for seed in map(str, summary["seeds"]):
+        table.add_row(seed, *(f"{s['values'][seed]:.3f}" for s in spread.values()), str(summary["evaluations"][seed]))
+    table.add_row("mean ± std", *(f"{s['mean']:.3f} ± {s['std']:.3f}" for s in spread.values()), "")
+    console.print(table)
+    console.print(f"-> {Path(config.out) / 'seeds.json'} (each seed's run in {Path(config.out) / 'seed-N'})")
 
 
 def _flow_result(state, entrypoint: str, out: str):
@@ -193,6 +206,8 @@ def _autoprune(values: dict) -> None:
     from selfprune.flows.autoprune import autoprune as autoprune_flow
 
     summary = _flow_result(autoprune_flow(config, return_state=True), "selfprune.flows.autoprune.autoprune", config.out)
+    if config.seeds:
+        return _print_seeds(summary, config)
     table = Table("metric", *(f"test ppl @ {s}" for s in config.sparsities),
                   title=f"{config.model}: {config.pattern}, {config.allocation} allocation")
     for name, by_s in summary["test_ppl"].items():
@@ -245,20 +260,20 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
 
 
 def _report(values: dict) -> None:
-    """Compare dense, uniform Wanda-sp, OWL and searched allocations: test perplexity and zero-shot accuracy."""
+    """Compare dense, allocations (uniform, OWL, ATP, ...), searches and pruning metrics: test perplexity and zero-shot accuracy."""
     config = build_config(ReportConfig, **values)
     _configure_flows(config)
-    from selfprune.artifacts.comparison import table as comparison_table
+    from selfprune.artifacts.comparison import TITLES, protocol_text, split_tables, table as comparison_table
     from selfprune.flows.report import report as report_flow
 
     summary = _flow_result(report_flow(config, return_state=True), "selfprune.flows.report.report", config.out)
     meta = summary["meta"]
-    header, cells = comparison_table(summary["rows"], meta["tasks"])
-    table = Table(*header, title=f"{config.model}: test ppl ({meta['seqlen']}-token windows, {meta['test_tokens']} tokens) "
-                                 f"and zero-shot accuracy")
-    for row in cells:
-        table.add_row(*row)
-    console.print(table)
+    for kind, rows in split_tables(summary["rows"]):
+        header, cells = comparison_table(rows, meta["tasks"])
+        table = Table(*header, title=TITLES[kind], caption="\n".join(protocol_text(rows)).replace("**", "").replace("`", ""))
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
     out = Path(config.out)
     console.print(f"computed {meta['computed']}, from cache {meta['cached']}, {meta['wall_s']:.0f} s -> "
                   f"{out / 'report.md'}, {out / 'report.html'}")

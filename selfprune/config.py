@@ -71,11 +71,21 @@ class EvolutionConfig(RunConfig):
     address: str | None = Field(None, description="an existing cluster for --runner dask (tcp://HOST:8786) or ray "
                                                   "(ray://HOST:10001, or auto); without it a local one is started")
     workers: int = Field(2, ge=1, description="worker processes of the local Dask or Ray cluster (each loads the model once)")
+    seeds: list[int] = Field(default_factory=list, description="several seeds: one run per seed in OUT/seed-N (sharing "
+                                                               "every cached evaluation) and their spread in OUT/seeds.json")
     oracle_prices: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, min_length=0, max_length=2,
         description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
 
-    _lists = field_validator("oracle_prices", "fitness_stages", mode="before")(_comma_separated)
+    _lists = field_validator("oracle_prices", "fitness_stages", "seeds", mode="before")(_comma_separated)
+
+    @model_validator(mode="after")
+    def _seed_or_seeds(self) -> "EvolutionConfig":
+        if self.seeds and self.seed != 0:
+            raise ValueError("give --seed or --seeds, not both (--seeds 0,1,2 runs each of them)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds {','.join(map(str, self.seeds))} repeats a seed; give each once")
+        return self
 
     @model_validator(mode="after")
     def _two_prices(self) -> "EvolutionConfig":
@@ -168,15 +178,21 @@ class AutopruneConfig(EvolutionConfig):
 
 
 class ReportConfig(RunConfig):
-    """What a comparison report evaluates: dense, uniform and OWL per ratio, and searched allocations."""
+    """What a comparison report evaluates: dense, the allocations per ratio, searched allocations
+    (one row per search, or per group of seeds), and single-weight pruning by metric per sparsity."""
 
     ratios: list[Ratio] = Field(default_factory=list, description="target ratios for uniform and OWL, e.g. 0.3,0.5")
     searches: list[str] = Field(default_factory=list, description="a search's best.json",
                                 json_schema_extra={"cli": "--search"})
+    allocations: list[str] = Field(default_factory=lambda: ["uniform", "owl"], json_schema_extra={"cli": "--allocation"},
+                                   description="allocations of the structured rows at each --ratios: uniform, owl, sdsa, "
+                                               "atp, dlp, alphapruning")
     metrics: list[str] = Field(default_factory=list, json_schema_extra={"cli": "--metric"},
                                description="pruning metrics for rows of single-weight pruning: magnitude, wanda, ria, pruner-zero, or an expression")
     patterns: list[str] = Field(default_factory=lambda: ["unstructured"], json_schema_extra={"cli": "--pattern"},
                                 description="sparsity patterns of the metric rows: unstructured, unstructured-layer, 2:4, 4:8")
+    sparsities: list[Ratio] = Field(default_factory=list, json_schema_extra={"cli": "--sparsity"},
+                                    description="sparsities of the metric rows (default: --ratios)")
     metric_allocations: list[str] = Field(default_factory=lambda: ["uniform", "owl", "sdsa"],
                                           json_schema_extra={"cli": "--metric-allocation"},
                                           description="allocations of the metric rows (N:M rows are uniform)")
@@ -192,7 +208,8 @@ class ReportConfig(RunConfig):
     eval_batch_size: int = Field(8, ge=1, description="lm-eval batch")
     out: str = Field("runs/report", description="report directory (report.md, report.html, plots)")
 
-    _lists = field_validator("ratios", "tasks", "metrics", "patterns", "metric_allocations", mode="before")(_comma_separated)
+    _lists = field_validator("ratios", "sparsities", "tasks", "allocations", "metrics", "patterns", "metric_allocations",
+                             mode="before")(_comma_separated)
 
 def build_config(cls: type[RunConfig], **values) -> RunConfig:
     """Build a config, turning pydantic's errors into one :class:`UserError` that names each bad

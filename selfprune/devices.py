@@ -36,6 +36,14 @@ def precision(device: str = "auto", dtype: str = "auto") -> dict[str, str]:
     return {"device": dev.type, "dtype": str(resolve_dtype(dtype, dev)).removeprefix("torch.")}
 
 
+def numerics(device: str = "auto", dtype: str = "auto") -> dict[str, str]:
+    """:func:`precision` and the versions of the libraries that compute a figure: a torch or
+    transformers upgrade can move its last digits, so a figure's cache key holds them too."""
+    import transformers
+
+    return precision(device, dtype) | {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def model_precision(model: torch.nn.Module) -> dict[str, str]:
     """:func:`precision` of a loaded model, read from its parameters."""
     p = next(model.parameters())

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from selfprune.devices import precision
+from selfprune.devices import numerics
 from selfprune.evaluate import report
 from selfprune.gradients import GRADIENTS_VERSION
 from selfprune.methods import method_identity
@@ -41,10 +41,10 @@ DENSE = "dense"
 def _allocation_key(model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
                     metric: str | None, pattern: str | None, device: str, dtype: str, method: str, **_) -> dict:
     by_metric = {"metric": metric, "pattern": pattern, "metric_language": LANGUAGE_VERSION,
-                 "gradients": GRADIENTS_VERSION, "precision": precision(device, dtype)} if metric else {}
+                 "gradients": GRADIENTS_VERSION, "precision": numerics(device, dtype)} if metric else {}
     tuning = tuning_identity(allocation, calibration)  # ATP: its fitness windows, and what builds its candidates
     if tuning and not metric:
-        tuning |= {"method": method_identity(method), "precision": precision(device, dtype)}
+        tuning |= {"method": method_identity(method), "precision": numerics(device, dtype)}
     return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio, **by_metric, **tuning}
 
 
@@ -81,7 +81,7 @@ def _zero_shot_key(model_fp: str, stats_key: str, structure: list | None, tasks:
     from importlib.metadata import version
 
     pruned = structure is not None
-    return {"model": model_fp, "precision": precision(device, dtype), "stats": stats_key if pruned else None,
+    return {"model": model_fp, "precision": numerics(device, dtype), "stats": stats_key if pruned else None,
             **candidate_identity(structure, method) | {"structure": structure if pruned else DENSE}, "tasks": list(tasks),
             "task_files": task_files_fingerprint(include_path), "lm_eval": version("lm_eval"),
             "limit": limit, "max_length": max_length, "batch_size": batch_size}

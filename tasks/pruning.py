@@ -12,7 +12,7 @@ import json
 import os
 
 from selfprune.data import data_fingerprint
-from selfprune.devices import precision
+from selfprune.devices import numerics, precision
 from selfprune.fileio import append_line
 from selfprune.gradients import GRADIENTS_VERSION
 from selfprune.methods import method_identity
@@ -59,7 +59,7 @@ def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scorin
     # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
     tuning = tuning_identity(structure["allocation"], calibration) if isinstance(structure, dict) else {}
     return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method), **tuning,
-            "precision": precision(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
+            "precision": numerics(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
 
 @cached_task(key_fn=_candidate_key, version="3", task_run_name="score-candidate")

@@ -78,6 +78,23 @@ def test_the_found_metric_prunes_and_reports(first, tiny_workspace, tmp_path, ca
     assert record["metric"]["text"] == json.loads((out / "best.json").read_text())["metric"]
 
 
+def test_seeds_run_the_search_once_per_seed(first, tiny_workspace, tmp_path):
+    """--seeds: one subflow per seed (seed 0 is ``first``'s search, all from the cache), and the
+    spread of the found metric's figures; the library's seeds give the same."""
+    import selfprune
+    from selfprune.flows.autoprune import autoprune
+
+    summary, _ = first
+    seeds = autoprune(config(tiny_workspace, tmp_path / "seeds", seeds=[0, 1]))
+    seed0 = json.loads((tmp_path / "seeds" / "seed-0" / "best.json").read_text())
+    assert seed0["evaluations"] == 0 and seed0["metric"] == summary["metric"]
+    assert set(seeds["spread"]) == {"fitness", "test_ppl@0.5"}
+    assert seeds["spread"]["test_ppl@0.5"]["values"]["0"] == summary["test_ppl"]["found"]["0.5"]
+    assert json.loads((tmp_path / "seeds" / "seeds.json").read_text()) == seeds
+    library = selfprune.autoprune(config(tiny_workspace, tmp_path / "library", seeds=[0, 1]))
+    assert library["spread"] == seeds["spread"]
+
+
 def test_sigkill_then_rerun_resumes_with_the_same_best(first, tiny_workspace, tmp_path):
     summary, _ = first
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
@@ -138,6 +155,8 @@ def test_an_llm_oracle_with_hostile_replies_runs_nothing_and_is_replayed(prefect
     (["--allocation", "rates.json"], "must be registered"),
     (["--oracle", "ga"], "unknown"),
     (["--sparsity", "1.5"], "--sparsity"),
+    (["--seed", "3", "--seeds", "0,1"], "give --seed or --seeds, not both"),
+    (["--seeds", "0,1,0"], "repeats a seed"),
 ])
 def test_bad_autoprune_input_exits_2_before_any_work(tiny_workspace, tmp_path, capsys, monkeypatch, extra, message):
     args = ["autoprune", "--model", str(tiny_workspace / "model"), "--data", str(tiny_workspace / "corpus.txt"),

@@ -65,9 +65,18 @@ def test_report_has_every_table_and_plot(first_report, searches):
     assert summary["meta"]["cached"] == 4 and summary["meta"]["computed"] == 10
 
     md = (out / "report.md").read_text()
-    assert "| ratio | method | realized | kept params | test ppl | selfprune_cloze | mean acc |" in md
-    assert md.count("| search |") == 2 and md.count("| owl |") == 2 and md.count("| dense |") == 1
+    assert "| ratio | method | realized | kept params | test ppl | selfprune_cloze | mean acc | evaluations |" in md
+    assert md.count("| search (ga) |") == 2 and md.count("| owl |") == 2 and md.count("| dense |") == 1
     assert "4 non-overlapping windows of 64 tokens" in md and "](ppl.png)" in md and "](accuracy.png)" in md
+    # The protocol, once above the table: what every row was measured under.
+    import torch
+
+    protocol = rows[0]["protocol"]
+    assert all(r["protocol"] | {"seed": None} == protocol for r in rows)
+    assert protocol["split"] == "test" and protocol["windows"] == 4 and protocol["seqlen"] == 64
+    assert protocol["calibration"].endswith("4 x 64 tokens") and protocol["dtype"] == "float32"
+    assert md.count(f"torch {torch.__version__}") == 1 and md.count("calibration: ") == 1
+    assert [r["seed"] for r in rows if r["method"] == "search"] == [0, 0]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "src='ppl.png'" not in html
     assert html.count("<tr>") == 1 + 7 and "<th>selfprune_cloze</th>" in html
@@ -87,7 +96,7 @@ def test_report_artifacts_published(first_report, prefect_api):
     data = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert len(data) == 7 and {"test ppl", "mean acc", "selfprune_cloze"} <= set(data[0])
     markdown = next(a for a in found if a["type"] == "markdown")
-    assert "| search |" in markdown["data"]
+    assert "| search (ga) |" in markdown["data"]
 
 
 def test_rerun_through_cli_computes_nothing(first_report, searches, tiny_workspace, tmp_path, capsys, monkeypatch):
@@ -114,17 +123,22 @@ def test_bad_report_input_exits_2(extra, message, searches, tiny_workspace, tmp_
     assert code == 2 and message in err.replace("\n", " ") and "Traceback" not in err, err[-2000:]
 
 
+PROTOCOL = {"model": "m", "model_fingerprint": "f" * 12, "data": "d", "data_fingerprint": "e" * 16, "split": "test",
+            "seqlen": 64, "windows": 4, "calibration": "d, 4 x 64 tokens", "device": "cpu", "dtype": "float32", "seed": None,
+            "selfprune_version": "1", "torch_version": "2", "transformers_version": "3", "lm_eval_version": "4",
+            "zero_shot": "lm-eval 4, tasks none"}
+META = {"model": "m", "stats_key": "s" * 12, "test_tokens": 252, "computed": 1, "cached": 0, "tasks": []}
+
+
 def test_report_shows_each_llm_search_oracle_accounting():
     from selfprune.artifacts.comparison import html_report, markdown
 
     oracle = {"calls": 12, "replies": {"valid": 2, "repaired": 8, "invalid": 1, "cut": 1, "late": 0}, "reasks": 3,
               "fallbacks": 4, "prompt_tokens": 5000, "completion_tokens": 900, "cost_usd": 0.0215}
     row = {"label": "search", "method": "search", "ratio": 0.5, "rates": [0.5, 0.5], "realized_ratio": 0.5,
-           "kept_params": 10, "ppl": 12.0, "acc": {}, "mean_acc": None, "oracle": oracle}
+           "kept_params": 10, "ppl": 12.0, "acc": {}, "mean_acc": None, "oracle": oracle, "protocol": PROTOCOL}
     ga_row = row | {"label": "search (ga)", "oracle": None}
-    meta = {"model": "m", "model_fingerprint": "f" * 12, "data": "d", "test_windows": 4, "seqlen": 64, "test_tokens": 252,
-            "lm_eval_version": "x", "tasks": [], "limit": None, "max_length": 256, "samples": 4, "calib_seqlen": 64,
-            "convention": "acc", "stats_key": "s" * 12, "computed": 1, "cached": 0}
+    meta = META
     md = markdown([row, ga_row], [], meta)
     line = ("- search @ 0.5: 12 requests (2 valid, 8 repaired, 1 invalid, 1 cut, 0 late), 3 re-asks, 4 GA fallbacks, "
             "5,000 prompt + 900 completion tokens, $0.0215")
@@ -163,3 +177,68 @@ def test_report_rows_for_metric_pattern_and_allocation(prefect_api, tiny_workspa
 
     again = report(config.model_copy(update={"out": str(tmp_path / "again")}))
     assert again["meta"]["computed"] == 0
+
+
+@pytest.mark.parametrize("field, value", [("seqlen", 128), ("split", "validation"), ("torch_version", "2.1"),
+                                          ("calibration", "d, 8 x 64 tokens")])
+def test_a_table_refuses_rows_of_two_protocols(field, value):
+    """Two rows measured differently (here, one field apart) never share a table: the report says
+    which field differs, and both values; rows that differ only in their seed do share one."""
+    from selfprune.artifacts.comparison import html_report, markdown
+    from selfprune.errors import UserError
+
+    row = {"label": "uniform", "method": "uniform", "ratio": 0.5, "rates": [0.5, 0.5], "realized_ratio": 0.5,
+           "kept_params": 10, "ppl": 12.0, "acc": {}, "mean_acc": None, "protocol": PROTOCOL}
+    other = row | {"label": "owl", "method": "owl", "protocol": PROTOCOL | {field: value}}
+    for render in (lambda rows: markdown(rows, [], META), lambda rows: html_report(rows, [], META, {})):
+        with pytest.raises(UserError, match=f"'uniform' and 'owl' .*different protocols: {field} is "
+                                            f"{PROTOCOL[field]!r} and {value!r}"):
+            render([row, other])
+    seeded = other | {"protocol": PROTOCOL | {"seed": 3}}
+    assert "| 0.5 | owl |" in markdown([row, seeded], [], META)
+
+
+def test_seeds_search_and_its_report_row(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
+    """--seeds runs one search per seed (seed-N) and writes their spread; the library's seeds give
+    the same figures; the report shows the seeds as one row (mean, std and each seed's value, each
+    measured again under the report's protocol) beside the ATP and DLP allocations."""
+    import statistics
+
+    import selfprune
+
+    ws, out = tiny_workspace, tmp_path / "seeds"
+    args = ["search", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"), "--ratio", "0.5",
+            "--seeds", "0,1", "--out", str(out), *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items())]
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0, err[-3000:]
+    assert "mean ± std" in err and "seeds.json" in err
+    summary = json.loads((out / "seeds.json").read_text())
+    bests = {s: json.loads((out / f"seed-{s}" / "best.json").read_text()) for s in (0, 1)}
+    assert [b["config"]["seed"] for b in bests.values()] == [0, 1] and summary["runs"]["1"] == "seed-1/best.json"
+    test = summary["spread"]["test_ppl"]
+    assert test["values"] == {str(s): b["test_ppl"] for s, b in bests.items()}
+    assert test["mean"] == statistics.fmean(b["test_ppl"] for b in bests.values())
+    assert test["std"] == statistics.stdev(b["test_ppl"] for b in bests.values())
+    assert bests[0]["rates"] != bests[1]["rates"]  # the seeds searched differently
+    assert bests[1]["protocol"]["seed"] == 1 and bests[1]["protocol"]["windows"] == 4
+    assert bests[1]["fitness_protocol"]["split"] == "fitness" and bests[1]["fitness_protocol"]["windows"] == 4
+
+    library = selfprune.search(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, seeds=[0, 1],
+                               out=str(tmp_path / "library"), **SMALL)
+    assert library["spread"] == summary["spread"]
+
+    code, _, err = run_cli(capsys, monkeypatch, "report", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"),
+                           "--allocation", "uniform,atp,dlp", "--search", str(out / "seeds.json"), "--tasks",
+                           "selfprune_cloze", "--limit", "3", "--cloze-items", "8", "--seqlen", "64", "--test-windows",
+                           "4", "--max-length", "256", "--device", "cpu", "--out", str(tmp_path / "report"))
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["label"] for r in report["rows"]] == ["dense", "uniform", "atp", "dlp", "search (ga)"]
+    row = report["rows"][-1]
+    assert row["ppl_spread"]["values"] == {"0": bests[0]["test_ppl"], "1": bests[1]["test_ppl"]}  # same protocol here
+    assert row["ppl"] == test["mean"] and row["protocol"]["seed"] == [0, 1]
+    assert [s["rates"] for s in row["seeds"]] == [bests[0]["rates"], bests[1]["rates"]]
+    md = (tmp_path / "report" / "report.md").read_text()
+    each = ", ".join(f"{b['test_ppl']:.3f}" for b in bests.values())
+    assert f"| {test['mean']:.3f} ± {test['std']:.3f} (seeds 0, 1: {each}) |" in md
+    assert "- search (ga) @ 0.5, seed 1: `[" in md

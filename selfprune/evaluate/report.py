@@ -1,8 +1,10 @@
 """The comparison report without Prefect: which models to compare, their rows, and the files.
 
-A report compares dense, uniform, OWL and searched allocations (``best.json``) of one model per
-ratio, and, with ``metrics``, single-weight pruning by each metric x pattern x allocation, on
-test-split perplexity and zero-shot accuracy. How a model gets evaluated is injected:
+A report compares dense, the allocations (uniform, OWL, ATP, ...) and searched allocations
+(``best.json``, or a ``seeds.json`` whose seeds make one row: mean, spread and every seed) of one
+model per ratio, and, with ``metrics``, single-weight pruning by each metric x pattern x allocation
+per sparsity, on test-split perplexity and zero-shot accuracy. Every row carries its protocol
+(:mod:`selfprune.protocol`), and a table refuses rows measured under different ones. How a model gets evaluated is injected:
 ``flows/report.py`` passes its cached Prefect tasks (a rerun computes nothing twice), and
 :func:`report` (``selfprune.report``) passes plain calls on one :class:`Workbench`, for a
 notebook. Either way a structure of ``None`` stands for the dense model.
@@ -11,12 +13,13 @@ notebook. Either way a structure of ``None`` stands for the dense model.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import sparsity
+from .. import allocators, sparsity
 from ..allocation import dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
 from ..arch import Arch
 from ..config import ReportConfig, build_config
@@ -25,6 +28,8 @@ from ..fileio import atomic_write_text
 from ..hashing import content_hash
 from ..metrics import resolve_metric
 from ..models import load_model
+from ..protocol import common, protocol
+from ..seeds import SUMMARY as SEEDS_SUMMARY, run_paths, spread
 from ..sparsity import parse_pattern
 from ..userfiles import read_json
 from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress, sparse_candidate
@@ -47,7 +52,8 @@ class ReportPlan:
     data: str
     method: str
     ratios: list[float]  # targets: the given ratios and every search's
-    searches: dict[str, dict]  # path -> its best.json
+    allocations: list[str]  # of the structured rows
+    searches: dict[str, dict]  # path -> its best.json (a seeds.json gives one per seed)
     tasks: list[str]
     include_path: str | None  # where lm-eval finds the tasks (the offline ones are built there)
     limit: int | None
@@ -55,16 +61,28 @@ class ReportPlan:
     eval_batch_size: int
     calibration: dict  # Calibration fields
     scoring: dict  # Scoring fields (the test split)
+    device: str
+    dtype: str
     sparse: list[tuple[str, str, str, float]]  # (metric text, pattern, allocation, sparsity) rows
     metric_names: dict[str, str]  # metric text -> how its rows are labelled
 
 
-def _read_search(path: str) -> dict:
+def _read_search(path: str | Path) -> dict:
     p = Path(path)
     best = read_json(p, "search result", "a search run's best.json (selfprune search --out DIR)")
     if not isinstance(best, dict) or not {"rates", "config", "model_fingerprint", "stats_key"} <= set(best):
         raise UserError(f"{p} is not a search's best.json (it needs rates, config, model_fingerprint, stats_key)")
     return best
+
+
+def _read_searches(path: str) -> dict[str, dict]:
+    """path -> best.json: the file itself, or every seed's of a ``seeds.json`` (selfprune search --seeds)."""
+    if Path(path).name != SEEDS_SUMMARY:
+        return {path: _read_search(path)}
+    summary = read_json(Path(path), "seeds summary", "the seeds.json of selfprune search --seeds A,B --out DIR")
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
+        raise UserError(f"{path} is not a seeds.json of selfprune search --seeds (it needs runs)")
+    return {str(p): _read_search(p) for p in run_paths(path, summary)}
 
 
 def _local_tasks(data: str, tasks: list[str], n_items: int, seed: int = 0) -> str:
@@ -89,10 +107,15 @@ def plan_report(config: ReportConfig) -> ReportPlan:
     """
     c = config
     tasks, include_path, data = list(dict.fromkeys(c.tasks)), c.include_path, c.data
-    bests = {path: _read_search(path) for path in c.searches}
+    bests = {path: best for search in c.searches for path, best in _read_searches(search).items()}
     targets = sorted({*c.ratios, *(b["config"]["ratio"] for b in bests.values())})
-    if not targets and not any(parse_pattern(p).fixed_sparsity for p in c.patterns if c.metrics):
-        raise UserError("nothing to compare: give --ratios and/or --search runs/NAME/best.json")
+    if not targets and not (c.metrics and (c.sparsities or any(parse_pattern(p).fixed_sparsity for p in c.patterns))):
+        raise UserError("nothing to compare: give --ratios and/or --search runs/NAME/best.json "
+                        "(or --metric with --sparsity)")
+    unknown = [a for a in c.allocations if a not in allocators.ALLOCATIONS]
+    if unknown:
+        raise UserError(f"--allocation {', '.join(unknown)}: not a registered allocation; use "
+                        f"{', '.join(allocators.ALLOCATIONS.names())}")
     calib = [(b["config"]["samples"], b["config"]["calib_seqlen"]) for b in bests.values()]
     samples = c.samples or (calib[0][0] if calib else 128)
     calib_seqlen = c.calib_seqlen or (calib[0][1] if calib else 512)
@@ -104,10 +127,11 @@ def plan_report(config: ReportConfig) -> ReportPlan:
         include = _local_tasks(data, tasks, c.cloze_items)
     elif include_path and not Path(include_path).expanduser().exists():
         raise UserError(f"task include path {include_path} does not exist")
-    names, sparse = _sparse_rows(c, targets)
+    names, sparse = _sparse_rows(c, c.sparsities or targets)
     return ReportPlan(
-        model=c.model, data=data, method=c.method, ratios=targets, searches=bests, tasks=tasks, include_path=include,
-        sparse=sparse, metric_names=names,
+        model=c.model, data=data, method=c.method, ratios=targets, allocations=list(dict.fromkeys(c.allocations)),
+        searches=bests, tasks=tasks, include_path=include, sparse=sparse, metric_names=names, device=c.device,
+        dtype=c.dtype,
         limit=c.limit or None, max_length=c.max_length, eval_batch_size=c.eval_batch_size,
         calibration={"data": data, "samples": samples, "seqlen": calib_seqlen, "batch_size": c.batch_size},
         scoring={"data": data, "split": "test", "seqlen": c.seqlen, "windows": c.test_windows or None,
@@ -148,37 +172,61 @@ class Entry:
     """One model of the report: ``structure`` is ``None`` for the dense model."""
 
     label: str
-    method: str  # dense | uniform | owl | search
+    method: str  # dense | an allocation's name | search | metric
     ratio: float | None
     rates: list[float] | None
     structure: list | None
     oracle: dict | None = None  # a search's LLM-oracle accounting (best.json), if it had one
     zeros: int | None = None  # weights a metric's sparse model zeroes (None: structured)
+    seed: int | None = None  # a search's seed
+    evaluations: int | None = None  # a search's candidate evaluations
+
+
+def _seedless(best: dict) -> str:
+    """A search's settings without its seed and run directory: seeds of one search share them."""
+    return json.dumps({k: v for k, v in best["config"].items() if k not in ("seed", "seeds", "out")}, sort_keys=True)
+
+
+def _search_entries(searches: dict[str, dict]) -> list[Entry]:
+    """Searches labelled ``search (ORACLE)``, plus their run's name where one ratio has several
+    searches with that oracle; the seeds of one search share a label (and become one row)."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for path, best in searches.items():
+        groups.setdefault(_seedless(best), []).append((path, best))
+    per_label: dict[tuple, int] = {}
+    for members in groups.values():
+        c = members[0][1]["config"]
+        per_label[(c["ratio"], c["oracle"])] = per_label.get((c["ratio"], c["oracle"]), 0) + 1
+    out = []
+    for members in groups.values():
+        c = members[0][1]["config"]
+        run = Path(members[0][0]).parent
+        name = run.parent.name if len(members) > 1 or run.name.startswith("seed-") else run.name
+        label = f"search ({c['oracle']})" + (f", {name}" if per_label[(c["ratio"], c["oracle"])] > 1 else "")
+        out += [Entry(label, "search", c["ratio"], best["rates"], best["structure"], best.get("oracle"),
+                      seed=best["config"]["seed"], evaluations=best.get("evaluations")) for _, best in members]
+    return out
 
 
 def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
-    """Dense; uniform and OWL at every ratio; every search (labelled by its run when a ratio has
-    several); every metric row (labelled ``METRIC ALLOCATION``, plus the pattern when not unstructured)."""
+    """Dense; each allocation at every ratio; every metric row (labelled ``METRIC ALLOCATION``, plus
+    the pattern when not unstructured); every search (its seeds under one label)."""
     out = [Entry("dense", "dense", None, None, None)]
     for r in plan.ratios:
-        for method in ("uniform", "owl"):
+        for method in plan.allocations:
             a = allocate(method, r, None, None)
             out.append(Entry(method, method, r, a["rates"], a["candidate"]))
     for text, pattern, allocation, r in plan.sparse:
         a = allocate(allocation, r, text, pattern)
         label = f"{plan.metric_names[text]} {allocation}" + ("" if pattern == "unstructured" else f" {pattern}")
         out.append(Entry(label, "metric", r, a["rates"], a["candidate"], zeros=a["zeros"]))
-    per_ratio = {r: sum(1 for b in plan.searches.values() if b["config"]["ratio"] == r) for r in plan.ratios}
-    for path, best in plan.searches.items():
-        r = best["config"]["ratio"]
-        label = "search" if per_ratio[r] == 1 else f"search ({Path(path).parent.name})"
-        out.append(Entry(label, "search", r, best["rates"], best["structure"], best.get("oracle")))
-    return out
+    return out + _search_entries(plan.searches)
 
 
-def build_rows(plan: ReportPlan, arch: Arch, allocate: Allocate, evaluate_ppl: EvaluatePpl,
+def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, evaluate_ppl: EvaluatePpl,
                evaluate_zero_shot: EvaluateZeroShot) -> list[dict]:
-    """One row per entry: its perplexity and zero-shot scores, realized ratio and kept parameters."""
+    """One row per entry: its perplexity and zero-shot scores, realized ratio, kept parameters and
+    protocol; then the seeds of each search merged into one row (:func:`merge_seeds`)."""
     rows = []
     for e in entries(plan, allocate):
         ppl = evaluate_ppl(e.structure)
@@ -188,22 +236,61 @@ def build_rows(plan: ReportPlan, arch: Arch, allocate: Allocate, evaluate_ppl: E
             realized, kept = realized_ratio(arch, keep), kept_params(arch, keep)
         else:
             realized, kept = e.zeros / sparsity.weights(arch), arch.n_layers * arch.layer_params - e.zeros
+        accuracy = (f"lm-eval {zs['lm_eval_version']}, tasks {', '.join(plan.tasks)}, limit {plan.limit or 'none'}, "
+                    f"max length {plan.max_length}; {zs['convention']}")
         rows.append({
             "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.structure,
-            "oracle": e.oracle, "realized_ratio": realized, "kept_params": kept,
-            "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"], "windows": ppl["windows"],
+            "oracle": e.oracle, "seed": e.seed, "evaluations": e.evaluations, "realized_ratio": realized,
+            "kept_params": kept, "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"],
+            "windows": ppl["windows"],
             "acc": {t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, "mean_acc": zs["mean_acc"],
             "zero_shot": zs,
+            "protocol": protocol(plan.model, model_fp, plan.scoring, ppl, plan.calibration, plan.device, plan.dtype,
+                                 e.seed) | {"zero_shot": accuracy},
         })
-    return rows
+    return merge_seeds(rows)
 
 
-METHOD_ORDER = {"dense": 0, "uniform": 1, "owl": 2, "search": 3, "metric": 4}
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def merge_seeds(rows: list[dict]) -> list[dict]:
+    """The seeds of one search (rows with one label and ratio) as one row: the mean of each figure,
+    ``ppl_spread`` / ``mean_acc_spread`` (mean, std, every seed's value) and each seed's rates,
+    evaluations and oracle accounting under ``seeds``. Their protocols must agree, seed aside."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["ratio"]) if r["method"] == "search" else (id(r),), []).append(r)
+    merged = []
+    for members in groups.values():
+        if len(members) == 1:
+            merged.append(members[0])
+            continue
+        common(members)
+        first, by_seed = members[0], {m["seed"]: m for m in members}
+        acc = {t: _mean([m["acc"][t] for m in members]) for t in first["acc"]}
+        merged.append(first | {
+            "seed": None, "rates": None, "structure": None, "oracle": None, "acc": acc,
+            "ppl": statistics.fmean(m["ppl"] for m in members), "mean_acc": _mean([m["mean_acc"] for m in members]),
+            "ppl_spread": spread({s: m["ppl"] for s, m in by_seed.items()}),
+            "mean_acc_spread": None if first["mean_acc"] is None else spread({s: m["mean_acc"] for s, m in by_seed.items()}),
+            "realized_ratio": statistics.fmean(m["realized_ratio"] for m in members),
+            "kept_params": round(statistics.fmean(m["kept_params"] for m in members)),
+            "evaluations": _mean([m["evaluations"] for m in members]),
+            "seeds": [{k: m[k] for k in ("seed", "ppl", "mean_acc", "rates", "evaluations", "oracle")} for m in members],
+            "protocol": first["protocol"] | {"seed": sorted(by_seed)},
+            "zero_shot": None,
+        })
+    return merged
+
+
+METHOD_ORDER = {"dense": 0, "uniform": 1, "owl": 2, "search": 8, "metric": 9}  # other allocations: 3
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
-    """By ratio (dense first), then dense, uniform, OWL, search."""
-    return sorted(rows, key=lambda r: (r["ratio"] or 0.0, METHOD_ORDER.get(r["method"], 9), r["label"]))
+    """By ratio (dense first), then dense, uniform, OWL, the other allocations, search."""
+    return sorted(rows, key=lambda r: (r["ratio"] or 0.0, METHOD_ORDER.get(r["method"], 3), r["label"]))
 
 
 def summarize(plan: ReportPlan, rows: list[dict], model_fp: str, stats_key: str, counts: dict[str, int],
@@ -214,13 +301,13 @@ def summarize(plan: ReportPlan, rows: list[dict], model_fp: str, stats_key: str,
     ``time.perf_counter()`` the report began at. Rendering it (Markdown, HTML, plots) is the
     application's job: ``selfprune.artifacts.comparison.render``.
     """
-    zs = rows[-1]["zero_shot"]
+    zs = next(r["zero_shot"] for r in rows if r["zero_shot"])
     meta = {"model": plan.model, "model_fingerprint": model_fp, "data": plan.data, "method": plan.method,
             "seqlen": plan.scoring["seqlen"], "test_windows": plan.scoring["windows"] or 0,
             "test_tokens": rows[0]["tokens"], "tasks": plan.tasks, "limit": plan.limit, "max_length": plan.max_length,
             "lm_eval_version": zs["lm_eval_version"], "convention": zs["convention"], "include_path": plan.include_path,
             "samples": plan.calibration["samples"], "calib_seqlen": plan.calibration["seqlen"], "stats_key": stats_key,
-            "ratios": plan.ratios, "searches": list(plan.searches), **counts,
+            "ratios": plan.ratios, "allocations": plan.allocations, "searches": list(plan.searches), **counts,
             "wall_s": round(time.perf_counter() - start, 2)}
     return {"meta": meta, "rows": sort_rows(rows)}
 
@@ -267,7 +354,7 @@ def report(config: ReportConfig | None = None, progress: Progress | None = None,
     check_searches(plan, bench.lm.fingerprint, bench.stats_key)
     scoring = Scoring(**plan.scoring)
     rows = build_rows(
-        plan, bench.arch,
+        plan, bench.arch, bench.lm.fingerprint,
         allocate=lambda allocation, ratio, metric, pattern: allocation_entry(bench, allocation, ratio, metric, pattern),
         evaluate_ppl=lambda candidate: bench.score(candidate, scoring).to_dict(),
         evaluate_zero_shot=lambda s: zero_shot(bench, s, plan.tasks, plan.include_path, plan.limit, plan.max_length,

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..metrics import METRICS
 from ..metrics.search_space import Lineage, MetricContext
 from ..models import load_tokenizer
+from ..seeds import over_seeds
 from ..sparsity import parse_pattern
 from ..workbench import shared_workbench, sparse_candidate
 from .evolution import Generation, SearchParams, run_search
@@ -125,8 +126,14 @@ def run(
         "test_tokens": test["found"][0]["tokens"],
         "seqlen": config.seqlen,
         "graph": [asdict(o) | {"fitness": fitness.get(key)} for key, o in lineage.nodes.items()],
-        **run_record(config, setup, tally, oracle, result, start),
+        **run_record(config, setup, tally, oracle, result, start, test["found"][0]),
     }
+
+
+def figures(summary: dict) -> dict[str, float]:
+    """What the seeds of a metric search spread over: the found metric's fitness and test perplexity
+    at each sparsity."""
+    return {"fitness": summary["fitness"], **{f"test_ppl@{s}": v for s, v in summary["test_ppl"]["found"].items()}}
 
 
 def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[GenerationReport], None] | None = None,
@@ -135,6 +142,8 @@ def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[Ge
     sparsities=[0.6])``. Writes ``out/best.json`` and returns the summary; ``selfprune autoprune``
     runs the same loop as a resumable, cached Prefect flow."""
     config = in_process(build_config(AutopruneConfig, **((config.model_dump() if config else {}) | overrides)))
+    if config.seeds:
+        return over_seeds(config, lambda one: autoprune(one, on_generation), figures)
     check(config)
     check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype)

@@ -27,6 +27,8 @@ from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods import get_method
 from ..models import load_arch, load_tokenizer
+from ..protocol import protocol
+from ..seeds import over_seeds
 from ..workbench import Calibration, Scoring, shared_workbench
 from .evolution import Generation, SearchParams, run_search
 from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
@@ -243,13 +245,21 @@ def run(
         "seqlen": config.seqlen,
         "uniform_fitness": uniform_fitness["ppl"],
         "uniform_test_ppl": uniform_test["ppl"],
-        **run_record(config, setup, tally, oracle, result, start),
+        **run_record(config, setup, tally, oracle, result, start, test),
     }
 
 
-def run_record(config: EvolutionConfig, setup: Setup, tally: Tally, oracle, result, start: float) -> dict:
+def measured_under(config: EvolutionConfig, setup: Setup, split: str, record: dict) -> dict:
+    """The protocol of a perplexity ``record`` this search measured on ``split``."""
+    return protocol(config.model, setup.model_fp, vars(scoring(config, split, None)), record, vars(calibration(config)),
+                    config.device, config.dtype, config.seed)
+
+
+def run_record(config: EvolutionConfig, setup: Setup, tally: Tally, oracle, result, start: float, test: dict) -> dict:
     """What every search's summary holds besides its best: counts, the oracle's accounting, wall
-    time, the per-generation history, and the identities and settings it ran with."""
+    time, the per-generation history, the protocols of its test and fitness figures (``test``: a
+    test-split record), and the identities and settings it ran with."""
+    fitness = {"seqlen": config.seqlen, "windows": config.fitness_windows}
     return {
         "evaluations": tally.evaluations,
         "cache_hits": tally.cache_hits,
@@ -262,8 +272,15 @@ def run_record(config: EvolutionConfig, setup: Setup, tally: Tally, oracle, resu
         "model_fingerprint": setup.model_fp,
         "stats_key": setup.stats_key,
         "precision": precision(config.device, config.dtype),
+        "protocol": measured_under(config, setup, "test", test),
+        "fitness_protocol": measured_under(config, setup, "fitness", fitness),
         "config": config.model_dump(),
     }
+
+
+def figures(summary: dict) -> dict[str, float]:
+    """What the seeds of a search spread over: its best's fitness and test perplexity (and uniform's)."""
+    return {name: summary[name] for name in ("fitness", "test_ppl", "uniform_test_ppl")}
 
 
 def write_summary(summary: dict, out: str | Path) -> Path:
@@ -282,6 +299,8 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     ``selfprune search`` command runs the same loop as a resumable, cached Prefect flow.
     """
     config = in_process(build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides)))
+    if config.seeds:
+        return over_seeds(config, lambda one: search(one, on_generation), figures)
     check(config)
     check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)

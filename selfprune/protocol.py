@@ -1,0 +1,83 @@
+"""The protocol of a figure: everything besides the pruning that changes a perplexity or an accuracy.
+
+Published pruning numbers often fail to reproduce because the split, the window length, the
+checkpoint or the seed differed unseen (WikiText-103 for WikiText-2, 2048 for 4096 tokens). So every
+perplexity selfprune writes carries its protocol, and a table refuses rows whose protocols differ,
+naming the field. ``seed`` is the one field a table lets differ: it is what a row of several
+seeds spreads over.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .data import data_fingerprint
+from .devices import precision
+from .errors import UserError
+
+PER_ROW = ("seed",)  # fields a table's rows may differ in (shown per row)
+PACKAGES = ("selfprune", "torch", "transformers", "lm_eval")
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of the packages that compute a figure."""
+
+    def installed(name: str) -> str:
+        try:
+            return version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {f"{name}_version": installed(name) for name in PACKAGES}
+
+
+def device_kind(device: str, dtype: str) -> dict[str, str]:
+    """The resolved device (with the GPU's name on CUDA) and dtype."""
+    p = precision(device, dtype)
+    if p["device"] == "cuda":
+        import torch
+
+        p["device"] = f"cuda ({torch.cuda.get_device_name()})"
+    return p
+
+
+def protocol(model: str, model_fp: str, scoring: dict, measured: dict, calibration: dict, device: str, dtype: str,
+             seed: int | None = None) -> dict:
+    """The protocol of a perplexity: ``scoring`` says what was asked (data, split), ``measured`` is
+    the perplexity record (the window length and count actually scored), ``calibration`` the
+    statistics' data, windows and length; ``seed`` the search's, if a search chose the model."""
+    return {
+        "model": model, "model_fingerprint": model_fp,
+        "data": scoring["data"], "data_fingerprint": data_fingerprint(scoring["data"], scoring["split"])[:16],
+        "split": scoring["split"], "seqlen": measured["seqlen"], "windows": measured["windows"],
+        "calibration": f"{calibration['data']}, {calibration['samples']} x {calibration['seqlen']} tokens",
+        **device_kind(device, dtype), "seed": seed, **versions(),
+    }
+
+
+def common(rows: list[dict]) -> dict:
+    """The protocol every row shares (``seed`` aside); refuses rows whose protocols differ, naming
+    the field, both values and both rows."""
+    first = rows[0]
+    for row in rows[1:]:
+        for name in dict.fromkeys([*first["protocol"], *row["protocol"]]):
+            if name in PER_ROW:
+                continue
+            a, b = first["protocol"].get(name), row["protocol"].get(name)
+            if a != b:
+                raise UserError(f"rows {first['label']!r} and {row['label']!r} were measured under different protocols: "
+                                f"{name} is {a!r} and {b!r}; measure them alike (same settings and versions) to "
+                                "compare them in one table")
+    return {k: v for k, v in first["protocol"].items() if k not in PER_ROW}
+
+
+def lines(p: dict) -> list[str]:
+    """The protocol as a few lines of text, printed once above a table."""
+    return [
+        f"model `{p['model']}` (fingerprint `{p['model_fingerprint'][:12]}`), {p['dtype']} on {p['device']}",
+        f"perplexity: token-level on the **{p['split']}** split of `{p['data']}` (text sha256 "
+        f"`{p['data_fingerprint']}`), {p['windows']} non-overlapping windows of {p['seqlen']} tokens",
+        f"calibration: {p['calibration']}",
+        "versions: " + ", ".join(f"{name} {p[f'{name}_version']}" for name in PACKAGES),
+    ]
+
