@@ -25,7 +25,7 @@ console = Console(stderr=True)
 
 Model = Annotated[str, typer.Option("--model", help="demo, a local HF directory, a .gguf file, an export dir, or a hub id")]
 Data = Annotated[str, typer.Option("--data", help="demo, wikitext2, or a local .txt/.md/.jsonl/.json/.parquet file")]
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | map (layers spread over every visible GPU)")]
 DType = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 VllmPython = Annotated[Optional[str], typer.Option(
     "--vllm-python", help="Python of the vLLM environment with selfprune-vllm (default: $SELFPRUNE_VLLM_PYTHON)")]

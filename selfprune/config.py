@@ -39,7 +39,8 @@ class RunConfig(BaseModel):
     method: str = Field("wanda-sp", description="pruning method (its unit rankings)")
     seqlen: int = Field(512, ge=1, description="tokens per perplexity window")
     batch_size: int = Field(4, ge=1, description="windows per forward pass (calibration and perplexity)")
-    device: str = Field("auto", description="auto | cpu | cuda")
+    device: str = Field("auto", description="auto | cpu | cuda | map: the layers spread over every visible GPU "
+                                             "(accelerate's device_map=\"auto\"), for a model larger than one")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
 
 

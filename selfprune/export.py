@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from .arch import arch_of, decoder_layers
 from .checkpoint import LoadedModel, fingerprint
-from .devices import resolve_device, resolve_dtype
+from .devices import MAP, check_resident, resolve_device, resolve_dtype
 from .errors import UserError
 from .fileio import atomic_write_text, staged_dir
 from .slicing import prune_layer
@@ -74,7 +74,14 @@ def load_pruned(path: Path, device: str = "auto", dtype: str = "auto") -> Loaded
     # Non-persistent buffers (rotary inv_freq) are not saved: rebuild them, in float32, on the device.
     rotary_cls = type(model.model.rotary_emb)
     del model.model.rotary_emb
-    model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval().requires_grad_(False)
-    model.model.rotary_emb = rotary_cls(config=config).to(dev)
+    model.to(dtype=resolve_dtype(dtype, dev)).eval().requires_grad_(False)
+    model.model.rotary_emb = rotary_cls(config=config)
+    if device == MAP:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        dispatch_model(model, infer_auto_device_map(model, no_split_module_classes=model._no_split_modules))
+        check_resident(model)
+    else:
+        model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return LoadedModel(model, tokenizer, arch, fingerprint(path), str(path))

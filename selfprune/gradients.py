@@ -28,7 +28,7 @@ def capture(model: torch.nn.Module, windows: torch.Tensor, on_window: Callable[[
     weights = {f"{i}.{path}": layer.get_submodule(path).weight
                for i, layer in enumerate(decoder_layers(model)) for path in LINEAR_INPUT}
     flags = {name: w.requires_grad for name, w in weights.items()}
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=device) for name, w in weights.items()}
+    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     try:
         for w in weights.values():
             w.requires_grad_(True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from .arch import Arch, arch_of
 from .checkpoint import LoadedModel, fingerprint, from_pretrained
 from .demo import demo_model_dir
-from .devices import resolve_device, resolve_dtype
+from .devices import MAP, check_resident, resolve_device, resolve_dtype
 from .errors import UserError
 from .export import RECORD, load_pruned
 
@@ -84,6 +84,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     if local is not None and (local / RECORD).is_file():
         return load_pruned(local, device=device, dtype=dtype)
     arch = load_arch(spec)
-    model, tokenizer = from_pretrained(source, dt, **kwargs)
-    model.to(dev).eval().requires_grad_(False)
+    if device == MAP:
+        model, tokenizer = from_pretrained(source, dt, device_map="auto", **kwargs)
+        check_resident(model)
+    else:
+        model, tokenizer = from_pretrained(source, dt, **kwargs)
+        model.to(dev)
+    model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, arch, model_fingerprint(spec), spec)

@@ -45,7 +45,7 @@ def perplexity(
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-            targets = batch[:, 1:]
+            targets = batch[:, 1:].to(logits.device)  # the last layer's device, under --device map
             nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
             tokens += targets.numel()
             if on_batch:
