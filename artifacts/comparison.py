@@ -15,7 +15,9 @@ Structured rows and metric rows go in two tables, each under the protocol its ro
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import re
 from pathlib import Path
 
@@ -100,6 +102,18 @@ def _per_seed(rows: list[dict]) -> list[tuple[str, dict]]:
 
 def rates_lines(rows: list[dict]) -> list[tuple[str, str]]:
     return [(name, fmt_rates(r["rates"])) for name, r in _per_seed([r for r in rows if r["method"] != "dense"])]
+
+
+def rates_csv(rows: list[dict]) -> str:
+    """Every model's per-layer rates (sparsities for metric rows) as CSV, one line per model and
+    seed: numbers to reuse (a structured row's as ``selfprune prune --allocation RATES.json``)."""
+    models = _per_seed([r for r in rows if r["method"] != "dense"])
+    width = max((len(r["rates"]) for _, r in models), default=0)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["model", *(f"layer_{i}" for i in range(width))])
+    writer.writerows([name, *(f"{x:.6f}" for x in r["rates"])] for name, r in models)
+    return text.getvalue()
 
 
 def oracle_lines(rows: list[dict]) -> list[tuple[str, str]]:
@@ -215,7 +229,8 @@ def render(summary: dict, out_dir: Path) -> dict[str, str]:
     """Write ``report.md``, a self-contained ``report.html`` and the plots of a report summary
     (:func:`selfprune.evaluate.report.summarize`) into ``out_dir``: test perplexity and mean
     zero-shot accuracy of the structured rows against the ratio (a search's seeds as mean with a
-    std bar), and the metric rows' test perplexity against the sparsity. Returns name -> path."""
+    std bar), the metric rows' test perplexity against the sparsity, and ``rates.csv``. Returns
+    name -> path."""
     rows, meta, tasks = summary["rows"], summary["meta"], summary["meta"]["tasks"]
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {}
@@ -228,6 +243,7 @@ def render(summary: dict, out_dir: Path) -> dict[str, str]:
                                                              out_dir / PLOTS["ppl"], log=True)
         plots["mean zero-shot accuracy by method and ratio"] = _plot(
             part, "mean_acc", "mean zero-shot accuracy", "target pruning ratio", out_dir / PLOTS["acc"], log=False)
+    atomic_write_text(out_dir / "rates.csv", rates_csv(rows))
     atomic_write_text(out_dir / "report.md", markdown(rows, tasks, meta, {k: p.name for k, p in plots.items()}))
     atomic_write_text(out_dir / "report.html", html_report(rows, tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))
-    return {name: str(out_dir / name) for name in ("report.md", "report.html", *(p.name for p in plots.values()))}
+    return {name: str(out_dir / name) for name in ("report.md", "report.html", "rates.csv", *(p.name for p in plots.values()))}

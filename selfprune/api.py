@@ -19,12 +19,15 @@ from .allocation import EXACT, Alignment, Structure, check_ratio, dense_structur
 from .arch import Arch
 from .data import split_windows
 from .errors import UserError
-from .export import save_pruned
+from .devices import model_precision
+from .export import RECORD, save_pruned
 from .checkpoint import LoadedModel
 from .metrics import Metric, resolve_metric
 from .models import load_arch, load_model
 from .ppl import perplexity as score_windows
+from .protocol import protocol
 from .sparsity import Pattern, parse_pattern
+from .userfiles import read_json
 from .workbench import Calibration, Progress, Workbench, _no_progress
 
 FORMATS = {"hf": "a selfprune export", "deci": "DeciLM for vLLM"}
@@ -168,4 +171,10 @@ def perplexity(
     ids = split_windows(lm.tokenizer, data, split, seqlen, windows)
     result = score_windows(lm.model, ids, batch_size, (progress or _no_progress)("perplexity", len(ids)))
     identity = {"model": lm.source, "fingerprint": lm.fingerprint} if isinstance(lm, LoadedModel) else {}
-    return result.to_dict() | identity | {"data": data, "split": split}
+    record = result.to_dict() | identity | {"data": data, "split": split}
+    if identity:  # an export's statistics are in its record; a dense model had none
+        where = model_precision(lm.model)
+        origin = Path(lm.source) / RECORD
+        calibration = read_json(origin, "export record", "a selfprune export").get("calibration") if origin.is_file() else None
+        record["protocol"] = protocol(lm.source, lm.fingerprint, record, record, calibration, where["device"], where["dtype"])
+    return record

@@ -41,16 +41,18 @@ def device_kind(device: str, dtype: str) -> dict[str, str]:
     return p
 
 
-def protocol(model: str, model_fp: str, scoring: dict, measured: dict, calibration: dict, device: str, dtype: str,
-             seed: int | None = None) -> dict:
+def protocol(model: str, model_fp: str, scoring: dict, measured: dict, calibration: dict | None, device: str,
+             dtype: str, seed: int | None = None) -> dict:
     """The protocol of a perplexity: ``scoring`` says what was asked (data, split), ``measured`` is
     the perplexity record (the window length and count actually scored), ``calibration`` the
-    statistics' data, windows and length; ``seed`` the search's, if a search chose the model."""
+    statistics' data, windows and length (None: no statistics, the model as loaded); ``seed`` the
+    search's, if a search chose the model."""
     return {
         "model": model, "model_fingerprint": model_fp,
         "data": scoring["data"], "data_fingerprint": data_fingerprint(scoring["data"], scoring["split"])[:16],
         "split": scoring["split"], "seqlen": measured["seqlen"], "windows": measured["windows"],
-        "calibration": f"{calibration['data']}, {calibration['samples']} x {calibration['seqlen']} tokens",
+        "calibration": "none" if calibration is None else
+                       f"{calibration['data']}, {calibration['samples']} x {calibration['seqlen']} tokens",
         **device_kind(device, dtype), "seed": seed, **versions(),
     }
 

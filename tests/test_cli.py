@@ -33,6 +33,10 @@ def test_prune_then_ppl_json(workspace, capsys, monkeypatch):
     assert code == 0, err
     result = json.loads(out)
     assert result["tokens"] == 3 * 63 and result["seqlen"] == 64 and result["ppl"] > 1
+    protocol = result["protocol"]  # what the figure was measured under, the export's calibration included
+    assert (protocol["split"], protocol["windows"], protocol["seqlen"], protocol["dtype"]) == ("test", 3, 64, "float32")
+    assert protocol["calibration"] == f"{workspace / 'corpus.txt'}, 4 x 64 tokens"
+    assert protocol["model_fingerprint"] == result["fingerprint"] and protocol["torch_version"]
 
 
 def test_rates_file_allocation(workspace, capsys, monkeypatch):

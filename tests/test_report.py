@@ -242,3 +242,9 @@ def test_seeds_search_and_its_report_row(prefect_api, tiny_workspace, tmp_path, 
     each = ", ".join(f"{b['test_ppl']:.3f}" for b in bests.values())
     assert f"| {test['mean']:.3f} ± {test['std']:.3f} (seeds 0, 1: {each}) |" in md
     assert "- search (ga) @ 0.5, seed 1: `[" in md
+    import csv
+
+    lines = list(csv.reader((tmp_path / "report" / "rates.csv").open()))
+    assert lines[0] == ["model", *(f"layer_{i}" for i in range(len(bests[1]["rates"])))] and len(lines) == 1 + 3 + 2
+    seed1 = next(line for line in lines if line[0] == "search (ga) @ 0.5, seed 1")
+    assert [float(x) for x in seed1[1:]] == pytest.approx(bests[1]["rates"], abs=1e-6)
