@@ -55,7 +55,8 @@ def task_runner(config: EvolutionConfig) -> TaskRunner:
                                               "processes": True, "dashboard_address": None})
     from prefect_ray import RayTaskRunner
 
-    return RayTaskRunner(address=config.address, init_kwargs=None if config.address else {"num_cpus": config.workers})
+    local = {"num_cpus": config.workers, "include_dashboard": False}  # the dashboard's processes cost CPU, and no one reads it
+    return RayTaskRunner(address=config.address, init_kwargs=None if config.address else local)
 
 
 def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibration: dict, ledger: str,

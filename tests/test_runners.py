@@ -1,8 +1,8 @@
-"""--runner dask: a generation's candidates on worker processes, the same search as the local runner.
+"""--runner dask and ray: a generation's candidates on worker processes, the same search as the local runner.
 
 Real runs of the CLI in subprocesses (as a user runs them), each with a cold cache, against the
 session's Prefect server; the Dask cluster is a real LocalCluster of two single-threaded worker
-processes started by the run itself.
+processes started by the run itself, and the Ray cluster a real local Ray of two CPUs.
 """
 
 from __future__ import annotations
@@ -103,11 +103,24 @@ def test_the_library_search_says_where_a_cluster_runner_runs(tiny_workspace):
         search(model=str(tiny_workspace / "model"), runner="dask")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("prefect_ray") is not None, reason="prefect-ray is installed")
-def test_a_runner_whose_integration_is_missing_names_the_extra():
+def test_a_runner_whose_integration_is_missing_names_the_extra(monkeypatch):
     from selfprune.config import SearchConfig
     from selfprune.errors import UserError
     from selfprune.evolve.runner import check_runner
 
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # Python's own way to make a module unimportable
     with pytest.raises(UserError, match=r"--runner ray needs prefect-ray: pip install 'selfprune\[ray\]'"):
         check_runner(SearchConfig(runner="ray"))
+
+
+def test_ray_workers_find_the_local_best(local_best, tiny_workspace, tmp_path):
+    """A local Ray of two CPUs started by the run (prefect-ray's RayTaskRunner): candidates scored
+    in Ray's worker processes, side by side, give the local runner's best."""
+    out = tmp_path / "ray"
+    done = subprocess.run(_command(tiny_workspace, out, "--runner", "ray", "--workers", "2"), env=_env(tmp_path / "home"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = json.loads((out / "best.json").read_text())
+    assert {k: best[k] for k in SAME} == {k: local_best[k] for k in SAME}
+    pids = {e["pid"] for e in _ledger(out)}
+    assert len(pids) >= 2 and os.getpid() not in pids and best["evaluations"] == local_best["evaluations"]
