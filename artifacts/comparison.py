@@ -48,13 +48,13 @@ def _spread(r: dict, key: str, digits: int) -> str:
 
 def table(rows: list[dict], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
     """(header, cells) of a comparison table, rows sorted by ratio then method; a search's seeds
-    show their mean ± std and each seed's value, and searches their candidate evaluations."""
-    evals = any(r.get("evaluations") is not None for r in rows)
-    header = ["ratio", "method", "realized", "kept params", "test ppl", *tasks, "mean acc", *(["evaluations"] * evals)]
+    show their mean ± std and each seed's value, and searches the candidates they scored."""
+    evals = any(r.get("candidates") is not None for r in rows)
+    header = ["ratio", "method", "realized", "kept params", "test ppl", *tasks, "mean acc", *(["candidates"] * evals)]
     cells = []
     for r in sort_rows(rows):
         acc = r.get("acc") or {}
-        n = r.get("evaluations")
+        n = r.get("candidates")
         cells.append([_ratio(r["ratio"]), r["label"], _num(r["realized_ratio"]), f"{r['kept_params']:,}",
                       _spread(r, "ppl", 3), *[_num(acc.get(t)) for t in tasks], _spread(r, "mean_acc", 4),
                       *([_num(n, 0) if n is not None else ""] * evals)])

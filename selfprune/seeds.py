@@ -26,6 +26,12 @@ def spread(values: dict[int, float]) -> dict:
             "values": {str(seed): v for seed, v in values.items()}}
 
 
+def candidates(summary: dict) -> int:
+    """How many candidates a search scored, computed or answered by the cache: what searches are
+    compared at (a rerun from the cache scored as many as the first run)."""
+    return summary["evaluations"] + summary["cache_hits"]
+
+
 def run_paths(path: str | Path, summary: dict) -> list[Path]:
     """The best.json of every seed of the ``seeds.json`` at ``path``."""
     return [Path(path).parent / relative for relative in summary["runs"].values()]
@@ -39,7 +45,8 @@ def seed_config(config: EvolutionConfig, seed: int) -> EvolutionConfig:
 def over_seeds(config: EvolutionConfig, run_one: Callable[[EvolutionConfig], dict],
                figures: Callable[[dict], dict[str, float]]) -> dict:
     """Run ``run_one`` once per seed of ``config.seeds`` and write ``OUT/seeds.json``: the spread
-    of each of ``figures(summary)`` (e.g. fitness and test perplexity) and every run's best.json
+    of each of ``figures(summary)`` (e.g. fitness and test perplexity), each seed's candidates
+    scored, and every run's best.json
     (``selfprune report --search OUT/seeds.json`` shows them as one row)."""
     runs = {seed: run_one(seed_config(config, seed)) for seed in config.seeds}
     per_seed = {seed: figures(summary) for seed, summary in runs.items()}
@@ -48,7 +55,7 @@ def over_seeds(config: EvolutionConfig, run_one: Callable[[EvolutionConfig], dic
         "seeds": list(config.seeds),
         "runs": {str(seed): f"seed-{seed}/best.json" for seed in config.seeds},  # beside this file
         "spread": {name: spread({seed: f[name] for seed, f in per_seed.items()}) for name in names},
-        "evaluations": {str(seed): s["evaluations"] for seed, s in runs.items()},
+        "candidates": {str(seed): candidates(s) for seed, s in runs.items()},
         "config": config.model_dump(),
     }
     out = Path(config.out)

@@ -65,7 +65,7 @@ def test_report_has_every_table_and_plot(first_report, searches):
     assert summary["meta"]["cached"] == 4 and summary["meta"]["computed"] == 10
 
     md = (out / "report.md").read_text()
-    assert "| ratio | method | realized | kept params | test ppl | selfprune_cloze | mean acc | evaluations |" in md
+    assert "| ratio | method | realized | kept params | test ppl | selfprune_cloze | mean acc | candidates |" in md
     assert md.count("| search (ga) |") == 2 and md.count("| owl |") == 2 and md.count("| dense |") == 1
     assert "4 non-overlapping windows of 64 tokens" in md and "](ppl.png)" in md and "](accuracy.png)" in md
     # The protocol, once above the table: what every row was measured under.
@@ -221,6 +221,7 @@ def test_seeds_search_and_its_report_row(prefect_api, tiny_workspace, tmp_path, 
     assert test["std"] == statistics.stdev(b["test_ppl"] for b in bests.values())
     assert bests[0]["rates"] != bests[1]["rates"]  # the seeds searched differently
     assert bests[1]["protocol"]["seed"] == 1 and bests[1]["protocol"]["windows"] == 4
+    assert summary["candidates"] == {str(s): b["evaluations"] + b["cache_hits"] for s, b in bests.items()}
     assert bests[1]["fitness_protocol"]["split"] == "fitness" and bests[1]["fitness_protocol"]["windows"] == 4
 
     library = selfprune.search(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, seeds=[0, 1],
@@ -237,6 +238,7 @@ def test_seeds_search_and_its_report_row(prefect_api, tiny_workspace, tmp_path, 
     row = report["rows"][-1]
     assert row["ppl_spread"]["values"] == {"0": bests[0]["test_ppl"], "1": bests[1]["test_ppl"]}  # same protocol here
     assert row["ppl"] == test["mean"] and row["protocol"]["seed"] == [0, 1]
+    assert row["candidates"] == statistics.fmean(summary["candidates"].values())
     assert [s["rates"] for s in row["seeds"]] == [bests[0]["rates"], bests[1]["rates"]]
     md = (tmp_path / "report" / "report.md").read_text()
     each = ", ".join(f"{b['test_ppl']:.3f}" for b in bests.values())

@@ -29,7 +29,7 @@ from ..hashing import content_hash
 from ..metrics import resolve_metric
 from ..models import load_model
 from ..protocol import common, protocol
-from ..seeds import SUMMARY as SEEDS_SUMMARY, run_paths, spread
+from ..seeds import SUMMARY as SEEDS_SUMMARY, candidates, run_paths, spread
 from ..sparsity import parse_pattern
 from ..userfiles import read_json
 from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress, sparse_candidate
@@ -179,7 +179,7 @@ class Entry:
     oracle: dict | None = None  # a search's LLM-oracle accounting (best.json), if it had one
     zeros: int | None = None  # weights a metric's sparse model zeroes (None: structured)
     seed: int | None = None  # a search's seed
-    evaluations: int | None = None  # a search's candidate evaluations
+    candidates: int | None = None  # the candidates a search scored (computed or from the cache)
 
 
 def _seedless(best: dict) -> str:
@@ -204,7 +204,7 @@ def _search_entries(searches: dict[str, dict]) -> list[Entry]:
         name = run.parent.name if len(members) > 1 or run.name.startswith("seed-") else run.name
         label = f"search ({c['oracle']})" + (f", {name}" if per_label[(c["ratio"], c["oracle"])] > 1 else "")
         out += [Entry(label, "search", c["ratio"], best["rates"], best["structure"], best.get("oracle"),
-                      seed=best["config"]["seed"], evaluations=best.get("evaluations")) for _, best in members]
+                      seed=best["config"]["seed"], candidates=candidates(best)) for _, best in members]
     return out
 
 
@@ -240,7 +240,7 @@ def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, 
                     f"max length {plan.max_length}; {zs['convention']}")
         rows.append({
             "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.structure,
-            "oracle": e.oracle, "seed": e.seed, "evaluations": e.evaluations, "realized_ratio": realized,
+            "oracle": e.oracle, "seed": e.seed, "candidates": e.candidates, "realized_ratio": realized,
             "kept_params": kept, "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"],
             "windows": ppl["windows"],
             "acc": {t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, "mean_acc": zs["mean_acc"],
@@ -258,7 +258,7 @@ def _mean(values: list) -> float | None:
 def merge_seeds(rows: list[dict]) -> list[dict]:
     """The seeds of one search (rows with one label and ratio) as one row: the mean of each figure,
     ``ppl_spread`` / ``mean_acc_spread`` (mean, std, every seed's value) and each seed's rates,
-    evaluations and oracle accounting under ``seeds``. Their protocols must agree, seed aside."""
+    candidates and oracle accounting under ``seeds``. Their protocols must agree, seed aside."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["label"], r["ratio"]) if r["method"] == "search" else (id(r),), []).append(r)
@@ -277,8 +277,8 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
             "mean_acc_spread": None if first["mean_acc"] is None else spread({s: m["mean_acc"] for s, m in by_seed.items()}),
             "realized_ratio": statistics.fmean(m["realized_ratio"] for m in members),
             "kept_params": round(statistics.fmean(m["kept_params"] for m in members)),
-            "evaluations": _mean([m["evaluations"] for m in members]),
-            "seeds": [{k: m[k] for k in ("seed", "ppl", "mean_acc", "rates", "evaluations", "oracle")} for m in members],
+            "candidates": _mean([m["candidates"] for m in members]),
+            "seeds": [{k: m[k] for k in ("seed", "ppl", "mean_acc", "rates", "candidates", "oracle")} for m in members],
             "protocol": first["protocol"] | {"seed": sorted(by_seed)},
             "zero_shot": None,
         })
