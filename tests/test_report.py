@@ -229,7 +229,8 @@ def test_seeds_search_and_its_report_row(prefect_api, tiny_workspace, tmp_path, 
     assert library["spread"] == summary["spread"]
 
     code, _, err = run_cli(capsys, monkeypatch, "report", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"),
-                           "--allocation", "uniform,atp,dlp", "--search", str(out / "seeds.json"), "--tasks",
+                           "--allocation", "uniform,atp,dlp", "--search", str(out / "seeds.json"),
+                           "--search", str(out / "seed-0" / "best.json"), "--tasks",  # seed 0 named twice counts once
                            "selfprune_cloze", "--limit", "3", "--cloze-items", "8", "--seqlen", "64", "--test-windows",
                            "4", "--max-length", "256", "--device", "cpu", "--out", str(tmp_path / "report"))
     assert code == 0, err[-3000:]

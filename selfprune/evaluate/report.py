@@ -189,16 +189,17 @@ def _seedless(best: dict) -> str:
 
 def _search_entries(searches: dict[str, dict]) -> list[Entry]:
     """Searches labelled ``search (ORACLE)``, plus their run's name where one ratio has several
-    searches with that oracle; the seeds of one search share a label (and become one row)."""
-    groups: dict[str, list[tuple[str, dict]]] = {}
+    searches with that oracle; the seeds of one search share a label (and become one row). A seed
+    given twice (one search in two run directories) counts once."""
+    groups: dict[str, dict[int, tuple[str, dict]]] = {}
     for path, best in searches.items():
-        groups.setdefault(_seedless(best), []).append((path, best))
+        groups.setdefault(_seedless(best), {}).setdefault(best["config"]["seed"], (path, best))
     per_label: dict[tuple, int] = {}
-    for members in groups.values():
-        c = members[0][1]["config"]
+    for by_seed in groups.values():
+        c = next(iter(by_seed.values()))[1]["config"]
         per_label[(c["ratio"], c["oracle"])] = per_label.get((c["ratio"], c["oracle"]), 0) + 1
     out = []
-    for members in groups.values():
+    for members in (list(by_seed.values()) for by_seed in groups.values()):
         c = members[0][1]["config"]
         run = Path(members[0][0]).parent
         name = run.parent.name if len(members) > 1 or run.name.startswith("seed-") else run.name
