@@ -82,4 +82,4 @@ def test_report_without_prefect(ws, tmp_path):
     from selfprune.artifacts.comparison import render  # rendering is the application's
 
     files = render(summary, tmp_path / "r")
-    assert {"report.md", "report.html", "ppl.png", "accuracy.png"} == set(files)
+    assert {"report.md", "report.html", "rates.csv", "ppl.png", "accuracy.png"} == set(files)
