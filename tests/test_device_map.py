@@ -19,7 +19,7 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def hooked(model_dir) -> "object":
+def hooked(model_dir):
     """The model as accelerate dispatches it over several devices: a device hook on every decoder
     layer, the embeddings and the head (here every device is the CPU)."""
     from accelerate import dispatch_model
