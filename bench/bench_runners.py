@@ -9,11 +9,14 @@ warm-up batch that loads the model into each worker. Workers run one thread each
 local figures use one thread too, so the comparison is per process, and on a machine with C cores
 at most C workers can run at once.
 
+Measured here (2 cores, one run): direct 5.29 s, local 5.18 s, 1 Dask worker 5.34 s (+1.0%),
+2 Dask workers 3.10 s per candidate (1.72x). Two findings it made: Dask's default
+MALLOC_TRIM_THRESHOLD_ slowed the workers' forward passes by ~25% (flows/evolution.py now drops
+it), and a flow closing over a loaded model pickles that model into every Dask submission.
+
 Run: python bench/bench_runners.py [--candidates 8] [--samples 16]
 A fresh SELFPRUNE_HOME (temporary) keeps every cache cold; the demo files are reused.
 """
-
-from __future__ import annotations
 
 import argparse
 import os
@@ -58,28 +61,39 @@ def main() -> None:
                 for _ in range(n)]
 
     scoring = Scoring(corpus, "fitness", 512, 4)
-    direct = batch(args.candidates)
-    t0 = time.perf_counter()
-    for s in direct:
-        bench.score(structure_from_json(s), scoring)
-    direct_s = (time.perf_counter() - t0) / args.candidates
 
+    def direct() -> float:
+        """Seconds per candidate scored in this process, after one untimed warm-up candidate."""
+        todo = batch(args.candidates + 1)
+        bench.score(structure_from_json(todo[0]), scoring)
+        t0 = time.perf_counter()
+        for s in todo[1:]:
+            bench.score(structure_from_json(s), scoring)
+        return (time.perf_counter() - t0) / args.candidates
+
+    first = direct()
+
+    model_fp, stats_key = bench.lm.fingerprint, bench.stats_key
+
+    # The flow closes over plain values only: Prefect ships the flow run's context (the flow
+    # included) with every Dask submission, and a closure over the workbench would pickle the model.
     @flow(name="bench-runners")
-    def timed(config: SearchConfig) -> float:
+    def timed(config: SearchConfig, warm_up: list, todo: list) -> float:
         with task_runner(config) as workers:
-            score = batch_scorer(config, bench.lm.fingerprint, bench.stats_key, calibration, "", workers)
-            score(batch(2 * config.workers), "fitness", 4)  # warm-up: each worker loads the model
-            todo = batch(args.candidates)
+            score = batch_scorer(config, model_fp, stats_key, calibration, "", workers)
+            score(warm_up, "fitness", 4)  # each worker loads the model
             t0 = time.perf_counter()
             score(todo, "fitness", 4)
-            return (time.perf_counter() - t0) / args.candidates
+            return (time.perf_counter() - t0) / len(todo)
 
-    per = {"local": timed(base)}
+    per = {"local": timed(base, batch(2), batch(args.candidates))}
     for n in (1, 2):
-        per[f"dask x{n}"] = timed(base.model_copy(update={"runner": "dask", "workers": n}))
+        per[f"dask x{n}"] = timed(base.model_copy(update={"runner": "dask", "workers": n}), batch(2 * n),
+                                  batch(args.candidates))
+    direct_s = (first + direct()) / 2  # before and after the runners: the machine drifts
     print(f"demo model, ratio 0.5, {args.candidates} candidates per batch, fitness 4 x 512 tokens, 1 thread per process, "
           f"{os.cpu_count()} cores")
-    print(f"direct (no Prefect): {direct_s:.2f} s per candidate")
+    print(f"direct (no Prefect): {direct_s:.2f} s per candidate (mean of {first:.2f} before, {2 * direct_s - first:.2f} after)")
     for name, s in per.items():
         print(f"{name}: {s:.2f} s per candidate = {direct_s / s:.2f}x the direct throughput")
     print(f"generation throughput, 2 Dask workers vs 1: {per['dask x1'] / per['dask x2']:.2f}x")

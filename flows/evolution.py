@@ -47,10 +47,15 @@ def task_runner(config: EvolutionConfig) -> TaskRunner:
     # leave behind) a temporary server of its own.
     prefect_env.ensure_api_server()
     if config.runner == "dask":
+        import dask
         from prefect_dask import DaskTaskRunner
 
         if config.address:
             return DaskTaskRunner(address=config.address)
+        # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which pins glibc's mmap
+        # threshold: every activation tensor is then a fresh mmap and page faults, and a forward
+        # pass runs ~25% slower (bench/bench_runners.py). A worker here keeps one model for its life.
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
         return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     from prefect_ray import RayTaskRunner
