@@ -11,7 +11,8 @@ from __future__ import annotations
 import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from logging import Logger
 from pathlib import Path
 
@@ -64,6 +65,35 @@ def task_runner(config: EvolutionConfig) -> TaskRunner:
     return RayTaskRunner(address=config.address, init_kwargs=None if config.address else local)
 
 
+@contextmanager
+def one_gpu_per_task(config: EvolutionConfig) -> Iterator[None]:
+    """Tasks submitted inside ask Ray for one GPU each, where the run uses a GPU (``--device auto``
+    or ``cuda``) on a Ray cluster that has GPUs. ``max_calls=0`` keeps a worker process, and its
+    loaded model, for every later task: Ray's default for GPU tasks is one task per process.
+
+    Ray names a task's GPU in ``CUDA_VISIBLE_DEVICES`` per task, and a kept process may be given
+    another GPU of its node later, after CUDA has started on the first (tests/test_runners.py saw
+    it): so each node must have one GPU. Dask has no per-task device; its workers get one GPU
+    each when they start (README)."""
+    if config.runner != "ray" or config.device not in ("auto", "cuda"):
+        yield
+        return
+    import ray
+    from prefect_ray.context import remote_options
+
+    gpus = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
+    if not any(gpus):
+        yield
+        return
+    if max(gpus) > 1:
+        raise UserError(f"--runner ray on GPUs needs one GPU per Ray node (a node here has {max(gpus):g}): Ray may move "
+                        "a worker process to another GPU after its model is loaded. Start one node per GPU "
+                        "(CUDA_VISIBLE_DEVICES=i ray start --address HEAD:6379 --num-gpus 1 --num-cpus 1), or use "
+                        "--runner dask with one worker per GPU")
+    with remote_options(num_gpus=1, max_calls=0):
+        yield
+
+
 def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibration: dict, ledger: str,
                  workers: TaskRunner):
     """``score(candidates, split, windows)``: one cached ``score_candidate`` per candidate (a structure
@@ -72,10 +102,11 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
 
     def score(candidates: list, split: str, windows: int | None) -> list[dict]:
         how = vars(runner.scoring(config, split, windows))
-        futures = [workers.submit(score_candidate, dict(
-            model=config.model, model_fp=model_fp, stats_key=stats_key, structure=c, scoring=how,
-            calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method))
-            for c in candidates]
+        with one_gpu_per_task(config):
+            futures = [workers.submit(score_candidate, dict(
+                model=config.model, model_fp=model_fp, stats_key=stats_key, structure=c, scoring=how,
+                calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method))
+                for c in candidates]
         for f in futures:
             f.wait()
         return [kept_result(f.state) | {"cached": f.state.name == "Cached"} for f in futures]
@@ -138,8 +169,9 @@ def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Cal
     out.mkdir(parents=True, exist_ok=True)
     calibration = vars(runner.calibration(config))
     model_fp = model_fingerprint(config.model)
-    capture = workers.submit(capture_statistics, dict(model=config.model, model_fp=model_fp, calibration=calibration,
-                                                      device=config.device, dtype=config.dtype))
+    with one_gpu_per_task(config):
+        capture = workers.submit(capture_statistics, dict(model=config.model, model_fp=model_fp,
+                                                          calibration=calibration, device=config.device, dtype=config.dtype))
     capture.wait()
     stats = kept_result(capture.state)
     return out, calibration, runner.Setup(Arch(**stats["arch"]), model_fp, stats["stats_key"])

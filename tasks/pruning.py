@@ -71,10 +71,11 @@ def score_candidate(
     metric's lowest-scoring weights) and measure its perplexity.
 
     Every real (uncached) evaluation is appended to ``ledger`` (JSON lines), the run's audit of
-    what was computed, and of what a resumed run did not compute again.
+    what was computed, where (process, visible GPUs), and of what a resumed run did not compute again.
     """
     bench = workbench(model, stats_key, calibration, device, dtype, method)
     result = bench.score(structure, Scoring(**scoring)).to_dict()
     if ledger:
-        append_line(ledger, json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid()}))
+        append_line(ledger, json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid(),
+                                        "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}))
     return result

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import environ, run_cli
 
 SMALL = dict(ratio=0.4, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=2, test_windows=2, population=4,
              mutations=2, crossovers=2, generations=2, device="cpu")
 SAME = ("rates", "structure", "fitness", "test_ppl", "uniform_test_ppl")
 
 
-def _command(ws: Path, out: Path, *extra: str) -> list[str]:
+def _command(ws: Path, out: Path, *extra: str, **settings) -> list[str]:
     cmd = [sys.executable, "-m", "selfprune.cli", "search", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"),
            "--out", str(out), *extra]
-    for k, v in SMALL.items():
+    for k, v in (SMALL | settings).items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     return cmd
 
@@ -126,3 +126,37 @@ def test_ray_workers_find_the_local_best(local_best, tiny_workspace, tmp_path):
     assert {k: best[k] for k in SAME} == {k: local_best[k] for k in SAME}
     pids = {e["pid"] for e in _ledger(out)}
     assert len(pids) >= 2 and os.getpid() not in pids and best["evaluations"] == local_best["evaluations"]
+
+
+def test_ray_gives_each_worker_process_one_gpu_for_its_life(local_best, tiny_workspace, tmp_path):
+    """A Ray cluster of two nodes with one GPU each, as `ray start --num-gpus 1` per GPU gives (Ray's
+    GPUs are resource counts, so this runs on a CPU; `--device auto` then scores on it): each
+    candidate asks for one GPU, and a worker process keeps its GPU and its loaded model for every
+    candidate it scores, where Ray's default would start a process per candidate. A node with two
+    GPUs is refused before any work: Ray moved a kept process between them (seen here)."""
+    from ray.cluster_utils import Cluster  # Ray's own multi-process test cluster; it ends what it starts
+
+    home = tmp_path / "home"
+    command = _command(tiny_workspace, tmp_path / "ray-gpus", "--runner", "ray", "--address", "ADDRESS", device="auto")
+    results = []
+    for nodes in ([1, 1], [2]):
+        with environ(SELFPRUNE_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=None):  # the workers' environment
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": nodes[0],
+                                                                    "include_dashboard": False})
+            for gpus in nodes[1:]:
+                cluster.add_node(num_cpus=1, num_gpus=gpus)
+        try:
+            results.append(subprocess.run([cluster.address if a == "ADDRESS" else a for a in command], env=_env(home),
+                                          capture_output=True, text=True, timeout=600))
+        finally:
+            cluster.shutdown()
+    one_each, two_on_one = results
+    assert one_each.returncode == 0, one_each.stderr[-3000:]
+    best = json.loads((tmp_path / "ray-gpus" / "best.json").read_text())
+    assert {k: best[k] for k in SAME} == {k: local_best[k] for k in SAME}
+    gpus_of: dict[int, set] = {}
+    for e in _ledger(tmp_path / "ray-gpus"):
+        gpus_of.setdefault(e["pid"], set()).add(e["visible_gpus"])
+    assert 1 <= len(gpus_of) <= 2 and all(g == {"0"} for g in gpus_of.values()), gpus_of
+    assert best["evaluations"] == local_best["evaluations"]
+    assert two_on_one.returncode == 2 and "needs one GPU per Ray node (a node here has 2)" in two_on_one.stderr
