@@ -12,7 +12,7 @@ import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and q
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from logging import Logger
 from pathlib import Path
 
@@ -66,31 +66,35 @@ def task_runner(config: EvolutionConfig) -> TaskRunner:
 
 
 @contextmanager
-def one_gpu_per_task(config: EvolutionConfig) -> Iterator[None]:
-    """Tasks submitted inside ask Ray for one GPU each, where the run uses a GPU (``--device auto``
-    or ``cuda``) on a Ray cluster that has GPUs. ``max_calls=0`` keeps a worker process, and its
-    loaded model, for every later task: Ray's default for GPU tasks is one task per process.
+def one_gpu_per_task(config: EvolutionConfig, workers: TaskRunner) -> Iterator[None]:
+    """Tasks submitted inside ask the engine for one GPU each, where the run uses a GPU
+    (``--device auto`` or ``cuda``) and the cluster declares GPUs: a Dask worker started with
+    ``--resources GPU=1`` (so candidates skip CPU-only workers), or a Ray node's GPUs.
 
-    Ray names a task's GPU in ``CUDA_VISIBLE_DEVICES`` per task, and a kept process may be given
-    another GPU of its node later, after CUDA has started on the first (tests/test_runners.py saw
-    it): so each node must have one GPU. Dask has no per-task device; its workers get one GPU
-    each when they start (README)."""
-    if config.runner != "ray" or config.device not in ("auto", "cuda"):
+    On Ray, ``max_calls=0`` keeps a worker process, and its loaded model, for every later task:
+    Ray's default for GPU tasks is one task per process. Ray names a task's GPU per task in
+    ``CUDA_VISIBLE_DEVICES``, and a kept process may later be given another GPU of its node after
+    CUDA has started on the first (tests/test_runners.py saw it): so each Ray node must have one GPU."""
+    if config.runner == "local" or config.device not in ("auto", "cuda"):
         yield
+        return
+    if config.runner == "dask":
+        import dask
+
+        declared = [w.get("resources", {}).get("GPU", 0) for w in workers.client.scheduler_info()["workers"].values()]
+        with dask.annotate(resources={"GPU": 1}) if any(declared) else nullcontext():
+            yield
         return
     import ray
     from prefect_ray.context import remote_options
 
     gpus = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
-    if not any(gpus):
-        yield
-        return
-    if max(gpus) > 1:
+    if any(gpus) and max(gpus) > 1:
         raise UserError(f"--runner ray on GPUs needs one GPU per Ray node (a node here has {max(gpus):g}): Ray may move "
                         "a worker process to another GPU after its model is loaded. Start one node per GPU "
                         "(CUDA_VISIBLE_DEVICES=i ray start --address HEAD:6379 --num-gpus 1 --num-cpus 1), or use "
                         "--runner dask with one worker per GPU")
-    with remote_options(num_gpus=1, max_calls=0):
+    with remote_options(num_gpus=1, max_calls=0) if any(gpus) else nullcontext():
         yield
 
 
@@ -102,7 +106,7 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
 
     def score(candidates: list, split: str, windows: int | None) -> list[dict]:
         how = vars(runner.scoring(config, split, windows))
-        with one_gpu_per_task(config):
+        with one_gpu_per_task(config, workers):
             futures = [workers.submit(score_candidate, dict(
                 model=config.model, model_fp=model_fp, stats_key=stats_key, structure=c, scoring=how,
                 calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method))
@@ -169,7 +173,7 @@ def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Cal
     out.mkdir(parents=True, exist_ok=True)
     calibration = vars(runner.calibration(config))
     model_fp = model_fingerprint(config.model)
-    with one_gpu_per_task(config):
+    with one_gpu_per_task(config, workers):
         capture = workers.submit(capture_statistics, dict(model=config.model, model_fp=model_fp,
                                                           calibration=calibration, device=config.device, dtype=config.dtype))
     capture.wait()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import environ, run_cli
+from conftest import environ, free_port, run_cli
 
 SMALL = dict(ratio=0.4, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=2, test_windows=2, population=4,
              mutations=2, crossovers=2, generations=2, device="cpu")
@@ -86,6 +86,36 @@ def test_dask_workers_find_the_local_best_and_survive_a_killed_worker(local_best
     # Only the killed worker's candidate can be scored twice; everything else once.
     assert best["evaluations"] + best["cache_hits"] == local_best["evaluations"] + local_best["cache_hits"]
     assert _servers_of(home) == []
+
+
+def test_dask_sends_a_gpu_run_to_the_workers_that_declare_a_gpu(local_best, tiny_workspace, tmp_path):
+    """A cluster of `dask scheduler`, one `dask worker --resources GPU=1` and one CPU-only worker:
+    a run on a GPU (`--device auto`; Dask's resources are labels, so this runs on a CPU) sends the
+    calibration and every candidate to the GPU worker, and gives the local runner's best."""
+    from distributed import Client
+
+    home, dask = tmp_path / "home", str(Path(sys.executable).parent / "dask")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = _env(home)
+    started = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                                 "--no-dashboard"], env=env, stderr=subprocess.DEVNULL)]
+    try:
+        for resources in (["--resources", "GPU=1"], []):
+            started.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny",
+                                             "--no-dashboard", *resources], env=env, stderr=subprocess.DEVNULL))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        out = tmp_path / "dask-gpu"
+        done = subprocess.run(_command(tiny_workspace, out, "--runner", "dask", "--address", address, device="auto"),
+                              env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = json.loads((out / "best.json").read_text())
+    assert {k: best[k] for k in SAME} == {k: local_best[k] for k in SAME}
+    assert {e["pid"] for e in _ledger(out)} == {started[1].pid} and best["evaluations"] == local_best["evaluations"]
 
 
 @pytest.mark.parametrize("args, message", [
