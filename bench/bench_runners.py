@@ -90,10 +90,11 @@ def main() -> None:
     for n in (1, 2):
         per[f"dask x{n}"] = timed(base.model_copy(update={"runner": "dask", "workers": n}), batch(2 * n),
                                   batch(args.candidates))
-    direct_s = (first + direct()) / 2  # before and after the runners: the machine drifts
+    after = direct()
+    direct_s = (first + after) / 2  # before and after the runners: the machine drifts
     print(f"demo model, ratio 0.5, {args.candidates} candidates per batch, fitness 4 x 512 tokens, 1 thread per process, "
           f"{os.cpu_count()} cores")
-    print(f"direct (no Prefect): {direct_s:.2f} s per candidate (mean of {first:.2f} before, {2 * direct_s - first:.2f} after)")
+    print(f"direct (no Prefect): {direct_s:.2f} s per candidate (mean of {first:.2f} before, {after:.2f} after)")
     for name, s in per.items():
         print(f"{name}: {s:.2f} s per candidate = {direct_s / s:.2f}x the direct throughput")
     print(f"generation throughput, 2 Dask workers vs 1: {per['dask x1'] / per['dask x2']:.2f}x")

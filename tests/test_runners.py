@@ -166,27 +166,26 @@ def test_ray_gives_each_worker_process_one_gpu_for_its_life(local_best, tiny_wor
     GPUs is refused before any work: Ray moved a kept process between them (seen here)."""
     from ray.cluster_utils import Cluster  # Ray's own multi-process test cluster; it ends what it starts
 
-    home = tmp_path / "home"
-    command = _command(tiny_workspace, tmp_path / "ray-gpus", "--runner", "ray", "--address", "ADDRESS", device="auto")
-    results = []
-    for nodes in ([1, 1], [2]):
+    home, results = tmp_path / "home", []
+    for name, nodes in (("one-each", [1, 1]), ("two-on-one", [2])):
         with environ(SELFPRUNE_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=None):  # the workers' environment
             cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": nodes[0],
                                                                     "include_dashboard": False})
             for gpus in nodes[1:]:
                 cluster.add_node(num_cpus=1, num_gpus=gpus)
         try:
-            results.append(subprocess.run([cluster.address if a == "ADDRESS" else a for a in command], env=_env(home),
-                                          capture_output=True, text=True, timeout=600))
+            command = _command(tiny_workspace, tmp_path / name, "--runner", "ray", "--address", cluster.address, device="auto")
+            results.append(subprocess.run(command, env=_env(home), capture_output=True, text=True, timeout=600))
         finally:
             cluster.shutdown()
     one_each, two_on_one = results
     assert one_each.returncode == 0, one_each.stderr[-3000:]
-    best = json.loads((tmp_path / "ray-gpus" / "best.json").read_text())
+    best = json.loads((tmp_path / "one-each" / "best.json").read_text())
     assert {k: best[k] for k in SAME} == {k: local_best[k] for k in SAME}
     gpus_of: dict[int, set] = {}
-    for e in _ledger(tmp_path / "ray-gpus"):
+    for e in _ledger(tmp_path / "one-each"):
         gpus_of.setdefault(e["pid"], set()).add(e["visible_gpus"])
     assert 1 <= len(gpus_of) <= 2 and all(g == {"0"} for g in gpus_of.values()), gpus_of
     assert best["evaluations"] == local_best["evaluations"]
+    assert _ledger(tmp_path / "two-on-one") == []  # refused before any candidate was scored
     assert two_on_one.returncode == 2 and "needs one GPU per Ray node (a node here has 2)" in two_on_one.stderr
