@@ -54,9 +54,15 @@ def check_resident(model: torch.nn.Module) -> None:
 def numerics(device: str = "auto", dtype: str = "auto") -> dict[str, str]:
     """:func:`precision` and the versions of the libraries that compute a figure: a torch or
     transformers upgrade can move its last digits, so a figure's cache key holds them too."""
+    return precision(device, dtype) | library_builds()
+
+
+def library_builds() -> dict[str, str]:
+    """torch's and transformers' versions as the modules report them: torch's carries its build
+    (``2.13.0+cpu``, ``2.13.0+cu130``), which the package metadata leaves out."""
     import transformers
 
-    return precision(device, dtype) | {"torch": torch.__version__, "transformers": transformers.__version__}
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def model_precision(model: torch.nn.Module) -> dict[str, str]:

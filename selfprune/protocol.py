@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .data import data_fingerprint
-from .devices import precision
+from .devices import library_builds, precision
 from .errors import UserError
 
 PER_ROW = ("seed",)  # fields a table's rows may differ in (shown per row)
@@ -20,7 +20,8 @@ PACKAGES = ("selfprune", "torch", "transformers", "lm_eval")
 
 
 def versions() -> dict[str, str]:
-    """The installed versions of the packages that compute a figure."""
+    """The installed versions of the packages that compute a figure (torch's with its build, as
+    the cache keys hold it)."""
 
     def installed(name: str) -> str:
         try:
@@ -28,7 +29,8 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             return "not installed"
 
-    return {f"{name}_version": installed(name) for name in PACKAGES}
+    builds = library_builds()
+    return {f"{name}_version": builds.get(name) or installed(name) for name in PACKAGES}
 
 
 def device_kind(device: str, dtype: str) -> dict[str, str]:
