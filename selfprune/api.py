@@ -26,6 +26,7 @@ from .metrics import Metric, resolve_metric
 from .models import load_arch, load_model
 from .ppl import perplexity as score_windows
 from .protocol import protocol
+from .reconstruct import ADAPTIVE, NONE, check_reconstruction, identity
 from .sparsity import Pattern, parse_pattern
 from .userfiles import read_json
 from .workbench import Calibration, Progress, Workbench, _no_progress
@@ -63,6 +64,7 @@ def prune(
     metric: str | None = None,
     pattern: str = "unstructured",
     align: Alignment = EXACT,
+    reconstruct: str = NONE,
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``model`` (a spec as for ``--model``, or a loaded one) to mean rate ``ratio``.
@@ -71,7 +73,9 @@ def prune(
     one rate per layer. ``method``: a registered structured pruning method. ``metric``: instead,
     zero single weights by a pruning metric (a built-in name such as ``wanda``, ``ria``, or an
     expression such as ``abs(W) * X_rms``) in ``pattern`` (``unstructured``, ``unstructured-layer``,
-    ``2:4``, ``4:8``); ``ratio`` is then the sparsity. ``align``: kept heads and MLP channels in
+    ``2:4``, ``4:8``); ``ratio`` is then the sparsity. ``reconstruct``: refit what stays on the
+    calibration windows, layer by layer (``sparsegpt`` on the metric's mask; ``sparsegpt-adaptive``,
+    SparseGPT's own mask, no metric needed; ``lsq`` for structured pruning). ``align``: kept heads and MLP channels in
     multiples that kernels like (:class:`~selfprune.allocation.Alignment`). With ``out`` the model is exported there
     (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
     ``progress``: ``(label, total) -> advance(n)`` for long steps. The dense model is not modified.
@@ -81,6 +85,12 @@ def prune(
         raise UserError(f"format {format!r} is not known; use " + " or ".join(f"{k} ({v})" for k, v in FORMATS.items()))
     if isinstance(allocation, str):
         allocators.allocator(allocation)  # a bad rate file fails here, before the model loads
+    if reconstruct == ADAPTIVE:
+        if metric is not None:
+            raise UserError(f"--reconstruct {ADAPTIVE} chooses its own mask; drop --metric, or keep it with "
+                            "--reconstruct sparsegpt to update the metric's mask")
+        metric = "wanda"  # what an allocation reads outliers from (and ATP tunes on) beside SparseGPT's own mask
+    check_reconstruction(reconstruct, "sparse" if metric is not None else "structured")
     found = _check_metric(metric, pattern, ratio, allocation, format) if metric is not None else None
     if align != EXACT:
         if found is not None:
@@ -89,13 +99,14 @@ def prune(
     lm = load_model(model, device, dtype) if isinstance(model, str) else model
     bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress or _no_progress, method)
     if found is not None:
-        return _prune_weights(bench, lm, *found, ratio, allocation, out)
+        return _prune_weights(bench, lm, *found, ratio, allocation, out, reconstruct)
     rates = bench.allocate(allocation, ratio)
     structure = rates_to_structure(bench.arch, rates, align)
     if out is not None and format == "deci":
         _check_deci(structure, bench.arch)
-    pruned = bench.build(structure)
-    record = bench.record(rates, structure, allocation) | {"align": {"heads": align.heads, "channels": align.channels}}
+    pruned = bench.build(structure, reconstruct)
+    record = (bench.record(rates, structure, allocation) | {"align": {"heads": align.heads, "channels": align.channels}}
+              | identity(reconstruct))
     if out is not None:
         out = Path(out)
         (_save_deci if format == "deci" else save_pruned)(pruned, lm.tokenizer, out, record)
@@ -117,10 +128,10 @@ def _check_metric(metric: str, pattern: str, ratio: float, allocation: str | lis
 
 
 def _prune_weights(bench: Workbench, lm: LoadedModel, metric: Metric, pattern: Pattern, ratio: float,
-                   allocation: str | list[float], out: str | Path | None) -> PruneResult:
+                   allocation: str | list[float], out: str | Path | None, reconstruct: str) -> PruneResult:
     """The metric path of :func:`prune`: zeros in place of the lowest-scoring weights."""
-    rates, result = bench.sparsify(metric, allocation, ratio, pattern)
-    record = bench.metric_record(metric, pattern, rates, result, allocation)
+    rates, result = bench.sparsify(metric, allocation, ratio, pattern, reconstruct)
+    record = bench.metric_record(metric, pattern, rates, result, allocation, reconstruct)
     if out is not None:
         out = Path(out)
         save_pruned(result.model, lm.tokenizer, out, record)

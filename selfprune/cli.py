@@ -63,6 +63,7 @@ def prune(
     pattern: Annotated[str, typer.Option("--pattern", help="with --metric: unstructured | unstructured-layer | 2:4 | 4:8")] = "unstructured",
     align: Annotated[int, typer.Option("--align", help="kept MLP channels in multiples of this (64, 128 suit kernels); the ratio is kept")] = 1,
     align_heads: Annotated[int, typer.Option("--align-heads", help="kept query heads in multiples of this (a multiple of heads per KV group)")] = 1,
+    reconstruct: Annotated[str, typer.Option("--reconstruct", help="refit what stays on the calibration windows: none | sparsegpt (with --metric) | sparsegpt-adaptive | lsq (structured)")] = "none",
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
@@ -73,8 +74,8 @@ def prune(
     with rich_progress() as progress:
         result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
                              device=device, dtype=dtype, out=out, format=fmt, metric=metric, pattern=pattern,
-                             align=Alignment(align_heads, align), progress=progress)
-    if metric is not None:
+                             align=Alignment(align_heads, align), reconstruct=reconstruct, progress=progress)
+    if "metric" in result.record:
         record = result.record
         table = Table("layer", "sparsity", title=f"{model} pruned by {record['metric']['text']} ({record['pattern']}) -> {out}")
         for i, r in enumerate(record["layer_sparsity"]):

@@ -197,6 +197,8 @@ class ReportConfig(RunConfig):
     metric_allocations: list[str] = Field(default_factory=lambda: ["uniform", "owl", "sdsa"],
                                           json_schema_extra={"cli": "--metric-allocation"},
                                           description="allocations of the metric rows (N:M rows are uniform)")
+    reconstructs: list[str] = Field(default_factory=lambda: ["none"], json_schema_extra={"cli": "--reconstruct"},
+                                    description="reconstructions of the metric rows: none, sparsegpt, sparsegpt-adaptive")
     tasks: list[str] = Field(default_factory=lambda: ["selfprune_cloze"], min_length=1,
                              description="lm-eval tasks, e.g. boolq,piqa; selfprune_cloze/selfprune_lastword are built from --data")
     include_path: str | None = Field(None, description="a directory of lm-eval task YAMLs")
@@ -210,7 +212,7 @@ class ReportConfig(RunConfig):
     out: str = Field("runs/report", description="report directory (report.md, report.html, plots)")
 
     _lists = field_validator("ratios", "sparsities", "tasks", "allocations", "metrics", "patterns", "metric_allocations",
-                             mode="before")(_comma_separated)
+                             "reconstructs", mode="before")(_comma_separated)
 
 def build_config(cls: type[RunConfig], **values) -> RunConfig:
     """Build a config, turning pydantic's errors into one :class:`UserError` that names each bad

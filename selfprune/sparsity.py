@@ -135,21 +135,31 @@ class Sparsified:
     layer_sparsity: list[float]
 
 
+def layer_masks(scores: dict[str, torch.Tensor], rate: float, pattern: Pattern) -> dict[str, torch.Tensor]:
+    """Keep masks of one layer's linears from their scores (by path), at that layer's rate."""
+    return {path: keep_mask(s, rate, pattern) for path, s in scores.items()}
+
+
+def pruned_count(masks: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(zeros, weights) of one layer's keep masks."""
+    return sum(int((~m).sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+
+
+def sparsified(pruned: nn.Module, arch: Arch, counts: list[tuple[int, int]]) -> Sparsified:
+    """The zeroed model with its realized sparsity, from each layer's :func:`pruned_count`."""
+    pruned.config.selfprune_layers = [[arch.n_kv_heads, arch.intermediate]] * arch.n_layers  # every unit kept
+    return Sparsified(pruned, sum(z for z, _ in counts) / sum(t for _, t in counts), [z / t for z, t in counts])
+
+
 def sparsify(model: nn.Module, arch: Arch, scores: Callable[[int], dict[str, torch.Tensor]], rates: list[float],
              pattern: Pattern) -> Sparsified:
     """Zero the lowest-scoring weights of each layer's linears at that layer's rate."""
     pruned = shallow_copy(model)
-    zeros = total = 0
-    per_layer = []
+    counts = []
     for i, layer in enumerate(decoder_layers(pruned)):
-        layer_zeros = layer_total = 0
-        for path, s in scores(i).items():
+        masks = layer_masks(scores(i), rates[i], pattern)
+        for path, keep in masks.items():
             linear = layer.get_submodule(path)
-            mask = keep_mask(s, rates[i], pattern).to(linear.weight.device)
-            linear.weight = nn.Parameter(linear.weight.detach() * mask, requires_grad=False)
-            layer_zeros += int((~mask).sum())
-            layer_total += mask.numel()
-        per_layer.append(layer_zeros / layer_total)
-        zeros, total = zeros + layer_zeros, total + layer_total
-    pruned.config.selfprune_layers = [[arch.n_kv_heads, arch.intermediate]] * arch.n_layers  # every unit kept
-    return Sparsified(pruned, zeros / total, per_layer)
+            linear.weight = nn.Parameter(linear.weight.detach() * keep.to(linear.weight.device), requires_grad=False)
+        counts.append(pruned_count(masks))
+    return sparsified(pruned, arch, counts)

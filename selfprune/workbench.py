@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import allocation, allocators, data, gradients, slicing, sparsity, stats
+from . import allocation, allocators, data, gradients, reconstruct, slicing, sparsity, stats
 from .allocation import Structure
 from .checkpoint import LoadedModel
 from .devices import model_precision
@@ -91,6 +91,11 @@ class Workbench:
         self.rankings = self.method.rank(lm.model, self.arch, self.stats, **with_g)
         self._windows: dict[tuple, torch.Tensor] = {}
 
+    def calibration_windows(self) -> torch.Tensor:
+        """The calibration token windows: what the statistics and reconstruction are taken on."""
+        c = self.calibration
+        return data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
+
     @property
     def stats_path(self) -> Path:
         return ArtifactStore().tensor_path(self.stats_key)
@@ -100,7 +105,7 @@ class Workbench:
         c = self.calibration
 
         def compute() -> dict[str, torch.Tensor]:
-            windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
+            windows = self.calibration_windows()
             return stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
 
         return self._stored(self.stats_key, stats.STATS_VERSION, compute,
@@ -115,8 +120,7 @@ class Workbench:
                                self.calibration_fingerprint, c.key_fields(), gradients.WINDOWS, self.precision)
 
             def compute() -> dict[str, torch.Tensor]:
-                windows = data.split_windows(self.lm.tokenizer, c.data, "calibration", c.seqlen, c.samples)
-                windows = windows[: gradients.WINDOWS]
+                windows = self.calibration_windows()[: gradients.WINDOWS]
                 return gradients.capture(self.lm.model, windows, self.progress("gradients", len(windows)))
 
             def check(found: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -151,9 +155,15 @@ class Workbench:
     def structure(self, rates: list[float]) -> Structure:
         return allocation.rates_to_structure(self.arch, rates)
 
-    def build(self, structure: Structure) -> torch.nn.Module:
-        """The pruned candidate; the dense model is never modified."""
-        return slicing.materialize(self.lm.model, self.arch, self.rankings, structure)
+    def build(self, structure: Structure, reconstruct_: str = reconstruct.NONE) -> torch.nn.Module:
+        """The pruned candidate, its consumers of removed units refitted with ``reconstruct_``
+        ``lsq``; the dense model is never modified."""
+        if reconstruct_ == reconstruct.NONE:
+            return slicing.materialize(self.lm.model, self.arch, self.rankings, structure)
+        reconstruct.check_reconstruction(reconstruct_, "structured")
+        return reconstruct.structured_model(self.lm.model, self.arch, self.rankings, structure,
+                                            self.calibration_windows(), self.calibration.batch_size,
+                                            self.progress("reconstruction (layers)", self.arch.n_layers))
 
     def windows(self, scoring: Scoring) -> torch.Tensor:
         key = (scoring.data, scoring.split, scoring.seqlen, scoring.windows)
@@ -163,20 +173,23 @@ class Workbench:
             )
         return self._windows[key]
 
-    def candidate(self, spec: Structure | list | dict | None) -> torch.nn.Module:
+    def candidate(self, spec: Structure | list | dict | None, reconstruct_: str = reconstruct.NONE) -> torch.nn.Module:
         """The model a candidate stands for: ``None``, the dense model; a structure (or its JSON),
-        the sliced model; ``{"metric", "pattern", "allocation", "sparsity"}`` (:func:`sparse_candidate`),
-        the metric's lowest-scoring single weights zeroed."""
+        the sliced model (refitted by ``reconstruct_``); ``{"metric", "pattern", "allocation",
+        "sparsity"[, "reconstruct"]}`` (:func:`sparse_candidate`), the metric's lowest-scoring single
+        weights zeroed (and the rest updated)."""
         if spec is None:
             return self.lm.model
         if isinstance(spec, dict):
             metric, pattern = resolve_metric(spec["metric"]), parse_pattern(spec["pattern"])
-            return self.sparsify(metric, spec["allocation"], spec["sparsity"], pattern)[1].model
-        return self.build(spec if isinstance(spec, tuple) else allocation.structure_from_json(spec))
+            how = spec.get("reconstruct", reconstruct.NONE)
+            return self.sparsify(metric, spec["allocation"], spec["sparsity"], pattern, how)[1].model
+        return self.build(spec if isinstance(spec, tuple) else allocation.structure_from_json(spec), reconstruct_)
 
-    def score(self, spec: Structure | list | dict | None, scoring: Scoring) -> Perplexity:
+    def score(self, spec: Structure | list | dict | None, scoring: Scoring,
+              reconstruct_: str = reconstruct.NONE) -> Perplexity:
         """Perplexity of the candidate (:meth:`candidate`) under ``scoring``."""
-        return self._perplexity(self.candidate(spec), scoring)
+        return self._perplexity(self.candidate(spec, reconstruct_), scoring)
 
     def _perplexity(self, model: torch.nn.Module, scoring: Scoring) -> Perplexity:
         windows = self.windows(scoring)
@@ -218,12 +231,21 @@ class Workbench:
         sparse = self.fitness(lambda rates: sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern).model)
         return self.allocate(allocation_spec, ratio, lambda i: list(scores(i).values()), sparse)
 
-    def sparsify(self, metric: Metric, allocation_spec: str | list[float], ratio: float,
-                 pattern: sparsity.Pattern) -> tuple[list[float], sparsity.Sparsified]:
+    def sparsify(self, metric: Metric, allocation_spec: str | list[float], ratio: float, pattern: sparsity.Pattern,
+                 reconstruct_: str = reconstruct.NONE) -> tuple[list[float], sparsity.Sparsified]:
         """Allocate per-layer sparsities (:meth:`sparse_rates`) and zero the lowest-scoring weights:
-        the unstructured or N:M candidate. The dense model is never modified."""
+        the unstructured or N:M candidate; with ``reconstruct_`` the kept weights are updated
+        (``sparsegpt``), or SparseGPT also chooses the mask (``sparsegpt-adaptive``). An allocation
+        reads outliers from, and ATP tunes on, the metric's masks without reconstruction. The
+        dense model is never modified."""
         rates = self.sparse_rates(metric, allocation_spec, ratio, pattern)
-        return rates, sparsity.sparsify(self.lm.model, self.arch, self.metric_scores(metric), rates, pattern)
+        scores = self.metric_scores(metric)
+        if reconstruct_ == reconstruct.NONE:
+            return rates, sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern)
+        reconstruct.check_reconstruction(reconstruct_, "sparse")
+        return rates, reconstruct.sparse_model(
+            self.lm.model, self.arch, self.calibration_windows(), None if reconstruct_ == reconstruct.ADAPTIVE else scores,
+            rates, pattern, self.calibration.batch_size, self.progress("reconstruction (layers)", self.arch.n_layers))
 
     def provenance(self) -> dict:
         """What every export record holds of its origin: the base model, calibration, statistics, precision."""
@@ -235,11 +257,13 @@ class Workbench:
         }
 
     def metric_record(self, metric: Metric, pattern: sparsity.Pattern, rates: list[float],
-                      result: sparsity.Sparsified, allocation_spec: str | list[float]) -> dict:
+                      result: sparsity.Sparsified, allocation_spec: str | list[float],
+                      reconstruct_: str = reconstruct.NONE) -> dict:
         """Provenance of an unstructured or N:M model for ``selfprune.json``."""
         return {
             "method": f"metric/{allocators.label(allocation_spec)}",
             "metric": {"text": metric.text, "key": metric.key},
+            **reconstruct.identity(reconstruct_),
             "pattern": pattern.text,
             "rates": rates,
             "layer_sparsity": result.layer_sparsity,
@@ -289,14 +313,25 @@ def tuning_identity(allocation_spec: str, calibration: dict) -> dict:
     return {"allocation_fitness": scoring.key_fields() | {"data": data.data_fingerprint(scoring.data, scoring.split)}}
 
 
-def sparse_candidate(metric: str, pattern: str, allocation: str, sparsity_: float) -> dict:
+def sparse_candidate(metric: str, pattern: str, allocation: str, sparsity_: float,
+                     reconstruct_: str = reconstruct.NONE) -> dict:
     """A metric's candidate as a small JSON value (a cache key's part): the canonical metric and
-    pattern, a registered allocation and the target sparsity."""
+    pattern, a registered allocation, the target sparsity and, when not ``none``, the
+    reconstruction with its version (absent otherwise, so earlier candidates keep their keys)."""
     if allocation not in allocators.ALLOCATIONS:
         raise UserError(f"allocation {allocation!r} of a metric's candidate must be registered "
                         f"({', '.join(allocators.ALLOCATIONS.names())}): a file's rates could change under the same name")
-    return {"metric": resolve_metric(metric).text, "pattern": parse_pattern(pattern).text, "allocation": allocation,
-            "sparsity": sparsity_}
+    return reconstructed({"metric": resolve_metric(metric).text, "pattern": parse_pattern(pattern).text,
+                          "allocation": allocation, "sparsity": sparsity_}, reconstruct_)
+
+
+def reconstructed(candidate: dict, how: str) -> dict:
+    """A metric's candidate whose kept weights ``how`` refits: the reconstruction and its version
+    join the candidate (and so its cache key); ``none`` leaves it as it was."""
+    reconstruct.check_reconstruction(how, "sparse")
+    if how == reconstruct.NONE:
+        return candidate
+    return candidate | {"reconstruct": how, "reconstruct_version": reconstruct.RECONSTRUCT_VERSION}
 
 
 # Tasks may run in threads: each model is loaded, and each workbench built, once per process.

@@ -32,7 +32,7 @@ from ..protocol import common, protocol
 from ..seeds import SUMMARY as SEEDS_SUMMARY, candidates, run_paths, spread
 from ..sparsity import parse_pattern
 from ..userfiles import read_json
-from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress, sparse_candidate
+from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress, reconstructed, sparse_candidate
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 
 LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
@@ -63,7 +63,7 @@ class ReportPlan:
     scoring: dict  # Scoring fields (the test split)
     device: str
     dtype: str
-    sparse: list[tuple[str, str, str, float]]  # (metric text, pattern, allocation, sparsity) rows
+    sparse: list[tuple[str, str, str, float, str]]  # (metric text, pattern, allocation, sparsity, reconstruction) rows
     metric_names: dict[str, str]  # metric text -> how its rows are labelled
 
 
@@ -139,18 +139,20 @@ def plan_report(config: ReportConfig) -> ReportPlan:
     )
 
 
-def _sparse_rows(c: ReportConfig, ratios: list[float]) -> tuple[dict[str, str], list[tuple[str, str, str, float]]]:
-    """The metric rows, every metric and pattern checked now (before any model loads): each
-    metric x pattern x allocation x ratio; an N:M pattern gives one uniform row at its sparsity."""
+def _sparse_rows(c: ReportConfig, ratios: list[float]) -> tuple[dict[str, str], list[tuple[str, str, str, float, str]]]:
+    """The metric rows, every metric, pattern, allocation and reconstruction checked now (before any
+    model loads): each metric x pattern x allocation x ratio x reconstruction; an N:M pattern gives
+    uniform rows at its sparsity."""
     names = {resolve_metric(m).text: Path(m).parent.name if m.endswith(".json") else m for m in c.metrics}
     for a in c.metric_allocations:
-        sparse_candidate("abs(W)", "unstructured", a, 0.5)  # a registered allocation, else a UserError now
+        for how in c.reconstructs:  # a registered allocation and a sparse reconstruction, else a UserError now
+            sparse_candidate("abs(W)", "unstructured", a, 0.5, how)
     rows = []
     for text in names:
         for p in dict.fromkeys(parse_pattern(p).text for p in c.patterns):
             fixed = parse_pattern(p).fixed_sparsity
             plan = [("uniform", fixed)] if fixed else [(a, r) for a in c.metric_allocations for r in ratios]
-            rows += [(text, p, a, r) for a, r in plan]
+            rows += [(text, p, a, r, how) for a, r in plan for how in dict.fromkeys(c.reconstructs)]
     return names, rows
 
 
@@ -217,10 +219,11 @@ def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
         for method in plan.allocations:
             a = allocate(method, r, None, None)
             out.append(Entry(method, method, r, a["rates"], a["candidate"]))
-    for text, pattern, allocation, r in plan.sparse:
+    for text, pattern, allocation, r, how in plan.sparse:
         a = allocate(allocation, r, text, pattern)
-        label = f"{plan.metric_names[text]} {allocation}" + ("" if pattern == "unstructured" else f" {pattern}")
-        out.append(Entry(label, "metric", r, a["rates"], a["candidate"], zeros=a["zeros"]))
+        label = (f"{plan.metric_names[text]} {allocation}" + ("" if pattern == "unstructured" else f" {pattern}")
+                 + ("" if how == "none" else f" + {how}"))
+        out.append(Entry(label, "metric", r, a["rates"], reconstructed(a["candidate"], how), zeros=a["zeros"]))
     return out + _search_entries(plan.searches)
 
 
