@@ -21,7 +21,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from selfprune import prefect_env
 from selfprune.arch import Arch
-from selfprune.config import EvolutionConfig
+from selfprune.config import EvolutionConfig, SearchConfig
 from selfprune.errors import UserError
 from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
@@ -29,6 +29,7 @@ from selfprune.models import load_tokenizer, model_fingerprint
 from selfprune.evolve import runner
 from selfprune.evolve.oracles import ChatRequest, Reply, Transport
 from selfprune.tasks.caching import kept_result
+from selfprune.tasks.evaluation import allocation_rates
 from selfprune.tasks.oracle import oracle_call
 from selfprune.tasks.pruning import capture_statistics, score_candidate
 
@@ -116,6 +117,24 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
         return [kept_result(f.state) | {"cached": f.state.name == "Cached"} for f in futures]
 
     return score
+
+
+def batch_allocator(config: SearchConfig, model_fp: str, stats_key: str, calibration: dict,
+                    workers: TaskRunner) -> runner.Allocate:
+    """``allocate(names)``: each registered allocation's rates at the search's ratio through the
+    cached ``allocation_rates`` task, on ``workers`` (where the model is loaded), as one batch."""
+
+    def allocate(names: list[str]) -> list[list[float]]:
+        with one_gpu_per_task(config, workers):
+            futures = [workers.submit(allocation_rates, dict(
+                model=config.model, model_fp=model_fp, stats_key=stats_key, allocation=name, ratio=config.ratio,
+                calibration=calibration, device=config.device, dtype=config.dtype, metric=None, pattern=None,
+                method=config.method)) for name in names]
+        for f in futures:
+            f.wait()
+        return [kept_result(f.state)["rates"] for f in futures]
+
+    return allocate
 
 
 def cached_transport(config: EvolutionConfig, calls: dict[str, int]) -> Transport:

@@ -20,7 +20,8 @@ from prefect.artifacts import create_markdown_artifact
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
-from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher, task_runner
+from selfprune.flows.evolution import (artifact_key, batch_allocator, batch_scorer, cached_transport, prepare, publisher,
+                                      task_runner)
 from selfprune.seeds import over_seeds
 
 
@@ -38,7 +39,8 @@ def search(config: SearchConfig) -> dict:
         publish = publisher(config, logger, lambda r: {"rates": fmt_rates(r["rates"]), "kept_params": r["kept_params"],
                                                        "fitness": round(r["fitness"], 4)},
                             lambda i, best: best_markdown(i, best, setup.arch.n_layers), "GA")
-        summary = runner.run(config, setup, score, cached_transport(config, calls), publish) | calls
+        allocate = batch_allocator(config, setup.model_fp, setup.stats_key, calibration, workers)
+        summary = runner.run(config, setup, score, cached_transport(config, calls), publish, allocate) | calls
     runner.write_summary(summary, out)
     plot_history(summary["history"], out / "fitness.png")
     plot_rates(summary["rates"], config.ratio, out / "rates.png")

@@ -156,6 +156,10 @@ def _search(values: dict) -> None:
     for h in summary["history"]:
         table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
     console.print(table)
+    if "best_baseline" in summary:
+        b = summary["best_baseline"]
+        console.print(f"best baseline: {b['name']}, fitness {b['fitness']:.3f}; the search's best is "
+                      f"{100 * summary['beyond_best_baseline']:.1f}% lower")
     console.print(
         f"best: fitness {summary['fitness']:.3f}, test ppl {summary['test_ppl']:.3f} "
         f"(uniform {summary['uniform_test_ppl']:.3f}) | evaluations {summary['evaluations']}, "

@@ -27,6 +27,14 @@ def _comma_separated(value):
 
 
 RUNNERS = ("local", "dask", "ray")
+# The registered allocations a rate search starts from (selfprune.allocators; a test keeps them equal).
+BASELINES = ("uniform", "owl", "sdsa", "atp", "dlp", "alphapruning")
+
+
+def _none_or_list(value):
+    """``none`` is the empty list; anything else as :func:`_comma_separated`."""
+    items = _comma_separated(value)
+    return [] if items == ["none"] else items
 
 
 class RunConfig(BaseModel):
@@ -134,7 +142,13 @@ class SearchConfig(EvolutionConfig):
                                                   "heads per KV group; 1: exact)")
     metric: str | None = Field(None, description="rank units by a pruning metric's scores summed per KV group and MLP "
                                                 "channel instead of --method: a name such as ria, or an expression")
+    baselines: list[str] = Field(default_factory=lambda: list(BASELINES),
+                                 description="allocations at --ratio that join generation 0 beside the oracle's "
+                                             "(labelled in the LLM's prompt), so the search ends no worse than the "
+                                             "best of them: " + ",".join(BASELINES) + " (the default), a subset, or none")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
+
+    _baseline_list = field_validator("baselines", mode="before")(_none_or_list)
 
     @model_validator(mode="before")
     @classmethod

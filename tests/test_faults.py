@@ -23,7 +23,7 @@ import pytest
 from conftest import PrefectServer
 
 TINY = dict(ratio=0.5, population=6, mutations=2, crossovers=2, generations=6, samples=4, calib_seqlen=64, seqlen=64,
-            fitness_windows=4, test_windows=4, device="cpu")
+            fitness_windows=4, test_windows=4, device="cpu", baselines="none")
 EVALUATIONS = 6 + 6 * (2 + 2)
 
 

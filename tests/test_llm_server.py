@@ -52,7 +52,7 @@ def test_a_search_with_a_real_llm_oracle_finishes_and_accounts_for_every_reply(p
     config = SearchConfig(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.3,
                           oracle="openai:smollm2", base_url=llm_server, population=4, mutations=2, crossovers=2,
                           generations=2, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=4, test_windows=4,
-                          oracle_timeout=TIMEOUT_S, device="cpu", out=str(tmp_path / "run"))
+                          oracle_timeout=TIMEOUT_S, device="cpu", baselines=[], out=str(tmp_path / "run"))
     start = time.monotonic()
     summary = search(config)
     wall = time.monotonic() - start

@@ -233,3 +233,54 @@ def test_make_oracle():
     for bad in ("gpt", "openai:", "anthropic:x", ""):
         with pytest.raises(UserError, match="ga, random, openai:MODEL"):
             make_oracle(bad, None)
+
+
+# --- starting from the best known answers ------------------------------------------------------
+
+
+def test_known_candidates_join_generation_zero_and_the_best_of_them_survives():
+    known = [TARGET, [0.3] * 6]  # TARGET is the optimum of toy_fitness
+    seen: list[list[float]] = []
+
+    def evaluate(batch):
+        seen.extend(batch)
+        return [toy_fitness(r) for r in batch]
+
+    params = SearchParams(population=4, mutations=2, crossovers=2, generations=2)
+    result = run_search(GAOracle(), CTX, params, evaluate, known=known)
+    assert seen[:2] == known and result.best == TARGET and result.best_fitness == toy_fitness(TARGET)
+    assert initial_population(GAOracle(), CTX, params, known)[:2] == known
+    plain = run_search(GAOracle(), CTX, params, lambda b: [toy_fitness(r) for r in b])
+    assert plain.best_fitness > result.best_fitness  # without them the GA had not found it
+
+
+def test_the_llm_sees_the_baselines_labelled_and_the_papers_prompt_is_unchanged_without_them():
+    from selfprune.evolve.prompts import INITIALIZATION_TEMPLATE, evolution_prompt, initialization_prompt
+
+    owl = ("owl", (0.2, 0.4, 0.3, 0.3, 0.3, 0.3))
+    ctx = SearchContext(model_name="tiny", n_layers=6, beta=0.3, p_max=0.9, seed=7, baselines=(owl, ("uniform", (0.3,) * 6)))
+    transport, requests = scripted(json.dumps({"rates": [[0.3] * 6]}))
+    oracle = LLMOracle("m", transport, max_reasks=0)
+    oracle.initialize(ctx, 2)
+    prompt = requests[0].messages[0][1]
+    assert "### Known allocations ###" in prompt and "owl: [0.20000, 0.40000, 0.30000" in prompt
+    assert "uniform: [0.30000" in prompt
+    population = [(list(owl[1]), 2.5), ([0.1, 0.5, 0.2, 0.4, 0.3, 0.3], 3.0)]
+    oracle.evolve(ctx, population, 0, 1, generation=1)
+    assert "Configuration1 (owl): [0.20000" in requests[-1].messages[0][1]
+    assert "Configuration2: [0.10000" in requests[-1].messages[0][1]
+    paper = INITIALIZATION_TEMPLATE.format(model="m", dataset="d", n_layers=6, count=2, beta=0.3, p_max=0.9)
+    assert initialization_prompt("m", 6, 2, 0.3, 0.9, "d") == paper
+    assert evolution_prompt("mutation", "m", 6, population, 1, 0.3, 0.9) == evolution_prompt(
+        "mutation", "m", 6, population, 1, 0.3, 0.9, labels=[None, None])
+
+
+def test_the_default_baselines_are_every_registered_allocation_and_a_typo_is_refused():
+    from selfprune.allocators import ALLOCATIONS
+    from selfprune.config import BASELINES, SearchConfig
+    from selfprune.evolve.runner import check
+
+    assert list(BASELINES) == ALLOCATIONS.names() == SearchConfig().baselines
+    assert SearchConfig(baselines="none").baselines == [] and SearchConfig(baselines="owl,atp").baselines == ["owl", "atp"]
+    with pytest.raises(UserError, match="'owll' is not a registered allocation"):
+        check(SearchConfig(baselines="uniform,owll"))

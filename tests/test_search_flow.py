@@ -18,8 +18,9 @@ import pytest
 from fake_openai_server import FakeOpenAI, reply
 from selfprune.allocation import project_to_mean
 
+# The paper's generation 0 (no baselines): these tests count evaluations exactly.
 SMALL = dict(population=6, mutations=2, crossovers=2, generations=4, samples=4, calib_seqlen=64, seqlen=64,
-             fitness_windows=4, test_windows=4, device="cpu")
+             fitness_windows=4, test_windows=4, device="cpu", baselines="none")
 REQUIRED = {"rates", "structure", "fitness", "test_ppl", "evaluations", "cache_hits", "oracle_calls",
             "oracle_fallbacks", "wall_s"}
 
@@ -221,3 +222,35 @@ def test_a_late_oracle_reply_falls_back_and_is_asked_again_by_a_rerun(prefect_ap
                            generations=1, oracle_timeout=1.0, seed=11)
     assert server.requests[asked].body == server.requests[0].body  # the late question, asked again
     assert again["oracle"]["replies"]["late"] == 0 and again["oracle_calls"] >= 1
+
+
+def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(prefect_api, tiny_workspace, tmp_path):
+    """Generation 0 holds every registered allocation at the ratio (computed through the cached
+    allocation task); the best found is at or below the best of them, and the library's search,
+    which allocates in process, takes the same path."""
+    import selfprune
+    from selfprune.allocation import rates_to_structure, structure_to_json
+    from selfprune.config import BASELINES
+    from selfprune.models import load_model
+    from selfprune.workbench import Calibration, Scoring, Workbench
+
+    small = SMALL | {"baselines": ",".join(BASELINES), "generations": 2}
+    summary = run_search(tiny_workspace, tmp_path / "flow", **small)
+    assert [b["name"] for b in summary["baselines"]] == list(BASELINES)
+    best = summary["best_baseline"]
+    assert best["fitness"] == min(b["fitness"] for b in summary["baselines"])
+    assert summary["fitness"] <= best["fitness"] and summary["beyond_best_baseline"] >= 0
+    assert summary["beyond_best_baseline"] == 1 - summary["fitness"] / best["fitness"]
+
+    bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
+    owl = next(b for b in summary["baselines"] if b["name"] == "owl")
+    assert owl["rates"] == bench.allocate("owl", 0.5)  # the flow's cached task gave the library's rates
+    fitness = bench.score(rates_to_structure(bench.arch, owl["rates"]),
+                          Scoring(str(tiny_workspace / "corpus.txt"), "fitness", 64, 4)).ppl
+    assert owl["fitness"] == fitness  # and generation 0 scored them as any candidate
+    evaluated = [json.dumps(e["structure"]) for e in ledger(tmp_path / "flow") if e["split"] == "fitness"]
+    assert json.dumps(structure_to_json(rates_to_structure(bench.arch, owl["rates"]))) in evaluated
+
+    plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.5,
+                             out=str(tmp_path / "plain"), **small)
+    assert (plain["rates"], plain["fitness"], plain["baselines"]) == (summary["rates"], summary["fitness"], summary["baselines"])

@@ -19,7 +19,7 @@ which makes K + N(M + S) evaluations: 430 with the paper's settings (K=30, M=S=1
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Sequence
 
 from ..errors import UserError
 from .oracles import Oracle, RandomOracle, Scored, SearchContext, fitness_key
@@ -92,10 +92,12 @@ def survivors(scored: list[Scored], k: int) -> list[Scored]:
     return sorted(scored, key=lambda s: fitness_key(s[1]))[:k]
 
 
-def initial_population(oracle: Oracle, ctx: SearchContext, params: SearchParams) -> list[list[float]]:
-    """Line 1: G_0, from the oracle, or random under the ``random_init`` ablation."""
+def initial_population(oracle: Oracle, ctx: SearchContext, params: SearchParams, known: Sequence = ()) -> list:
+    """Line 1: G_0, from the oracle, or random under the ``random_init`` ablation; after the
+    ``known`` candidates (the best known answers, such as the registered allocations at the
+    target), so the search starts no worse than the best of them."""
     source = RandomOracle() if params.random_init else oracle
-    return source.initialize(ctx, params.population)
+    return list(known) + source.initialize(ctx, params.population)
 
 
 def offspring(
@@ -139,6 +141,7 @@ def run_search(
     params: SearchParams,
     evaluate: Evaluate,
     on_generation: Callable[[Generation], None] | None = None,
+    known: Sequence = (),
 ) -> SearchResult:
     """Run Algorithm 1 with ``evaluate`` as the fitness (perplexity; lower is better).
 
@@ -146,13 +149,16 @@ def run_search(
     them side by side) and returns their fitnesses in order. Candidates are identified by
     ``ctx.canonical``: one already in the population never enters it twice, and one evaluated
     before (then dropped) reuses its fitness, so no structure is ever evaluated twice.
-    ``on_generation`` sees every generation, G_0 included, after selection.
+    ``on_generation`` sees every generation, G_0 included, after selection. ``known`` candidates
+    join G_0 beside the oracle's (:func:`initial_population`); the best survives selection, so the
+    result is never worse on fitness than any of them.
     """
     memo: dict[Hashable, float] = {}
     population: list[Scored] = []
     history: list[GenerationStats] = []
     for index in range(params.generations + 1):
-        children = initial_population(oracle, ctx, params) if index == 0 else offspring(oracle, ctx, params, population, index)
+        children = (initial_population(oracle, ctx, params, known) if index == 0
+                    else offspring(oracle, ctx, params, population, index))
         taken = {ctx.canonical(rates) for rates, _ in population}
         new: list[tuple[list[float], Hashable]] = []
         for rates in children:

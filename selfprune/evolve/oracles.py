@@ -57,7 +57,8 @@ class SearchContext:
     rate of 1 removes a layer's attention and MLP entirely; the bound keeps every layer alive.
     ``canonical`` maps rates to the pruned structure they produce (the orchestrator passes the
     rounding to whole heads and channels), so two vectors that prune the same units count as one
-    candidate. ``dataset`` names the fitness data in the prompt.
+    candidate. ``dataset`` names the fitness data in the prompt. ``baselines``: known allocations
+    at ``beta`` by name, which join the initial population and which the LLM sees, labelled.
     """
 
     model_name: str
@@ -67,6 +68,7 @@ class SearchContext:
     seed: int = 0
     canonical: Callable[[list[float]], Hashable] = rounded_key
     dataset: str = "WikiText-2"
+    baselines: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_layers < 1:
@@ -393,7 +395,8 @@ class LLMOracle(ChatOracle):
 
     def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
         prompt = partial(
-            prompts.initialization_prompt, ctx.model_name, ctx.n_layers, beta=ctx.beta, p_max=ctx.p_max, dataset=ctx.dataset
+            prompts.initialization_prompt, ctx.model_name, ctx.n_layers, beta=ctx.beta, p_max=ctx.p_max, dataset=ctx.dataset,
+            baselines=ctx.baselines,
         )
         exclude: set[Hashable] = set()
         got = self._ask(ctx, "init", 0, prompt, k, exclude)
@@ -403,6 +406,8 @@ class LLMOracle(ChatOracle):
         self, ctx: SearchContext, population: list[Scored], n_crossover: int, n_mutation: int, generation: int
     ) -> list[list[float]]:
         exclude = {ctx.canonical(rates) for rates, _ in population}
+        names = {ctx.canonical(list(rates)): name for name, rates in ctx.baselines}
+        labels = [names.get(ctx.canonical(rates)) for rates, _ in population]
         out: list[list[float]] = []
         for op, n, ga_op in (
             ("mutation", n_mutation, self.fallback.mutate),
@@ -411,7 +416,8 @@ class LLMOracle(ChatOracle):
             if n <= 0:
                 continue
             prompt = partial(
-                prompts.evolution_prompt, op, ctx.model_name, ctx.n_layers, population, beta=ctx.beta, p_max=ctx.p_max
+                prompts.evolution_prompt, op, ctx.model_name, ctx.n_layers, population, beta=ctx.beta, p_max=ctx.p_max,
+                labels=labels,
             )
             got = self._ask(ctx, op, generation, prompt, n, exclude)
             out += got + self._fill(ga_op(ctx, population, n - len(got), generation, exclude))

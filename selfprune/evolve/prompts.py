@@ -74,9 +74,22 @@ def format_rates(rates: list[float]) -> str:
     return "[" + ", ".join(f"{r:.5f}" for r in rates) + "]"
 
 
-def initialization_prompt(model: str, n_layers: int, count: int, beta: float, p_max: float, dataset: str) -> str:
-    """Figure 2: ask for ``count`` initial configurations."""
-    return INITIALIZATION_TEMPLATE.format(model=model, dataset=dataset, n_layers=n_layers, count=count, beta=beta, p_max=p_max)
+# Not in the paper: the known allocations that join the initial population, shown so the model can
+# aim past them. Absent when there are none, so the paper's prompt is unchanged.
+BASELINES_TEMPLATE = """### Known allocations ###
+These published layer-wise allocations at the same average will be evaluated beside your configurations; propose configurations that could do better than them:
+{baselines}
+"""
+
+
+def initialization_prompt(model: str, n_layers: int, count: int, beta: float, p_max: float, dataset: str,
+                          baselines: tuple[tuple[str, tuple[float, ...]], ...] = ()) -> str:
+    """Figure 2: ask for ``count`` initial configurations (shown the ``baselines``, labelled, if any)."""
+    prompt = INITIALIZATION_TEMPLATE.format(model=model, dataset=dataset, n_layers=n_layers, count=count, beta=beta, p_max=p_max)
+    if not baselines:
+        return prompt
+    return prompt + BASELINES_TEMPLATE.format(baselines="\n".join(f"{name}: {format_rates(list(rates))}"
+                                                                   for name, rates in baselines))
 
 
 def evolution_prompt(
@@ -87,11 +100,14 @@ def evolution_prompt(
     count: int,
     beta: float,
     p_max: float,
+    labels: list[str | None] | None = None,
 ) -> str:
-    """Figure 3: show the scored population and ask for ``count`` offspring by ``operation``."""
+    """Figure 3: show the scored population and ask for ``count`` offspring by ``operation``; a
+    member that is a known allocation carries its name (``labels``, by position)."""
+    labels = labels or [None] * len(population)
     lines = "\n".join(
-        f"Configuration{i}: {format_rates(rates)}, Fitness{i}: {fitness:.4f}"
-        for i, (rates, fitness) in enumerate(population, start=1)
+        f"Configuration{i}{f' ({label})' if label else ''}: {format_rates(rates)}, Fitness{i}: {fitness:.4f}"
+        for i, ((rates, fitness), label) in enumerate(zip(population, labels), start=1)
     )
     return EVOLUTION_TEMPLATE.format(
         population_size=len(population),

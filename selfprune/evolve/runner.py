@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Hashable
 from pathlib import Path
 
-from ..allocation import Alignment, kept_params, rates_to_structure, structure_from_json, structure_to_json, uniform
+from ..allocation import (Alignment, kept_params, project_to_mean, rates_to_structure, structure_from_json,
+                          structure_to_json, uniform)
+from ..allocators import ALLOCATIONS
 from ..arch import Arch
 from ..config import EvolutionConfig, SearchConfig, build_config
 from ..data import split_windows
@@ -36,6 +38,8 @@ from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
 # (structures as JSON, split, windows) -> one perplexity record per structure, in order. A record
 # may carry "cached": True when an orchestrator's cache answered instead of a computation.
 Score = Callable[[list[list[list[int]]], str, "int | None"], list[dict]]
+# registered allocation names -> their rates at the search's ratio, in order
+Allocate = Callable[[list[str]], list[list[float]]]
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,10 @@ def check(config: SearchConfig) -> None:
     alignment against the model's config (read only when one is asked for). Fails fast."""
     precision(config.device, config.dtype)
     get_method(config.method)
+    for name in config.baselines:
+        if name not in ALLOCATIONS:
+            raise UserError(f"--baselines {name!r} is not a registered allocation; use any of "
+                            f"{', '.join(ALLOCATIONS.names())}, or none")
     make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
     check_runner(config)
     align = alignment(config)
@@ -159,8 +167,10 @@ def check_windows(config: EvolutionConfig, tokenizer) -> None:
     split_windows(tokenizer, config.data, "test", config.seqlen, config.test_windows or None)
 
 
-def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None = None) -> tuple[SearchContext, SearchParams, Oracle]:
-    """The pure search objects of ``config``: a candidate's identity is its pruned structure."""
+def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None = None,
+                   baselines: dict[str, list[float]] | None = None) -> tuple[SearchContext, SearchParams, Oracle]:
+    """The pure search objects of ``config``: a candidate's identity is its pruned structure;
+    ``baselines`` (name -> rates) join generation 0 and the LLM's prompts."""
 
     align = alignment(config)
 
@@ -168,7 +178,8 @@ def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None
         return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates, align))))
 
     ctx = SearchContext(model_name=config.model, n_layers=arch.n_layers, beta=config.ratio, p_max=config.p_max,
-                        seed=config.seed, canonical=canonical, dataset=config.data)
+                        seed=config.seed, canonical=canonical, dataset=config.data,
+                        baselines=tuple((name, tuple(rates)) for name, rates in (baselines or {}).items()))
     params = SearchParams(population=config.population, mutations=config.mutations, crossovers=config.crossovers,
                           generations=config.generations, seed=config.seed, random_init=config.random_init,
                           no_mutation=config.no_mutation, no_crossover=config.no_crossover)
@@ -189,6 +200,28 @@ def oracle_accounting(oracle: Oracle, prices: list[float]) -> dict | None:
     return usage
 
 
+def baseline_rates(config: SearchConfig, allocate: Allocate | None) -> dict[str, list[float]]:
+    """``config.baselines`` by name -> their rates at the ratio, projected into [0, p_max] where
+    one exceeds it (the search's own bounds); empty without an ``allocate``."""
+    if not config.baselines or allocate is None:
+        return {}
+    found = allocate(list(config.baselines))
+    return {name: rates if max(rates) <= config.p_max else project_to_mean(rates, config.ratio, config.p_max)
+            for name, rates in zip(config.baselines, found)}
+
+
+def baseline_record(baselines: dict[str, list[float]], first: dict[Hashable, float], canonical, best_fitness: float) -> dict:
+    """Each baseline's fitness in generation 0 (None: screened out by a fitness stage) and how far
+    below the best of them the search's best lies (a share of its fitness)."""
+    rows = [{"name": name, "rates": rates, "fitness": first.get(canonical(rates))} for name, rates in baselines.items()]
+    scored = [r for r in rows if r["fitness"] is not None]
+    if not scored:
+        return {"baselines": rows}
+    best = min(scored, key=lambda r: r["fitness"])
+    return {"baselines": rows, "best_baseline": {"name": best["name"], "fitness": best["fitness"]},
+            "beyond_best_baseline": 1 - best_fitness / best["fitness"]}
+
+
 def _member(arch: Arch, align: Alignment, rates: list[float], record: dict) -> dict:
     structure = structure_to_json(rates_to_structure(arch, rates, align))
     return {"rates": rates, "structure": structure, "fitness": record["ppl"],
@@ -201,8 +234,10 @@ def run(
     score: Score,
     transport: Transport | None = None,
     on_generation: Callable[[GenerationReport], None] | None = None,
+    allocate: Allocate | None = None,
 ) -> dict:
     """Algorithm 1 on ``setup``'s model, then the best and uniform Wanda-sp on the test split.
+    ``allocate`` gives the rates of ``config.baselines``, which join generation 0.
 
     Returns the summary that ``best.json`` holds. ``evaluations`` counts candidates computed,
     ``cache_hits`` those a cache answered (``score``'s "cached" records, and structures the loop
@@ -210,9 +245,11 @@ def run(
     """
     start = time.perf_counter()
     arch = setup.arch
-    ctx, params, oracle = search_objects(config, arch, transport)
+    baselines = baseline_rates(config, allocate)
+    ctx, params, oracle = search_objects(config, arch, transport, baselines)
     align = alignment(config)
     tally = Tally()
+    first: dict[Hashable, float] = {}  # generation 0's fitness by canonical candidate
 
     def measure(batch: list[list[float]], windows: int) -> list[float]:
         structures = [structure_to_json(rates_to_structure(arch, rates, align)) for rates in batch]
@@ -223,6 +260,8 @@ def run(
     evaluate = staged(measure, config.stages, config.fitness_windows)
 
     def hook(g: Generation) -> None:
+        if g.index == 0:
+            first.update((ctx.canonical(rates), f) for rates, f in g.candidates)
         cached = tally.generation([tuple(rates) for rates, _ in g.candidates])
         rows = [_member(arch, align, rates, {"ppl": f}) | {"cached": c} for (rates, f), c in zip(g.candidates, cached)]
         if on_generation is not None:
@@ -230,7 +269,7 @@ def run(
             on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - sum(cached),
                                            sum(cached), oracle_accounting(oracle, config.oracle_prices)))
 
-    result = run_search(oracle, ctx, params, evaluate, hook)
+    result = run_search(oracle, ctx, params, evaluate, hook, known=list(baselines.values()))
     best = _member(arch, align, result.best, {"ppl": result.best_fitness})
     uniform_structure = structure_to_json(rates_to_structure(arch, uniform(arch.n_layers, config.ratio), align))
     test, uniform_test = score([best["structure"], uniform_structure], "test", config.test_windows)
@@ -245,6 +284,7 @@ def run(
         "seqlen": config.seqlen,
         "uniform_fitness": uniform_fitness["ppl"],
         "uniform_test_ppl": uniform_test["ppl"],
+        **baseline_record(baselines, first, ctx.canonical, best["fitness"]),
         **run_record(config, setup, tally, oracle, result, start, test),
     }
 
@@ -310,6 +350,7 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
         how = scoring(config, split, windows)
         return [bench.score(structure_from_json(s), how).to_dict() for s in structures]
 
-    summary = run(config, setup, score, on_generation=on_generation)
+    summary = run(config, setup, score, on_generation=on_generation,
+                  allocate=lambda names: [bench.allocate(name, config.ratio) for name in names])
     write_summary(summary, config.out)
     return summary
