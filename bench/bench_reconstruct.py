@@ -2,6 +2,7 @@
 
 Run: python bench/bench_reconstruct.py [--llmcompressor-python PY] [--sparsity 0.7] [--metric wanda]
          [--unstructured ALLOCATION:RECONSTRUCT,...] [--nm 2:4] [--nm-reconstruct none,sparsegpt,...]
+         [--structured RATIO:ALLOCATION:RECONSTRUCT,...]
 
 Protocol (printed with the table): the demo model (SmolLM2-135M) in float32 on the CPU, calibration
 on ``--samples`` windows of 512 tokens of the demo corpus's calibration split, test perplexity on
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--unstructured", default="uniform:none,uniform:sparsegpt,uniform:sparsegpt-adaptive,"
                     "owl:sparsegpt-adaptive,atp:sparsegpt-adaptive", help="ALLOCATION:RECONSTRUCT cases at --sparsity")
     ap.add_argument("--nm-reconstruct", default="none,sparsegpt,sparsegpt-adaptive")
+    ap.add_argument("--structured", default="", help="RATIO:ALLOCATION:RECONSTRUCT cases of Wanda-sp (ALLOCATION: a "
+                    "registered one or a search's best.json), e.g. 0.3:uniform:none,0.3:atp:lsq,0.5:runs/demo/best.json:lsq")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -88,6 +91,16 @@ def main() -> None:
         label = "SparseGPT's own" if how == "sparsegpt-adaptive" else args.metric
         rows.append((f"selfprune {label}", allocation, pattern, how, perplexity(result.model, test).ppl,
                      result.realized, seconds))
+        print(rows[-1], flush=True)
+    for case in filter(None, args.structured.split(",")):
+        ratio, allocation, how = case.split(":")
+        start = time.perf_counter()
+        rates = bench.allocate(allocation, float(ratio))
+        model = bench.build(bench.structure(rates), how)
+        seconds = time.perf_counter() - start
+        label = "searched" if allocation.endswith(".json") else allocation
+        rows.append(("selfprune wanda-sp", label, f"structured {ratio}", how, perplexity(model, test).ppl,
+                     float(ratio), seconds))
         print(rows[-1], flush=True)
     if args.llmcompressor_python != "skip":
         python = args.llmcompressor_python or llmcompressor_python(args.out)

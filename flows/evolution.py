@@ -119,6 +119,13 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
     return score
 
 
+def space_metric(config: SearchConfig) -> str | None:
+    """The canonical metric of a sparsity search (whose allocations read its scores), else None."""
+    from selfprune.metrics import resolve_metric
+
+    return resolve_metric(config.metric).text if config.pattern else None
+
+
 def batch_allocator(config: SearchConfig, model_fp: str, stats_key: str, calibration: dict,
                     workers: TaskRunner) -> runner.Allocate:
     """``allocate(names)``: each registered allocation's rates at the search's ratio through the
@@ -128,8 +135,8 @@ def batch_allocator(config: SearchConfig, model_fp: str, stats_key: str, calibra
         with one_gpu_per_task(config, workers):
             futures = [workers.submit(allocation_rates, dict(
                 model=config.model, model_fp=model_fp, stats_key=stats_key, allocation=name, ratio=config.ratio,
-                calibration=calibration, device=config.device, dtype=config.dtype, metric=None, pattern=None,
-                method=config.method)) for name in names]
+                calibration=calibration, device=config.device, dtype=config.dtype, metric=space_metric(config),
+                pattern=config.pattern, method=config.method)) for name in names]
         for f in futures:
             f.wait()
         return [kept_result(f.state)["rates"] for f in futures]

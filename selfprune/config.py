@@ -142,6 +142,9 @@ class SearchConfig(EvolutionConfig):
                                                   "heads per KV group; 1: exact)")
     metric: str | None = Field(None, description="rank units by a pruning metric's scores summed per KV group and MLP "
                                                 "channel instead of --method: a name such as ria, or an expression")
+    pattern: str | None = Field(None, description="with --metric: search per-layer sparsities (mean --ratio) of the "
+                                                  "metric's single-weight pruning in this pattern (unstructured, "
+                                                  "unstructured-layer) instead of structured rates")
     baselines: list[str] = Field(default_factory=lambda: list(BASELINES),
                                  description="allocations at --ratio that join generation 0 beside the oracle's "
                                              "(labelled in the LLM's prompt), so the search ends no worse than the "
@@ -153,7 +156,13 @@ class SearchConfig(EvolutionConfig):
     @model_validator(mode="before")
     @classmethod
     def _metric_is_a_method(cls, values):
-        """``metric=ria`` is the method ``metric:ria``: one name for the ranking everywhere downstream."""
+        """``metric=ria`` is the method ``metric:ria``: one name for the ranking everywhere downstream
+        (with a ``pattern`` the metric prunes single weights instead, and stays a metric)."""
+        if isinstance(values, dict) and values.get("pattern"):
+            if not values.get("metric"):
+                raise ValueError("--pattern searches the per-layer sparsities of a metric: give --metric too "
+                                 "(wanda, ria, an expression, or an AutoPrune best.json)")
+            return values
         if isinstance(values, dict) and values.get("metric"):
             method = values.get("method", "wanda-sp")
             if method not in ("wanda-sp", f"metric:{values['metric']}"):

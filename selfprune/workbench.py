@@ -175,15 +175,16 @@ class Workbench:
 
     def candidate(self, spec: Structure | list | dict | None, reconstruct_: str = reconstruct.NONE) -> torch.nn.Module:
         """The model a candidate stands for: ``None``, the dense model; a structure (or its JSON),
-        the sliced model (refitted by ``reconstruct_``); ``{"metric", "pattern", "allocation",
-        "sparsity"[, "reconstruct"]}`` (:func:`sparse_candidate`), the metric's lowest-scoring single
-        weights zeroed (and the rest updated)."""
+        the sliced model (refitted by ``reconstruct_``); ``{"metric", "pattern", "allocation" or
+        "rates", "sparsity"[, "reconstruct"]}`` (:func:`sparse_candidate`, or a sparsity search's),
+        the metric's lowest-scoring single weights zeroed (and the rest updated)."""
         if spec is None:
             return self.lm.model
         if isinstance(spec, dict):
             metric, pattern = resolve_metric(spec["metric"]), parse_pattern(spec["pattern"])
             how = spec.get("reconstruct", reconstruct.NONE)
-            return self.sparsify(metric, spec["allocation"], spec["sparsity"], pattern, how)[1].model
+            rates = spec["rates"] if "rates" in spec else spec["allocation"]  # searched sparsities, or an allocation's
+            return self.sparsify(metric, rates, spec["sparsity"], pattern, how)[1].model
         return self.build(spec if isinstance(spec, tuple) else allocation.structure_from_json(spec), reconstruct_)
 
     def score(self, spec: Structure | list | dict | None, scoring: Scoring,

@@ -57,7 +57,7 @@ def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scorin
                    device: str, dtype: str, method: str, **_) -> dict:
     s = Scoring(**scoring)
     # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
-    tuning = tuning_identity(structure["allocation"], calibration) if isinstance(structure, dict) else {}
+    tuning = tuning_identity(structure["allocation"], calibration) if isinstance(structure, dict) and "allocation" in structure else {}
     return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method), **tuning,
             "precision": numerics(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 

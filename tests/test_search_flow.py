@@ -29,8 +29,8 @@ def run_search(ws: Path, out: Path, return_state: bool = False, **overrides):
     from selfprune.config import SearchConfig
     from selfprune.flows.search import search
 
-    config = SearchConfig(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, out=str(out),
-                          **(SMALL | overrides))
+    config = SearchConfig(model=str(ws / "model"), data=str(ws / "corpus.txt"), out=str(out),
+                          **({"ratio": 0.5} | SMALL | overrides))
     return search(config, return_state=return_state)
 
 
@@ -254,3 +254,42 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.5,
                              out=str(tmp_path / "plain"), **small)
     assert (plain["rates"], plain["fitness"], plain["baselines"]) == (summary["rates"], summary["fitness"], summary["baselines"])
+
+
+def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, tiny_workspace, tmp_path):
+    """``--metric wanda --pattern unstructured``: Self-Pruner's loop over per-layer sparsities of
+    the metric's single-weight pruning, from the baselines (the metric's own OWL, ATP, ...), cached
+    and resumable like the structured search, the library and the flow on one path."""
+    import selfprune
+    from selfprune.models import load_model
+    from selfprune.workbench import Calibration, Scoring, Workbench
+
+    small = SMALL | {"baselines": "uniform,owl,atp", "generations": 2, "metric": "wanda", "pattern": "unstructured",
+                     "ratio": 0.6}
+    summary = run_search(tiny_workspace, tmp_path / "flow", **small)
+    best = summary["structure"]
+    assert best["metric"] == "X_rms * abs(W)" and best["pattern"] == "unstructured" and best["sparsity"] == 0.6
+    assert abs(sum(best["rates"]) / 4 - 0.6) < 1e-4 and best["rates"] == [round(r, 5) for r in summary["rates"]]
+    assert summary["fitness"] <= summary["best_baseline"]["fitness"]
+    bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
+    test = bench.score(best, Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)).ppl
+    assert summary["test_ppl"] == test  # the best's model is the metric's, zeroed at the searched sparsities
+    zeros = 1 - summary["kept_params"] / bench.arch.n_layers / bench.arch.layer_params
+    assert abs(zeros - 0.6) < 0.01
+
+    again = run_search(tiny_workspace, tmp_path / "again", **small)
+    assert again["evaluations"] == 0 and again["rates"] == summary["rates"]  # every candidate from the cache
+    plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"),
+                             out=str(tmp_path / "plain"), **small)
+    assert (plain["rates"], plain["fitness"], plain["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
+
+
+@pytest.mark.parametrize("extra,message", [({"pattern": "unstructured"}, "give --metric too"),
+                                           ({"pattern": "2:4", "metric": "wanda"}, "no per-layer sparsities")])
+def test_a_sparsity_search_needs_a_metric_and_a_free_pattern(extra, message):
+    from selfprune.config import SearchConfig
+    from selfprune.errors import UserError
+    from selfprune.evolve.runner import check
+
+    with pytest.raises((UserError, ValueError), match=message):
+        check(SearchConfig(**extra))

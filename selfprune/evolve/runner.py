@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Hashable
 from pathlib import Path
 
-from ..allocation import (Alignment, kept_params, project_to_mean, rates_to_structure, structure_from_json,
-                          structure_to_json, uniform)
+from .. import sparsity
+from ..allocation import Alignment, kept_params, project_to_mean, rates_to_structure, structure_to_json, uniform
 from ..allocators import ALLOCATIONS
 from ..arch import Arch
 from ..config import EvolutionConfig, SearchConfig, build_config
@@ -28,6 +28,8 @@ from ..devices import precision
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods import get_method
+from ..metrics import resolve_metric
+from ..sparsity import parse_pattern
 from ..models import load_arch, load_tokenizer
 from ..protocol import protocol
 from ..seeds import over_seeds
@@ -128,6 +130,12 @@ def check(config: SearchConfig) -> None:
     alignment against the model's config (read only when one is asked for). Fails fast."""
     precision(config.device, config.dtype)
     get_method(config.method)
+    if config.pattern is not None and parse_pattern(config.pattern).fixed_sparsity is not None:
+        raise UserError(f"--pattern {config.pattern} prunes every layer alike: there are no per-layer sparsities to "
+                        "search; use unstructured or unstructured-layer (selfprune prune --metric ... --pattern "
+                        f"{config.pattern} builds that model)")
+    if config.pattern is not None:
+        resolve_metric(config.metric)
     for name in config.baselines:
         if name not in ALLOCATIONS:
             raise UserError(f"--baselines {name!r} is not a registered allocation; use any of "
@@ -172,10 +180,10 @@ def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None
     """The pure search objects of ``config``: a candidate's identity is its pruned structure;
     ``baselines`` (name -> rates) join generation 0 and the LLM's prompts."""
 
-    align = alignment(config)
+    space = RateSpace(config, arch)
 
-    def canonical(rates: list[float]) -> tuple:
-        return tuple(map(tuple, structure_to_json(rates_to_structure(arch, rates, align))))
+    def canonical(rates: list[float]) -> Hashable:
+        return json.dumps(space.candidate(rates), sort_keys=True)
 
     ctx = SearchContext(model_name=config.model, n_layers=arch.n_layers, beta=config.ratio, p_max=config.p_max,
                         seed=config.seed, canonical=canonical, dataset=config.data,
@@ -222,10 +230,32 @@ def baseline_record(baselines: dict[str, list[float]], first: dict[Hashable, flo
             "beyond_best_baseline": 1 - best_fitness / best["fitness"]}
 
 
-def _member(arch: Arch, align: Alignment, rates: list[float], record: dict) -> dict:
-    structure = structure_to_json(rates_to_structure(arch, rates, align))
-    return {"rates": rates, "structure": structure, "fitness": record["ppl"],
-            "kept_params": kept_params(arch, structure_from_json(structure))}
+@dataclass(frozen=True)
+class RateSpace:
+    """What a rate vector stands for: per-layer pruning rates of whole units (a structure, the
+    paper's search), or with ``config.pattern`` per-layer sparsities of a metric's single-weight
+    pruning (``{"metric", "pattern", "rates", "sparsity"}``, rates at the prompts' 5 decimals)."""
+
+    config: SearchConfig
+    arch: Arch
+
+    def candidate(self, rates: list[float]) -> list | dict:
+        c = self.config
+        if c.pattern is None:
+            return structure_to_json(rates_to_structure(self.arch, rates, alignment(c)))
+        rounded = [round(r, 5) for r in rates]
+        return {"metric": resolve_metric(c.metric).text, "pattern": parse_pattern(c.pattern).text, "rates": rounded,
+                "sparsity": c.ratio}
+
+    def kept_params(self, rates: list[float]) -> int:
+        """Parameters the candidate keeps (of the prunable ones, for a sparse candidate: its nonzeros)."""
+        if self.config.pattern is None:
+            return kept_params(self.arch, rates_to_structure(self.arch, rates, alignment(self.config)))
+        pattern = parse_pattern(self.config.pattern)
+        return sparsity.weights(self.arch) - sparsity.zeros(self.arch, [round(r, 5) for r in rates], pattern)
+
+    def member(self, rates: list[float], fitness: float) -> dict:
+        return {"rates": rates, "structure": self.candidate(rates), "fitness": fitness, "kept_params": self.kept_params(rates)}
 
 
 def run(
@@ -247,13 +277,12 @@ def run(
     arch = setup.arch
     baselines = baseline_rates(config, allocate)
     ctx, params, oracle = search_objects(config, arch, transport, baselines)
-    align = alignment(config)
+    space = RateSpace(config, arch)
     tally = Tally()
     first: dict[Hashable, float] = {}  # generation 0's fitness by canonical candidate
 
     def measure(batch: list[list[float]], windows: int) -> list[float]:
-        structures = [structure_to_json(rates_to_structure(arch, rates, align)) for rates in batch]
-        results = score(structures, "fitness", windows)
+        results = score([space.candidate(rates) for rates in batch], "fitness", windows)
         tally.scored([tuple(rates) for rates in batch], results)
         return [r["ppl"] for r in results]
 
@@ -263,15 +292,15 @@ def run(
         if g.index == 0:
             first.update((ctx.canonical(rates), f) for rates, f in g.candidates)
         cached = tally.generation([tuple(rates) for rates, _ in g.candidates])
-        rows = [_member(arch, align, rates, {"ppl": f}) | {"cached": c} for (rates, f), c in zip(g.candidates, cached)]
+        rows = [space.member(rates, f) | {"cached": c} for (rates, f), c in zip(g.candidates, cached)]
         if on_generation is not None:
-            population = [_member(arch, align, rates, {"ppl": f}) for rates, f in g.population]
+            population = [space.member(rates, f) for rates, f in g.population]
             on_generation(GenerationReport(g.index, params.generations, rows, population, len(rows) - sum(cached),
                                            sum(cached), oracle_accounting(oracle, config.oracle_prices)))
 
     result = run_search(oracle, ctx, params, evaluate, hook, known=list(baselines.values()))
-    best = _member(arch, align, result.best, {"ppl": result.best_fitness})
-    uniform_structure = structure_to_json(rates_to_structure(arch, uniform(arch.n_layers, config.ratio), align))
+    best = space.member(result.best, result.best_fitness)
+    uniform_structure = space.candidate(uniform(arch.n_layers, config.ratio))
     test, uniform_test = score([best["structure"], uniform_structure], "test", config.test_windows)
     (uniform_fitness,) = score([uniform_structure], "fitness", config.fitness_windows)
     return {
@@ -346,11 +375,16 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
     setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
 
-    def score(structures: list, split: str, windows: int | None) -> list[dict]:
+    def score(candidates: list, split: str, windows: int | None) -> list[dict]:
         how = scoring(config, split, windows)
-        return [bench.score(structure_from_json(s), how).to_dict() for s in structures]
+        return [bench.score(c, how).to_dict() for c in candidates]
 
-    summary = run(config, setup, score, on_generation=on_generation,
-                  allocate=lambda names: [bench.allocate(name, config.ratio) for name in names])
+    def allocate(names: list[str]) -> list[list[float]]:
+        if config.pattern is None:
+            return [bench.allocate(name, config.ratio) for name in names]
+        metric, pattern = resolve_metric(config.metric), parse_pattern(config.pattern)
+        return [bench.sparse_rates(metric, name, config.ratio, pattern) for name in names]
+
+    summary = run(config, setup, score, on_generation=on_generation, allocate=allocate)
     write_summary(summary, config.out)
     return summary
