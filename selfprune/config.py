@@ -196,6 +196,9 @@ class AutopruneConfig(EvolutionConfig):
     pattern: str = Field("unstructured", description="unstructured | unstructured-layer | 2:4 | 4:8")
     allocation: str = Field("uniform", description="uniform | owl | sdsa | atp | dlp | alphapruning: per-layer sparsities")
     gradient: bool = Field(True, description="let metrics read G, the gradient statistic (one backward pass per window)")
+    reconstruct: str = Field("none", description="none | sparsegpt: judge each metric after SparseGPT's update of the "
+                                                 "weights its mask keeps (two layer passes over the calibration "
+                                                 "windows per candidate)")
     out: str = Field("runs/autoprune", description="run directory (best.json, the metric graph, evaluations.jsonl)")
 
     _sparsity_list = field_validator("sparsities", mode="before")(_comma_separated)

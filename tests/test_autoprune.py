@@ -163,3 +163,19 @@ def test_bad_autoprune_input_exits_2_before_any_work(tiny_workspace, tmp_path, c
             "--out", str(tmp_path / "bad"), "--device", "cpu", *extra]
     code, _, err = run_cli(capsys, monkeypatch, *args)
     assert code == 2 and message in " ".join(err.split()), err[-2000:]
+
+
+def test_metrics_judged_after_reconstruction_under_atp(tiny_workspace, tmp_path):
+    """``--reconstruct sparsegpt --allocation atp``: each metric is judged on the model its mask gives
+    after SparseGPT's update, under ATP's per-layer sparsities (the same mask as without it, other
+    weights); SparseGPT's own mask, which no metric decides, is refused."""
+    import selfprune
+    from selfprune.errors import UserError
+
+    plain = selfprune.autoprune(config(tiny_workspace, tmp_path / "plain", allocation="atp", generations=1))
+    rebuilt = selfprune.autoprune(config(tiny_workspace, tmp_path / "sgpt", allocation="atp", generations=1,
+                                         reconstruct="sparsegpt"))
+    assert rebuilt["config"]["reconstruct"] == "sparsegpt"
+    assert rebuilt["test_ppl"]["wanda"] != plain["test_ppl"]["wanda"]  # the same mask, other weights
+    with pytest.raises(UserError, match="chooses its own mask"):
+        selfprune.autoprune(config(tiny_workspace, tmp_path / "bad", reconstruct="sparsegpt-adaptive"))

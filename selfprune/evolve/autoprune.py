@@ -25,6 +25,7 @@ from ..metrics.search_space import Lineage, MetricContext
 from ..models import load_tokenizer
 from ..seeds import over_seeds
 from ..sparsity import parse_pattern
+from ..reconstruct import ADAPTIVE
 from ..workbench import shared_workbench, sparse_candidate
 from .evolution import Generation, SearchParams, run_search
 from .metric_oracle import make_metric_oracle
@@ -46,7 +47,11 @@ def check(config: AutopruneConfig) -> None:
                         "--pattern unstructured for other sparsities")
     if fixed is not None and config.allocation != "uniform":
         raise UserError(f"{config.pattern} gives every layer the same sparsity: use --allocation uniform with it")
-    sparse_candidate("abs(W)", config.pattern, config.allocation, config.sparsities[0])  # a registered allocation
+    if config.reconstruct == ADAPTIVE:
+        raise UserError(f"--reconstruct {ADAPTIVE} chooses its own mask, so every metric would prune alike; "
+                        "use --reconstruct sparsegpt (the metric's mask, weights updated)")
+    # a registered allocation and a reconstruction of sparse candidates, else a UserError now
+    sparse_candidate("abs(W)", config.pattern, config.allocation, config.sparsities[0], config.reconstruct)
     make_metric_oracle(config.oracle, config.base_url, lambda request: Reply(None), Lineage())  # built, never called
     check_runner(config)
 
@@ -81,7 +86,7 @@ def run(
                           generations=config.generations, seed=config.seed)
 
     def candidates(text: str) -> list[dict]:
-        return [sparse_candidate(text, config.pattern, config.allocation, s) for s in config.sparsities]
+        return [sparse_candidate(text, config.pattern, config.allocation, s, config.reconstruct) for s in config.sparsities]
 
     def fitness_of(texts: list[str], split: str, windows: int | None) -> list[list[dict]]:
         n = len(config.sparsities)
