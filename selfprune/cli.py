@@ -249,7 +249,7 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
     import logging
 
     from .faults import preflight
-    from .prefect_env import configure
+    from .prefect_env import configure, start_temporary_server
 
     # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
     # command, a line per generation) at INFO, the rest of Prefect at WARNING.
@@ -262,6 +262,9 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
             logger.addFilter(_DropExplained())
     if config is not None:
         preflight(config)
+        # The temporary server Prefect would start on first use, started here so that it ends
+        # with this process however it ends (prefect_env.stop_with_this_process).
+        start_temporary_server()
 
 
 def _report(values: dict) -> None:

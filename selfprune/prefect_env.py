@@ -154,17 +154,71 @@ def ensure_api_server(timeout: int = 120) -> str:
     url = os.environ.get("PREFECT_API_URL", "")
     if url:
         return url
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
-    url = get_current_settings().api.url or ""
-    if not url:
-        server = SubprocessASGIServer()  # the instance Prefect's own ephemeral mode reuses
-        server.start(timeout=timeout)
-        url = server.api_url
+    url = get_current_settings().api.url or start_temporary_server(timeout)
     os.environ["PREFECT_API_URL"] = url
     refresh()
     return url
+
+
+def start_temporary_server(timeout: int = 120) -> str | None:
+    """Start the temporary server Prefect's ephemeral mode would start on first use (the same
+    instance, which Prefect then reuses), ending with this process however it ends; settings are
+    left as they are. Returns its URL; None when a server is configured."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url:
+        return None
+    server = SubprocessASGIServer()
+    if not server.running:
+        server.start(timeout=timeout)
+        stop_with_this_process(server.server_process.pid)
+    return server.api_url
+
+
+# A watchdog beside the temporary server: polls for this process's end (its parent pid changes)
+# and then ends the server, SIGTERM and after 5 s SIGKILL. A clean exit stops the server first
+# (Prefect's atexit), and the watchdog then finds it gone.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.getppid() == parent:
+    time.sleep(0.5)
+try:  # still the server we were started for, not a process that has since taken its pid
+    if b"uvicorn" not in open(f"/proc/{server}/cmdline", "rb").read():
+        sys.exit(0)
+except OSError:
+    sys.exit(0)
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    try:
+        os.kill(server, sig)
+    except ProcessLookupError:
+        break
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+        time.sleep(0.1)
+"""
+
+
+def stop_with_this_process(server_pid: int) -> None:
+    """End the temporary server ``server_pid`` when this process ends, however it ends: a SIGKILL
+    (the OOM killer, a preempted job) skips the exit hooks that stop it, and it would stay
+    behind, orphaned, with its port and memory."""
+    import subprocess
+
+    _WATCHDOGS.append(subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server_pid)],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True))
+
+
+_WATCHDOGS: list = []  # kept referenced: they outlive this process by design
 
 
 # ---------------------------------------------------------------------------------------------

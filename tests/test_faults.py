@@ -275,3 +275,39 @@ def test_a_bad_outage_allowance_is_bad_input(tiny_workspace, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "SELFPRUNE_API_OUTAGE_S='five minutes' is not a positive number of seconds" in done.stderr
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == pid:
+                    found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_sigkilled_cli_leaves_no_temporary_prefect_server_behind(tiny_workspace, tmp_path):
+    """The OOM killer or a preempted job ends the CLI with SIGKILL, which skips the exit hooks that
+    stop the temporary Prefect server it started; its watchdog ends it instead."""
+    out = tmp_path / "run"
+    proc = start_and_wait(search_cmd(tiny_workspace, out), user_env(tmp_path / "home"), out, lines=2)
+    servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd and "prefect.server" in cmd]
+    assert len(servers) == 1, _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while _alive(servers[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(servers[0]), "the temporary Prefect server outlived the CLI that started it"
