@@ -105,12 +105,13 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
     or a metric's sparse candidate), submitted to ``workers`` as one batch; records say whether a
     cache answered."""
 
-    def score(candidates: list, split: str, windows: int | None) -> list[dict]:
+    def score(candidates: list, split: str, windows: int | None, reconstruct: str = "none") -> list[dict]:
         how = vars(runner.scoring(config, split, windows))
         with one_gpu_per_task(config, workers):
             futures = [workers.submit(score_candidate, dict(
                 model=config.model, model_fp=model_fp, stats_key=stats_key, structure=c, scoring=how,
-                calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method))
+                calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method,
+                reconstruct=reconstruct))
                 for c in candidates]
         for f in futures:
             f.wait()

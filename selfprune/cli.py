@@ -156,6 +156,8 @@ def _search(values: dict) -> None:
     for h in summary["history"]:
         table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
     console.print(table)
+    if "reconstructed_test_ppl" in summary:
+        console.print(f"the best rebuilt with {summary['reconstruct']}: test ppl {summary['reconstructed_test_ppl']:.3f}")
     if "best_baseline" in summary:
         b = summary["best_baseline"]
         console.print(f"best baseline: {b['name']}, fitness {b['fitness']:.3f}; the search's best is "

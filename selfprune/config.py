@@ -151,6 +151,10 @@ class SearchConfig(EvolutionConfig):
                                              "best of them: " + ",".join(BASELINES) + " (the default), a subset, or none")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
 
+    reconstruct: str = Field("none", description="rebuild the best found with this reconstruction and score it on "
+                                                 "the test split too: lsq (structured), sparsegpt or "
+                                                 "sparsegpt-adaptive (with --pattern); the search runs on masks")
+
     _baseline_list = field_validator("baselines", mode="before")(_none_or_list)
 
     @model_validator(mode="before")

@@ -17,6 +17,7 @@ from selfprune.fileio import append_line
 from selfprune.gradients import GRADIENTS_VERSION
 from selfprune.methods import method_identity
 from selfprune.metrics import LANGUAGE_VERSION
+from selfprune.reconstruct import NONE, identity
 from selfprune.stats import STATS_VERSION
 from selfprune.workbench import Calibration, Scoring, shared_workbench, tuning_identity
 from selfprune.tasks.caching import cached_task
@@ -54,11 +55,11 @@ def candidate_identity(structure: list | dict | None, method: str) -> dict:
 
 
 def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
-                   device: str, dtype: str, method: str, **_) -> dict:
+                   device: str, dtype: str, method: str, reconstruct: str = NONE, **_) -> dict:
     s = Scoring(**scoring)
     # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
     tuning = tuning_identity(structure["allocation"], calibration) if isinstance(structure, dict) and "allocation" in structure else {}
-    return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method), **tuning,
+    return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method), **tuning, **identity(reconstruct),
             "precision": numerics(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
 
@@ -66,15 +67,16 @@ def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scorin
 def score_candidate(
     model: str, model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
     device: str = "auto", dtype: str = "auto", ledger: str | None = None, method: str = "wanda-sp",
+    reconstruct: str = NONE,
 ) -> dict:
     """Build the candidate (:meth:`Workbench.candidate`: slice the loaded dense model, or zero a
-    metric's lowest-scoring weights) and measure its perplexity.
+    metric's lowest-scoring weights; a structure refitted by ``reconstruct``) and measure its perplexity.
 
     Every real (uncached) evaluation is appended to ``ledger`` (JSON lines), the run's audit of
     what was computed, where (process, visible GPUs), and of what a resumed run did not compute again.
     """
     bench = workbench(model, stats_key, calibration, device, dtype, method)
-    result = bench.score(structure, Scoring(**scoring)).to_dict()
+    result = bench.score(structure, Scoring(**scoring), reconstruct).to_dict()
     if ledger:
         append_line(ledger, json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid(),
                                         "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}))

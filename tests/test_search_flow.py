@@ -234,7 +234,7 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     from selfprune.models import load_model
     from selfprune.workbench import Calibration, Scoring, Workbench
 
-    small = SMALL | {"baselines": ",".join(BASELINES), "generations": 2}
+    small = SMALL | {"baselines": ",".join(BASELINES), "generations": 2, "reconstruct": "lsq"}
     summary = run_search(tiny_workspace, tmp_path / "flow", **small)
     assert [b["name"] for b in summary["baselines"]] == list(BASELINES)
     best = summary["best_baseline"]
@@ -250,6 +250,9 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     assert owl["fitness"] == fitness  # and generation 0 scored them as any candidate
     evaluated = [json.dumps(e["structure"]) for e in ledger(tmp_path / "flow") if e["split"] == "fitness"]
     assert json.dumps(structure_to_json(rates_to_structure(bench.arch, owl["rates"]))) in evaluated
+    test = Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)
+    rebuilt = bench.score(rates_to_structure(bench.arch, summary["rates"]), test, "lsq").ppl
+    assert summary["reconstruct"] == "lsq" and summary["reconstructed_test_ppl"] == rebuilt != summary["test_ppl"]
 
     plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.5,
                              out=str(tmp_path / "plain"), **small)
@@ -262,10 +265,10 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     and resumable like the structured search, the library and the flow on one path."""
     import selfprune
     from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Scoring, Workbench
+    from selfprune.workbench import Calibration, Scoring, Workbench, reconstructed
 
     small = SMALL | {"baselines": "uniform,owl,atp", "generations": 2, "metric": "wanda", "pattern": "unstructured",
-                     "ratio": 0.6}
+                     "ratio": 0.6, "reconstruct": "sparsegpt"}
     summary = run_search(tiny_workspace, tmp_path / "flow", **small)
     best = summary["structure"]
     assert best["metric"] == "X_rms * abs(W)" and best["pattern"] == "unstructured" and best["sparsity"] == 0.6
@@ -274,6 +277,8 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
     test = bench.score(best, Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)).ppl
     assert summary["test_ppl"] == test  # the best's model is the metric's, zeroed at the searched sparsities
+    rebuilt = bench.score(reconstructed(best, "sparsegpt"), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4))
+    assert summary["reconstructed_test_ppl"] == rebuilt.ppl < test  # and SparseGPT's update on its mask
     zeros = 1 - summary["kept_params"] / bench.arch.n_layers / bench.arch.layer_params
     assert abs(zeros - 0.6) < 0.01
 

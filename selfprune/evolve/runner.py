@@ -32,14 +32,15 @@ from ..metrics import resolve_metric
 from ..sparsity import parse_pattern
 from ..models import load_arch, load_tokenizer
 from ..protocol import protocol
+from ..reconstruct import NONE, check_reconstruction
 from ..seeds import over_seeds
-from ..workbench import Calibration, Scoring, shared_workbench
+from ..workbench import Calibration, Scoring, reconstructed, shared_workbench
 from .evolution import Generation, SearchParams, run_search
 from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
 
-# (structures as JSON, split, windows) -> one perplexity record per structure, in order. A record
-# may carry "cached": True when an orchestrator's cache answered instead of a computation.
-Score = Callable[[list[list[list[int]]], str, "int | None"], list[dict]]
+# (candidates as JSON, split, windows[, reconstruction of structures]) -> one perplexity record per
+# candidate, in order. A record may carry "cached": True when an orchestrator's cache answered.
+Score = Callable[..., list[dict]]
 # registered allocation names -> their rates at the search's ratio, in order
 Allocate = Callable[[list[str]], list[list[float]]]
 
@@ -136,6 +137,7 @@ def check(config: SearchConfig) -> None:
                         f"{config.pattern} builds that model)")
     if config.pattern is not None:
         resolve_metric(config.metric)
+    check_reconstruction(config.reconstruct, "structured" if config.pattern is None else "sparse")
     for name in config.baselines:
         if name not in ALLOCATIONS:
             raise UserError(f"--baselines {name!r} is not a registered allocation; use any of "
@@ -257,6 +259,16 @@ class RateSpace:
     def member(self, rates: list[float], fitness: float) -> dict:
         return {"rates": rates, "structure": self.candidate(rates), "fitness": fitness, "kept_params": self.kept_params(rates)}
 
+    def rebuilt(self, score: Score, rates: list[float], windows: int | None) -> dict:
+        """The test perplexity of the candidate of ``rates`` rebuilt with ``config.reconstruct``: a
+        sparse candidate carries its reconstruction, a structure is scored with it."""
+        how = self.config.reconstruct
+        if self.config.pattern is None:
+            (record,) = score([self.candidate(rates)], "test", windows, how)
+        else:
+            (record,) = score([reconstructed(self.candidate(rates), how)], "test", windows)
+        return {"reconstruct": how, "reconstructed_test_ppl": record["ppl"]}
+
 
 def run(
     config: SearchConfig,
@@ -303,6 +315,7 @@ def run(
     uniform_structure = space.candidate(uniform(arch.n_layers, config.ratio))
     test, uniform_test = score([best["structure"], uniform_structure], "test", config.test_windows)
     (uniform_fitness,) = score([uniform_structure], "fitness", config.fitness_windows)
+    rebuilt = {} if config.reconstruct == NONE else space.rebuilt(score, result.best, config.test_windows)
     return {
         "rates": best["rates"],
         "structure": best["structure"],
@@ -313,6 +326,7 @@ def run(
         "seqlen": config.seqlen,
         "uniform_fitness": uniform_fitness["ppl"],
         "uniform_test_ppl": uniform_test["ppl"],
+        **rebuilt,
         **baseline_record(baselines, first, ctx.canonical, best["fitness"]),
         **run_record(config, setup, tally, oracle, result, start, test),
     }
@@ -375,9 +389,9 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
     setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
 
-    def score(candidates: list, split: str, windows: int | None) -> list[dict]:
+    def score(candidates: list, split: str, windows: int | None, reconstruct: str = NONE) -> list[dict]:
         how = scoring(config, split, windows)
-        return [bench.score(c, how).to_dict() for c in candidates]
+        return [bench.score(c, how, reconstruct).to_dict() for c in candidates]
 
     def allocate(names: list[str]) -> list[list[float]]:
         if config.pattern is None:
