@@ -49,18 +49,13 @@ class Reconstruction:
 
     name: str
     kind: str  # "sparse" (unstructured and N:M) | "structured"
-    help: str
 
 
 RECONSTRUCTIONS: Registry[Reconstruction] = Registry("reconstruction")
 NONE = "none"
 ADAPTIVE = "sparsegpt-adaptive"
-for _r in (
-    Reconstruction("sparsegpt", "sparse", "SparseGPT's OBS update of the kept weights, on the metric's mask"),
-    Reconstruction(ADAPTIVE, "sparse", "SparseGPT choosing its own mask as it updates (as llm-compressor)"),
-    Reconstruction("lsq", "structured", "least-squares refit of o_proj/down_proj on the kept units"),
-):
-    RECONSTRUCTIONS.register(_r.name, _r)
+for _r in (Reconstruction("sparsegpt", "sparse"), Reconstruction(ADAPTIVE, "sparse"), Reconstruction("lsq", "structured")):
+    RECONSTRUCTIONS.register(_r.name, _r)  # what each does: the module docstring
 
 
 def check_reconstruction(name: str, kind: str) -> str:

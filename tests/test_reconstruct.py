@@ -172,3 +172,9 @@ def test_report_rows_with_reconstruction(tiny_workspace, tmp_path):
     assert {"wanda uniform", "wanda uniform + sparsegpt"} <= set(rows)
     assert rows["wanda uniform + sparsegpt"]["structure"]["reconstruct"] == "sparsegpt"
     assert rows["wanda uniform + sparsegpt"]["ppl"] != rows["wanda uniform"]["ppl"]
+
+
+def test_prune_help_names_every_registered_reconstruction(capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, monkeypatch, "prune", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and all(name in text for name in ["none", *reconstruct.RECONSTRUCTIONS.names()])
