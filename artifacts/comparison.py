@@ -21,7 +21,7 @@ import io
 import re
 from pathlib import Path
 
-from selfprune.artifacts.report import fmt_rates
+from selfprune.artifacts.report import fmt_rates, save_png
 from selfprune.evaluate.report import sort_rows
 from selfprune.fileio import atomic_write_text
 from selfprune.protocol import common, lines as protocol_lines
@@ -217,9 +217,7 @@ def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=2 if len(series) > 16 else 1) if many \
         else ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 PPL = "test perplexity (lower is better)"

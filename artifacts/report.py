@@ -6,7 +6,10 @@ artifacts and save the plots in the run directory.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from selfprune.fileio import atomic_write_bytes
 
 
 def fmt_rates(rates: list[float]) -> str:
@@ -33,13 +36,20 @@ def new_axes():
 
 
 def save(fig, ax, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return save_png(fig, path, dpi=120)
+
+
+def save_png(fig, path: Path, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` as PNG by atomic replace, and close it: ``savefig(path)`` would
+    leave half a plot on a kill and write through a link planted at ``path`` in the run directory."""
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def plot_history(history: list[dict], path: Path) -> Path:

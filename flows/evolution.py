@@ -100,10 +100,10 @@ def one_gpu_per_task(config: EvolutionConfig, workers: TaskRunner) -> Iterator[N
 
 
 def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibration: dict, ledger: str,
-                 workers: TaskRunner):
+                 workers: TaskRunner, tolerate_invalid: bool = False):
     """``score(candidates, split, windows)``: one cached ``score_candidate`` per candidate (a structure
     or a metric's sparse candidate), submitted to ``workers`` as one batch; records say whether a
-    cache answered."""
+    cache answered. ``tolerate_invalid``: see ``score_candidate`` (the metric search)."""
 
     def score(candidates: list, split: str, windows: int | None, reconstruct: str = "none") -> list[dict]:
         how = vars(runner.scoring(config, split, windows))
@@ -111,7 +111,7 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
             futures = [workers.submit(score_candidate, dict(
                 model=config.model, model_fp=model_fp, stats_key=stats_key, structure=c, scoring=how,
                 calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method,
-                reconstruct=reconstruct))
+                reconstruct=reconstruct, tolerate_invalid=tolerate_invalid))
                 for c in candidates]
         for f in futures:
             f.wait()
@@ -147,13 +147,15 @@ def batch_allocator(config: SearchConfig, model_fp: str, stats_key: str, calibra
 
 def cached_transport(config: EvolutionConfig, calls: dict[str, int]) -> Transport:
     """The oracle's transport through the cached ``oracle_call`` task; counts ``oracle_calls`` (sent)
-    and ``oracle_replays`` (answered from the cache) in ``calls``."""
+    and ``oracle_replays`` (answered from the cache) in ``calls``. A cached reply without text
+    (late, or unreadable: not a success) is asked again."""
 
     def transport(request: ChatRequest) -> Reply:
-        ask = (request.to_dict(), config.base_url, config.oracle_timeout)
-        state = oracle_call(*ask, return_state=True)
+        ask = dict(request=request.to_dict(), base_url=config.base_url, timeout=config.oracle_timeout,
+                   api_key_env=config.api_key_env)
+        state = oracle_call(**ask, return_state=True)
         if state.name == "Cached" and Reply.from_dict(state.result()).text is None:
-            state = oracle_call.with_options(refresh_cache=True)(*ask, return_state=True)
+            state = oracle_call.with_options(refresh_cache=True)(**ask, return_state=True)
         calls["oracle_replays" if state.name == "Cached" else "oracle_calls"] += 1
         return Reply.from_dict(kept_result(state))
 

@@ -76,21 +76,33 @@ def arch_of(config) -> Arch:
             f"unsupported architecture {model_type!r}: selfprune supports {names}. "
             "Use a checkpoint of one of these families."
         )
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    n_heads = _size("num_attention_heads", config.num_attention_heads)
+    n_kv = _size("num_key_value_heads", getattr(config, "num_key_value_heads", None) or n_heads)
+    hidden = _size("hidden_size", config.hidden_size)
+    if n_heads % n_kv:
+        raise UserError(f"config: num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads ({n_kv}). "
+                        "Fix: use the config.json that came with the weights")
     return Arch(
         model_type=model_type,
-        n_layers=config.num_hidden_layers,
-        hidden=config.hidden_size,
+        n_layers=_size("num_hidden_layers", config.num_hidden_layers),
+        hidden=hidden,
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        head_dim=head_dim,
-        intermediate=config.intermediate_size,
+        head_dim=_size("head_dim", getattr(config, "head_dim", None) or hidden // n_heads),
+        intermediate=_size("intermediate_size", config.intermediate_size),
         qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
         o_bias=model_type != "qwen2" and bool(getattr(config, "attention_bias", False)),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
     )
+
+
+def _size(field: str, value: object) -> int:
+    """A size the config sets: a positive integer, or a UserError naming the field (transformers
+    checks some types, not all, and not the sign)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"config field {field} is {value!r}; it must be a positive integer. "
+                        "Fix: use the config.json that came with the weights")
+    return value
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

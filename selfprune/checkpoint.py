@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .arch import Arch
-from .errors import UserError
+from .errors import UserError, cause
 from .hashing import sha256_file
 from .memo import open_memo
 
@@ -29,6 +29,20 @@ class LoadedModel:
     arch: Arch
     fingerprint: str
     source: str
+
+
+def read_config(source: str, what: str, **kwargs):
+    """transformers' config of ``source`` (``what`` names it in errors). Whatever transformers raises
+    for a config (not JSON, a list, a string where a size goes, zero heads, a GGUF it cannot map, an
+    unreachable hub) is the input's problem: a UserError, not a traceback."""
+    from transformers import AutoConfig  # heavy: only when loading
+
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise UserError(f"could not read the config of {what} ({cause(e)}). Fix: give a model "
+                        "directory with the config.json its weights came with, a valid .gguf file, or a hub id "
+                        "with the hub reachable") from None
 
 
 def from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[torch.nn.Module, object]:

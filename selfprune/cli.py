@@ -29,6 +29,9 @@ Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | map (
 DType = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 VllmPython = Annotated[Optional[str], typer.Option(
     "--vllm-python", help="Python of the vLLM environment with selfprune-vllm (default: $SELFPRUNE_VLLM_PYTHON)")]
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="let vLLM run the model directory's own Python (its auto_map); read that code first. "
+    "selfprune's own DeciLM export needs no flag")]
 Samples = Annotated[int, typer.Option("--samples", help="calibration windows for the activation statistics")]
 CalibSeqlen = Annotated[int, typer.Option("--calib-seqlen", help="tokens per calibration window")]
 
@@ -314,6 +317,7 @@ def bench_model(
     repeats: Annotated[int, typer.Option("--repeats", help="timed runs; the median is reported")] = 3,
     use_vllm: Annotated[bool, typer.Option("--vllm", help="serve each model with vLLM instead (README: Serving with vLLM)")] = False,
     vllm_python: VllmPython = None,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list of measurements")] = False,
     device: Device = "auto",
     dtype: DType = "auto",
@@ -333,11 +337,13 @@ def bench_model(
     for p in pruned or []:
         if not (p / "selfprune.json").is_file():
             raise UserError(f"--pruned {p} is not a selfprune export (no selfprune.json); make one with selfprune prune --out DIR")
+    if use_vllm:
+        _refuse_model_code(names, trust_remote_code)
     python = vllm_python_of(vllm_python) if use_vllm else None
     results = []
     for name in names:
         if use_vllm:
-            m = vllm_measure(_model_dir(name), python, dtype=dtype, **settings)
+            m = vllm_measure(_model_dir(name), python, dtype=dtype, trust_remote_code=trust_remote_code, **settings)
         else:
             lm = load_model(name, device, dtype)
             m = measure(lm.model, lm.tokenizer, **settings)
@@ -369,6 +375,17 @@ def bench_model(
     console.print(table)
 
 
+def _refuse_model_code(names: list[str], trust_remote_code: bool) -> None:
+    """A model directory that asks to run Python of its own, without --trust-remote-code, is refused
+    before any model is served (:func:`selfprune.evaluate.vllm_bridge.remote_code_allowed`); the
+    demo model brings none, and is not fetched for this."""
+    from .evaluate.vllm_bridge import remote_code_allowed
+
+    for name in names:
+        if name != "demo":
+            remote_code_allowed(name, trust_remote_code)
+
+
 def _model_dir(name: str) -> str:
     """A model's directory for vLLM: the demo model's, or the path given."""
     from .demo import demo_model_dir
@@ -380,6 +397,7 @@ def _model_dir(name: str) -> str:
 def vllm_check(
     model: Annotated[str, typer.Argument(help="a selfprune export (prune --out DIR), a model directory, or demo")],
     vllm_python: VllmPython = None,
+    trust_remote_code: TrustRemoteCode = False,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="greedy tokens per prompt")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole comparison as JSON")] = False,
 ) -> None:
@@ -389,8 +407,9 @@ def vllm_check(
 
     if new_tokens < 1:
         raise UserError("--new-tokens must be at least 1")
+    _refuse_model_code([model], trust_remote_code)
     python = vllm_python_of(vllm_python)
-    result = agreement(_model_dir(model), python, new_tokens)
+    result = agreement(_model_dir(model), python, new_tokens, trust_remote_code=trust_remote_code)
     if as_json:
         print(json.dumps(result))
     else:

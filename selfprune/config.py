@@ -10,6 +10,7 @@ the windows asked of it?) run before the calibration pass (:func:`selfprune.evol
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,7 +57,11 @@ class EvolutionConfig(RunConfig):
     """What both searches share: the oracle, the evolutionary loop's sizes, the data they score on."""
 
     oracle: str = Field("ga", description="openai:MODEL | ga | random")
-    base_url: str | None = Field(None, description="OpenAI-compatible server for openai:MODEL (vLLM, Ollama)")
+    base_url: str | None = Field(None, description="OpenAI-compatible server for openai:MODEL (vLLM, Ollama); credentials "
+                                                   "in it (user:pw@, ?api_key=) reach that server but are never recorded")
+    api_key_env: str | None = Field(None, description="environment variable holding the key of the --base-url server "
+                                                      "($OPENAI_API_KEY goes to api.openai.com only; without this option "
+                                                      "another server gets the placeholder EMPTY)")
     population: int = Field(30, ge=2, description="K: population size")
     mutations: int = Field(10, ge=0, description="M: mutants per generation")
     crossovers: int = Field(10, ge=0, description="S: crossovers per generation")
@@ -87,6 +92,25 @@ class EvolutionConfig(RunConfig):
         description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
 
     _lists = field_validator("oracle_prices", "fitness_stages", "seeds", mode="before")(_comma_separated)
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _public_base_url(cls, value):
+        """Credentials are cut from the URL before the config is stored anywhere (a flow parameter,
+        best.json, cache keys); :mod:`selfprune.evolve.endpoint` keeps them in memory for the server.
+        A bad URL is a UserError, not a ValueError: pydantic would quote the input, secrets and all."""
+        from .evolve.endpoint import public_url
+
+        return public_url(value) if isinstance(value, str) else value
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _variable_name(cls, value):
+        """A variable's name; a UserError that does not quote the value, which may be the key itself."""
+        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise UserError("--api-key-env takes the name of an environment variable (letters, digits and _, "
+                            "e.g. VLLM_API_KEY), not the key itself")
+        return value
 
     @model_validator(mode="after")
     def _seed_or_seeds(self) -> "EvolutionConfig":

@@ -18,8 +18,10 @@ corpus is cut.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ ACCEPTED = (
 TOKENS_VERSION = "tokens-2"
 _ID_DTYPE = np.dtype("<i4")
 CHUNK_CHARS = 64_000
+READ_CHARS = 1 << 16  # a text corpus is read and split this many characters at a time
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,13 +95,42 @@ def data_fingerprint(data: str, split: str) -> str:
 def paragraphs(text: str) -> list[str]:
     """The paragraphs of ``text``: blocks separated by one or more blank (whitespace-only) lines,
     without their trailing whitespace or leading newlines; whitespace-only blocks are dropped."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    out = []
-    for block in re.split(r"\n(?:[^\S\n]*\n)+", text):
-        block = block.lstrip("\n").rstrip()
-        if block.strip():
-            out.append(block)
-    return out
+    return [p for run in _paragraph_runs([_normalized(text)]) for p in run]
+
+
+def _normalized(text: str) -> str:
+    """``text`` with ``"\\r\\n"`` and ``"\\r"`` line ends made ``"\\n"`` (what reading a file as text does)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_SEPARATOR = re.compile(r"\n(?:[^\S\n]*\n)+")
+
+
+def _paragraph_runs(chunks: Iterable[str]) -> Iterator[list[str]]:
+    """The paragraphs (as :func:`paragraphs`) of the normalized text that ``chunks`` make up, a list
+    per chunk: those that end in it. Each chunk but the last ends at a line's end. Only a chunk, its
+    paragraphs and the one still being read are held, so a corpus of any size streams through (all
+    its paragraphs as a list take many times the text when they are short).
+
+    Each chunk after the first is cut behind a ``"\\n"`` standing for the previous chunk's last
+    character, so a separator that starts at that line end is found as in the whole text."""
+    pending: list[str] = []  # the parts of the paragraph still being read
+    head = ""
+    for chunk in chunks:
+        blocks = _SEPARATOR.split(head + chunk)
+        blocks[0] = blocks[0][len(head) :]
+        if len(blocks) > 1:  # the paragraph being read ends in this chunk
+            blocks[0] = "".join([*pending, blocks[0]])
+            pending = []
+        pending.append(blocks.pop())
+        yield _cleaned(blocks)
+        head = "\n"
+    yield _cleaned(["".join(pending)])
+
+
+def _cleaned(blocks: list[str]) -> list[str]:
+    """The blocks without their leading newlines and trailing whitespace, whitespace-only ones dropped."""
+    return [p for p in (b.lstrip("\n").rstrip() for b in blocks) if p]
 
 
 def split_text(text: str) -> dict[str, str]:
@@ -115,16 +147,43 @@ def split_text(text: str) -> dict[str, str]:
     characters (more or less by at most one paragraph). No randomness: the same file always gives
     the same splits. A split can come out empty only when the text has very few paragraphs.
     """
-    paras = paragraphs(text)
-    total = sum(len(p) for p in paras) + len(ROW_SEPARATOR) * max(len(paras) - 1, 0)
+    return _split_chunks(lambda: [_normalized(text)])
+
+
+def _split_chunks(read: Callable[[], Iterable[str]]) -> dict[str, str]:
+    """:func:`split_text` of the text that ``read()`` yields in chunks (see :func:`_paragraphs`), read
+    twice: once to measure N, once to write each paragraph into its split. Memory is the splits
+    and one chunk, never the paragraphs as a list."""
+    count = total = 0
+    for run in _paragraph_runs(read()):
+        count, total = count + len(run), total + sum(map(len, run))
+    total += len(ROW_SEPARATOR) * max(count - 1, 0)
     bounds = (SPLIT_FRACTIONS[0] * total, (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]) * total)
-    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    parts = {s: io.StringIO() for s in SPLITS}
+    started: set[str] = set()
+
+    def add(name: str, text: str) -> None:
+        if name in started:
+            parts[name].write(ROW_SEPARATOR)
+        started.add(name)
+        parts[name].write(text)
+
     offset = 0
-    for p in paras:
-        name = SPLITS[0] if offset < bounds[0] else SPLITS[1] if offset < bounds[1] else SPLITS[2]
-        parts[name].append(p)
-        offset += len(p) + len(ROW_SEPARATOR)
-    return {s: ROW_SEPARATOR.join(parts[s]) for s in SPLITS}
+    for run in _paragraph_runs(read()):
+        size = sum(map(len, run)) + len(ROW_SEPARATOR) * len(run)
+        if run and _split_at(offset, bounds) == _split_at(offset + size - len(run[-1]) - len(ROW_SEPARATOR), bounds):
+            add(_split_at(offset, bounds), ROW_SEPARATOR.join(run))  # the whole run starts in one split
+            offset += size
+            continue
+        for p in run:
+            add(_split_at(offset, bounds), p)
+            offset += len(p) + len(ROW_SEPARATOR)
+    return {s: parts.pop(s).getvalue() for s in SPLITS}
+
+
+def _split_at(offset: int, bounds: tuple[float, float]) -> str:
+    """The split of a paragraph that starts at ``offset`` of the normalized text."""
+    return SPLITS[0] if offset < bounds[0] else SPLITS[1] if offset < bounds[1] else SPLITS[2]
 
 
 def _check_split(split: str) -> None:
@@ -167,7 +226,7 @@ def _load_split_cached(key: tuple, split: str) -> str:
 
 @lru_cache(maxsize=4)
 def _split_corpus_cached(key: tuple) -> dict[str, str]:
-    return split_text(_read_corpus(Path(key[1])))
+    return _split_chunks(_corpus_chunks(Path(key[1])))
 
 
 @lru_cache(maxsize=64)
@@ -175,15 +234,14 @@ def _fingerprint_cached(key: tuple, split: str) -> str:
     return hashlib.sha256(_load_split_cached(key, split).encode("utf-8")).hexdigest()
 
 
-def _read_corpus(path: Path) -> str:
-    """A local corpus as one string. Text files are read as they are (UTF-8); JSON lines, JSON and
-    parquet go through ``datasets``' builders and their rows' ``text`` are joined with ``"\\n\\n"``."""
+def _corpus_chunks(path: Path) -> Callable[[], Iterator[str]]:
+    """A reader of a local corpus in chunks, for :func:`_split_chunks` (which reads it twice). Text
+    files are read as they are (UTF-8), about ``READ_CHARS`` characters at a time; JSON lines, JSON
+    and parquet go through ``datasets``' builders (an on-disk table) and their rows' ``text`` are
+    read a batch at a time, joined with ``"\\n\\n"``."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"data file {path} is not UTF-8 text ({e}). Fix: convert it to UTF-8.") from e
+        return lambda: _text_chunks(path)
     builder = "parquet" if suffix in PARQUET_SUFFIXES else "json"
     import datasets
 
@@ -195,7 +253,24 @@ def _read_corpus(path: Path) -> str:
     if "text" not in ds.column_names:
         raise UserError(f"data file {path} has no \"text\" field (it has: {', '.join(ds.column_names)}). "
                         f"Fix: name the column holding the text \"text\".")
-    return ROW_SEPARATOR.join(t if isinstance(t, str) else "" for t in ds["text"])
+    return lambda: _row_chunks(batch["text"] for batch in ds.select_columns("text").iter(batch_size=1024))
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """A text file in chunks that end at line ends, with its line ends made ``"\\n"``."""
+    with open(path, encoding="utf-8", newline=None) as f:
+        try:
+            while chunk := f.read(READ_CHARS):
+                yield chunk + f.readline()
+        except UnicodeDecodeError as e:
+            raise UserError(f"data file {path} is not UTF-8 text ({e}). Fix: convert it to UTF-8.") from e
+
+
+def _row_chunks(batches: Iterable[list]) -> Iterator[str]:
+    """Rows' texts joined with ``"\\n\\n"`` (a row that is not a string counts as empty), a batch a chunk."""
+    for i, rows in enumerate(batches):
+        text = ROW_SEPARATOR.join(t if isinstance(t, str) else "" for t in rows)
+        yield ("\n" if i else "") + _normalized(text) + "\n"
 
 
 def _load_wikitext(hub_split: str) -> str:

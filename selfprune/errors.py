@@ -26,3 +26,8 @@ class CorruptFile(UserError):
             f"file {path} is corrupt or unreadable ({why}). Delete it (rm '{path}') and run again: "
             "it will be recomputed."
         )
+
+
+def cause(e: BaseException) -> str:
+    """``Type: first line`` of a library's exception, for a one-line UserError that says why."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .arch import arch_of, decoder_layers
-from .checkpoint import LoadedModel, fingerprint
+from .arch import Arch, arch_of, decoder_layers
+from .checkpoint import LoadedModel, fingerprint, read_config
 from .devices import MAP, check_resident, resolve_device, resolve_dtype
 from .errors import UserError
 from .fileio import atomic_write_text, staged_dir
+from .headers import check_config, tensor_shapes
 from .slicing import prune_layer
 
 RECORD = "selfprune.json"
@@ -47,16 +48,33 @@ def save_pruned(model: torch.nn.Module, tokenizer, out_dir: Path, record: dict) 
     return out_dir
 
 
+def kept_widths(layers: object, arch: Arch, path: Path) -> list[tuple[int, int]]:
+    """``selfprune_layers`` as (KV groups, MLP channels) per layer, each within the dense layer's."""
+    def fits(width: object) -> bool:
+        return (isinstance(width, list) and len(width) == 2 and all(type(n) is int for n in width)
+                and 0 <= width[0] <= arch.n_kv_heads and 0 <= width[1] <= arch.intermediate)
+
+    if not isinstance(layers, list) or len(layers) != arch.n_layers or not all(fits(w) for w in layers):
+        count = len(layers) if isinstance(layers, list) else "no"
+        raise UserError(f"{path}/config.json: selfprune_layers ({count} entries) must list, for each of the "
+                        f"{arch.n_layers} layers of num_hidden_layers, [KV groups kept (0-{arch.n_kv_heads}), "
+                        f"MLP channels kept (0-{arch.intermediate})]. "
+                        "Fix: re-export the model (selfprune prune --out DIR)")
+    return [(g, c) for g, c in layers]
+
+
 def load_pruned(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a selfprune export: ``selfprune.load_pruned("DIR")``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = read_config(str(path), str(path), local_files_only=True)
     layers = getattr(config, "selfprune_layers", None)
     if layers is None:
         raise UserError(f"{path}/config.json has no selfprune_layers; this is not a selfprune export")
     arch = arch_of(config)
+    layers = kept_widths(layers, arch, path)
+    check_config(arch, getattr(config, "vocab_size", None), tensor_shapes(path), f"{path}/config.json", layers)
     dev = resolve_device(device)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -5,17 +5,26 @@ through here: write a temporary file in the target's directory (same file system
 is atomic), fsync it, ``os.replace`` it over the target, then fsync the directory where the OS
 allows. A process killed mid-write leaves at most a stray ``.<name>.<pid>.<random>.tmp`` file,
 which nothing reads. Temporary files are created with ``open``, so they get the umask's modes.
+
+Nothing is written through a symbolic link: a link planted where a run writes (``best.json`` ->
+someone's file) is itself replaced by ``os.replace``, and :func:`append_line` opens with
+``O_NOFOLLOW`` and replaces a link by a file of its own, with a warning; the link's target is never
+opened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -34,8 +43,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; return ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_path(path) as tmp, open(tmp, "xb") as fh:  # "x": a fresh file, never an existing one or a link
+        fh.write(data)
     return Path(path)
 
 
@@ -46,8 +55,12 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 
 def append_line(path: Path | str, line: str) -> None:
     """Append ``line`` and a newline to a log such as ``evaluations.jsonl``, all or nothing: a write
-    that fails (a full disk) is cut back off, so readers never meet half a line."""
-    with open(path, "ab", buffering=0) as fh:
+    that fails (a full disk) is cut back off, so readers never meet half a line.
+
+    A symbolic link at ``path`` is replaced by a new log, with a warning naming where it pointed:
+    appending through it would write to a file outside the run, and refusing would fail the
+    evaluation just computed over a log line."""
+    with open(path, "ab", buffering=0, opener=_no_follow) as fh:
         start = os.fstat(fh.fileno()).st_size
         rest = memoryview(line.encode("utf-8") + b"\n")
         try:
@@ -56,6 +69,18 @@ def append_line(path: Path | str, line: str) -> None:
         except OSError:
             os.ftruncate(fh.fileno(), start)
             raise
+
+
+def _no_follow(path: str, flags: int) -> int:
+    """``os.open`` for :func:`append_line` that never follows a link at ``path`` (it replaces it)."""
+    flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP and not os.path.islink(path):
+            raise
+    atomic_write_bytes(path, b"")  # replaces the link itself, and says so
+    return os.open(path, flags, 0o666)
 
 
 @contextlib.contextmanager
@@ -80,6 +105,9 @@ def _replace(tmp: Path, path: Path) -> None:
     """fsync ``tmp``, rename it over ``path``, and make the rename durable where the OS allows."""
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+    if path.is_symlink():
+        logger.warning("%s was a symbolic link (to %s): selfprune never writes through one, so it replaced the link "
+                       "itself; the link's target is untouched", path, os.readlink(path))
     os.replace(tmp, path)
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY)

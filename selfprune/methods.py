@@ -71,7 +71,7 @@ def unit_scores(arch: Arch, scores: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 def rank_by_metric(metric: Metric, model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor],
                    gradients: dict[str, torch.Tensor] | None = None) -> Rankings:
-    scores = layer_scores(model, stats, metric.scores, gradients)
+    scores = layer_scores(model, stats, metric, gradients)
     ranked = [unit_scores(arch, scores(i)) for i in range(arch.n_layers)]
     return Rankings([torch.argsort(g, stable=True) for g, _ in ranked], [torch.argsort(c, stable=True) for _, c in ranked])
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .arch import Arch, arch_of
-from .checkpoint import LoadedModel, fingerprint, from_pretrained
+from .checkpoint import LoadedModel, fingerprint, from_pretrained, read_config
 from .demo import demo_model_dir
 from .devices import MAP, check_resident, resolve_device, resolve_dtype
-from .errors import UserError
+from .errors import UserError, cause
 from .export import RECORD, load_pruned
+from .headers import check_config, tensor_shapes
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -19,13 +20,15 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _resolve(spec: str) -> tuple[str, dict, Path | None]:
-    """``spec`` -> (what to pass to ``from_pretrained``, its kwargs, the local path if any)."""
+    """``spec`` -> (what to pass to ``from_pretrained``, its kwargs, the local path if any). A GGUF's
+    header is read here, so a corrupt one is one line whatever reads it next (tokenizer, config)."""
     if spec == "demo":
         spec = str(demo_model_dir())
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf; pass a model directory or a .gguf file")
+        tensor_shapes(path)
         return str(path.parent), {"local_files_only": True, "gguf_file": path.name}, path
     if path.is_dir():
         return str(path), {"local_files_only": True}, path
@@ -37,11 +40,14 @@ def _resolve(spec: str) -> tuple[str, dict, Path | None]:
 def model_fingerprint(spec: str) -> str:
     """The fingerprint of ``spec`` without loading it (a hub model is fetched into the HF cache)."""
     _, _, local = _resolve(spec)
-    if local is None:
-        from huggingface_hub import snapshot_download
+    return fingerprint(local or _hub_snapshot(spec))
 
-        local = Path(snapshot_download(spec))
-    return fingerprint(local)
+
+def _hub_snapshot(spec: str) -> Path:
+    """The local copy of hub model ``spec``, fetched into the HF cache if need be."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec))
 
 
 def load_tokenizer(spec: str):
@@ -52,23 +58,24 @@ def load_tokenizer(spec: str):
     source, kwargs, _ = _resolve(spec)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise UserError(f"could not load a tokenizer for {spec!r} ({str(e).splitlines()[0]}); give a local model "
+    except Exception as e:  # noqa: BLE001 - missing, unreachable, malformed (a GGUF without a vocabulary)
+        raise UserError(f"could not load a tokenizer for {spec!r} ({cause(e)}); give a local model "
                         "directory or .gguf file, or a hub id with the hub reachable") from None
 
 
 def load_arch(spec: str) -> Arch:
-    """The architecture of ``spec`` from its config alone: a second, no weights read."""
-    from transformers import AutoConfig  # heavy: only when loading
+    """The architecture of ``spec`` from its config, checked against a local checkpoint's weight
+    headers (:mod:`selfprune.headers`): a second, no weight data read."""
+    return _checked_arch(spec, *_resolve(spec))
 
-    source, kwargs, _ = _resolve(spec)
-    try:
-        return arch_of(AutoConfig.from_pretrained(source, **kwargs))
-    except OSError as e:
-        raise UserError(
-            f"could not load a config for {spec!r} ({str(e).splitlines()[0]}); give a local model directory "
-            "or .gguf file, or a hub id with the hub reachable"
-        ) from None
+
+def _checked_arch(spec: str, source: str, kwargs: dict, local: Path | None) -> Arch:
+    config = read_config(source, repr(spec), **kwargs)
+    arch = arch_of(config)
+    if local is not None:
+        where = f"{local} (its GGUF metadata)" if local.is_file() else str(local / "config.json")
+        check_config(arch, getattr(config, "vocab_size", None), tensor_shapes(local), where)
+    return arch
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -76,14 +83,20 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     a selfprune export directory, or a hub id (needs a reachable hub).
 
     The architecture is checked from the config before any weights are read, so an unsupported
-    model fails in a second with the list of what works.
+    model fails in a second with the list of what works; and the config against the weights'
+    headers, so a config that does not fit them fails before anything is built (a hub model is
+    fetched first for that).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, kwargs, local = _resolve(spec)
     if local is not None and (local / RECORD).is_file():
         return load_pruned(local, device=device, dtype=dtype)
-    arch = load_arch(spec)
+    arch = _checked_arch(spec, source, kwargs, local)  # a hub model: its config alone, before the download
+    if local is None:
+        local = _hub_snapshot(spec)
+        source, kwargs = str(local), {"local_files_only": True}
+        arch = _checked_arch(spec, source, kwargs, local)
     if device == MAP:
         model, tokenizer = from_pretrained(source, dt, device_map="auto", **kwargs)
         check_resident(model)

@@ -10,9 +10,12 @@ setting's aliases, or in the active profile of their own ``~/.prefect/profiles.t
 ``PREFECT_HOME=<home>/prefect``
     Prefect's database (runs, logs) for the ephemeral/local server lives here, not in ``~/.prefect``.
 ``PREFECT_LOCAL_STORAGE_PATH=<home>/results``
-    Persisted task results, i.e. the task cache. Created with mode 0700: Prefect reads each
-    result file with the serializer named *inside* that file (pickle included), so a results
-    directory someone else can write is a code-execution risk.
+    Persisted task results, i.e. the task cache. Created with mode 0700: whoever can write it
+    decides what a run reads back. (Prefect would even decode each file with the serializer named
+    inside it, pickle included; selfprune reads results only as plain JSON, see
+    :mod:`selfprune.tasks.caching`.) An existing directory that others can write, or that another
+    user owns (this one, the home and what is in it, ``PREFECT_HOME``), is named in one warning
+    line at each start, with the fix; its mode is left as it is.
 ``PREFECT_RESULTS_PERSIST_BY_DEFAULT=true``
     Caching needs persisted results.
 ``PREFECT_RESULTS_DEFAULT_SERIALIZER=json``
@@ -91,7 +94,7 @@ def configure(
     """
     from selfprune.faults import outage_allowance, retries_for_outage
     from selfprune.paths import root as selfprune_root
-    from selfprune.preflight import ensure_dir
+    from selfprune.preflight import ensure_dir, warn_if_shared
 
     in_process = env is None
     target = os.environ if env is None else env
@@ -125,7 +128,22 @@ def configure(
             if key in applied:
                 ensure_dir(Path(applied[key]), what, mode=0o700)
         refresh()
+        warn_if_shared(read_back_dirs(root))
     return applied
+
+
+def read_back_dirs(root: Path) -> list[tuple[Path, str]]:
+    """(directory, what) for each directory whose files a selfprune process reads back, as the
+    current settings place them: the cache root and what is in it, Prefect's home and its results."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    found = {root: "the selfprune cache (SELFPRUNE_HOME)"}
+    if root.is_dir():
+        found |= {p: "in the selfprune cache" for p in sorted(root.iterdir()) if p.is_dir() and p not in found}
+    found[Path(settings.home)] = "Prefect's local database"
+    found[Path(settings.results.local_storage_path)] = "cached task results"
+    return list(found.items())
 
 
 def refresh() -> None:
@@ -280,9 +298,13 @@ def setup_flow_process() -> dict[str, str]:
 
     Called when ``selfprune.flows`` is imported, which every flow module does first; so a run the
     CLI starts, one a worker starts (``python -m prefect.engine`` imports the deployment's
-    entrypoint), and ``prefect flow-run retry`` all use one cache and one result format. Settings
-    the user set stay as they are; Prefect's already-loaded settings are refreshed.
+    entrypoint), and ``prefect flow-run retry`` all use one cache and one result format, and read
+    every persisted result as plain JSON (:func:`selfprune.tasks.caching.guard_prefect_results`).
+    Settings the user set stay as they are; Prefect's already-loaded settings are refreshed.
     """
+    from selfprune.tasks.caching import guard_prefect_results
+
     applied = configure()
+    guard_prefect_results()
     quiet_flow_logs()
     return applied

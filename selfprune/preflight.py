@@ -5,15 +5,18 @@ run's ``--out``) must take a file, and each device must have room for the stated
 the run writes there (:class:`Need`). During: a failure caused by the disk (``ENOSPC``, SQLite's
 "database or disk is full", or a failure while a watched disk has no space left) or by a read-only
 or unwritable directory becomes an :class:`~selfprune.errors.EnvironmentFault` naming the path and
-the fix. Plain functions, no Prefect: the application layer supplies the paths.
+the fix. Plain functions, no Prefect: the application layer supplies the paths. Also at the start: one warning
+line for each of those directories that someone else can write (:func:`warn_if_shared`).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ MIB = 1 << 20
 FULL_BELOW = 1 * MIB  # a watched device with less free space than this is taken as full
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+logger = logging.getLogger(__name__)
 FIX_LOCATION = "SELFPRUNE_HOME=DIR moves the cache and Prefect's local database, --out DIR the run's files"
 
 
@@ -77,6 +81,35 @@ def ensure_dir(path: Path, what: str, mode: int = 0o777) -> Path:
             raise no_space(path, f"creating the directory for {what}") from None
         raise unwritable(path, what, e) from None
     return path
+
+
+def shared_with_others(path: Path) -> tuple[str, str] | None:
+    """(why, fix) when someone else can put files in the directory ``path``; None when only this
+    user can, or it does not exist yet. Files there are not this user's to trust: a planted cached
+    result or memo changes what a run computes."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})", f"use a directory of your own: {FIX_LOCATION}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})", f"chmod 700 {path}"
+    return None
+
+
+_WARNED: set[str] = set()  # one line per directory and process: the CLI and each flow check again
+
+
+def warn_if_shared(dirs: Iterable[tuple[Path, str]]) -> None:
+    """One warning line for each directory in ``dirs`` (path, what) that others can write, with the
+    fix; the mode is the user's to change, never changed here."""
+    for path, what in dirs:
+        found = shared_with_others(path)
+        if found is None or f"{path} {found[0]}" in _WARNED:
+            continue
+        _WARNED.add(f"{path} {found[0]}")
+        logger.warning("%s (%s) %s: a file planted there changes what selfprune reads back. Fix: %s", path, what, *found)
 
 
 def check_writable(path: Path, what: str) -> None:

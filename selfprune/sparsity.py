@@ -22,6 +22,7 @@ from torch import nn
 
 from .arch import Arch, decoder_layers
 from .errors import UserError
+from .metrics import Metric
 from .slicing import shallow_copy
 from .stats import LINEAR_INPUT, channel_stats
 
@@ -78,13 +79,11 @@ def keep_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.
     return keep.scatter(1, low, False)
 
 
-Scorer = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # metric inputs -> scores [out, in]
-
-
-def layer_scores(model: nn.Module, stats: dict[str, torch.Tensor], score: Scorer,
+def layer_scores(model: nn.Module, stats: dict[str, torch.Tensor], metric: Metric,
                  gradients: dict[str, torch.Tensor] | None = None) -> Callable[[int], dict[str, torch.Tensor]]:
-    """Layer ``i`` -> the metric's scores of each of its linears, keyed by the linear's path. The
-    metric's inputs: ``W``, its input's ``X_rms``, ``X_mean``, ``X_var``, and ``G`` when given."""
+    """Layer ``i`` -> the metric's scores of each of its linears, keyed by the linear's path, all
+    finite (else NonFiniteScores, before any mask or ranking is made of them). The metric's inputs:
+    ``W``, its input's ``X_rms``, ``X_mean``, ``X_var``, and ``G`` when given."""
     layers = decoder_layers(model)
 
     def scores(i: int) -> dict[str, torch.Tensor]:
@@ -94,7 +93,7 @@ def layer_scores(model: nn.Module, stats: dict[str, torch.Tensor], score: Scorer
             inputs = {"W": weight.float()} | {k: v.to(weight.device) for k, v in channel_stats(stats, i, stat).items()}
             if gradients is not None:
                 inputs["G"] = gradients[f"{i}.{path}"].to(weight.device)
-            found[path] = score(inputs)
+            found[path] = metric.finite_scores(inputs, f"layer {i} {path}")
         return found
 
     return scores

@@ -8,6 +8,7 @@ benchmarks all go through this object, so "where does a candidate get pruned?" h
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .errors import CorruptFile, UserError
 from .hashing import content_hash
 from .methods import get_method
 from .metrics import Metric, resolve_metric
+from .metrics.metric import NonFiniteScores
 from .models import load_model
 from .ppl import Perplexity, perplexity
 from .sparsity import parse_pattern
@@ -45,6 +47,14 @@ class Calibration:
 
     def key_fields(self) -> dict:
         return {"data": self.data, "samples": self.samples, "seqlen": self.seqlen}
+
+
+@dataclass(frozen=True)
+class Invalid(Perplexity):
+    """A metric's candidate that cannot be built on this model (its scores are not all finite): no
+    perplexity (NaN, ranked last) and why, so a metric search counts it and goes on."""
+
+    invalid: str = ""
 
 
 @dataclass(frozen=True)
@@ -188,9 +198,17 @@ class Workbench:
         return self.build(spec if isinstance(spec, tuple) else allocation.structure_from_json(spec), reconstruct_)
 
     def score(self, spec: Structure | list | dict | None, scoring: Scoring,
-              reconstruct_: str = reconstruct.NONE) -> Perplexity:
-        """Perplexity of the candidate (:meth:`candidate`) under ``scoring``."""
-        return self._perplexity(self.candidate(spec, reconstruct_), scoring)
+              reconstruct_: str = reconstruct.NONE, tolerate_invalid: bool = False) -> Perplexity:
+        """Perplexity of the candidate (:meth:`candidate`) under ``scoring``. With ``tolerate_invalid``
+        (a metric search), a metric whose scores are not finite on this model gives an
+        :class:`Invalid` record instead of raising NonFiniteScores."""
+        try:
+            model = self.candidate(spec, reconstruct_)
+        except NonFiniteScores as e:
+            if not tolerate_invalid:
+                raise
+            return Invalid(math.nan, math.nan, 0, scoring.seqlen, len(self.windows(scoring)), str(e))
+        return self._perplexity(model, scoring)
 
     def _perplexity(self, model: torch.nn.Module, scoring: Scoring) -> Perplexity:
         windows = self.windows(scoring)
@@ -222,7 +240,7 @@ class Workbench:
     def metric_scores(self, metric: Metric) -> Callable[[int], dict[str, torch.Tensor]]:
         """Layer index -> the metric's scores of each of its linears' weights."""
         grads = self.gradients() if metric.needs_gradient else None
-        return sparsity.layer_scores(self.lm.model, self.stats, metric.scores, grads)
+        return sparsity.layer_scores(self.lm.model, self.stats, metric, grads)
 
     def sparse_rates(self, metric: Metric, allocation_spec: str | list[float], ratio: float,
                      pattern: sparsity.Pattern) -> list[float]:

@@ -33,6 +33,17 @@ Results
     both times) and a non-JSON return fails at once, not on resume. Tensors go to
     ``selfprune.store``; the task returns their key.
 
+Reading results: the file never chooses its decoder
+    Prefect decodes a result file with the serializer named *inside* the file, and with pickle
+    when it names none; even "json" names an ``object_decoder`` that Prefect imports and calls on
+    every decoded object. So whoever can write the results directory could run code in the next
+    run. selfprune reads every result as plain JSON (:func:`trusted_record`), whatever the file
+    says, and refuses a file that names anything but the JSON it writes itself (this module's
+    serializer for cached tasks, Prefect's JSON for flow results): a refused cached result is set
+    aside as ``<key>.untrusted-<time>`` with a warning and recomputed, like a corrupt one.
+    :func:`guard_prefect_results` makes Prefect's own reads (cache lookups, a flow's result read
+    back when a parent run is retried) use the same reader; its docstring says why that is a patch.
+
 Locks: why READ_COMMITTED and no lock manager
     Prefect's SERIALIZABLE isolation needs a lock manager; ``FileSystemLockManager`` writes a
     lock file per key with no expiry (the transaction never passes a hold timeout) and deletes
@@ -58,13 +69,17 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
 from selfprune.hashing import content_hash
+
+if TYPE_CHECKING:
+    from prefect.results import ResultRecord
 
 logger = logging.getLogger("selfprune.cache")
 
@@ -126,24 +141,125 @@ class ContentCache(CachePolicy):
         return key
 
 
+class UntrustedResult(ValueError):
+    """A persisted result that names a serializer selfprune does not write: never decoded."""
+
+
+# The decoders of the JSON that selfprune writes: none (cached tasks, JSON_RESULTS) and Prefect's
+# (flow results: PREFECT_RESULTS_DEFAULT_SERIALIZER=json). Either way it is read back as plain JSON.
+_OWN_JSON_DECODERS = (None, "prefect.serializers.prefect_json_object_decoder")
+
+
+def _refusal(serializer: Any) -> Optional[str]:
+    """Why a result file's ``serializer`` entry is not one selfprune wrote (None when it is)."""
+    if not isinstance(serializer, dict):
+        return "names no serializer, which Prefect would read as pickle"
+    if serializer.get("type") != "json":
+        return f"names the {str(serializer.get('type'))[:40]!r} serializer"
+    if (serializer.get("jsonlib", "json") != "json" or serializer.get("object_decoder") not in _OWN_JSON_DECODERS
+            or serializer.get("loads_kwargs")):
+        return f"names a JSON serializer with a decoder of its own ({str(serializer.get('object_decoder'))[:60]!r})"
+    return None
+
+
+def _record(document: Any) -> ResultRecord:
+    """A ResultRecord from a parsed result file, its value decoded as plain JSON.
+
+    A file that is not a record (a flow's result: Prefect keeps its metadata in its database) is
+    the value itself. Raises UntrustedResult for a record naming another serializer, ValueError
+    for a malformed one."""
+    from prefect.results import ResultRecord, ResultRecordMetadata
+
+    if not (isinstance(document, dict) and {"result", "data"} & document.keys()):
+        return ResultRecord(metadata=ResultRecordMetadata(serializer=JSON_RESULTS), result=document)
+    metadata = document.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    why = _refusal(metadata.get("serializer", document.get("serializer")))
+    if why:
+        raise UntrustedResult(why)
+    payload = document.get("result", document.get("data"))
+    if not isinstance(payload, str):
+        raise ValueError(f"its value is {type(payload).__name__}, not serialized text")
+    fields = {k: metadata[k] for k in ("storage_key", "expiration", "prefect_version", "storage_block_id") if k in metadata}
+    return ResultRecord(metadata=ResultRecordMetadata(**fields, serializer=JSON_RESULTS),
+                        result=JSON_RESULTS.loads(payload.encode()))
+
+
+def trusted_record(data: bytes) -> ResultRecord:
+    """The ResultRecord in a result file's bytes, read the only way selfprune reads one: plain JSON,
+    nothing imported or called, whatever serializer the file names (see the module doc)."""
+    return _record(json.loads(data))
+
+
+def _prefect_deserialize(cls: type, data: bytes, backup_serializer: Any = None) -> ResultRecord:
+    """Stands in for ``ResultRecord.deserialize``; ``backup_serializer`` is ignored: plain JSON only."""
+    return _logged_refusal(lambda: trusted_record(data))
+
+
+def _prefect_deserialize_split(cls: type, result: bytes, metadata: bytes) -> ResultRecord:
+    """Stands in for ``ResultRecord.deserialize_from_result_and_metadata`` (a cache policy with
+    ``key_storage`` keeps the metadata in a file of its own)."""
+    return _logged_refusal(lambda: _record({"metadata": json.loads(metadata), "result": result.decode()}))
+
+
+def _logged_refusal(read: Callable[[], Any]) -> Any:
+    """``read()``; a refusal is also logged, since Prefect takes some read failures for a silent miss."""
+    from selfprune.prefect_env import results_dir
+
+    try:
+        return read()
+    except UntrustedResult as exc:
+        logger.warning("refused a persisted Prefect result that %s; selfprune reads results only as plain JSON. "
+                       "Check who can write %s", exc, results_dir())
+        raise
+
+
+def guard_prefect_results() -> None:
+    """Make Prefect decode every persisted result with :func:`trusted_record` (idempotent).
+
+    Why this is a patch: Prefect takes the decoder from the file and has no setting, result store,
+    storage block or serializer registry that can restrict it. A store's serializer is only the
+    fallback for a file without metadata; a storage block covers only the stores given it (a
+    flow's result read back from the API goes through a plain ``LocalFileSystem``); and a file
+    naming no serializer is unpickled by the metadata's default, with no registry lookup. Every
+    read of a result file (``ResultStore.read``/``exists``, a state's ``result()``) decodes it
+    through these two classmethods of ``ResultRecord``, so they are replaced, here only.
+    """
+    from prefect.results import ResultRecord
+
+    if getattr(ResultRecord.deserialize, "__func__", None) is not _prefect_deserialize:
+        ResultRecord.deserialize = classmethod(_prefect_deserialize)
+        ResultRecord.deserialize_from_result_and_metadata = classmethod(_prefect_deserialize_split)
+
+
 def set_aside_if_corrupt(key: str) -> None:
     """A cached result that no longer parses (a disk fault, a truncated copy) is renamed to
     ``<key>.corrupt-<time>`` with a warning, so the task recomputes it. Prefect alone would treat
-    it as a silent miss and overwrite it; this way the fault is seen and nothing is deleted."""
-    from prefect.results import ResultRecord
-
+    it as a silent miss and overwrite it; this way the fault is seen and nothing is deleted.
+    One naming another serializer (planted: selfprune never writes one) is never decoded: it is
+    set aside the same way, as ``<key>.untrusted-<time>``."""
     from selfprune.prefect_env import results_dir
 
     path = results_dir() / key
     try:
-        ResultRecord.deserialize(path.read_bytes())
+        trusted_record(path.read_bytes())
     except FileNotFoundError:
         return
+    except UntrustedResult as exc:
+        aside = _set_aside(path, "untrusted")
+        logger.warning("cached result %s %s, which selfprune never writes (planted, or written by another program); "
+                       "not read: recomputing it, the file is kept as %s. Check who can write %s",
+                       path, exc, aside.name, path.parent)
     except Exception as exc:  # noqa: BLE001 - any unreadable record is the same fault
-        aside = path.with_name(f"{key}.corrupt-{int(time.time())}")
-        path.replace(aside)
+        aside = _set_aside(path, "corrupt")
         logger.warning("cached result %s is corrupt (%s: %s); recomputing it, the bad file is kept as %s",
                        path, type(exc).__name__, (str(exc).splitlines() or [""])[0][:200], aside.name)
+
+
+def _set_aside(path: Path, why: str) -> Path:
+    aside = path.with_name(f"{path.name}.{why}-{int(time.time())}")
+    path.replace(aside)
+    return aside
 
 
 def kept_result(state) -> Any:
@@ -153,8 +269,6 @@ def kept_result(state) -> Any:
     been persisted") and goes on; a search that went on without its cache would redo all that work
     after the next preemption, so a lost write stops the run here, naming the path (and the full
     disk, when that is the cause)."""
-    from prefect.results import ResultRecord
-
     from selfprune.errors import EnvironmentFault
     from selfprune.prefect_env import results_dir
     from selfprune.preflight import full_device, no_space
@@ -165,7 +279,7 @@ def kept_result(state) -> Any:
         return value
     path = results_dir() / key
     try:
-        ResultRecord.deserialize(path.read_bytes())
+        trusted_record(path.read_bytes())
     except Exception:  # noqa: BLE001 - missing or partial: the write failed
         full = full_device([path.parent])
         if full is not None:
@@ -240,6 +354,7 @@ def cached_task(
     """
 
     def decorate(f: Callable[..., Any]):
+        guard_prefect_results()  # any process with a cached task reads results only as plain JSON
         ns = namespace or f"{f.__module__}.{f.__qualname__}"
         policy = content_cache(key_fn, include=include, namespace=ns, version=version)
         opts: dict[str, Any] = dict(

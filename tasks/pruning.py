@@ -67,16 +67,18 @@ def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scorin
 def score_candidate(
     model: str, model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
     device: str = "auto", dtype: str = "auto", ledger: str | None = None, method: str = "wanda-sp",
-    reconstruct: str = NONE,
+    reconstruct: str = NONE, tolerate_invalid: bool = False,
 ) -> dict:
     """Build the candidate (:meth:`Workbench.candidate`: slice the loaded dense model, or zero a
     metric's lowest-scoring weights; a structure refitted by ``reconstruct``) and measure its perplexity.
+    ``tolerate_invalid`` (a metric search): a metric not finite on this model gives a record with NaN
+    perplexity and ``invalid`` (the reason) instead of failing.
 
     Every real (uncached) evaluation is appended to ``ledger`` (JSON lines), the run's audit of
     what was computed, where (process, visible GPUs), and of what a resumed run did not compute again.
     """
     bench = workbench(model, stats_key, calibration, device, dtype, method)
-    result = bench.score(structure, Scoring(**scoring), reconstruct).to_dict()
+    result = bench.score(structure, Scoring(**scoring), reconstruct, tolerate_invalid).to_dict()
     if ledger:
         append_line(ledger, json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid(),
                                         "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}))

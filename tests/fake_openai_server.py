@@ -3,6 +3,10 @@
 Each request consumes the next behaviour of a script (the last one repeats once the script runs
 out). It listens on 127.0.0.1 on a free port, serves from a thread, records every request it
 receives, and stops on leaving the ``with`` block; slow behaviours wake up early when it stops.
+
+Hostile behaviours, as a server someone else runs might answer: any raw body (:func:`raw`: HTML
+with status 200, invalid UTF-8, deeply nested JSON), a response trickled a byte at a time
+(:func:`trickle`), any ``retry-after`` header (:func:`status`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ class Behaviour:
     reject_formats: tuple[str, ...] = ()  # response_format types answered with reject_status
     reject_status: int = 400
     finish_reason: str = "stop"
+    body: bytes | None = None  # sent as-is (with ``content_type``) instead of a chat completion
+    content_type: str = "application/json"
+    trickle: float = 0.0  # seconds between bytes of the whole response, status line included
 
 
 def reply(content: str | None) -> Behaviour:
@@ -32,9 +39,21 @@ def reply(content: str | None) -> Behaviour:
     return Behaviour(content=content)
 
 
-def status(code: int, retry_after_ms: int | None = None) -> Behaviour:
+def status(code: int, retry_after_ms: int | None = None, retry_after: str | None = None) -> Behaviour:
+    """An error status, with the ``retry-after-ms`` and ``retry-after`` headers when given (any text)."""
     headers = (("retry-after-ms", str(retry_after_ms)),) if retry_after_ms is not None else ()
+    headers += (("retry-after", retry_after),) if retry_after is not None else ()
     return Behaviour(status=code, headers=headers)
+
+
+def raw(body: bytes, content_type: str = "application/json") -> Behaviour:
+    """A 200 whose body is ``body`` exactly, whatever it holds."""
+    return Behaviour(body=body, content_type=content_type)
+
+
+def trickle(seconds_per_byte: float, content: str) -> Behaviour:
+    """A valid completion holding ``content``, sent one byte every ``seconds_per_byte``."""
+    return Behaviour(content=content, trickle=seconds_per_byte)
 
 
 def slow(seconds: float, content: str) -> Behaviour:
@@ -61,6 +80,7 @@ class Received:
     path: str
     body: dict
     headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
+    query: str = ""  # the URL's query string, as sent
 
 
 class FakeOpenAI:
@@ -104,15 +124,17 @@ class FakeOpenAI:
                 pass
 
             def do_POST(self) -> None:
-                if self.path not in ("/v1/chat/completions", "/chat/completions"):
-                    self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                path, _, query = self.path.partition("?")
+                if path not in ("/v1/chat/completions", "/chat/completions"):
+                    self._send(404, {"error": {"message": f"no route {path}", "type": "not_found"}})
                     return
                 raw = self.rfile.read(int(self.headers.get("content-length", 0)))
                 try:
                     body = json.loads(raw or b"{}")
                 except ValueError:
                     body = {}
-                behaviour = fake._next(Received(self.path, body, {k.lower(): v for k, v in self.headers.items()}))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                behaviour = fake._next(Received(path, body, headers, query))
                 if behaviour.delay and fake._stop.wait(behaviour.delay):
                     return
                 kind = (body.get("response_format") or {}).get("type")
@@ -127,21 +149,29 @@ class FakeOpenAI:
                         {"error": {"message": f"scripted {behaviour.status}", "type": "server_error"}},
                         behaviour.headers,
                     )
+                elif behaviour.body is not None:
+                    self._send(200, behaviour.body, content_type=behaviour.content_type)
                 else:
-                    self._send(200, _completion(body.get("model", "fake"), behaviour.content, behaviour.finish_reason))
+                    completion = _completion(body.get("model", "fake"), behaviour.content, behaviour.finish_reason)
+                    self._send(200, completion, trickle=behaviour.trickle)
 
-            def _send(self, code: int, payload: dict, headers: tuple[tuple[str, str], ...] = ()) -> None:
-                data = json.dumps(payload).encode()
+            def _send(self, code: int, payload: dict | bytes, headers: tuple[tuple[str, str], ...] = (),
+                      content_type: str = "application/json", trickle: float = 0.0) -> None:
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                head = [f"{self.protocol_version} {code} {self.responses.get(code, ('',))[0]}", f"content-type: {content_type}",
+                        f"content-length: {len(data)}", *(f"{name}: {value}" for name, value in headers)]
+                message = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data
                 try:
-                    self.send_response(code)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    for name, value in headers:
-                        self.send_header(name, value)
-                    self.end_headers()
-                    self.wfile.write(data)
+                    if not trickle:
+                        self.wfile.write(message)
+                        return
+                    for i in range(len(message)):
+                        if fake._stop.wait(trickle):
+                            return
+                        self.wfile.write(message[i:i + 1])
+                        self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout) before the reply
+                    pass  # the client gave up (a timeout, or a bound on what it reads) before the reply
 
         return Handler
 

@@ -347,7 +347,7 @@ def test_cli_run_retried_with_module_entrypoint_uses_the_same_cache(deployed, ti
     with FakeOpenAI([*(reply(_llm_reply(8, 200 + s)) for s in range(3)), status(500)]) as server:
         failed = subprocess.run([PY, "-m", "selfprune.cli", "search", *_cli_args(params), "--base-url", server.base_url],
                                 env=deployed.env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-        assert failed.returncode == 2 and "500" in failed.stderr, failed.stdout[-2000:] + failed.stderr[-2000:]
+        assert failed.returncode == 3 and "500" in failed.stderr, failed.stdout[-2000:] + failed.stderr[-2000:]  # the server: exit 3
         evaluated = len(_ledger(out / "evaluations.jsonl"))
         runs = deployed.api.post("/flow_runs/filter", json={
             "flow_runs": {"deployment_id": {"is_null_": True}, "parent_task_run_id": {"is_null_": True},

@@ -15,7 +15,7 @@ from selfprune.errors import UserError
 from selfprune.metrics import INPUTS, METRICS, Metric, MetricError, parse_metric, resolve_metric
 from selfprune.metrics.canonical import canonical, render
 from selfprune.metrics.language import FUNCTIONS, parse
-from selfprune.metrics.tensors import AXIS_OPS, ELEMENTWISE, bind, evaluate, probe_inputs
+from selfprune.metrics.tensors import AXIS_OPS, BINARY, UNARY, bind, evaluate, probe_inputs
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_the_package_never_evaluates_text_or_looks_up_names():
 
 
 def test_every_function_of_the_language_is_evaluated():
-    assert set(FUNCTIONS) == (set(ELEMENTWISE) | set(AXIS_OPS)) - {"neg", "+", "-", "*", "/"}
+    assert set(FUNCTIONS) == (set(UNARY) | set(BINARY) | set(AXIS_OPS)) - {"neg", "+", "-", "*", "/"}
 
 
 def test_guards_keep_scores_finite(layer):

@@ -111,13 +111,13 @@ def test_llm_oracle_search_replays_cached_replies(prefect_api, tiny_workspace, t
     script = [reply(_llm_reply(8, s)) for s in range(12)]
     with FakeOpenAI(script) as server:
         first = run_search(tiny_workspace, tmp_path / "llm", oracle="openai:fake-gpt", base_url=server.base_url,
-                           generations=2)
+                           generations=2, api_key_env="OPENAI_API_KEY")  # the key named for this server
         asked = len(server.requests)
         assert first["oracle_calls"] >= 3 and asked == first["oracle_calls"]
         assert server.requests[0].headers["authorization"] == "Bearer sk-test-secret-123"
         # The same command again (same server address, hence same request keys): all replayed.
         again = run_search(tiny_workspace, tmp_path / "llm2", oracle="openai:fake-gpt", base_url=server.base_url,
-                           generations=2)
+                           generations=2, api_key_env="OPENAI_API_KEY")
         assert len(server.requests) == asked
     assert (again["rates"], again["fitness"]) == (first["rates"], first["fitness"]) and again["oracle_calls"] == 0
     # Reply accounting: every request ended one way; replays account exactly as the first run did.

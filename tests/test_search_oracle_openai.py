@@ -34,7 +34,8 @@ def _env(monkeypatch):
 
 
 def oracle_for(server: FakeOpenAI, timeout: float = 2.0, max_retries: int = 1, max_reasks: int = 1) -> LLMOracle:
-    transport = openai_transport(server.base_url, timeout=timeout, max_retries=max_retries)
+    """The oracle at ``server``, given $OPENAI_API_KEY by name (the only way another server gets it)."""
+    transport = openai_transport(server.base_url, "OPENAI_API_KEY", timeout=timeout, max_retries=max_retries)
     return LLMOracle("fake-model", transport, max_reasks=max_reasks)
 
 
@@ -192,5 +193,5 @@ def test_no_key_and_no_base_url(monkeypatch):
 def test_local_server_needs_no_key(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     with FakeOpenAI([reply(as_json(GOOD))]) as server:
-        assert_valid(oracle_for(server).initialize(CTX, K))
+        assert_valid(LLMOracle("fake-model", openai_transport(server.base_url)).initialize(CTX, K))
     assert server.requests[0].headers.get("authorization") == "Bearer EMPTY"

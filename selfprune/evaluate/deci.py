@@ -42,8 +42,12 @@ from typing import Any
 
 from ..allocation import LayerKeep
 from ..arch import Arch, arch_of
+from ..checkpoint import read_config
 from ..errors import UserError
+from ..export import kept_widths
 from ..fileio import atomic_path, atomic_write_text
+from ..headers import check_config, tensor_shapes
+from ..userfiles import read_json
 
 CONFIG_MODULE = "configuration_decilm"
 WEIGHT_SKIP = re.compile(r"rotary_emb\.inv_freq$")
@@ -316,7 +320,6 @@ def export_deci(pruned_export_dir: Path, out_dir: Path) -> Path:
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from transformers import AutoConfig
 
     src = Path(pruned_export_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
@@ -324,9 +327,12 @@ def export_deci(pruned_export_dir: Path, out_dir: Path) -> Path:
         raise UserError(f"{src} has no config.json; give a selfprune export directory (save_pruned / prune --out)")
     if out == src:
         raise UserError("the DeciLM export needs its own directory; give an out_dir other than the source")
-    base = json.loads((src / "config.json").read_text())
-    arch = arch_of(AutoConfig.from_pretrained(src, local_files_only=True))
-    structure = base.get("selfprune_layers") or [[arch.n_kv_heads, arch.intermediate]] * arch.n_layers
+    base = read_json(src / "config.json", "model config", "a selfprune export directory")
+    config = read_config(str(src), str(src), local_files_only=True)
+    arch = arch_of(config)
+    widths = kept_widths(base["selfprune_layers"], arch, src) if base.get("selfprune_layers") else None
+    check_config(arch, getattr(config, "vocab_size", None), tensor_shapes(src), f"{src}/config.json", widths)
+    structure = [list(w) for w in widths] if widths else [[arch.n_kv_heads, arch.intermediate]] * arch.n_layers
     ok, reasons = deci_compatible(structure, arch)
     if not ok:
         raise UserError(

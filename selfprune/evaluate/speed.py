@@ -308,9 +308,11 @@ def vllm_measure(
     repeats: int = 3,
     dtype: str = "auto",
     gpu_memory_utilization: float = 0.5,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Serve a model directory with vLLM (``python``: see :mod:`.vllm_bridge`) and time it, with the
     definitions of :func:`measure`; ``time_to_first_token_s`` is the prefill time.
+    ``trust_remote_code``: let vLLM run the directory's own Python (:func:`.vllm_bridge.remote_code_allowed`).
 
     A selfprune export is served as it is, through the selfprune-vllm plugin. Peak memory is the
     vLLM process tree's resident set (sampled) on the CPU, the device memory in use on CUDA (which
@@ -324,7 +326,8 @@ def vllm_measure(
     config = read_json(model_dir / "config.json", "model config", "a model directory or a selfprune export")
     prompts = _prompt(config["vocab_size"], batch_size, prompt_tokens).tolist()
     got = run(python, "timing", model_dir, dtype=dtype, prompts=prompts, new_tokens=new_tokens, repeats=repeats,
-              max_model_len=prompt_tokens + new_tokens + 16, gpu_memory_utilization=gpu_memory_utilization)
+              max_model_len=prompt_tokens + new_tokens + 16, gpu_memory_utilization=gpu_memory_utilization,
+              trust_remote_code=trust_remote_code)
     params, nbytes = _weights_on_disk(model_dir)
     t_pre, t_gen = statistics.median(got["prefill_s"]), statistics.median(got["generate_s"])
     return {

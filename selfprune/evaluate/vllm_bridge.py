@@ -6,12 +6,18 @@ environment's Python by ``--vllm-python`` or ``$SELFPRUNE_VLLM_PYTHON`` (or its 
 vLLM imports here, as on a CUDA machine with ``pip install vllm`` beside selfprune), writes a
 request file, runs ``python -m selfprune_vllm.probe`` and reads the JSON answer back.
 
+A model directory's own Python (an ``auto_map`` in its config.json or tokenizer_config.json) runs
+only with ``--trust-remote-code`` (``trust_remote_code=True``), or for selfprune's own DeciLM
+export, recognised by the sha256 of the config code it writes (:func:`remote_code_allowed`); any
+other such directory is refused with one line, before vLLM starts.
+
 :func:`agreement` is the served model's correctness check: greedy tokens and prompt
 log-probabilities from vLLM against transformers on the same directory, both in float32.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,16 +66,68 @@ def vllm_python(given: str | None = None) -> str:
     return python
 
 
-def run(python: str, job: str, model_dir: str | Path, **request: Any) -> dict:
+def code_maps(model_dir: Path) -> dict[str, Any]:
+    """The ``auto_map`` of each JSON file directly in ``model_dir`` (config.json, tokenizer_config.json,
+    ...): the Python modules of its own that transformers imports under ``trust_remote_code``."""
+    found = {}
+    for path in sorted(model_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            found[path.name] = data["auto_map"]
+    return found
+
+
+def _deci_code() -> tuple[dict[str, Any], str, bytes]:
+    """What :func:`selfprune.evaluate.deci.export_deci` writes that runs: (the auto_map of each JSON
+    file, the code file's name, the sha256 of its bytes)."""
+    from .deci import CONFIG_MODULE, CONFIG_PY
+
+    maps = {"config.json": {"AutoConfig": f"{CONFIG_MODULE}.DeciLMConfig"}}
+    return maps, f"{CONFIG_MODULE}.py", hashlib.sha256(CONFIG_PY.encode("utf-8")).digest()
+
+
+def is_own_deci_export(model_dir: Path, maps: dict[str, Any]) -> bool:
+    """Whether the only code ``model_dir`` asks to run (``maps``: :func:`code_maps`) is the DeciLM
+    config class that selfprune's DeciLM export writes, byte for byte."""
+    own_maps, name, digest = _deci_code()
+    try:
+        return maps == own_maps and hashlib.sha256((model_dir / name).read_bytes()).digest() == digest
+    except OSError:
+        return False
+
+
+def remote_code_allowed(model_dir: str | Path, trust_remote_code: bool = False) -> bool:
+    """The ``trust_remote_code`` to serve ``model_dir`` with: False when it brings no code of its
+    own; True for selfprune's own DeciLM export (:func:`is_own_deci_export`) or when the user said
+    so (``trust_remote_code``, the CLI's ``--trust-remote-code``). Any other directory that asks to
+    run its Python is a UserError: a downloaded "export" must not run code by default."""
+    model_dir = Path(model_dir).expanduser().resolve()
+    maps = code_maps(model_dir)
+    if not maps:
+        return False
+    if trust_remote_code or is_own_deci_export(model_dir, maps):
+        return True
+    own_maps, name, _ = _deci_code()
+    changed = f" ({name} is not the one selfprune writes)" if maps == own_maps else ""
+    asks = "; ".join(f"{file}: {json.dumps(m)[:120]}" for file, m in maps.items())
+    raise UserError(f"{model_dir} asks to run Python of its own (auto_map in {asks}){changed}; selfprune runs a "
+                    "model directory's code only for its own DeciLM export (export-deci), or with --trust-remote-code "
+                    "(trust_remote_code=True) once you have read that code")
+
+
+def run(python: str, job: str, model_dir: str | Path, *, trust_remote_code: bool = False, **request: Any) -> dict:
     """Run ``job`` (``tokens`` or ``timing``) on ``model_dir`` under vLLM; the parsed answer.
 
+    ``trust_remote_code``: let vLLM run the directory's own Python (see :func:`remote_code_allowed`).
     vLLM's log goes to a file; on failure its last lines are in the error. On the CPU, vLLM's KV
     cache space defaults to 1 GiB here (``VLLM_CPU_KVCACHE_SPACE``; set it to override).
     """
     model_dir = Path(model_dir).expanduser().resolve()
-    config = read_json(model_dir / "config.json", "model config", "a model directory or a selfprune export")
-    # a DeciLM export (export-deci) brings its config class, as NVIDIA's checkpoints do; nothing else runs code
-    request.setdefault("trust_remote_code", "auto_map" in config)
+    read_json(model_dir / "config.json", "model config", "a model directory or a selfprune export")
+    request["trust_remote_code"] = remote_code_allowed(model_dir, trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="selfprune-vllm-") as tmp:
         req, answer, log = Path(tmp, "request.json"), Path(tmp, "answer.json"), Path(tmp, "vllm.log")
         req.write_text(json.dumps({"job": job, "model": str(model_dir), "answer": str(answer), **request}))
@@ -107,15 +165,17 @@ def reference(model_dir: str | Path, prompts: list[list[int]], max_tokens: int) 
     return outputs
 
 
-def agreement(model_dir: str | Path, python: str, max_tokens: int = 16) -> dict:
-    """vLLM against transformers on ``model_dir``: equal greedy tokens, log-probabilities within tolerance."""
+def agreement(model_dir: str | Path, python: str, max_tokens: int = 16, trust_remote_code: bool = False) -> dict:
+    """vLLM against transformers on ``model_dir``: equal greedy tokens, log-probabilities within tolerance.
+    ``trust_remote_code``: see :func:`remote_code_allowed`."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    trusted = remote_code_allowed(model_dir, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trusted)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompts = [bos + tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     served = run(python, "tokens", model_dir, dtype="float32", max_tokens=max_tokens, prompts=prompts,
-                 max_model_len=max(map(len, prompts)) + max_tokens + 16, enforce_eager=True)
+                 max_model_len=max(map(len, prompts)) + max_tokens + 16, enforce_eager=True, trust_remote_code=trusted)
     ref = reference(model_dir, prompts, max_tokens)
     gaps = [abs(a - b) for s, r in zip(served["outputs"], ref) for a, b in zip(s["prompt_logprobs"], r["prompt_logprobs"])]
     same = [s["generated"] == r["generated"] for s, r in zip(served["outputs"], ref)]

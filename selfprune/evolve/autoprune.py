@@ -79,7 +79,8 @@ def run(
     lineage = Lineage()
     oracle = make_metric_oracle(config.oracle, config.base_url, transport, lineage,
                                 max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict,
-                                schema=config.oracle_schema)
+                                schema=config.oracle_schema, api_key_env=config.api_key_env,
+                                timeout=config.oracle_timeout)
     ctx = MetricContext(config.model, config.sparsities[0], config.pattern, config.allocation, config.seed,
                         config.gradient, config.data)
     params = SearchParams(population=config.population, mutations=config.mutations, crossovers=config.crossovers,
@@ -95,9 +96,11 @@ def run(
 
     tally = Tally()
     fitness: dict[str, float] = {}
+    invalid: dict[str, str] = {}  # metric -> why it cannot prune this model (its fitness is NaN: ranked last)
 
     def measure(batch: list[str], windows: int) -> list[float]:
         per_metric = fitness_of(batch, "fitness", windows)
+        invalid.update((text, r["invalid"]) for text, rs in zip(batch, per_metric) for r in rs if r.get("invalid"))
         tally.scored(batch, [{"cached": all(r.get("cached") for r in rs),
                               "tokens": sum(0 if r.get("cached") else r["tokens"] for r in rs)} for rs in per_metric])
         return [_mean([r["ppl"] for r in rs]) for rs in per_metric]
@@ -131,6 +134,7 @@ def run(
         "test_tokens": test["found"][0]["tokens"],
         "seqlen": config.seqlen,
         "graph": [asdict(o) | {"fitness": fitness.get(key)} for key, o in lineage.nodes.items()],
+        "invalid": invalid,
         **run_record(config, setup, tally, oracle, result, start, test["found"][0]),
     }
 
@@ -156,7 +160,7 @@ def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[Ge
 
     def score(specs: list[dict], split: str, windows: int | None) -> list[dict]:
         how = scoring(config, split, windows)
-        return [bench.score(spec, how).to_dict() for spec in specs]
+        return [bench.score(spec, how, tolerate_invalid=True).to_dict() for spec in specs]
 
     summary = run(config, setup, score, on_generation=on_generation)
     write_summary(summary, config.out)

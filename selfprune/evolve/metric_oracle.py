@@ -11,11 +11,14 @@ It mirrors the rate search's :class:`selfprune.evolve.oracles.LLMOracle` (same :
 :class:`Reply`, transport, seeds, ``max_reasks``, ``strict`` and accounting), with one difference:
 a re-ask continues the conversation. The model's previous reply goes back as the assistant turn,
 followed by a user turn listing each refused metric with the reason ``parse_metric`` gave (or
-"duplicate", "cut", "no JSON"), so the model can fix what it wrote.
+"duplicate", "cut", "no JSON"), so the model can fix what it wrote. What goes back is bounded, so a
+rambling or hostile reply cannot grow the requests (nor the cache that keys on them): the reply's
+first :data:`MAX_ECHOED` characters, and at most :data:`MAX_PROBLEMS` refusals, each shortened.
 """
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Hashable, Protocol
@@ -30,12 +33,15 @@ from ..metrics.metric import Metric, parse_metric
 from ..metrics.search_space import Lineage, MetricContext, ScoredMetric, canonical_text
 from ..registry import Registry
 from . import metric_prompts as prompts
+from .endpoint import OPENAI_URL
 from .oracles import ChatOracle, ChatRequest, OracleKind, Transport, openai_transport
 from .replies import _json_documents  # the tolerant JSON extraction (fences, prose around it)
 
 # How each reply ended: every proposal taken, some taken, none taken, cut at max_tokens, not in time.
 METRIC_REPLY_KINDS = ("valid", "partial", "invalid", "cut", "late")
 _WHOLE_REPLY = "(your reply)"  # how a follow-up names a problem of the reply rather than of one metric
+MAX_ECHOED = 12_000  # characters of a reply sent back as the assistant turn (a valid one is a few thousand)
+MAX_PROBLEMS = 8  # refused proposals examined and listed per reply; the rest of the reply is not read
 
 
 class MetricOracle(Protocol):
@@ -58,8 +64,9 @@ class Proposal:
     other_parent: Any = None
 
 
-def parse_proposals(text: str) -> list[Proposal] | None:
-    """The proposals of a reply, in order; None when it holds no JSON with a list of metrics.
+def parse_proposals(text: str, limit: int | None = None) -> list[Proposal] | None:
+    """The proposals of a reply (the first ``limit``), in order; None when it holds no JSON with a
+    list of metrics.
 
     Accepted shapes (possibly in a Markdown fence or among prose): ``{"metrics": [entry, ...]}``, a
     bare ``[entry, ...]``, or one entry object, where an entry is ``{"metric": ..., "parent": ...,
@@ -73,7 +80,7 @@ def parse_proposals(text: str) -> list[Proposal] | None:
         entries = doc.get("metrics") if isinstance(doc, dict) else doc
         if isinstance(entries, list):
             return [Proposal(e.get("metric"), e.get("parent"), e.get("other_parent")) if isinstance(e, dict)
-                    else Proposal(e) for e in entries]
+                    else Proposal(e) for e in entries[:limit]]
     return None
 
 
@@ -156,10 +163,9 @@ class LLMMetricOracle(ChatOracle):
             turn = prompt(missing) if attempt == 0 else prompts.refusal_prompt(problems, missing)
             messages += (("user", turn),)
             reply = self._send(self._request(ctx, op, generation, attempt, messages, missing))
-            if reply.text is None:  # no answer in time: asking again would queue behind a busy server
-                self.replies["late"] += 1
+            if self._unanswered(reply):
                 break
-            messages += (("assistant", reply.text),)
+            messages += (("assistant", reply.text[:MAX_ECHOED]),)
             if reply.finish_reason == "length":  # cut: whatever it holds is not the answer asked for
                 self.replies["cut"] += 1
                 problems = [(_WHOLE_REPLY, "it was cut at the length limit before it ended: keep the reasoning short")]
@@ -185,7 +191,7 @@ class LLMMetricOracle(ChatOracle):
               exclude: set[Hashable], accepted: list[str]) -> list[tuple[str, str]]:
         """Accept the new valid metrics of a reply (at most ``missing``) into ``accepted``, ``exclude``
         and the lineage; returns ``(metric, reason)`` for each proposal that was not taken."""
-        proposals = parse_proposals(text)
+        proposals = parse_proposals(text, limit=missing + MAX_PROBLEMS)
         if not proposals:
             self.replies["invalid"] += 1
             found = "an empty list of metrics" if proposals == [] else 'no JSON object with a "metrics" list'
@@ -193,9 +199,9 @@ class LLMMetricOracle(ChatOracle):
         problems: list[tuple[str, str]] = []
         taken = 0
         for proposal in proposals:
-            if taken == missing:
+            if taken == missing or len(problems) == MAX_PROBLEMS:
                 break
-            shown = proposal.metric if isinstance(proposal.metric, str) else repr(proposal.metric)
+            shown = proposal.metric if isinstance(proposal.metric, str) else reprlib.repr(proposal.metric)  # bounded
             checked = self._check(ctx, proposal.metric)
             if isinstance(checked, str):
                 self.refused += 1
@@ -253,10 +259,9 @@ def _gp(arg: str, base_url: str | None, transport: Transport | None, lineage: Li
 
 
 def _openai(model: str, base_url: str | None, transport: Transport | None, lineage: Lineage,
-            **options) -> LLMMetricOracle:
-    where = base_url or "https://api.openai.com/v1"
-    return LLMMetricOracle(model, transport or openai_transport(base_url), lineage=lineage,
-                           backend=f"openai@{where}", **options)
+            api_key_env: str | None = None, timeout: float = 120.0, **options) -> LLMMetricOracle:
+    transport = transport or openai_transport(base_url, api_key_env, timeout)
+    return LLMMetricOracle(model, transport, lineage=lineage, backend=f"openai@{base_url or OPENAI_URL}", **options)
 
 
 METRIC_ORACLES: Registry[OracleKind] = Registry("metric oracle")

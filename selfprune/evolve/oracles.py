@@ -15,8 +15,8 @@ distinct ones (a tiny search space).
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -24,11 +24,14 @@ from functools import partial
 from typing import Callable, Hashable, Protocol
 
 from ..allocation import project_to_mean
-from ..errors import UserError
+from ..errors import EnvironmentFault, UserError
 from ..hashing import content_hash, stable_json
 from ..registry import Registry
 from . import prompts
+from .endpoint import MAX_REPLY_BYTES, OPENAI_URL, ReplyRefused, api_key, bounded_client, credentials, request_bounds
 from .replies import parse_candidates, repair
+
+logger = logging.getLogger("selfprune.oracle")
 
 Scored = tuple[list[float], float]
 
@@ -36,11 +39,12 @@ Scored = tuple[list[float], float]
 _TRIES_PER_CHILD = 50
 
 
-class OracleUnavailable(UserError):
-    """The oracle's server could not be used (down, too slow, refused us) after all retries.
+class OracleUnavailable(EnvironmentFault):
+    """The oracle's server could not be used (down, refused us, its replies unusable) after all retries.
 
-    A :class:`UserError`: the message says what failed and how to fix it, and the generation that
-    needed the oracle fails cleanly instead of silently searching with something else.
+    An :class:`EnvironmentFault` (exit 3: the server, not the input): the message says what failed
+    and how to fix it, and the generation that needed the oracle fails cleanly instead of silently
+    searching with something else.
     """
 
 
@@ -262,13 +266,16 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class Reply:
-    """What a server sent back: the text (None: no answer within the timeout), why generation
-    stopped ("length": cut at ``max_tokens``), and the token counts of the server's ``usage``."""
+    """What a server sent back: the text (None: no answer within the timeout, or ``error`` says
+    why what came could not be read), why generation stopped ("length": cut at ``max_tokens``), and
+    the token counts of the server's ``usage``. A reply without text is never replayed from the
+    cache: a rerun asks again."""
 
     text: str | None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -348,6 +355,14 @@ class ChatOracle:
         self.completion_tokens += reply.completion_tokens
         return reply
 
+    def _unanswered(self, reply: Reply) -> bool:
+        """Count a reply without text (late, or unreadable: invalid) and say so: the step then falls
+        back at once, since asking again would queue behind a busy server or meet a broken one."""
+        if reply.text is not None:
+            return False
+        self.replies["late" if reply.error is None else "invalid"] += 1
+        return True
+
     def _seed(self, ctx, op: str, generation: int, attempt: int) -> int:
         return int(content_hash(ctx.seed, op, generation, attempt), 16) % 2**31
 
@@ -376,7 +391,8 @@ class LLMOracle(ChatOracle):
 
     Every request carries ``max_tokens`` (``max_tokens``, else :func:`reply_budget` of what it
     asks for) and, unless ``schema`` is off, the JSON Schema of the expected reply. A request the server did not answer in
-    time is never sent again: the step falls back to ``fallback`` at once (a "late" reply). With ``strict`` (paper-faithful runs) any fallback raises
+    time is never sent again: the step falls back to ``fallback`` at once (a "late" reply; one that
+    could not be read at all is "invalid" and falls back the same way). With ``strict`` (paper-faithful runs) any fallback raises
     :class:`OracleUnavailable` instead.
 
     Counters: ``calls`` (requests made), ``fallbacks`` (vectors the GA supplied), ``rejected``
@@ -449,13 +465,12 @@ class LLMOracle(ChatOracle):
                 max_tokens=self.max_tokens or reply_budget(missing, ctx.n_layers),
                 schema=stable_json(rates_schema(missing, ctx.n_layers, ctx.p_max)) if self.json_mode and self.schema else None,
             ))
-            if reply.text is None:  # no answer in time: asking again would queue behind a busy server
-                self.replies["late"] += 1
+            if self._unanswered(reply):
                 break
             if reply.finish_reason == "length":  # cut: whatever it holds is not the answer asked for
                 self.replies["cut"] += 1
                 continue
-            parsed = parse_candidates(reply.text, ctx.n_layers)
+            parsed = parse_candidates(reply.text, ctx.n_layers, limit=2 * missing)  # room for repeats, no more
             valid, rejected = repair(parsed, ctx.n_layers, ctx.beta, ctx.p_max)
             self.replies[_reply_kind(parsed, valid, rejected)] += 1
             self.rejected += rejected
@@ -481,47 +496,88 @@ def _reply_kind(parsed: list[list[float]], valid: list[list[float]], rejected: i
     return "valid"
 
 
+def _token_count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def read_completion(body: bytes) -> Reply:
+    """The reply in a chat-completion body, read without trusting it: never raises.
+
+    A body that is not one (HTML, invalid UTF-8, JSON nested past Python's recursion limit, no
+    ``choices[0].message`` with a text ``content``) is ``Reply(None, error=why)``; a ``usage`` that
+    is not counts is zero tokens."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        return Reply(None, error=f"the body is not JSON ({type(e).__name__})")
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(message, dict) or not isinstance(content, (str, type(None))):
+        return Reply(None, error="the body is not a chat completion (no choices[0].message with a text content)")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    finish = choice.get("finish_reason")
+    return Reply(content or "", finish if isinstance(finish, str) else None,
+                 _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")))
+
+
 def openai_transport(
-    base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, max_retries: int = 4
+    base_url: str | None, api_key_env: str | None = None, timeout: float = 60.0, max_retries: int = 4,
+    max_bytes: int = MAX_REPLY_BYTES,
 ) -> Transport:
     """A transport through the official ``openai`` client, for OpenAI or any compatible server.
 
-    The key comes from the environment (``api_key_env``); a local server (vLLM, Ollama, llama.cpp)
-    given by ``base_url`` needs none, so the placeholder "EMPTY" is used there. The client is built
-    on the first call, so a run whose every call is already cached needs neither key nor server.
+    ``base_url`` is the public URL (:func:`selfprune.evolve.endpoint.public_url`). The client is
+    built on the first call, so a run whose every call is already cached needs neither key nor server.
 
+    * **Keys** (:func:`selfprune.evolve.endpoint.api_key`): ``$OPENAI_API_KEY`` for the OpenAI API
+      only; another server gets ``$api_key_env`` when one is named, else the placeholder "EMPTY".
+      Credentials cut from the base URL go to its server (basic auth, the query on every request).
     * **Reply shape.** The request's :meth:`ChatRequest.response_formats` are tried in order; one a
       server rejects (HTTP 400/422, or a 500 that names the format) is not sent to that server and
       model again: the working form is found once and remembered.
     * **Bounded.** ``max_tokens`` is sent; a reply cut at it (``finish_reason == "length"``) is
-      invalid to the oracle (re-asked, never waited out).
+      invalid to the oracle (re-asked, never waited out). Each request ends within ``timeout``
+      seconds, whole: one not answered by then (a trickled one too) returns ``Reply(None)``. At most
+      ``max_bytes`` are read.
+    * **Untrusted replies.** A body past ``max_bytes``, compressed, or not a chat completion
+      (:func:`read_completion`) is ``Reply(None, error=why)``: an invalid reply, with a warning.
     * **Timeouts are not re-sent.** A server still generating would only queue the copy (llama.cpp
-      keeps generating for a client that gave up): a request not answered within ``timeout``
-      seconds returns ``Reply(None)``, and the oracle falls back for that step.
+      keeps generating for a client that gave up): the oracle falls back for that step.
     * **Transient failures** (connection errors, 408/409/429/5xx) are retried ``max_retries`` times
-      with backoff (the server's ``retry-after`` when it gives one). What remains, and 401/403/404
-      at once, becomes :class:`OracleUnavailable`, whose message never holds the key.
+      with backoff (the server's ``retry-after`` when it gives a finite one). What remains, and
+      401/403/404 at once, becomes :class:`OracleUnavailable`, whose message never holds a secret.
     """
     import openai  # here, not at the top: importing it is slow and only this oracle needs it
 
-    where = base_url or "https://api.openai.com/v1"
-    state: dict = {"client": None, "key": "", "format": {}}
+    where = base_url or OPENAI_URL
+    cut = credentials(base_url)
+    secrets = [s for s in (cut.password, *(value for _, value in cut.query)) if s] if cut else []
+    state: dict = {"client": None, "format": {}}
 
     def client() -> openai.OpenAI:
         if state["client"] is None:
-            key = os.environ.get(api_key_env, "")
-            if not key and base_url is None:
+            key = api_key(base_url, api_key_env)
+            if not key:
+                variable = api_key_env or "OPENAI_API_KEY"
                 raise OracleUnavailable(
-                    f"no API key for the OpenAI oracle: set ${api_key_env}, or point the oracle at a local "
-                    "OpenAI-compatible server (vLLM, Ollama) with its base URL"
-                )
-            state["key"] = key
-            state["client"] = openai.OpenAI(api_key=key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=0)
+                    f"no API key for the oracle at {where}: set ${variable}" + (
+                        "" if api_key_env else ", or point the oracle at a local OpenAI-compatible server (vLLM, "
+                        "Ollama) with its base URL"))
+            secrets.append(key)
+            auth = (cut.user or "", cut.password or "") if cut and (cut.user or cut.password) else None
+            state["client"] = openai.OpenAI(
+                api_key=key, base_url=where, timeout=timeout, max_retries=0,
+                default_query=dict(cut.query) if cut and cut.query else None,
+                http_client=bounded_client(where, timeout, auth))
         return state["client"]
 
     def scrub(text: str) -> str:
-        text = text[:300]
-        return text.replace(state["key"], "***") if state["key"] else text
+        """At most 300 characters of a server's message, on one line, with no secret of ours in it."""
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return " ".join(text.split())[:300]
 
     def rejects_format(e: openai.APIStatusError) -> bool:
         return e.status_code in (400, 422) or (e.status_code == 500 and any(
@@ -532,18 +588,27 @@ def openai_transport(
         try:
             wait = float(headers["retry-after-ms"]) / 1000 if "retry-after-ms" in headers else float(headers["retry-after"])
         except (KeyError, ValueError):
-            wait = 0.5 * 2**attempt
-        time.sleep(min(max(wait, 0.0), 30.0))
+            wait = math.nan
+        time.sleep(min(max(wait, 0.0), 30.0) if math.isfinite(wait) else 0.5 * 2**attempt)
 
-    def call(kwargs: dict):
-        """One request, with retries of transient failures; None on a timeout."""
+    def unreadable(why: str) -> Reply:
+        logger.warning("the oracle at %s sent a reply that could not be read (%s); it counts as invalid", where, why)
+        return Reply(None, error=why)
+
+    def call(kwargs: dict) -> Reply:
+        """One request, with retries of transient failures."""
         for attempt in range(max_retries + 1):
             last = attempt == max_retries
             try:
-                return client().chat.completions.create(**kwargs)
+                with request_bounds(timeout, max_bytes):
+                    body = client().chat.completions.with_raw_response.create(**kwargs).http_response.content
+                reply = read_completion(body)
+                return reply if reply.error is None else unreadable(reply.error)
             except openai.APITimeoutError:
-                return None
+                return Reply(None)
             except openai.APIConnectionError as e:
+                if isinstance(e.__cause__, ReplyRefused):
+                    return unreadable(str(e.__cause__))
                 if last:
                     raise OracleUnavailable(
                         f"oracle at {where} could not be reached ({max_retries + 1} tries): start the server or fix "
@@ -552,7 +617,8 @@ def openai_transport(
                 backoff(attempt, e)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 raise OracleUnavailable(
-                    f"oracle at {where} refused the API key (HTTP {e.status_code}): set a valid key in ${api_key_env}"
+                    f"oracle at {where} refused the API key (HTTP {e.status_code}): set a valid key in "
+                    f"${api_key_env or 'OPENAI_API_KEY'}" + ("" if api_key_env else " (or name its variable with --api-key-env)")
                 ) from None
             except openai.NotFoundError:
                 raise OracleUnavailable(
@@ -585,20 +651,12 @@ def openai_transport(
         for i in range(state["format"].get(remembered, 0), len(formats)):
             fmt = formats[i]
             try:
-                response = call(kwargs | ({"response_format": fmt} if fmt else {}))
+                reply = call(kwargs | ({"response_format": fmt} if fmt else {}))
             except openai.APIStatusError:  # this server rejects that form: try the next, and remember
                 continue
             state["format"][remembered] = i
-            break
-        if response is None:
-            return Reply(None)
-        usage = response.usage
-        tokens = {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
-                  "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
-        if not response.choices:
-            return Reply("", None, **tokens)
-        choice = response.choices[0]
-        return Reply(choice.message.content or "", choice.finish_reason, **tokens)
+            return reply
+        raise AssertionError("unreachable: the last form (none) is never rejected")
 
     return send
 
@@ -620,9 +678,10 @@ class OracleKind:
         return ":" in self.usage
 
 
-def _openai(model: str, base_url: str | None, transport: Transport | None, **options) -> Oracle:
-    where = base_url or "https://api.openai.com/v1"
-    return LLMOracle(model, transport or openai_transport(base_url), backend=f"openai@{where}", **options)
+def _openai(model: str, base_url: str | None, transport: Transport | None, api_key_env: str | None = None,
+            timeout: float = 120.0, **options) -> Oracle:
+    transport = transport or openai_transport(base_url, api_key_env, timeout)
+    return LLMOracle(model, transport, backend=f"openai@{base_url or OPENAI_URL}", **options)
 
 
 ORACLES: Registry[OracleKind] = Registry("oracle")
@@ -635,8 +694,9 @@ def make_oracle(spec: str, base_url: str | None = None, transport: Transport | N
     """Build an oracle from its command-line spec, ``NAME`` or ``NAME:ARG`` ("ga", "random",
     "openai:MODEL", or any registered in :data:`ORACLES`).
 
-    ``base_url`` points "openai:MODEL" at a compatible server; it is part of the backend name,
-    hence of every request's cache key. ``transport`` replaces the network (tests, caching).
+    ``base_url`` (public: no credentials) points "openai:MODEL" at a compatible server; it is part of
+    the backend name, hence of every request's cache key. ``transport`` replaces the network (tests,
+    caching); without it the LLM oracle's own takes ``api_key_env`` and ``timeout`` from ``options``.
     ``options`` go to the oracle (the LLM oracle's ``max_tokens`` and ``strict``; others ignore them).
     """
     name, colon, arg = spec.partition(":")

@@ -2,7 +2,9 @@
 
 A model may answer with the JSON we asked for, with JSON inside a Markdown fence, or with the
 paper's bracketed lists mixed into prose; it may also get the length, the range or the mean wrong.
-Parsing never raises: whatever cannot be read is simply not a candidate.
+Parsing never raises: whatever cannot be read is simply not a candidate. Its work is bounded: JSON
+nested past Python's recursion limit is not JSON to it, nested values are walked with a stack of
+their own, and the search stops once ``limit`` vectors are found.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from itertools import islice
+from typing import Any, Iterator
 
 from ..allocation import project_to_mean
 
@@ -22,8 +25,9 @@ _SEPARATOR = re.compile(r"[,\s]+")
 _NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
 
-def parse_candidates(text: str, n_layers: int) -> list[list[float]]:
-    """Every rate vector found in ``text``, in order of appearance (lengths are not enforced here).
+def parse_candidates(text: str, n_layers: int, limit: int | None = None) -> list[list[float]]:
+    """The rate vectors found in ``text`` (the first ``limit`` of each reading), in order of
+    appearance (lengths are not enforced here).
 
     Tried in turn: JSON (an object holding lists of numbers, e.g. ``{"rates": [[...]]}``, or a
     bare list of lists, either possibly inside a fence), then bracketed lists of numbers in prose.
@@ -32,8 +36,8 @@ def parse_candidates(text: str, n_layers: int) -> list[list[float]]:
     """
     if not isinstance(text, str) or not text.strip():
         return []
-    readings = [_leaf_lists(doc) for doc in _json_documents(text)]
-    readings.append(_prose_lists(text))
+    readings = [list(islice(_leaf_lists(doc), limit)) for doc in _json_documents(text)]
+    readings.append(list(islice(_prose_lists(text), limit)))
     for found in readings:
         if any(len(c) == n_layers for c in found):
             return found
@@ -76,20 +80,32 @@ def _json_documents(text: str) -> list[Any]:
     for span in spans:
         try:
             docs.append(json.loads(span))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's limit
             continue
     return docs
 
 
-def _leaf_lists(value: Any) -> list[list[float]]:
-    """All lists of numbers (or numeric strings) nested anywhere in a JSON value, in document order."""
-    if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in _leaf_lists(v)]
-    if isinstance(value, list):
-        if value and all(_is_number(x) for x in value):
-            return [[float(x) for x in value]]
-        return [leaf for v in value for leaf in _leaf_lists(v)]
-    return []
+def _leaf_lists(value: Any) -> Iterator[list[float]]:
+    """The lists of numbers (or numeric strings) nested anywhere in a JSON value, in document order,
+    walked with a stack of its own (a deep reply cannot exhaust Python's)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            if item and all(_is_number(x) for x in item):
+                yield [_as_float(x) for x in item]
+            else:
+                stack.extend(reversed(item))
+
+
+def _as_float(x: Any) -> float:
+    """``float(x)``; an integer too large for a float is infinite (and :func:`repair` rejects it)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
 
 
 def _is_number(x: Any) -> bool:
@@ -98,11 +114,9 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _prose_lists(text: str) -> list[list[float]]:
+def _prose_lists(text: str) -> Iterator[list[float]]:
     """Innermost ``[...]`` spans whose items (comma- or space-separated, maybe quoted) are all numbers."""
-    found = []
     for m in _INNER_LIST.finditer(text):
         items = [s.strip("\"'") for s in _SEPARATOR.split(m.group(1).strip())]
         if all(_NUMBER.match(s) for s in items):
-            found.append([float(s) for s in items])
-    return found
+            yield [_as_float(s) for s in items]

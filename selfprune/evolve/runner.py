@@ -196,7 +196,8 @@ def search_objects(config: SearchConfig, arch: Arch, transport: Transport | None
                           no_mutation=config.no_mutation, no_crossover=config.no_crossover)
     return ctx, params, make_oracle(config.oracle, config.base_url, transport,
                                     max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict,
-                                    schema=config.oracle_schema)
+                                    schema=config.oracle_schema, api_key_env=config.api_key_env,
+                                    timeout=config.oracle_timeout)
 
 
 def oracle_accounting(oracle: Oracle, prices: list[float]) -> dict | None:

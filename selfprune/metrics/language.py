@@ -3,7 +3,8 @@
 The text may come from an LLM, so nothing in it is ever executed: it is parsed with ``ast`` and every
 node is checked against an allow-list before it becomes one of the three node types below. Only
 elementwise operations and keep-dim reductions exist, so no value is ever larger than one layer
-(out x in): the memory of an evaluation is bounded by the node count times one layer.
+(out x in); ``MAX_LIVE`` caps how many the evaluation holds at once (see ``tensors``). The limits
+hold for the canonical text too, the one that is stored and read back (``metric.parse_metric``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ FUNCTIONS = {"abs": 1, "sqrt": 1, "log": 1, "exp": 1, "tanh": 1, "sigmoid": 1, "
              "minmax": 1, "rowminmax": 1, "colminmax": 1, "zscore": 1, "rowzscore": 1, "colzscore": 1,
              **dict.fromkeys(REDUCTIONS, 1)}  # name -> number of arguments
 MAX_CHARS, MAX_NODES, MAX_DEPTH = 2000, 200, 32
+MAX_LIVE = 8  # layer-sized tensors an evaluation may hold at once (tensors.live_tensors)
 MAX_CONSTANT, MAX_EXPONENT = 1e6, 4
 EXAMPLE = "abs(W) * X_rms"
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -79,7 +81,7 @@ def parse(text: str) -> Node:
     elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
         expr = stmt.value  # "score = <expr>": only the value is checked, nothing is assigned
     else:
-        line = _short(source.splitlines()[stmt.lineno - 1].strip())  # not unparse: the statement's depth is unchecked
+        line = short(source.splitlines()[stmt.lineno - 1].strip())  # not unparse: the statement's depth is unchecked
         raise MetricError(f"a statement ({type(stmt).__name__}: `{line}`) is not allowed; give one expression, e.g. {EXAMPLE}")
     exprs = [n for n in ast.walk(expr) if isinstance(n, ast.expr)]
     if len(exprs) > MAX_NODES:
@@ -139,10 +141,11 @@ def _depth(root: ast.expr) -> int:
 
 def _snippet(node: ast.expr) -> str:
     """Only for nodes within the checked depth: ``ast.unparse`` recurses."""
-    return _short(ast.unparse(node).splitlines()[0])
+    return short(ast.unparse(node).splitlines()[0])
 
 
-def _short(text: str) -> str:
+def short(text: str) -> str:
+    """At most 60 characters of ``text``, for a message."""
     return text if len(text) <= 60 else text[:57] + "..."
 
 

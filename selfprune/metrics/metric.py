@@ -9,8 +9,12 @@ import torch
 from torch import Tensor
 
 from .canonical import canonical, key, render
-from .language import INPUTS, MetricError, Node, Op, Var, check_full, parse
-from .tensors import bind, evaluate, probe_inputs
+from .language import INPUTS, MAX_LIVE, MetricError, Node, Op, Var, check_full, parse, short
+from .tensors import bind, evaluate, live_tensors, probe_inputs
+
+
+class NonFiniteScores(MetricError):
+    """A metric that cannot prune this model: its scores on one of its layers are not all finite."""
 
 
 @dataclass(frozen=True)
@@ -34,13 +38,27 @@ class Metric:
         with torch.no_grad():
             return evaluate(self.tree, env, size, env["W"].device)
 
+    def finite_scores(self, inputs: Mapping[str, Tensor], where: str) -> Tensor:
+        """:meth:`scores` of a real layer (``where`` names it), all finite: a mask made from NaN or inf
+        scores would prune by position. The probe layer cannot promise it: sums grow with the width,
+        and real magnitudes can overflow float32. Raises NonFiniteScores."""
+        scores = self.scores(inputs)
+        if not bool(torch.isfinite(scores).all()):
+            bad = int(scores.numel() - torch.isfinite(scores).sum())
+            raise NonFiniteScores(f"metric `{short(self.text)}` gives NaN/inf scores to {bad} of the {scores.numel()} "
+                                  f"weights of {where}, though they were finite on the probe layer; keep it bounded on "
+                                  "real weights (tanh, sigmoid, minmax, log; no large powers of sums) or choose another metric")
+        return scores
+
 
 def parse_metric(text: str) -> Metric:
-    """Check, canonicalise and probe an untrusted metric text; raises MetricError saying what to fix."""
+    """Check, canonicalise, check the canonical form and probe an untrusted metric text; raises
+    MetricError saying what to fix. What it accepts, it accepts again from the returned text."""
     tree = parse(text)
     check_full(tree, render(tree))
     tree = canonical(tree)
     canon = render(tree)
+    check_canonical(tree, canon)
     env, size = bind(frozenset(INPUTS), probe_inputs())
     with torch.no_grad():
         probe = evaluate(tree, env, size)
@@ -50,6 +68,19 @@ def parse_metric(text: str) -> Metric:
     if bool((probe == probe[0, 0]).all()):
         raise MetricError(f"metric `{canon}` gives the same score to every weight: it cannot rank; make it depend on W")
     return Metric(canon, key(canon), frozenset(_names(tree)), tree)
+
+
+def check_canonical(tree: Node, canon: str) -> None:
+    """The limits on what is kept, the canonical tree and its text: flattening a + (b + c) to
+    a + b + c writes a sum of n terms n deep, so a text within the limits may not be."""
+    try:
+        parse(canon)
+    except MetricError as e:
+        raise MetricError(f"written canonically (`{short(canon)}`), {e} A sum or product of n terms is nested "
+                          "n deep once written out: use fewer terms") from None
+    if (live := live_tensors(tree)) > MAX_LIVE:
+        raise MetricError(f"evaluating `{short(canon)}` holds {live} layer-sized values at once; the limit is {MAX_LIVE}. "
+                          "Nest it less: fewer operations inside the second operand of each operation")
 
 
 def _names(node: Node) -> set[str]:
