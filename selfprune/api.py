@@ -7,8 +7,9 @@ values, the way the CLI's commands are: the CLI parses its options, calls these,
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from . import allocators
 from .allocation import EXACT, Alignment, Structure, check_ratio, dense_structure, rates_to_structure, realized_ratio
 from .arch import Arch
-from .data import split_windows
+from .data import check_data, split_windows
 from .errors import UserError
 from .devices import model_precision
 from .export import RECORD, save_pruned
@@ -26,10 +27,13 @@ from .metrics import Metric, resolve_metric
 from .models import load_arch, load_model
 from .ppl import perplexity as score_windows
 from .protocol import protocol
-from .reconstruct import ADAPTIVE, NONE, check_reconstruction, identity
+from .reconstruct import ADAPTIVE, check_reconstruction, identity
+from .searched import PruneSettings, settle
 from .sparsity import Pattern, parse_pattern
 from .userfiles import read_json
 from .workbench import Calibration, Progress, Workbench, _no_progress
+
+log = logging.getLogger(__name__)
 
 FORMATS = {"hf": "a selfprune export", "deci": "DeciLM for vLLM"}
 
@@ -46,25 +50,26 @@ class PruneResult:
     record: dict  # what ``selfprune.json`` holds
     realized_ratio: float  # share of the prunable parameters removed (structured) or zeroed (metric)
     out: Path | None = None
+    settings_note: str | None = None  # from a search's best.json: the settings taken from it, and the caller's changes
 
 
 def prune(
     model: str | LoadedModel,
     ratio: float,
     allocation: str | list[float] = "uniform",
-    data: str = "demo",
+    data: str | None = None,
     *,
-    samples: int = 128,
-    calib_seqlen: int = 512,
-    method: str = "wanda-sp",
+    samples: int | None = None,
+    calib_seqlen: int | None = None,
+    method: str | None = None,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | None = None,
     out: str | Path | None = None,
     format: str = "hf",
     metric: str | None = None,
-    pattern: str = "unstructured",
-    align: Alignment = EXACT,
-    reconstruct: str = NONE,
+    pattern: str | None = None,
+    align: Alignment | None = None,
+    reconstruct: str | None = None,
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``model`` (a spec as for ``--model``, or a loaded one) to mean rate ``ratio``.
@@ -79,12 +84,25 @@ def prune(
     multiples that kernels like (:class:`~selfprune.allocation.Alignment`). With ``out`` the model is exported there
     (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
     ``progress``: ``(label, total) -> advance(n)`` for long steps. The dense model is not modified.
+    With a search's best.json as ``allocation``, every setting left ``None`` is the search's (so the
+    searched model is rebuilt), else the defaults (``demo``, 128 x 512, ``wanda-sp``, ``auto``, exact,
+    ``none``, ``unstructured``); ``settings_note`` of the result says what came from the search.
     """
     check_ratio(ratio)
+    given = PruneSettings(data, samples, calib_seqlen, method, dtype, align.channels if align else None,
+                          align.heads if align else None, reconstruct, metric, pattern)
+    settings, note = settle(allocation, given)
+    if note is not None:
+        log.info(note)
+    data, samples, calib_seqlen, method, dtype = (settings.data, settings.samples, settings.calib_seqlen,
+                                                  settings.method, settings.dtype)
+    metric, pattern, reconstruct = settings.metric, settings.pattern, settings.reconstruct
+    align = Alignment(settings.align_heads, settings.align)
     if format not in FORMATS:
         raise UserError(f"format {format!r} is not known; use " + " or ".join(f"{k} ({v})" for k, v in FORMATS.items()))
     if isinstance(allocation, str):
         allocators.allocator(allocation)  # a bad rate file fails here, before the model loads
+    check_data(data)  # and a data typo
     if reconstruct == ADAPTIVE:
         if metric is not None:
             raise UserError(f"--reconstruct {ADAPTIVE} chooses its own mask; drop --metric, or keep it with "
@@ -99,7 +117,7 @@ def prune(
     lm = load_model(model, device, dtype) if isinstance(model, str) else model
     bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress or _no_progress, method)
     if found is not None:
-        return _prune_weights(bench, lm, *found, ratio, allocation, out, reconstruct)
+        return replace(_prune_weights(bench, lm, *found, ratio, allocation, out, reconstruct), settings_note=note)
     rates = bench.allocate(allocation, ratio)
     structure = rates_to_structure(bench.arch, rates, align)
     if out is not None and format == "deci":
@@ -111,7 +129,7 @@ def prune(
         out = Path(out)
         (_save_deci if format == "deci" else save_pruned)(pruned, lm.tokenizer, out, record)
     return PruneResult(pruned, lm.tokenizer, bench.arch, rates, structure, record,
-                       realized_ratio(bench.arch, structure), out)
+                       realized_ratio(bench.arch, structure), out, note)
 
 
 def _check_metric(metric: str, pattern: str, ratio: float, allocation: str | list[float],

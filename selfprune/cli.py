@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .config import AutopruneConfig, ReportConfig, SearchConfig, build_config, cli_flag
 from .errors import EnvironmentFault, UserError
+from .inputs import check_inputs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -32,8 +33,6 @@ VllmPython = Annotated[Optional[str], typer.Option(
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="let vLLM run the model directory's own Python (its auto_map); read that code first. "
     "selfprune's own DeciLM export needs no flag")]
-Samples = Annotated[int, typer.Option("--samples", help="calibration windows for the activation statistics")]
-CalibSeqlen = Annotated[int, typer.Option("--calib-seqlen", help="tokens per calibration window")]
 
 
 @contextmanager
@@ -56,28 +55,33 @@ def prune(
     model: Model = "demo",
     ratio: Annotated[float, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: the sparsity), in (0, 1)")] = 0.5,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | atp | dlp | alphapruning | RATES.json")] = "uniform",
-    data: Data = "demo",
+    data: Annotated[Optional[str], typer.Option("--data", help="demo (default), wikitext2, or a local text file; "
+                                                 "unset: a best.json's (as the next options)")] = None,
     out: Annotated[Path, typer.Option("--out", help="export directory")] = Path("runs/pruned"),
-    samples: Samples = 128,
-    calib_seqlen: CalibSeqlen = 512,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="calibration windows [default: 128]")] = None,
+    calib_seqlen: Annotated[Optional[int], typer.Option("--calib-seqlen", help="tokens per calibration window [default: 512]")] = None,
     fmt: Annotated[str, typer.Option("--format", help="hf: a selfprune export | deci: DeciLM for vLLM")] = "hf",
-    method: Annotated[str, typer.Option("--method", help="a registered structured pruning method")] = "wanda-sp",
+    method: Annotated[Optional[str], typer.Option("--method", help="a registered structured pruning method [default: wanda-sp]")] = None,
     metric: Annotated[Optional[str], typer.Option("--metric", help="zero single weights by a metric instead: magnitude | wanda | ria | an expression such as 'abs(W) * X_rms'")] = None,
-    pattern: Annotated[str, typer.Option("--pattern", help="with --metric: unstructured | unstructured-layer | 2:4 | 4:8")] = "unstructured",
-    align: Annotated[int, typer.Option("--align", help="kept MLP channels in multiples of this (64, 128 suit kernels); the ratio is kept")] = 1,
-    align_heads: Annotated[int, typer.Option("--align-heads", help="kept query heads in multiples of this (a multiple of heads per KV group)")] = 1,
-    reconstruct: Annotated[str, typer.Option("--reconstruct", help="refit what stays on the calibration windows: none | sparsegpt (with --metric) | sparsegpt-adaptive | lsq (structured)")] = "none",
+    pattern: Annotated[Optional[str], typer.Option("--pattern", help="with --metric: unstructured (default) | unstructured-layer | 2:4 | 4:8")] = None,
+    align: Annotated[Optional[int], typer.Option("--align", help="kept MLP channels in multiples of this (64, 128 suit kernels); the ratio is kept")] = None,
+    align_heads: Annotated[Optional[int], typer.Option("--align-heads", help="kept query heads in multiples of this (a multiple of heads per KV group)")] = None,
+    reconstruct: Annotated[Optional[str], typer.Option("--reconstruct", help="refit what stays on the calibration windows: none | sparsegpt (with --metric) | sparsegpt-adaptive | lsq (structured)")] = None,
     device: Device = "auto",
-    dtype: DType = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto (default) | float32 | bfloat16 | float16")] = None,
 ) -> None:
-    """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT."""
+    """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT.
+    With --allocation a search's best.json, the options not given are the search's: the searched model."""
     from .allocation import Alignment
     from .api import prune as prune_model
 
     with rich_progress() as progress:
         result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
                              device=device, dtype=dtype, out=out, format=fmt, metric=metric, pattern=pattern,
-                             align=Alignment(align_heads, align), reconstruct=reconstruct, progress=progress)
+                             align=None if align is None and align_heads is None else Alignment(align_heads or 1, align or 1),
+                             reconstruct=reconstruct, progress=progress)
+    if result.settings_note:
+        console.print(result.settings_note, highlight=False, soft_wrap=True)
     if "metric" in result.record:
         record = result.record
         table = Table("layer", "sparsity", title=f"{model} pruned by {record['metric']['text']} ({record['pattern']}) -> {out}")
@@ -149,6 +153,7 @@ def _config_command(model_cls: type[BaseModel], run):
 def _search(values: dict) -> None:
     """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
     config = build_config(SearchConfig, **values)
+    check_inputs(config)
     _configure_flows(config)
     from selfprune.flows.search import search as search_flow
 
@@ -186,7 +191,8 @@ def _print_seeds(summary: dict, config: SearchConfig | AutopruneConfig) -> None:
 
 def _flow_result(state, entrypoint: str, out: str):
     """The flow's return value; a failed run's error gains its run id and the exact retry command,
-    and a failure the machine caused (a full disk, say) becomes an EnvironmentFault."""
+    and a failure the machine caused (a full disk, say) becomes an EnvironmentFault. Bad input
+    (a UserError) gets no retry command: the same run would fail the same way."""
     if state.is_completed():
         return state.result()
     from selfprune.faults import explain
@@ -195,8 +201,10 @@ def _flow_result(state, entrypoint: str, out: str):
     hint = retry_hint(str(state.state_details.flow_run_id), entrypoint, deployed=False)
     try:
         state.result()
-    except UserError as e:
-        raise (EnvironmentFault if isinstance(e, EnvironmentFault) else UserError)(f"{e}\n{hint}") from None
+    except EnvironmentFault as e:
+        raise EnvironmentFault(f"{e}\n{hint}") from None
+    except UserError as e:  # bad input: a retry would fail the same way, so the line is the error alone
+        raise UserError(str(e)) from None
     except Exception as e:
         fault = explain(e, out)
         if fault is not None:
@@ -212,6 +220,7 @@ app.command("search")(_config_command(SearchConfig, _search))
 def _autoprune(values: dict) -> None:
     """AutoPrune's metric search (gp offline, or an LLM with GCoT prompts) as a resumable Prefect flow."""
     config = build_config(AutopruneConfig, **values)
+    check_inputs(config)
     _configure_flows(config)
     from selfprune.flows.autoprune import autoprune as autoprune_flow
 
@@ -275,6 +284,7 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
 def _report(values: dict) -> None:
     """Compare dense, allocations (uniform, OWL, ATP, ...), searches and pruning metrics: test perplexity and zero-shot accuracy."""
     config = build_config(ReportConfig, **values)
+    check_inputs(config)
     _configure_flows(config)
     from selfprune.artifacts.comparison import TITLES, protocol_text, split_tables, table as comparison_table
     from selfprune.flows.report import report as report_flow

@@ -191,18 +191,14 @@ def _check_split(split: str) -> None:
         raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
 
 
-def _data_key(data: str) -> tuple:
-    """A hashable identity of the data spec; for files it includes size and mtime, so an edited
-    file is re-read."""
+def check_data(data: str) -> str:
+    """The data spec, stripped: a known name (``demo``, ``wikitext2``) or a readable kind of file
+    that exists; else a UserError. Nothing is read or fetched: a check before a run starts."""
     if not isinstance(data, (str, os.PathLike)) or not str(data).strip():
         raise UserError(f"no data given: use {ACCEPTED}.")
     spec = str(data).strip()
-    if spec == DEMO:
-        path = demo_corpus_path()
-        st = path.stat()
-        return (DEMO, str(path), st.st_mtime_ns, st.st_size)
-    if spec.lower() in (WIKITEXT2, "wikitext-2", "wikitext"):
-        return (WIKITEXT2, WIKITEXT_REVISION)
+    if spec == DEMO or spec.lower() in (WIKITEXT2, "wikitext-2", "wikitext"):
+        return spec
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"data file not found: {spec}. --data takes {ACCEPTED}.")
@@ -212,7 +208,20 @@ def _data_key(data: str) -> tuple:
     if suffix not in TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES:
         raise UserError(f"cannot read data file {spec}: unknown extension {path.suffix!r}. "
                         f"--data takes {ACCEPTED}.")
-    path = path.resolve()
+    return spec
+
+
+def _data_key(data: str) -> tuple:
+    """A hashable identity of the data spec; for files it includes size and mtime, so an edited
+    file is re-read."""
+    spec = check_data(data)
+    if spec == DEMO:
+        path = demo_corpus_path()
+        st = path.stat()
+        return (DEMO, str(path), st.st_mtime_ns, st.st_size)
+    if spec.lower() in (WIKITEXT2, "wikitext-2", "wikitext"):
+        return (WIKITEXT2, WIKITEXT_REVISION)
+    path = Path(spec).expanduser().resolve()
     st = path.stat()
     return ("file", str(path), st.st_mtime_ns, st.st_size)
 

@@ -3,6 +3,9 @@ fingerprint its weights."""
 
 from __future__ import annotations
 
+import difflib
+import threading
+from functools import lru_cache
 from pathlib import Path
 
 from .arch import Arch, arch_of
@@ -34,7 +37,70 @@ def _resolve(spec: str) -> tuple[str, dict, Path | None]:
         return str(path), {"local_files_only": True}, path
     if _looks_like_path(spec):
         raise UserError(f"model path {spec} does not exist; check the path, or use --model demo for the built-in model")
+    _check_hub_id(spec)
     return spec, {}, None
+
+
+HUB_PROBE_S = 3.0  # how long the hub may take to answer one request before it counts as unreachable
+
+
+def _check_hub_id(spec: str) -> None:
+    """A hub id must be cached locally or the hub reachable: otherwise a load would retry for a
+    minute and then blame the tokenizer. One line now instead, with a close local name if any."""
+    from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+    except HFValidationError:
+        raise UserError(f"--model {spec}: no such file or directory, and not a hub id (org/name){_did_you_mean(spec)}. "
+                        "Give a local model directory, a .gguf file, or demo") from None
+    why = "HF_HUB_OFFLINE is set" if is_offline_mode() else None if _hub_reachable() else (
+        f"{constants.ENDPOINT} did not answer within {HUB_PROBE_S:g} s")
+    if why:
+        raise UserError(f"--model {spec}: no such file or directory, and the hub is offline ({why}) with no cached "
+                        f"copy of it{_did_you_mean(spec)}. Give a local model directory, a .gguf file, or demo, "
+                        "or fetch it with the hub reachable (HF_HUB_OFFLINE unset)")
+
+
+def _did_you_mean(spec: str) -> str:
+    """`` (did you mean NAME?)`` for the closest of demo and the directories and .gguf files beside
+    ``spec``, or nothing."""
+    parent = Path(spec).parent
+    names = ["demo"]
+    if parent.is_dir():
+        entries = (p for _, p in zip(range(1000), parent.iterdir()))  # a bounded look, never a long listing
+        names += [str(parent / p.name) for p in entries if p.is_dir() or p.suffix == ".gguf"]
+    match = difflib.get_close_matches(spec, names, n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+@lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    """Whether the hub answers one request within :data:`HUB_PROBE_S` (any HTTP status counts;
+    proxies from the environment apply). In a thread: a name lookup has no timeout of its own."""
+    import httpx
+    from huggingface_hub import constants
+
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            httpx.head(constants.ENDPOINT, timeout=HUB_PROBE_S)
+            answered.set()
+        except httpx.HTTPError:
+            pass
+
+    threading.Thread(target=probe, daemon=True).start()
+    return answered.wait(HUB_PROBE_S)
+
+
+def check_model(spec: str) -> None:
+    """``spec`` names a model that can be loaded, as far as that shows without loading it: demo,
+    a local path (a GGUF's header reads), or a hub id cached here or with the hub reachable."""
+    if spec != "demo":  # the demo model is fetched on first use: not for a check
+        _resolve(spec)
 
 
 def model_fingerprint(spec: str) -> str:

@@ -75,6 +75,8 @@ def rate_file(path: str) -> Allocator:
     expected = f"{', '.join(ALLOCATIONS.names())}, or a RATES.json holding a list of rates"
     obj = read_json(path, "allocation file", expected)
     rates = obj.get("rates") if isinstance(obj, dict) else obj
+    if isinstance(obj, dict) and isinstance(obj.get("structure"), dict):
+        rates = obj["structure"].get("rates")  # a sparsity search's best: the rates its candidate was built with
     if not isinstance(rates, list):
         raise UserError(f"{path} holds no rate list; write [p_1, ..., p_n] or {{\"rates\": [...]}}")
     return lambda model, arch, stats, ratio, **_: rates

@@ -75,7 +75,7 @@ def _read_search(path: str | Path) -> dict:
     return best
 
 
-def _read_searches(path: str) -> dict[str, dict]:
+def read_searches(path: str) -> dict[str, dict]:
     """path -> best.json: the file itself, or every seed's of a ``seeds.json`` (selfprune search --seeds)."""
     if Path(path).name != SEEDS_SUMMARY:
         return {path: _read_search(path)}
@@ -107,7 +107,7 @@ def plan_report(config: ReportConfig) -> ReportPlan:
     """
     c = config
     tasks, include_path, data = list(dict.fromkeys(c.tasks)), c.include_path, c.data
-    bests = {path: best for search in c.searches for path, best in _read_searches(search).items()}
+    bests = {path: best for search in c.searches for path, best in read_searches(search).items()}
     targets = sorted({*c.ratios, *(b["config"]["ratio"] for b in bests.values())})
     if not targets and not (c.metrics and (c.sparsities or any(parse_pattern(p).fixed_sparsity for p in c.patterns))):
         raise UserError("nothing to compare: give --ratios and/or --search runs/NAME/best.json "

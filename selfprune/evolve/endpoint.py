@@ -94,6 +94,15 @@ def api_key(base_url: str | None, api_key_env: str | None) -> str:
     return os.environ.get("OPENAI_API_KEY", "") if is_openai(base_url) else PLACEHOLDER_KEY
 
 
+def missing_key(base_url: str | None, api_key_env: str | None) -> str | None:
+    """Why the server at ``base_url`` would get no key (the variable meant for it is unset, named
+    with the fix), or None: a check that needs no request, made before a run and at the first call."""
+    if api_key(base_url, api_key_env):
+        return None
+    return f"no API key for the oracle at {base_url or OPENAI_URL}: set ${api_key_env or 'OPENAI_API_KEY'}" + (
+        "" if api_key_env else ", or point the oracle at a local OpenAI-compatible server (vLLM, Ollama) with its base URL")
+
+
 class ReplyRefused(httpx.RequestError):
     """A reply refused before it was read whole: past ``max_bytes``, or compressed. An httpx
     request error, so that every version of the openai client wraps it in ``APIConnectionError``."""

@@ -28,7 +28,8 @@ from ..errors import EnvironmentFault, UserError
 from ..hashing import content_hash, stable_json
 from ..registry import Registry
 from . import prompts
-from .endpoint import MAX_REPLY_BYTES, OPENAI_URL, ReplyRefused, api_key, bounded_client, credentials, request_bounds
+from .endpoint import (MAX_REPLY_BYTES, OPENAI_URL, ReplyRefused, api_key, bounded_client, credentials, missing_key,
+                       request_bounds)
 from .replies import parse_candidates, repair
 
 logger = logging.getLogger("selfprune.oracle")
@@ -558,13 +559,10 @@ def openai_transport(
 
     def client() -> openai.OpenAI:
         if state["client"] is None:
+            missing = missing_key(base_url, api_key_env)
+            if missing:
+                raise OracleUnavailable(missing)
             key = api_key(base_url, api_key_env)
-            if not key:
-                variable = api_key_env or "OPENAI_API_KEY"
-                raise OracleUnavailable(
-                    f"no API key for the oracle at {where}: set ${variable}" + (
-                        "" if api_key_env else ", or point the oracle at a local OpenAI-compatible server (vLLM, "
-                        "Ollama) with its base URL"))
             secrets.append(key)
             auth = (cut.user or "", cut.password or "") if cut and (cut.user or cut.password) else None
             state["client"] = openai.OpenAI(
