@@ -21,7 +21,7 @@ import io
 import re
 from pathlib import Path
 
-from selfprune.artifacts.report import fmt_rates, save_png
+from selfprune.artifacts.report import fmt_rates, short_name, save_png
 from selfprune.evaluate.report import sort_rows
 from selfprune.fileio import atomic_write_text
 from selfprune.protocol import common, lines as protocol_lines
@@ -193,7 +193,7 @@ def _series(rows: list[dict], key: str) -> dict[str, list[tuple[float, float, fl
     return series
 
 
-def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log: bool) -> Path:
+def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log: bool, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,8 +216,7 @@ def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log:
         ax.set_yscale("log")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=2 if len(series) > 16 else 1) if many \
         else ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_png(fig, path, dpi=110)
+    return save_png(fig, path, dpi=110, title=title)
 
 
 PPL = "test perplexity (lower is better)"
@@ -232,15 +231,21 @@ def render(summary: dict, out_dir: Path) -> dict[str, str]:
     rows, meta, tasks = summary["rows"], summary["meta"], summary["meta"]["tasks"]
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {}
+
+    def title(figure: str) -> str:  # which model, data and split a plot shows
+        return (f"{short_name(meta['model'])}: {figure}\n{short_name(meta['data'])}, test split "
+                f"({meta['test_tokens']} predicted tokens in {meta['seqlen']}-token windows)")
+
     for kind, part in split_tables(rows):
         if kind == "metric":
-            plots["test perplexity by metric, allocation and sparsity"] = _plot(
-                part, "ppl", PPL, "sparsity", out_dir / PLOTS["metrics"], log=True)
+            figure = "test perplexity by metric, allocation and sparsity"
+            plots[figure] = _plot(part, "ppl", PPL, "sparsity", out_dir / PLOTS["metrics"], log=True, title=title(figure))
             continue
-        plots["test perplexity by method and ratio"] = _plot(part, "ppl", PPL, "target pruning ratio",
-                                                             out_dir / PLOTS["ppl"], log=True)
-        plots["mean zero-shot accuracy by method and ratio"] = _plot(
-            part, "mean_acc", "mean zero-shot accuracy", "target pruning ratio", out_dir / PLOTS["acc"], log=False)
+        figure = "test perplexity by method and ratio"
+        plots[figure] = _plot(part, "ppl", PPL, "target pruning ratio", out_dir / PLOTS["ppl"], log=True, title=title(figure))
+        figure = "mean zero-shot accuracy by method and ratio"
+        plots[figure] = _plot(part, "mean_acc", "mean zero-shot accuracy", "target pruning ratio", out_dir / PLOTS["acc"],
+                              log=False, title=title(figure) + f"; tasks {', '.join(tasks)}")
     atomic_write_text(out_dir / "rates.csv", rates_csv(rows))
     atomic_write_text(out_dir / "report.md", markdown(rows, tasks, meta, {k: p.name for k, p in plots.items()}))
     atomic_write_text(out_dir / "report.html", html_report(rows, tasks, meta, {k: p.read_bytes() for k, p in plots.items()}))

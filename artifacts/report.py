@@ -35,25 +35,45 @@ def new_axes():
     return plt.subplots(figsize=(6, 3.5))
 
 
-def save(fig, ax, path: Path) -> Path:
+def save(fig, ax, path: Path, title: str) -> Path:
     ax.legend()
-    fig.tight_layout()
-    return save_png(fig, path, dpi=120)
+    return save_png(fig, path, dpi=120, title=title)
 
 
-def save_png(fig, path: Path, dpi: int) -> Path:
+def save_png(fig, path: Path, dpi: int, title: str) -> Path:
     """Write ``fig`` to ``path`` as PNG by atomic replace, and close it: ``savefig(path)`` would
-    leave half a plot on a kill and write through a link planted at ``path`` in the run directory."""
+    leave half a plot on a kill and write through a link planted at ``path`` in the run directory.
+    ``title`` (what the plot shows, of which run) heads the figure and is the PNG's Title field,
+    so a plot copied out of its run directory still says what it is."""
     import matplotlib.pyplot as plt
 
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=dpi)
+    fig.savefig(png, format="png", dpi=dpi, metadata={"Title": title})
     plt.close(fig)
     return atomic_write_bytes(path, png.getvalue())
 
 
-def plot_history(history: list[dict], path: Path) -> Path:
+def short_name(path: str) -> str:
+    """A model or data file by its name (a directory's full path would crowd the title)."""
+    return Path(path).expanduser().name if Path(path).expanduser().exists() else path
+
+
+def search_title(config, summary: dict, figure: str) -> str:
+    """A search plot's title: the model and its target, the figure, the data and split the
+    fitness was scored on, and the best's test perplexity."""
+    if hasattr(config, "sparsities"):  # AutoPrune: a metric judged at these sparsities
+        target, test = f"sparsity {', '.join(map(str, config.sparsities))}", summary["test_ppl"]["found"].values()
+    else:
+        target, test = f"{'sparsity' if config.pattern else 'ratio'} {config.ratio}", [summary["test_ppl"]]
+    return (f"{short_name(config.model)} at {target}: {figure}\n{short_name(config.data)}, fitness split "
+            f"({config.fitness_windows} x {config.seqlen} tokens); best's test ppl {', '.join(f'{p:.1f}' for p in test)}")
+
+
+def plot_history(summary: dict, config, path: Path) -> Path:
     """Best and mean fitness per generation."""
+    history = summary["history"]
     gens = [h["generation"] for h in history]
     fig, ax = new_axes()
     ax.plot(gens, [h["best"] for h in history], marker="o", label="best")
@@ -61,17 +81,18 @@ def plot_history(history: list[dict], path: Path) -> Path:
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness perplexity (lower is better)")
     ax.set_yscale("log")
-    return save(fig, ax, path)
+    return save(fig, ax, path, search_title(config, summary, "best and mean fitness per generation"))
 
 
-def plot_rates(rates: list[float], beta: float, path: Path) -> Path:
+def plot_rates(summary: dict, config, path: Path) -> Path:
     """The best per-layer pruning rates against the uniform target."""
+    rates, beta = summary["rates"], config.ratio
     fig, ax = new_axes()
     ax.bar(range(len(rates)), rates, color="tab:blue")
     ax.axhline(beta, color="tab:red", linestyle="--", label=f"uniform {beta}")
     ax.set_xlabel("layer")
     ax.set_ylabel("pruning rate")
-    return save(fig, ax, path)
+    return save(fig, ax, path, search_title(config, summary, "the best's rate per layer"))
 
 
 def metric_markdown(generation: int, best: dict) -> str:
@@ -84,9 +105,10 @@ def metric_markdown(generation: int, best: dict) -> str:
     )
 
 
-def plot_metric_graph(graph: list[dict], best: str, path: Path) -> Path:
+def plot_metric_graph(summary: dict, config, path: Path) -> Path:
     """The metrics of an AutoPrune search: one point per metric at (generation, fitness), an arrow
     from each parent to its child, the best metric's lineage in red."""
+    graph, best = summary["graph"], summary["metric"]
     fig, ax = new_axes()
     where = {n["text"]: (n["generation"], n["fitness"]) for n in graph if n.get("fitness") is not None}
     on_path, key = set(), best
@@ -110,4 +132,4 @@ def plot_metric_graph(graph: list[dict], best: str, path: Path) -> Path:
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness perplexity (lower is better)")
     ax.set_yscale("log")
-    return save(fig, ax, path)
+    return save(fig, ax, path, search_title(config, summary, "each metric's fitness and parents"))

@@ -41,8 +41,8 @@ def autoprune(config: AutopruneConfig) -> dict:
                                                        "from": r["source"], "edit": r["edit"]}, metric_markdown, "GP")
         summary = library.run(config, setup, score, cached_transport(config, calls), publish) | calls
     write_summary(summary, out)
-    plot_history(summary["history"], out / "fitness.png")
-    plot_metric_graph(summary["graph"], summary["metric"], out / "metrics.png")
+    plot_history(summary, config, out / "fitness.png")
+    plot_metric_graph(summary, config, out / "metrics.png")
     lines = [f"| {name} | " + " | ".join(f"{ppl:.3f}" for ppl in by_s.values()) + " |"
              for name, by_s in summary["test_ppl"].items()]
     create_markdown_artifact(

@@ -26,6 +26,7 @@ from selfprune.errors import UserError
 from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
 from selfprune.models import load_tokenizer, model_fingerprint
+from selfprune.progress import Advance, ignore
 from selfprune.evolve import runner
 from selfprune.evolve.oracles import ChatRequest, Reply, Transport
 from selfprune.tasks.caching import kept_result
@@ -103,9 +104,12 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
                  workers: TaskRunner, tolerate_invalid: bool = False):
     """``score(candidates, split, windows)``: one cached ``score_candidate`` per candidate (a structure
     or a metric's sparse candidate), submitted to ``workers`` as one batch; records say whether a
-    cache answered. ``tolerate_invalid``: see ``score_candidate`` (the metric search)."""
+    cache answered. ``advance(1)`` runs here, in the flow's process, as each future resolves (a
+    worker's own log gets no line per candidate). ``tolerate_invalid``: see ``score_candidate``
+    (the metric search)."""
 
-    def score(candidates: list, split: str, windows: int | None, reconstruct: str = "none") -> list[dict]:
+    def score(candidates: list, split: str, windows: int | None, reconstruct: str = "none",
+              advance: Advance = ignore) -> list[dict]:
         how = vars(runner.scoring(config, split, windows))
         with one_gpu_per_task(config, workers):
             futures = [workers.submit(score_candidate, dict(
@@ -115,6 +119,7 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
                 for c in candidates]
         for f in futures:
             f.wait()
+            advance(1)
         return [kept_result(f.state) | {"cached": f.state.name == "Cached"} for f in futures]
 
     return score

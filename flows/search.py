@@ -42,8 +42,8 @@ def search(config: SearchConfig) -> dict:
         allocate = batch_allocator(config, setup.model_fp, setup.stats_key, calibration, workers)
         summary = runner.run(config, setup, score, cached_transport(config, calls), publish, allocate) | calls
     runner.write_summary(summary, out)
-    plot_history(summary["history"], out / "fitness.png")
-    plot_rates(summary["rates"], config.ratio, out / "rates.png")
+    plot_history(summary, config, out / "fitness.png")
+    plot_rates(summary, config, out / "rates.png")
     create_markdown_artifact(
         best_markdown(config.generations, summary, setup.arch.n_layers)
         + f"- test perplexity: **{summary['test_ppl']:.4f}** (uniform Wanda-sp: {summary['uniform_test_ppl']:.4f}), "

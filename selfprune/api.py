@@ -11,6 +11,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ from .reconstruct import ADAPTIVE, check_reconstruction, identity
 from .searched import PruneSettings, settle
 from .sparsity import Pattern, parse_pattern
 from .userfiles import read_json
-from .workbench import Calibration, Progress, Workbench, _no_progress
+from .progress import step
+from .workbench import Calibration, Progress, Workbench
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ def prune(
     SparseGPT's own mask, no metric needed; ``lsq`` for structured pruning). ``align``: kept heads and MLP channels in
     multiples that kernels like (:class:`~selfprune.allocation.Alignment`). With ``out`` the model is exported there
     (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
-    ``progress``: ``(label, total) -> advance(n)`` for long steps. The dense model is not modified.
+    ``progress``: ``(label, total) -> advance(n)`` for every pass; without it, the long steps are
+    logged (:mod:`selfprune.progress`). The dense model is not modified.
     With a search's best.json as ``allocation``, every setting left ``None`` is the search's (so the
     searched model is rebuilt), else the defaults (``demo``, 128 x 512, ``wanda-sp``, ``auto``, exact,
     ``none``, ``unstructured``); ``settings_note`` of the result says what came from the search.
@@ -115,7 +118,7 @@ def prune(
             raise UserError("--align shapes structured pruning; a model pruned by --metric keeps every row (drop --align)")
         align.check(load_arch(model) if isinstance(model, str) else model.arch)
     lm = load_model(model, device, dtype) if isinstance(model, str) else model
-    bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress or _no_progress, method)
+    bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress, method)
     if found is not None:
         return replace(_prune_weights(bench, lm, *found, ratio, allocation, out, reconstruct), settings_note=note)
     rates = bench.allocate(allocation, ratio)
@@ -127,7 +130,8 @@ def prune(
               | identity(reconstruct))
     if out is not None:
         out = Path(out)
-        (_save_deci if format == "deci" else save_pruned)(pruned, lm.tokenizer, out, record)
+        save = _save_deci if format == "deci" else save_pruned
+        _export(bench.calibration_progress, out, lambda: save(pruned, lm.tokenizer, out, record))
     return PruneResult(pruned, lm.tokenizer, bench.arch, rates, structure, record,
                        realized_ratio(bench.arch, structure), out, note)
 
@@ -152,9 +156,16 @@ def _prune_weights(bench: Workbench, lm: LoadedModel, metric: Metric, pattern: P
     record = bench.metric_record(metric, pattern, rates, result, allocation, reconstruct)
     if out is not None:
         out = Path(out)
-        save_pruned(result.model, lm.tokenizer, out, record)
+        _export(bench.calibration_progress, out, lambda: save_pruned(result.model, lm.tokenizer, out, record))
     return PruneResult(result.model, lm.tokenizer, bench.arch, rates, dense_structure(bench.arch), record,
                        result.realized, out)
+
+
+def _export(progress: Progress, out: Path, write: Callable[[], object]) -> None:
+    """``write()`` the export as a step of its own: a large model's weights take a while to write."""
+    advance = progress(f"export -> {out}", 1)
+    write()
+    advance(1)
 
 
 def _check_deci(structure: Structure, arch: Arch) -> None:
@@ -198,7 +209,7 @@ def perplexity(
     """
     lm = load_model(model, device, dtype) if isinstance(model, str) else model
     ids = split_windows(lm.tokenizer, data, split, seqlen, windows)
-    result = score_windows(lm.model, ids, batch_size, (progress or _no_progress)("perplexity", len(ids)))
+    result = score_windows(lm.model, ids, batch_size, (progress or step)("perplexity", len(ids)))
     identity = {"model": lm.source, "fingerprint": lm.fingerprint} if isinstance(lm, LoadedModel) else {}
     record = result.to_dict() | identity | {"data": data, "split": split}
     if identity:  # an export's statistics are in its record; a dense model had none

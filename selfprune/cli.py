@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
+import time
 from typing import get_origin
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,12 @@ from .config import AutopruneConfig, ReportConfig, SearchConfig, build_config, c
 from .errors import EnvironmentFault, UserError
 from .inputs import check_inputs
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+HELP = """Prune a causal language model's layers to a target ratio, search the per-layer rates (or a
+pruning metric) with an LLM or a genetic oracle, and compare the results. Start with
+`selfprune prune` (uniform rates), `selfprune search` (searched rates) and `selfprune report`
+(compare them); each runs offline on the demo model by default. COMMAND --help for its options."""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
 Model = Annotated[str, typer.Option("--model", help="demo, a local HF directory, a .gguf file, an export dir, or a hub id")]
@@ -31,13 +38,13 @@ DType = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 |
 VllmPython = Annotated[Optional[str], typer.Option(
     "--vllm-python", help="Python of the vLLM environment with selfprune-vllm (default: $SELFPRUNE_VLLM_PYTHON)")]
 TrustRemoteCode = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="let vLLM run the model directory's own Python (its auto_map); read that code first. "
-    "selfprune's own DeciLM export needs no flag")]
+    "--trust-remote-code", help="let vLLM run the model directory's own Python; read it first")]
 
 
 @contextmanager
 def rich_progress():
-    """A progress factory for the library: (label, total) -> advance(n), drawn with rich."""
+    """A progress factory for the library: (label, total) -> advance(n), drawn with rich; a
+    finished step's bar goes (a search's generations would pile up otherwise)."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
@@ -45,9 +52,40 @@ def rich_progress():
 
         def factory(label: str, total: int):
             task = bar.add_task(label, total=total)
-            return lambda n: bar.advance(task, n)
+            done = 0
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                if done < total:
+                    bar.advance(task, n)
+                elif done - n < total:
+                    bar.remove_task(task)
+
+            return advance
 
         yield factory
+
+
+@contextmanager
+def shown_progress():
+    """This command's long steps (:mod:`selfprune.progress`, wherever the library starts them):
+    rich bars on a terminal; in a file or a pipe, where redrawn bars would be noise, the steps'
+    rate-limited log lines at INFO."""
+    import logging
+
+    from . import progress
+
+    if console.is_terminal:
+        with rich_progress() as bars, progress.reporting(bars):
+            yield bars
+        return
+    level = progress.log.level
+    progress.log.setLevel(logging.INFO)
+    try:
+        yield progress.step
+    finally:
+        progress.log.setLevel(level)
 
 
 @app.command()
@@ -71,11 +109,12 @@ def prune(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto (default) | float32 | bfloat16 | float16")] = None,
 ) -> None:
     """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT.
+
     With --allocation a search's best.json, the options not given are the search's: the searched model."""
     from .allocation import Alignment
     from .api import prune as prune_model
 
-    with rich_progress() as progress:
+    with shown_progress() as progress:
         result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
                              device=device, dtype=dtype, out=out, format=fmt, metric=metric, pattern=pattern,
                              align=None if align is None and align_heads is None else Alignment(align_heads or 1, align or 1),
@@ -116,7 +155,7 @@ def ppl(
     """Token-level perplexity of MODEL (dense or an export) on a split, in non-overlapping windows."""
     from .api import perplexity
 
-    with rich_progress() as progress:
+    with shown_progress() as progress:
         record = perplexity(model, data, split, seqlen, windows or None, batch_size, device, dtype, progress)
     if as_json:
         print(json.dumps(record))
@@ -124,25 +163,37 @@ def ppl(
         console.print(f"ppl {record['ppl']:.3f} on {record['tokens']} tokens ({record['windows']} x {seqlen}-token windows)")
 
 
+# The options a first run sets, shown first in a command's help; the rest keep the config's order.
+ESSENTIAL = ("model", "data", "ratio", "sparsities", "ratios", "searches", "allocations", "metrics", "oracle", "out",
+             "base_url", "api_key_env")
+
+
+def _essential_rank(name: str) -> int:
+    return ESSENTIAL.index(name) if name in ESSENTIAL else len(ESSENTIAL)
+
+
 def _config_command(model_cls: type[BaseModel], run):
     """A typer command whose options are the fields of ``model_cls`` (one definition of each
     setting: the config's field, with its type, default and help)."""
-    params = []
-    for name, f in model_cls.model_fields.items():
+    params, negated = [], set()
+    fields = sorted(model_cls.model_fields.items(), key=lambda item: _essential_rank(item[0]))
+    for name, f in fields:
         if (f.json_schema_extra or {}).get("cli") is False:  # a field this command does not use
             continue
         is_list = get_origin(f.annotation) is list
         default = None if is_list else f.get_default(call_default_factory=True)
         kind = list[str] | None if is_list else f.annotation  # a list option repeats, and takes "a,b" too
-        flag = cli_flag(model_cls, name)
-        if f.annotation is bool and default:  # a switch that is on by default also needs its off form
-            flag = f"{flag}/--no-{flag[2:]}"
-        option = typer.Option(flag, help=f.description + (" (repeatable)" if is_list else ""),
-                              metavar="A,B" if is_list else None, show_default=not is_list)
+        flag, help = cli_flag(model_cls, name), f.description + (" (repeatable)" if is_list else "")
+        if f.annotation is bool and default:  # a switch that is on by default: only its off form, which
+            # keeps one name per option (an on/off pair takes a column of its own, squeezing every help)
+            negated.add(name)
+            name, flag, help, default = f"no_{name}", f"--no-{flag[2:]}", f"do not {help}", False
+        option = typer.Option(flag, help=help, metavar="A,B" if is_list else None, show_default=not is_list)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[kind, option]))
 
     def command(**values):
+        values |= {name: not values.pop(f"no_{name}") for name in negated}
         return run({k: v for k, v in values.items() if v is not None})  # unset: the config's default
 
     command.__signature__ = inspect.Signature(params)
@@ -152,12 +203,14 @@ def _config_command(model_cls: type[BaseModel], run):
 
 def _search(values: dict) -> None:
     """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
+    start = time.perf_counter()  # the closing line's wall time: the whole command's
     config = build_config(SearchConfig, **values)
     check_inputs(config)
     _configure_flows(config)
     from selfprune.flows.search import search as search_flow
 
-    summary = _flow_result(search_flow(config, return_state=True), "selfprune.flows.search.search", config.out)
+    with shown_progress():
+        summary = _flow_result(search_flow(config, return_state=True), "selfprune.flows.search.search", config.out)
     if config.seeds:
         return _print_seeds(summary, config)
     table = Table("generation", "best fitness", "mean fitness", title=f"search {config.model} at ratio {config.ratio} ({config.oracle})")
@@ -165,7 +218,10 @@ def _search(values: dict) -> None:
         table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
     console.print(table)
     if "reconstructed_test_ppl" in summary:
-        console.print(f"the best rebuilt with {summary['reconstruct']}: test ppl {summary['reconstructed_test_ppl']:.3f}")
+        kept = summary.get("reconstructed", {}).get("name", "the best")
+        console.print(f"{kept} rebuilt with {summary['reconstruct']}: test ppl {summary['reconstructed_test_ppl']:.3f}"
+                      + (f" (the lowest fitness after it of {len(summary['reconstructed_choices'])} rebuilt)"
+                         if "reconstructed_choices" in summary else ""))
     if "best_baseline" in summary:
         b = summary["best_baseline"]
         console.print(f"best baseline: {b['name']}, fitness {b['fitness']:.3f}; the search's best is "
@@ -174,7 +230,7 @@ def _search(values: dict) -> None:
         f"best: fitness {summary['fitness']:.3f}, test ppl {summary['test_ppl']:.3f} "
         f"(uniform {summary['uniform_test_ppl']:.3f}) | evaluations {summary['evaluations']}, "
         f"cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
-        f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {Path(config.out) / 'best.json'}"
+        f"fallbacks {summary['oracle_fallbacks']}, {time.perf_counter() - start:.0f} s in all -> {Path(config.out) / 'best.json'}"
     )
 
 
@@ -219,12 +275,15 @@ app.command("search")(_config_command(SearchConfig, _search))
 
 def _autoprune(values: dict) -> None:
     """AutoPrune's metric search (gp offline, or an LLM with GCoT prompts) as a resumable Prefect flow."""
+    start = time.perf_counter()  # the closing line's wall time: the whole command's
     config = build_config(AutopruneConfig, **values)
     check_inputs(config)
     _configure_flows(config)
     from selfprune.flows.autoprune import autoprune as autoprune_flow
 
-    summary = _flow_result(autoprune_flow(config, return_state=True), "selfprune.flows.autoprune.autoprune", config.out)
+    with shown_progress():
+        summary = _flow_result(autoprune_flow(config, return_state=True), "selfprune.flows.autoprune.autoprune",
+                               config.out)
     if config.seeds:
         return _print_seeds(summary, config)
     table = Table("metric", *(f"test ppl @ {s}" for s in config.sparsities),
@@ -234,7 +293,8 @@ def _autoprune(values: dict) -> None:
     console.print(table)
     console.print(f"best metric: {summary['metric']} (fitness {summary['fitness']:.3f}) | evaluations "
                   f"{summary['evaluations']}, cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
-                  f"fallbacks {summary['oracle_fallbacks']}, {summary['wall_s']:.0f} s -> {Path(config.out) / 'best.json'}; "
+                  f"fallbacks {summary['oracle_fallbacks']}, {time.perf_counter() - start:.0f} s in all -> "
+                  f"{Path(config.out) / 'best.json'}; "
                   f"prune with it: selfprune prune --metric {Path(config.out) / 'best.json'}", soft_wrap=True)
 
 
@@ -283,26 +343,42 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
 
 def _report(values: dict) -> None:
     """Compare dense, allocations (uniform, OWL, ATP, ...), searches and pruning metrics: test perplexity and zero-shot accuracy."""
+    start = time.perf_counter()  # the closing line's wall time: the whole command's
     config = build_config(ReportConfig, **values)
     check_inputs(config)
     _configure_flows(config)
-    from selfprune.artifacts.comparison import TITLES, protocol_text, split_tables, table as comparison_table
     from selfprune.flows.report import report as report_flow
 
-    summary = _flow_result(report_flow(config, return_state=True), "selfprune.flows.report.report", config.out)
+    with shown_progress():
+        summary = _flow_result(report_flow(config, return_state=True), "selfprune.flows.report.report", config.out)
     meta = summary["meta"]
-    for kind, rows in split_tables(summary["rows"]):
-        header, cells = comparison_table(rows, meta["tasks"])
-        table = Table(*header, title=TITLES[kind], caption="\n".join(protocol_text(rows)).replace("**", "").replace("`", ""))
-        for row in cells:
-            table.add_row(*row)
+    for table in report_tables(summary):
         console.print(table)
     out = Path(config.out)
-    console.print(f"computed {meta['computed']}, from cache {meta['cached']}, {meta['wall_s']:.0f} s -> "
+    console.print(f"computed {meta['computed']}, from cache {meta['cached']}, {time.perf_counter() - start:.0f} s in all -> "
                   f"{out / 'report.md'}, {out / 'report.html'}")
 
 
 app.command("report")(_config_command(ReportConfig, _report))
+
+
+def report_tables(summary: dict) -> list[Table]:
+    """The report's tables for the terminal: a narrow one folds a long cell onto more lines (rich's
+    default would cut it to "…", losing the figure), with borders only under the header for room."""
+    from rich import box
+    from rich.table import Column
+
+    from selfprune.artifacts.comparison import TITLES, protocol_text, split_tables, table as comparison_table
+
+    tables = []
+    for kind, rows in split_tables(summary["rows"]):
+        header, cells = comparison_table(rows, summary["meta"]["tasks"])
+        table = Table(*(Column(h, overflow="fold") for h in header), title=TITLES[kind], box=box.SIMPLE_HEAD,
+                      caption="\n".join(protocol_text(rows)).replace("**", "").replace("`", ""))
+        for row in cells:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
 
 
 BENCH_FIELDS = [  # (label, key, scale, format)
@@ -320,7 +396,7 @@ BENCH_FIELDS = [  # (label, key, scale, format)
 @app.command("bench-model")
 def bench_model(
     model: Model = "demo",
-    pruned: Annotated[list[Path] | None, typer.Option("--pruned", help="a selfprune export to compare (repeatable)")] = None,
+    pruned: Annotated[list[Path] | None, typer.Option("--pruned", metavar="DIR", help="a selfprune export to compare (repeatable)")] = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens")] = 128,
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
@@ -332,8 +408,9 @@ def bench_model(
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
-    """Parameters, weight bytes, peak memory, prefill and decode tokens/s of MODEL and each --pruned export,
-    one after another under identical settings."""
+    """Parameters, weight bytes, peak memory, prefill and decode tokens/s of MODEL and each --pruned export.
+
+    The models are measured one after another under identical settings."""
     import gc
 
     from .evaluate.speed import format_measurement, measure, vllm_measure
@@ -411,8 +488,9 @@ def vllm_check(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="greedy tokens per prompt")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole comparison as JSON")] = False,
 ) -> None:
-    """Serve MODEL with vLLM and check it against transformers: equal greedy tokens, prompt
-    log-probabilities within tolerance (float32). Exit 1 when they disagree."""
+    """Serve MODEL with vLLM and check it against transformers; exit 1 when they disagree.
+
+    They agree on equal greedy tokens and prompt log-probabilities within tolerance (float32)."""
     from .evaluate.vllm_bridge import agreement, vllm_python as vllm_python_of
 
     if new_tokens < 1:
@@ -480,7 +558,8 @@ def recover(
 
 @app.command("demo-gguf")
 def demo_gguf() -> None:
-    """Print the path of the demo model's GGUF (fetched once), to serve it as a local LLM oracle:
+    """Print the path of the demo model's GGUF (fetched once), to serve as a local LLM oracle.
+
     python -m llama_cpp.server --model "$(selfprune demo-gguf)" --n_ctx 8192 --model_alias smollm2"""
     from .demo import demo_gguf_path
 
@@ -492,8 +571,10 @@ def prefect_setup(
     pool: Annotated[str, typer.Option("--pool", help="process work pool for the deployments")] = "selfprune-process",
     automation: Annotated[Path, typer.Option("--automation", help="the zombie-run automation file")] = Path("automations/zombies.yaml"),
 ) -> None:
-    """Create the work pool and the automation that crashes runs whose node died, on the server at
-    PREFECT_API_URL. Safe to run again: what exists is kept (the automation is updated)."""
+    """Create the work pool and the zombie-run automation on the server at PREFECT_API_URL.
+
+    The automation crashes runs whose node died. Safe to run again: what exists is kept (the
+    automation is updated)."""
     if not os.environ.get("PREFECT_API_URL"):
         raise UserError("PREFECT_API_URL is not set: start `prefect server start` and export "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api (a temporary server would forget the setup)")
@@ -508,12 +589,21 @@ def _fail(e: UserError) -> None:
     sys.exit(3 if isinstance(e, EnvironmentFault) else 2)
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    """SIGTERM (a preempted job, a scheduler's stop, ``kill``) ends the CLI as an exit does: the
+    exit hooks run, so a temporary Prefect server still starting (before its watchdog exists) is
+    stopped too instead of being left behind. During a flow run Prefect's own handler comes first
+    and marks the run Crashed, which a rerun resumes."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Entry point: one line on stderr, and exit code 2 for bad input (:class:`UserError`), 3 for
-    the machine (:class:`EnvironmentFault`: disk, permissions, the Prefect server)."""
-    from transformers.utils import logging as hf_logging
+    the machine (:class:`EnvironmentFault`: disk, permissions, the Prefect server), 143 on SIGTERM."""
+    from .prefect_env import quiet_progress_bars
 
-    hf_logging.disable_progress_bar()  # rich draws our own progress; keep stderr readable
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    quiet_progress_bars()  # selfprune shows its own progress; keep stderr readable
     try:
         app()
     except UserError as e:

@@ -48,8 +48,7 @@ class RunConfig(BaseModel):
     method: str = Field("wanda-sp", description="pruning method (its unit rankings)")
     seqlen: int = Field(512, ge=1, description="tokens per perplexity window")
     batch_size: int = Field(4, ge=1, description="windows per forward pass (calibration and perplexity)")
-    device: str = Field("auto", description="auto | cpu | cuda | map: the layers spread over every visible GPU "
-                                             "(accelerate's device_map=\"auto\"), for a model larger than one")
+    device: str = Field("auto", description="auto | cpu | cuda | map (layers spread over every visible GPU)")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
 
 
@@ -57,11 +56,10 @@ class EvolutionConfig(RunConfig):
     """What both searches share: the oracle, the evolutionary loop's sizes, the data they score on."""
 
     oracle: str = Field("ga", description="openai:MODEL | ga | random")
-    base_url: str | None = Field(None, description="OpenAI-compatible server for openai:MODEL (vLLM, Ollama); credentials "
-                                                   "in it (user:pw@, ?api_key=) reach that server but are never recorded")
-    api_key_env: str | None = Field(None, description="environment variable holding the key of the --base-url server "
-                                                      "($OPENAI_API_KEY goes to api.openai.com only; without this option "
-                                                      "another server gets the placeholder EMPTY)")
+    base_url: str | None = Field(None, description="OpenAI-compatible server for openai:MODEL (vLLM, Ollama); "
+                                                   "credentials in it are never recorded")
+    api_key_env: str | None = Field(None, description="variable holding the --base-url server's key "
+                                                      "($OPENAI_API_KEY goes to api.openai.com only)")
     population: int = Field(30, ge=2, description="K: population size")
     mutations: int = Field(10, ge=0, description="M: mutants per generation")
     crossovers: int = Field(10, ge=0, description="S: crossovers per generation")
@@ -73,23 +71,20 @@ class EvolutionConfig(RunConfig):
     test_windows: int = Field(64, ge=0, description="windows of the test split for the final score (0: all)")
     oracle_timeout: float = Field(120.0, gt=0, description="seconds an oracle request may take; a late one is not re-sent")
     oracle_max_tokens: int = Field(0, ge=0, description="reply token limit per oracle request (0: from the expected answer)")
-    oracle_schema: bool = Field(True, description="send the reply's JSON Schema where the server takes it (off: JSON mode only)")
+    oracle_schema: bool = Field(True, description="send the reply's JSON Schema (else JSON mode only)")
     oracle_strict: bool = Field(False, description="fail instead of filling a step the LLM left short with GA/GP offspring")
     fitness_stages: list[str] = Field(
         default_factory=list,
-        description="staged fitness (EvoPress): WINDOWS:KEEP,... scores each new candidate on its first WINDOWS fitness "
-                    "windows and keeps the best KEEP fraction for the next stage; the last stage is --fitness-windows. "
-                    "e.g. 1:0.5")
-    runner: str = Field("local", description="local | dask | ray: where a generation's candidates are scored "
-                                            "(the same search on each)")
-    address: str | None = Field(None, description="an existing cluster for --runner dask (tcp://HOST:8786) or ray "
-                                                  "(ray://HOST:10001, or auto); without it a local one is started")
+        description="staged fitness WINDOWS:KEEP,... (e.g. 1:0.5): keep the best KEEP after WINDOWS windows")
+    runner: str = Field("local", description="local | dask | ray: where a generation's candidates are scored")
+    address: str | None = Field(None, description="a running cluster for --runner: tcp://HOST:8786 (dask), "
+                                                  "ray://HOST:10001 or auto (ray)")
     workers: int = Field(2, ge=1, description="worker processes of the local Dask or Ray cluster (each loads the model once)")
-    seeds: list[int] = Field(default_factory=list, description="several seeds: one run per seed in OUT/seed-N (sharing "
-                                                               "every cached evaluation) and their spread in OUT/seeds.json")
+    seeds: list[int] = Field(default_factory=list, description="one run per seed in OUT/seed-N, their spread "
+                                                               "in OUT/seeds.json")
     oracle_prices: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, min_length=0, max_length=2,
-        description="USD per million prompt and completion tokens, e.g. 2.5,10 for GPT-4o: best.json then holds the cost")
+        description="USD per million prompt, completion tokens (e.g. 2.5,10): the cost in best.json")
 
     _lists = field_validator("oracle_prices", "fitness_stages", "seeds", mode="before")(_comma_separated)
 
@@ -160,24 +155,20 @@ class SearchConfig(EvolutionConfig):
     random_init: bool = Field(False, description="ablation: random initial population")
     no_mutation: bool = Field(False, description="ablation: no mutation")
     no_crossover: bool = Field(False, description="ablation: no crossover")
-    align: int = Field(1, ge=1, description="kept MLP channels in multiples of this (64 or 128 suit GPU kernels; 1: exact); "
-                                           "the overall ratio is kept")
-    align_heads: int = Field(1, ge=1, description="kept query heads in multiples of this (e.g. 8; a multiple of the "
-                                                  "heads per KV group; 1: exact)")
-    metric: str | None = Field(None, description="rank units by a pruning metric's scores summed per KV group and MLP "
-                                                "channel instead of --method: a name such as ria, or an expression")
-    pattern: str | None = Field(None, description="with --metric: search per-layer sparsities (mean --ratio) of the "
-                                                  "metric's single-weight pruning in this pattern (unstructured, "
-                                                  "unstructured-layer) instead of structured rates")
+    align: int = Field(1, ge=1, description="kept MLP channels in multiples of this (64, 128 suit kernels)")
+    align_heads: int = Field(1, ge=1, description="kept query heads in multiples of this (of heads per KV group)")
+    metric: str | None = Field(None, description="rank units by a pruning metric instead of --method: a name such as "
+                                                "ria, or an expression")
+    pattern: str | None = Field(None, description="with --metric: search the per-layer sparsities of its "
+                                                  "single-weight pruning in this pattern")
     baselines: list[str] = Field(default_factory=lambda: list(BASELINES),
-                                 description="allocations at --ratio that join generation 0 beside the oracle's "
-                                             "(labelled in the LLM's prompt), so the search ends no worse than the "
-                                             "best of them: " + ",".join(BASELINES) + " (the default), a subset, or none")
+                                 description="allocations in generation 0: " + ",".join(BASELINES)
+                                             + " (default), some, or none")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
 
-    reconstruct: str = Field("none", description="rebuild the best found with this reconstruction and score it on "
-                                                 "the test split too: lsq (structured), sparsegpt or "
-                                                 "sparsegpt-adaptive (with --pattern); the search runs on masks")
+    reconstruct: str = Field("none", description="lsq | sparsegpt | sparsegpt-adaptive: rebuild the best, test it")
+    reconstruct_top: int = Field(1, ge=1, description="with --reconstruct: rebuild the N best and the baselines, keep the "
+                                                      "best rebuilt")
 
     _baseline_list = field_validator("baselines", mode="before")(_none_or_list)
 
@@ -224,9 +215,7 @@ class AutopruneConfig(EvolutionConfig):
     pattern: str = Field("unstructured", description="unstructured | unstructured-layer | 2:4 | 4:8")
     allocation: str = Field("uniform", description="uniform | owl | sdsa | atp | dlp | alphapruning: per-layer sparsities")
     gradient: bool = Field(True, description="let metrics read G, the gradient statistic (one backward pass per window)")
-    reconstruct: str = Field("none", description="none | sparsegpt: judge each metric after SparseGPT's update of the "
-                                                 "weights its mask keeps (two layer passes over the calibration "
-                                                 "windows per candidate)")
+    reconstruct: str = Field("none", description="none | sparsegpt: judge each metric after SparseGPT's weight update")
     out: str = Field("runs/autoprune", description="run directory (best.json, the metric graph, evaluations.jsonl)")
 
     _sparsity_list = field_validator("sparsities", mode="before")(_comma_separated)
@@ -243,7 +232,7 @@ class ReportConfig(RunConfig):
                                    description="allocations of the structured rows at each --ratios: uniform, owl, sdsa, "
                                                "atp, dlp, alphapruning")
     metrics: list[str] = Field(default_factory=list, json_schema_extra={"cli": "--metric"},
-                               description="pruning metrics for rows of single-weight pruning: magnitude, wanda, ria, pruner-zero, or an expression")
+                               description="metrics of the single-weight rows: magnitude, wanda, ria, pruner-zero, an expression")
     patterns: list[str] = Field(default_factory=lambda: ["unstructured"], json_schema_extra={"cli": "--pattern"},
                                 description="sparsity patterns of the metric rows: unstructured, unstructured-layer, 2:4, 4:8")
     sparsities: list[Ratio] = Field(default_factory=list, json_schema_extra={"cli": "--sparsity"},

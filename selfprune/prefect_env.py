@@ -267,11 +267,11 @@ class OneLineUserErrors:
         return True
 
 
-def quiet_flow_logs() -> None:
-    """One line per failure with its cause in Prefect's run logs, and no progress bars (model
-    loading under a worker would otherwise fill its log with tqdm bars)."""
-    import logging
-
+def quiet_progress_bars() -> None:
+    """No third-party progress bars (transformers' weight loading and shard writing, the hub's
+    downloads, gguf's dequantization through plain tqdm): selfprune reports its own progress, and
+    a worker's log would fill with redrawn bars. tqdm reads ``TQDM_DISABLE`` when it is first
+    imported, so this runs before anything imports it where it can (the CLI's entry point)."""
     for key, value in _PROGRESS_BARS_OFF.items():
         os.environ.setdefault(key, value)
     try:  # transformers reads its own switch, not only the environment
@@ -286,6 +286,14 @@ def quiet_flow_logs() -> None:
         disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
+
+
+def quiet_flow_logs() -> None:
+    """One line per failure with its cause in Prefect's run logs, and no progress bars (model
+    loading under a worker would otherwise fill its log with tqdm bars)."""
+    import logging
+
+    quiet_progress_bars()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, OneLineUserErrors) for f in logger.filters):

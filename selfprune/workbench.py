@@ -29,10 +29,11 @@ from .metrics import Metric, resolve_metric
 from .metrics.metric import NonFiniteScores
 from .models import load_model
 from .ppl import Perplexity, perplexity
+from .progress import Sink, step
 from .sparsity import parse_pattern
 from .store import ArtifactStore
 
-Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
+Progress = Sink  # (label, total) -> advance(n)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _no_progress(label: str, total: int) -> Callable[[int], None]:
 
 class Workbench:
     def __init__(
-        self, lm: LoadedModel, calibration: Calibration, progress: Progress = _no_progress, method: str = "wanda-sp"
+        self, lm: LoadedModel, calibration: Calibration, progress: Progress | None = None, method: str = "wanda-sp"
     ):
         if getattr(lm.model.config, "selfprune_layers", None) is not None:
             raise UserError(f"{lm.source} is already a pruned export; prune its base model instead")
@@ -88,7 +89,12 @@ class Workbench:
         self.lm = lm
         self.arch = lm.arch
         self.calibration = calibration
-        self.progress = progress
+        # A caller's ``progress`` sees every pass. Without one, the passes over the calibration
+        # windows (statistics, gradients, a reconstruction) go to the process's sink
+        # (:mod:`selfprune.progress`), and a candidate's perplexity pass is one unit of its
+        # caller's step (a generation's candidates, a report's rows): no line per candidate.
+        self.progress = progress or _no_progress
+        self.calibration_progress = progress or step
         self.calibration_fingerprint = data.data_fingerprint(calibration.data, "calibration")
         self.precision = model_precision(lm.model)
         self.stats_key = content_hash(
@@ -116,7 +122,8 @@ class Workbench:
 
         def compute() -> dict[str, torch.Tensor]:
             windows = self.calibration_windows()
-            return stats.capture(self.lm.model, windows, c.batch_size, self.progress("calibration", len(windows)))
+            advance = self.calibration_progress("calibration", len(windows))
+            return stats.capture(self.lm.model, windows, c.batch_size, advance)
 
         return self._stored(self.stats_key, stats.STATS_VERSION, compute,
                             lambda found, path: stats.check(found, self.arch.n_layers, path))
@@ -131,7 +138,7 @@ class Workbench:
 
             def compute() -> dict[str, torch.Tensor]:
                 windows = self.calibration_windows()[: gradients.WINDOWS]
-                return gradients.capture(self.lm.model, windows, self.progress("gradients", len(windows)))
+                return gradients.capture(self.lm.model, windows, self.calibration_progress("gradients", len(windows)))
 
             def check(found: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
                 if set(found) != {f"{i}.{p}" for i in range(self.arch.n_layers) for p in stats.LINEAR_INPUT}:
@@ -173,7 +180,7 @@ class Workbench:
         reconstruct.check_reconstruction(reconstruct_, "structured")
         return reconstruct.structured_model(self.lm.model, self.arch, self.rankings, structure,
                                             self.calibration_windows(), self.calibration.batch_size,
-                                            self.progress("reconstruction (layers)", self.arch.n_layers))
+                                            self.calibration_progress("reconstruction (layers)", self.arch.n_layers))
 
     def windows(self, scoring: Scoring) -> torch.Tensor:
         key = (scoring.data, scoring.split, scoring.seqlen, scoring.windows)
@@ -264,7 +271,8 @@ class Workbench:
         reconstruct.check_reconstruction(reconstruct_, "sparse")
         return rates, reconstruct.sparse_model(
             self.lm.model, self.arch, self.calibration_windows(), None if reconstruct_ == reconstruct.ADAPTIVE else scores,
-            rates, pattern, self.calibration.batch_size, self.progress("reconstruction (layers)", self.arch.n_layers))
+            rates, pattern, self.calibration.batch_size,
+            self.calibration_progress("reconstruction (layers)", self.arch.n_layers))
 
     def provenance(self) -> dict:
         """What every export record holds of its origin: the base model, calibration, statistics, precision."""

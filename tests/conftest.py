@@ -25,6 +25,15 @@ def real_home(monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _library_loggers_on_the_session_stderr():
+    """transformers makes its stderr handler on first use, bound to the ``sys.stderr`` of that
+    moment: made inside a ``capsys`` test it would write to a stream closed after that test."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_verbosity()
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
     threads waiting on each other make small ops ~50x slower (measured: LoRA 1 s vs 65 s)."""
@@ -47,6 +56,13 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
     except SystemExit as e:
         code = e.code or 0
     out, err = capsys.readouterr()
+    import logging
+
+    for handler in logging.getLogger().handlers:  # Prefect's console handler, set up by a flow command, holds
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:  # this test's capture,
+            handler.setStream(sys.__stderr__)  # which closes with the test: later tests' warnings would fail on it
+            if hasattr(handler, "console"):  # Prefect's writes through a rich console on the same stream
+                handler.console.file = sys.__stderr__
     return code, out, err
 
 

@@ -109,6 +109,7 @@ def test_search_options_are_the_config_fields(capsys, monkeypatch):
     from selfprune.config import SearchConfig, cli_flag
 
     code, out, _ = run_cli(capsys, monkeypatch, "search", "--help")
-    assert code == 0 and all(cli_flag(SearchConfig, name) in out for name in SearchConfig.model_fields)
+    flags = [cli_flag(SearchConfig, name) for name in SearchConfig.model_fields]
+    assert code == 0 and all(flag in out or f"--no-{flag[2:]}" in out for flag in flags)  # a switch on by default: its off form
     code, _, err = run_cli(capsys, monkeypatch, "search", "--population", "1", "--ratio", "0.95")
     assert code == 2 and "--population" in err and "Traceback" not in err

@@ -311,3 +311,25 @@ def test_a_sigkilled_cli_leaves_no_temporary_prefect_server_behind(tiny_workspac
     while _alive(servers[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(servers[0]), "the temporary Prefect server outlived the CLI that started it"
+
+
+def test_a_sigterm_while_the_temporary_server_starts_leaves_none_behind(tiny_workspace, tmp_path):
+    """A preempted job gets SIGTERM, perhaps before the temporary Prefect server has answered (its
+    watchdog starts once it has): the CLI exits 143 through its exit hooks, which stop the server."""
+    proc = subprocess.Popen(search_cmd(tiny_workspace, tmp_path / "run"), env=user_env(tmp_path / "home"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, servers = time.monotonic() + 180, []
+    while not servers and proc.poll() is None and time.monotonic() < deadline:
+        servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd and "prefect.server" in cmd]
+        time.sleep(0.02)
+    assert servers, f"no temporary server started: {proc.communicate()[1][-3000:]}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    deadline = time.monotonic() + 20
+    while _alive(servers[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _alive(servers[0])
+    if left:
+        os.kill(servers[0], signal.SIGKILL)  # this test's CLI started it
+    assert not left, "the temporary Prefect server outlived the CLI that a SIGTERM ended"
+    assert proc.returncode == 143, err[-3000:]

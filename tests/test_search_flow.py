@@ -260,6 +260,43 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     assert (plain["rates"], plain["fitness"], plain["baselines"]) == (summary["rates"], summary["fitness"], summary["baselines"])
 
 
+def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_api, tiny_workspace, tmp_path):
+    """``reconstruct_top`` N: the search's N best and every baseline are rebuilt and scored on the
+    fitness split; the lowest is kept, named in best.json, and what a prune from best.json takes.
+    The flow and the library agree."""
+    import selfprune
+    from selfprune.allocation import rates_to_structure
+    from selfprune.allocators import rate_file
+    from selfprune.errors import UserError
+    from selfprune.models import load_model
+    from selfprune.workbench import Calibration, Scoring, Workbench
+
+    small = SMALL | {"baselines": "uniform,atp", "generations": 1, "reconstruct": "lsq", "reconstruct_top": 2}
+    summary = run_search(tiny_workspace, tmp_path / "flow", **small)
+    choices = summary["reconstructed_choices"]
+    names = [c["name"] for c in choices]
+    # the 2 best (a surviving baseline under its own name), then the other baselines; each once
+    assert names[0] in ("search #1", "uniform", "atp") and {"uniform", "atp"} <= set(names)
+    assert len(set(names)) == len(names) in (3, 4)
+    kept = summary["reconstructed"]
+    assert kept["reconstructed_fitness"] == min(c["reconstructed_fitness"] for c in choices)
+    assert kept["name"] == min(choices, key=lambda c: c["reconstructed_fitness"])["name"]
+
+    corpus = str(tiny_workspace / "corpus.txt")
+    bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(corpus, 4, 64))
+    structure = rates_to_structure(bench.arch, kept["rates"])
+    assert bench.score(structure, Scoring(corpus, "fitness", 64, 4), "lsq").ppl == kept["reconstructed_fitness"]
+    assert bench.score(structure, Scoring(corpus, "test", 64, 4), "lsq").ppl == summary["reconstructed_test_ppl"]
+    allocate = rate_file(str(tmp_path / "flow" / "best.json"))
+    assert allocate(None, bench.arch, {}, 0.5) == kept["rates"]  # prune --allocation best.json builds the kept one
+
+    plain = selfprune.search(model=str(tiny_workspace / "model"), data=corpus, ratio=0.5, out=str(tmp_path / "lib"), **small)
+    assert (plain["reconstructed"], plain["reconstructed_test_ppl"]) == (kept, summary["reconstructed_test_ppl"])
+    with pytest.raises(UserError, match="add --reconstruct lsq"):
+        selfprune.search(model=str(tiny_workspace / "model"), data=corpus, ratio=0.5, out=str(tmp_path / "bad"),
+                         **(small | {"reconstruct": "none"}))
+
+
 def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, tiny_workspace, tmp_path):
     """``--metric wanda --pattern unstructured``: Self-Pruner's loop over per-layer sparsities of
     the metric's single-weight pruning, from the baselines (the metric's own OWL, ATP, ...), cached

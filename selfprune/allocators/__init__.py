@@ -68,12 +68,15 @@ def tunes(spec: str) -> bool:
 
 
 def rate_file(path: str) -> Allocator:
-    """A rates file: a JSON list, or an object with ``rates`` (a search's best.json, an export record).
+    """A rates file: a JSON list, or an object with ``rates`` (a search's best.json, an export record);
+    a search that picked after reconstruction gives the candidate it kept.
 
     Read now, not when allocating, so a wrong path fails before any model is loaded.
     """
     expected = f"{', '.join(ALLOCATIONS.names())}, or a RATES.json holding a list of rates"
     obj = read_json(path, "allocation file", expected)
+    if isinstance(obj, dict) and isinstance(obj.get("reconstructed"), dict):
+        obj = obj["reconstructed"]  # a search that picked after reconstruction (--reconstruct-top): what it kept
     rates = obj.get("rates") if isinstance(obj, dict) else obj
     if isinstance(obj, dict) and isinstance(obj.get("structure"), dict):
         rates = obj["structure"].get("rates")  # a sparsity search's best: the rates its candidate was built with

@@ -32,7 +32,8 @@ from ..protocol import common, protocol
 from ..seeds import SUMMARY as SEEDS_SUMMARY, candidates, run_paths, spread
 from ..sparsity import parse_pattern
 from ..userfiles import read_json
-from ..workbench import Calibration, Progress, Scoring, Workbench, _no_progress, reconstructed, sparse_candidate
+from ..progress import step
+from ..workbench import Calibration, Progress, Scoring, Workbench, reconstructed, sparse_candidate
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 
 LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
@@ -230,9 +231,12 @@ def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
 def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, evaluate_ppl: EvaluatePpl,
                evaluate_zero_shot: EvaluateZeroShot) -> list[dict]:
     """One row per entry: its perplexity and zero-shot scores, realized ratio, kept parameters and
-    protocol; then the seeds of each search merged into one row (:func:`merge_seeds`)."""
+    protocol; then the seeds of each search merged into one row (:func:`merge_seeds`). Each row is a
+    unit of the "report rows" progress step."""
     rows = []
-    for e in entries(plan, allocate):
+    todo = entries(plan, allocate)
+    advance = step("report rows", len(todo))
+    for e in todo:
         ppl = evaluate_ppl(e.structure)
         zs = evaluate_zero_shot(e.structure)
         if e.zeros is None:
@@ -252,6 +256,7 @@ def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, 
             "protocol": protocol(plan.model, model_fp, plan.scoring, ppl, plan.calibration, plan.device, plan.dtype,
                                  e.seed) | {"zero_shot": accuracy},
         })
+        advance(1)
     return merge_seeds(rows)
 
 
@@ -349,12 +354,13 @@ def report(config: ReportConfig | None = None, progress: Progress | None = None,
     """The report of ``selfprune report``, computed in this process without Prefect or its cache
     (statistics still come from the store): a :class:`ReportConfig` or its fields as keywords.
     Writes ``out/report.json`` and returns the summary (render it with
-    ``selfprune.artifacts.comparison.render(summary, out)``)."""
+    ``selfprune.artifacts.comparison.render(summary, out)``). ``progress``: ``(label, total) ->
+    advance(n)`` for every pass; without it, the long steps are logged (:mod:`selfprune.progress`)."""
     start = time.perf_counter()
     config = build_config(ReportConfig, **((config.model_dump() if config else {}) | overrides))
     plan = plan_report(config)
     bench = Workbench(load_model(config.model, config.device, config.dtype), Calibration(**plan.calibration),
-                      progress or _no_progress, method=config.method)
+                      progress, method=config.method)
     check_searches(plan, bench.lm.fingerprint, bench.stats_key)
     scoring = Scoring(**plan.scoring)
     rows = build_rows(

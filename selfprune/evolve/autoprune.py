@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..metrics import METRICS
 from ..metrics.search_space import Lineage, MetricContext
 from ..models import load_tokenizer
+from ..progress import Advance, ignore, one_by_one, step
 from ..seeds import over_seeds
 from ..sparsity import parse_pattern
 from ..reconstruct import ADAPTIVE
@@ -33,8 +34,9 @@ from .oracles import Reply, Transport
 from .runner import (GenerationReport, Setup, Tally, calibration, check_runner, check_windows, in_process,
                      oracle_accounting, run_record, scoring, staged, write_summary)
 
-# (sparse candidates, split, windows) -> one perplexity record per candidate, in order
-Score = Callable[[list[dict], str, "int | None"], list[dict]]
+# (sparse candidates, split, windows[, advance=]) -> one perplexity record per candidate, in order;
+# ``advance(1)`` as each is scored (a progress step's, selfprune.progress)
+Score = Callable[..., list[dict]]
 
 
 def check(config: AutopruneConfig) -> None:
@@ -89,17 +91,19 @@ def run(
     def candidates(text: str) -> list[dict]:
         return [sparse_candidate(text, config.pattern, config.allocation, s, config.reconstruct) for s in config.sparsities]
 
-    def fitness_of(texts: list[str], split: str, windows: int | None) -> list[list[dict]]:
+    def fitness_of(texts: list[str], split: str, windows: int | None, label: str) -> list[list[dict]]:
         n = len(config.sparsities)
-        records = score([c for t in texts for c in candidates(t)], split, windows)
+        records = score([c for t in texts for c in candidates(t)], split, windows, advance=step(label, n * len(texts)))
         return [records[i * n:(i + 1) * n] for i in range(len(texts))]
 
     tally = Tally()
     fitness: dict[str, float] = {}
     invalid: dict[str, str] = {}  # metric -> why it cannot prune this model (its fitness is NaN: ranked last)
+    index = 0  # the generation being scored
 
     def measure(batch: list[str], windows: int) -> list[float]:
-        per_metric = fitness_of(batch, "fitness", windows)
+        label = f"generation {index}/{params.generations}: candidates on {windows} fitness windows"
+        per_metric = fitness_of(batch, "fitness", windows, label)
         invalid.update((text, r["invalid"]) for text, rs in zip(batch, per_metric) for r in rs if r.get("invalid"))
         tally.scored(batch, [{"cached": all(r.get("cached") for r in rs),
                               "tokens": sum(0 if r.get("cached") else r["tokens"] for r in rs)} for rs in per_metric])
@@ -113,6 +117,8 @@ def run(
                 "edit": origin.edit if origin else "", "parents": list(origin.parents) if origin else []}
 
     def hook(g: Generation) -> None:
+        nonlocal index
+        index = g.index + 1
         fitness.update(g.candidates)
         cached = tally.generation([t for t, _ in g.candidates])
         if on_generation is not None:
@@ -124,7 +130,9 @@ def run(
     result = run_search(oracle, ctx, params, evaluate, hook)
     best = result.best  # a metric text
     compared = {"found": best} | seeds(config)
-    test = dict(zip(compared, fitness_of(list(compared.values()), "test", config.test_windows)))
+    scored = fitness_of(list(compared.values()), "test", config.test_windows,
+                        "final test scoring: the best metric and the built-in ones")
+    test = dict(zip(compared, scored))
     return {
         "metric": best,
         "key": sparse_candidate(best, config.pattern, config.allocation, config.sparsities[0])["metric"],
@@ -158,9 +166,9 @@ def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[Ge
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype)
     setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
 
-    def score(specs: list[dict], split: str, windows: int | None) -> list[dict]:
+    def score(specs: list[dict], split: str, windows: int | None, advance: Advance = ignore) -> list[dict]:
         how = scoring(config, split, windows)
-        return [bench.score(spec, how, tolerate_invalid=True).to_dict() for spec in specs]
+        return one_by_one(lambda spec: bench.score(spec, how, tolerate_invalid=True).to_dict(), specs, advance)
 
     summary = run(config, setup, score, on_generation=on_generation)
     write_summary(summary, config.out)

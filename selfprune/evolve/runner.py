@@ -15,8 +15,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Hashable
+from functools import cached_property, partial
+from typing import Hashable, NamedTuple
 from pathlib import Path
 
 from .. import sparsity
@@ -32,15 +32,17 @@ from ..methods import get_method
 from ..metrics import resolve_metric
 from ..sparsity import parse_pattern
 from ..models import load_arch, load_tokenizer
+from ..progress import Advance, ignore, one_by_one, step
 from ..protocol import protocol
 from ..reconstruct import NONE, check_reconstruction
 from ..seeds import over_seeds
 from ..workbench import Calibration, Scoring, reconstructed, shared_workbench
-from .evolution import Generation, SearchParams, run_search
+from .evolution import Generation, SearchParams, SearchResult, run_search
 from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
 
-# (candidates as JSON, split, windows[, reconstruction of structures]) -> one perplexity record per
-# candidate, in order. A record may carry "cached": True when an orchestrator's cache answered.
+# (candidates as JSON, split, windows[, reconstruction of structures][, advance=]) -> one perplexity
+# record per candidate, in order; ``advance(1)`` as each is scored (a progress step's, selfprune.progress).
+# A record may carry "cached": True when an orchestrator's cache answered.
 Score = Callable[..., list[dict]]
 # registered allocation names -> their rates at the search's ratio, in order
 Allocate = Callable[[list[str]], list[list[float]]]
@@ -139,6 +141,9 @@ def check(config: SearchConfig) -> None:
     if config.pattern is not None:
         resolve_metric(config.metric)
     check_reconstruction(config.reconstruct, "structured" if config.pattern is None else "sparse")
+    if config.reconstruct_top > 1 and config.reconstruct == NONE:
+        raise UserError(f"--reconstruct-top {config.reconstruct_top} picks among candidates rebuilt with a "
+                        "reconstruction: add --reconstruct lsq (structured) or sparsegpt (with --pattern)")
     for name in config.baselines:
         if name not in ALLOCATIONS:
             raise UserError(f"--baselines {name!r} is not a registered allocation; use any of "
@@ -265,15 +270,49 @@ class RateSpace:
     def member(self, rates: list[float], fitness: float) -> dict:
         return {"rates": rates, "structure": self.candidate(rates), "fitness": fitness, "kept_params": self.kept_params(rates)}
 
-    def rebuilt(self, score: Score, rates: list[float], windows: int | None) -> dict:
-        """The test perplexity of the candidate of ``rates`` rebuilt with ``config.reconstruct``: a
-        sparse candidate carries its reconstruction, a structure is scored with it."""
+    def rebuilt_ppl(self, score: Score, batch: list[list[float]], split: str, windows: int | None) -> list[float]:
+        """Perplexities of the candidates of ``batch`` rebuilt with ``config.reconstruct``: a sparse
+        candidate carries its reconstruction, a structure is scored with it."""
         how = self.config.reconstruct
         if self.sparse is None:
-            (record,) = score([self.candidate(rates)], "test", windows, how)
-        else:
-            (record,) = score([reconstructed(self.candidate(rates), how)], "test", windows)
-        return {"reconstruct": how, "reconstructed_test_ppl": record["ppl"]}
+            return [r["ppl"] for r in score([self.candidate(rates) for rates in batch], split, windows, how)]
+        return [r["ppl"] for r in score([reconstructed(self.candidate(rates), how) for rates in batch], split, windows)]
+
+    def rebuilt(self, score: Score, choices: list[Choice], windows: int | None) -> dict:
+        """The candidate kept after reconstruction, and its test perplexity. With one choice (the
+        search's best) nothing is compared; with several, each is rebuilt and scored on the fitness
+        split, and the lowest is kept: the mask's fitness does not rank what a refit repairs."""
+        record: dict = {"reconstruct": self.config.reconstruct}
+        kept = choices[0]
+        if len(choices) > 1:
+            after = self.rebuilt_ppl(score, [c.rates for c in choices], "fitness", self.config.fitness_windows)
+            record["reconstructed_choices"] = [{"name": c.name, "fitness": c.fitness, "reconstructed_fitness": f}
+                                               for c, f in zip(choices, after)]
+            kept, fitness = min(zip(choices, after), key=lambda pair: pair[1])
+            record["reconstructed"] = {"name": kept.name, **self.member(kept.rates, kept.fitness),
+                                       "reconstructed_fitness": fitness}
+        (record["reconstructed_test_ppl"],) = self.rebuilt_ppl(score, [kept.rates], "test", windows)
+        return record
+
+
+class Choice(NamedTuple):
+    """A candidate offered for reconstruction: where it came from, its rates, its fitness on masks."""
+
+    name: str
+    rates: list[float]
+    fitness: float | None
+
+
+def reconstruct_choices(config: SearchConfig, result: SearchResult, baselines: dict[str, list[float]],
+                        first: dict[Hashable, float], canonical) -> list[Choice]:
+    """What is rebuilt after the search: its best, or with ``reconstruct_top`` N its N best and
+    every baseline (each once; a baseline that survived in the population keeps its name)."""
+    found = [Choice(f"search #{i + 1}", rates, f) for i, (rates, f) in enumerate(result.population)]
+    if config.reconstruct_top == 1:
+        return found[:1]
+    named = {canonical(rates): Choice(name, rates, first.get(canonical(rates))) for name, rates in baselines.items()}
+    top = [named.pop(canonical(c.rates), c) for c in found[:config.reconstruct_top]]
+    return top + list(named.values())
 
 
 def run(
@@ -298,15 +337,19 @@ def run(
     space = RateSpace(config, arch)
     tally = Tally()
     first: dict[Hashable, float] = {}  # generation 0's fitness by canonical candidate
+    index = 0  # the generation being scored
 
     def measure(batch: list[list[float]], windows: int) -> list[float]:
-        results = score([space.candidate(rates) for rates in batch], "fitness", windows)
+        advance = step(f"generation {index}/{params.generations}: candidates on {windows} fitness windows", len(batch))
+        results = score([space.candidate(rates) for rates in batch], "fitness", windows, advance=advance)
         tally.scored([tuple(rates) for rates in batch], results)
         return [r["ppl"] for r in results]
 
     evaluate = staged(measure, config.stages, config.fitness_windows)
 
     def hook(g: Generation) -> None:
+        nonlocal index
+        index = g.index + 1
         if g.index == 0:
             first.update((ctx.canonical(rates), f) for rates, f in g.candidates)
         cached = tally.generation([tuple(rates) for rates, _ in g.candidates])
@@ -319,9 +362,11 @@ def run(
     result = run_search(oracle, ctx, params, evaluate, hook, known=list(baselines.values()))
     best = space.member(result.best, result.best_fitness)
     uniform_structure = space.candidate(uniform(arch.n_layers, config.ratio))
-    test, uniform_test = score([best["structure"], uniform_structure], "test", config.test_windows)
-    (uniform_fitness,) = score([uniform_structure], "fitness", config.fitness_windows)
-    rebuilt = {} if config.reconstruct == NONE else space.rebuilt(score, result.best, config.test_windows)
+    final = partial(score, advance=step("final test scoring: the best and uniform (test), uniform (fitness)", 3))
+    test, uniform_test = final([best["structure"], uniform_structure], "test", config.test_windows)
+    (uniform_fitness,) = final([uniform_structure], "fitness", config.fitness_windows)
+    rebuilt = ({} if config.reconstruct == NONE else
+               space.rebuilt(score, reconstruct_choices(config, result, baselines, first, ctx.canonical), config.test_windows))
     return {
         "rates": best["rates"],
         "structure": best["structure"],
@@ -356,6 +401,8 @@ def run_record(config: EvolutionConfig, setup: Setup, tally: Tally, oracle, resu
         "oracle_calls": getattr(oracle, "calls", 0),
         "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
         "oracle": oracle_accounting(oracle, config.oracle_prices),
+        # the loop and its final scores only, from run()'s start: not the model's loading, the calibration
+        # pass or Prefect's start, which the CLI's closing line ("N s in all") counts too
         "wall_s": round(time.perf_counter() - start, 2),
         "history": [{"generation": h.generation, "best": h.best, "mean": h.mean} for h in result.history],
         "model_fingerprint": setup.model_fp,
@@ -368,8 +415,10 @@ def run_record(config: EvolutionConfig, setup: Setup, tally: Tally, oracle, resu
 
 
 def figures(summary: dict) -> dict[str, float]:
-    """What the seeds of a search spread over: its best's fitness and test perplexity (and uniform's)."""
-    return {name: summary[name] for name in ("fitness", "test_ppl", "uniform_test_ppl")}
+    """What the seeds of a search spread over: its best's fitness and test perplexity (and uniform's),
+    and the test perplexity after reconstruction when the search rebuilt its best."""
+    names = ("fitness", "test_ppl", "uniform_test_ppl", "reconstructed_test_ppl")
+    return {name: summary[name] for name in names if name in summary}
 
 
 def write_summary(summary: dict, out: str | Path) -> Path:
@@ -395,9 +444,10 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
     setup = Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
 
-    def score(candidates: list, split: str, windows: int | None, reconstruct: str = NONE) -> list[dict]:
+    def score(candidates: list, split: str, windows: int | None, reconstruct: str = NONE,
+              advance: Advance = ignore) -> list[dict]:
         how = scoring(config, split, windows)
-        return [bench.score(c, how, reconstruct).to_dict() for c in candidates]
+        return one_by_one(lambda c: bench.score(c, how, reconstruct).to_dict(), candidates, advance)
 
     def allocate(names: list[str]) -> list[list[float]]:
         if config.pattern is None:
