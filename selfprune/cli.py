@@ -236,8 +236,12 @@ def _search(values: dict) -> None:
 
 def _print_seeds(summary: dict, config: SearchConfig | AutopruneConfig) -> None:
     """A search over several seeds: every seed's figures, then their mean and standard deviation."""
+    from rich import box
+    from rich.table import Column
+
     spread = summary["spread"]
-    table = Table("seed", *spread, "candidates", title=f"{config.model}: {len(config.seeds)} seeds ({config.oracle})")
+    table = Table("seed", *(Column(name, overflow="fold") for name in spread), "candidates", box=box.SIMPLE_HEAD,
+                  title=f"{config.model}: {len(config.seeds)} seeds ({config.oracle})")
     for seed in map(str, summary["seeds"]):
         table.add_row(seed, *(f"{s['values'][seed]:.3f}" for s in spread.values()), str(summary["candidates"][seed]))
     table.add_row("mean ± std", *(f"{s['mean']:.3f} ± {s['std']:.3f}" for s in spread.values()), "")

@@ -161,7 +161,7 @@ def results_dir() -> Path:
     return Path(get_current_settings().results.local_storage_path)
 
 
-def ensure_api_server(timeout: int = 120) -> str:
+def ensure_api_server(timeout: float | None = None) -> str:
     """Return ``PREFECT_API_URL``, first starting a local server for this process if unset.
 
     The server is the one Prefect's ephemeral mode would start anyway (a uvicorn subprocess on
@@ -180,18 +180,37 @@ def ensure_api_server(timeout: int = 120) -> str:
     return url
 
 
-def start_temporary_server(timeout: int = 120) -> str | None:
+STARTUP_WAIT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # Prefect's own setting, honoured when set
+
+
+def start_temporary_server(timeout: float | None = None) -> str | None:
     """Start the temporary server Prefect's ephemeral mode would start on first use (the same
     instance, which Prefect then reuses), ending with this process however it ends; settings are
-    left as they are. Returns its URL; None when a server is configured."""
+    left as they are. Returns its URL; None when a server is configured. ``timeout``: seconds to
+    wait for it to answer; by default ``$PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` where
+    set, else 120 (Prefect's 20 is too short for a first start creating its database on a busy
+    machine). Not answering in time is the machine's fault: an :class:`EnvironmentFault` that says
+    what to do, not Prefect's traceback."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
     if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url:
         return None
+    wait = timeout or float(os.environ.get(STARTUP_WAIT) or 120)
     server = SubprocessASGIServer()
     if not server.running:
-        server.start(timeout=timeout)
+        try:
+            server.start(timeout=wait)
+        except RuntimeError as e:
+            if "Timed out" not in str(e):
+                raise
+            from .errors import EnvironmentFault
+
+            raise EnvironmentFault(
+                f"the temporary Prefect server did not answer within {wait:g} s (a busy machine, or a first start "
+                f"creating its database in {get_current_settings().home}): run the same command again, wait longer "
+                f"with {STARTUP_WAIT}=300, or start one with `prefect server start` and export "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api") from None
         stop_with_this_process(server.server_process.pid)
     return server.api_url
 

@@ -182,3 +182,15 @@ def test_cloze_from_demo_corpus(real_home, tmp_path):
     out = build_cloze_task("demo", tmp_path, n_items=20)
     rows = (out / f"{CLOZE_TASK}.jsonl").read_text().splitlines()
     assert len(rows) == 20 and all(len(json.loads(r)["choices"]) == 4 for r in rows)
+
+
+def test_lm_evals_request_bars_follow_tqdm_disable(corpus, tmp_path, capfd, monkeypatch):
+    """lm-eval passes tqdm's ``disable`` itself, so ``TQDM_DISABLE`` (set by the CLI and in flow
+    processes) would not reach its request bars; the wrapped model honours it."""
+    include = build_cloze_task(corpus, tmp_path / "tasks", n_items=4, context_lines=1)
+    model = build_tiny("llama_mha")
+    for value, shown in (("1", False), ("", True)):
+        monkeypatch.setenv("TQDM_DISABLE", value)
+        evaluate_zero_shot(model, byte_tokenizer(), [CLOZE_TASK], include_path=include, limit=2, max_length=128)
+        err = capfd.readouterr().err
+        assert ("Running loglikelihood requests" in err) is shown and ("Tokenizing inputs" in err) is shown, err[-2000:]

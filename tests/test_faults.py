@@ -333,3 +333,31 @@ def test_a_sigterm_while_the_temporary_server_starts_leaves_none_behind(tiny_wor
         os.kill(servers[0], signal.SIGKILL)  # this test's CLI started it
     assert not left, "the temporary Prefect server outlived the CLI that a SIGTERM ended"
     assert proc.returncode == 143, err[-3000:]
+
+
+def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_and_leaves_none_behind(tiny_workspace, tmp_path):
+    """A busy machine (or a first start creating the database) can keep the temporary Prefect server
+    from answering in time: exit 3 with what to do, not Prefect's traceback, and no server left."""
+    home = tmp_path / "home"
+    done = subprocess.run(search_cmd(tiny_workspace, tmp_path / "run"), capture_output=True, text=True, timeout=300,
+                          env=user_env(home, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1"))
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "did not answer within 1 s" in done.stderr and "PREFECT_API_URL=" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    mine = f"SELFPRUNE_HOME={home}\0".encode()
+    left = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _alive(int(p.name))
+            and _environ_has(p, mine) and b"uvicorn" in _read(p / "cmdline")]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)  # started by this test's CLI
+    assert not left, "the temporary server outlived the CLI"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _environ_has(proc: Path, entry: bytes) -> bool:
+    return entry in _read(proc / "environ")

@@ -13,6 +13,7 @@ Reporting convention (LLM-Pruner lineage tables): ``acc_norm`` for hellaswag and
 from __future__ import annotations
 
 import copy
+import os
 import difflib
 import random
 from functools import lru_cache
@@ -35,6 +36,26 @@ _HUB_FAILURES = frozenset({
     "GatedRepoError", "DatasetNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout",
     "MaxRetryError", "NewConnectionError",
 })
+
+
+def _honouring_tqdm_disable(hflm: type) -> type:
+    """lm-eval's model with its request bars off where ``TQDM_DISABLE`` says so (the CLI, Prefect
+    flow processes): it passes tqdm's ``disable`` itself, which tqdm's own variable cannot override."""
+
+    def quiet(disable_tqdm: bool) -> bool:
+        return disable_tqdm or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+
+    class HonouringTqdmDisable(hflm):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=quiet(disable_tqdm))
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=quiet(disable_tqdm))
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=quiet(disable_tqdm))
+
+    return HonouringTqdmDisable
 
 
 def evaluate_zero_shot(
@@ -79,7 +100,8 @@ def evaluate_zero_shot(
     # tokenizer (and anything keyed on it, e.g. memoized token ids) stays exactly as it was.
     tok = copy.deepcopy(tokenizer)
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size, max_length=max_length)
+    lm = _honouring_tqdm_disable(HFLM)(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size,
+                                      max_length=max_length)
     # simple_evaluate reseeds Python's, NumPy's and torch's global generators: keep the caller's.
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
