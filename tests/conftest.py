@@ -58,11 +58,13 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     import logging
 
-    for handler in logging.getLogger().handlers:  # Prefect's console handler, set up by a flow command, holds
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:  # this test's capture,
-            handler.setStream(sys.__stderr__)  # which closes with the test: later tests' warnings would fail on it
-            if hasattr(handler, "console"):  # Prefect's writes through a rich console on the same stream
-                handler.console.file = sys.__stderr__
+    # Prefect's console handler, set up by a flow command, holds this test's capture stream, which
+    # closes with the test: point it at whatever sys.stderr is when it writes (rich's console does
+    # that with no file of its own), so each later test captures Prefect's lines in its own stream.
+    for handler in logging.getLogger().handlers:
+        if hasattr(handler, "console") and isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(sys.__stderr__)  # flush() only
+            handler.console.file, handler.console.stderr = None, True
     return code, out, err
 
 
