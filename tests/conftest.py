@@ -43,6 +43,20 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _console_follows_stderr() -> None:
+    """Point Prefect's console handler at whatever ``sys.stderr`` is when it writes (rich's console
+    does that with no file of its own). Prefect binds it to ``sys.stderr`` when it sets logging up:
+    at import, that is pytest's session-wide capture, and after an in-process flow command, a test's
+    capture stream that closes with the test. Either way a test's ``capsys`` would miss its lines."""
+    import logging
+    import sys
+
+    for handler in logging.getLogger().handlers:
+        if hasattr(handler, "console") and isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.__stderr__)  # flush() only
+            handler.console.file, handler.console.stderr = None, True
+
+
 def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
     """Run ``selfprune ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
     import sys
@@ -50,21 +64,14 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
     from selfprune import cli
 
     monkeypatch.setattr(sys, "argv", ["selfprune", *args])
+    _console_follows_stderr()
     code = 0
     try:
         cli.main()
     except SystemExit as e:
         code = e.code or 0
+    _console_follows_stderr()
     out, err = capsys.readouterr()
-    import logging
-
-    # Prefect's console handler, set up by a flow command, holds this test's capture stream, which
-    # closes with the test: point it at whatever sys.stderr is when it writes (rich's console does
-    # that with no file of its own), so each later test captures Prefect's lines in its own stream.
-    for handler in logging.getLogger().handlers:
-        if hasattr(handler, "console") and isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
-            handler.setStream(sys.__stderr__)  # flush() only
-            handler.console.file, handler.console.stderr = None, True
     return code, out, err
 
 
