@@ -21,9 +21,9 @@ from selfprune.sparsity import parse_pattern, sparsify
 from selfprune.workbench import Calibration, Scoring, Workbench
 
 
-def timed(fn):
+def timed(fn, *args):
     t0 = time.perf_counter()
-    value = fn()
+    value = fn(*args)
     return value, time.perf_counter() - t0
 
 
@@ -47,10 +47,9 @@ def main() -> None:
     rates = [args.sparsity] * bench.arch.n_layers
     for name in args.metrics.split(","):
         scores = bench.metric_scores(resolve_metric(name))
-        all_scores, score_s = timed(lambda: {i: scores(i) for i in range(bench.arch.n_layers)})
-        result, mask_s = timed(lambda: sparsify(bench.lm.model, bench.arch, all_scores.__getitem__, rates,
-                                                parse_pattern("unstructured")))
-        _, ppl_s = timed(lambda: perplexity(result.model, ids))
+        all_scores, score_s = timed(lambda layer_scores: {i: layer_scores(i) for i in range(bench.arch.n_layers)}, scores)
+        result, mask_s = timed(sparsify, bench.lm.model, bench.arch, all_scores.__getitem__, rates, parse_pattern("unstructured"))
+        _, ppl_s = timed(perplexity, result.model, ids)
         cells = [s / forward_s for s in (score_s, mask_s, ppl_s, score_s + mask_s + ppl_s)]
         print(f"{name:<12} " + " ".join(f"{c:>8.2f}" for c in cells))
 

@@ -113,7 +113,7 @@ def main() -> None:
     print(f"\nProtocol: demo model (SmolLM2-135M) float32 on the CPU; calibration {args.samples} x 512 tokens "
           f"(demo calibration split); test perplexity on {args.test_windows} x 512 tokens (demo test split), "
           f"the same token ids for both tools; one calibration pass here: {one_pass:.1f} s.")
-    print(f"\n| tool / mask | allocation | pattern | reconstruct | test ppl | realized | prune s | x one pass |")
+    print("\n| tool / mask | allocation | pattern | reconstruct | test ppl | realized | prune s | x one pass |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for tool, allocation, pattern, how, ppl, realized, seconds in rows:
         print(f"| {tool} | {allocation} | {pattern} | {how} | {ppl:.2f} | {realized:.4f} | {seconds:.0f} | {seconds / one_pass:.1f} |")

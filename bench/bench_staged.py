@@ -15,6 +15,36 @@ import argparse
 import json
 
 
+def curve(config, label: str) -> list[tuple[int, float]]:
+    """(fitness tokens scored so far, best candidate's test ppl) after each generation of one search."""
+    from selfprune.allocation import structure_from_json
+    from selfprune.evolve import runner
+    from selfprune.progress import ignore, one_by_one
+    from selfprune.reconstruct import NONE
+    from selfprune.workbench import shared_workbench
+
+    bench = shared_workbench(config.model, runner.calibration(config), config.device, config.dtype)
+    setup = runner.Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
+    spent, points = [0], []
+
+    def score(structures: list, split: str, windows: int | None, reconstruct: str = NONE, *, advance=ignore) -> list[dict]:
+        how = runner.scoring(config, split, windows)
+        records = one_by_one(lambda s: bench.score(structure_from_json(s), how, reconstruct).to_dict(), structures, advance)
+        if split == "fitness":
+            spent[0] += sum(r["tokens"] for r in records)
+        return records
+
+    def on_generation(g: runner.GenerationReport) -> None:
+        best = structure_from_json(g.population[0]["structure"])
+        test = bench.score(best, runner.scoring(config, "test", config.test_windows)).ppl
+        points.append((spent[0], test))
+        print(json.dumps({"run": label, "generation": g.index, "fitness_tokens": spent[0], "best_fitness": g.best,
+                          "best_test_ppl": test}), flush=True)
+
+    runner.run(config, setup, score, on_generation=on_generation)
+    return points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ratio", type=float, default=0.5)
@@ -28,37 +58,14 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from selfprune.allocation import structure_from_json
     from selfprune.config import SearchConfig
-    from selfprune.evolve import runner
-    from selfprune.workbench import shared_workbench
 
     curves = {}
     for label, stages in (("single stage", []), (f"staged {args.stages}", args.stages.split(","))):
         config = SearchConfig(model="demo", data="demo", ratio=args.ratio, oracle="ga", population=10, mutations=4,
                               crossovers=4, generations=5, samples=32, fitness_windows=4, device="cpu",
                               fitness_stages=stages, test_windows=args.test_windows, out="/tmp/selfprune-bench-staged")
-        bench = shared_workbench(config.model, runner.calibration(config), config.device, config.dtype)
-        setup = runner.Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
-        spent = [0]
-        points = []
-
-        def score(structures: list, split: str, windows: int | None) -> list[dict]:
-            how = runner.scoring(config, split, windows)
-            records = [bench.score(structure_from_json(s), how).to_dict() for s in structures]
-            if split == "fitness":
-                spent[0] += sum(r["tokens"] for r in records)
-            return records
-
-        def on_generation(g: runner.GenerationReport) -> None:
-            best = structure_from_json(g.population[0]["structure"])
-            test = bench.score(best, runner.scoring(config, "test", config.test_windows)).ppl
-            points.append((spent[0], test))
-            print(json.dumps({"run": label, "generation": g.index, "fitness_tokens": spent[0], "best_fitness": g.best,
-                              "best_test_ppl": test}), flush=True)
-
-        runner.run(config, setup, score, on_generation=on_generation)
-        curves[label] = points
+        curves[label] = curve(config, label)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, points in curves.items():

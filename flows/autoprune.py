@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
 
+# isort: split
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
 
+# isort: split
+
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,12 +25,12 @@ from selfprune import prefect_env
 from selfprune.arch import Arch
 from selfprune.config import EvolutionConfig, SearchConfig
 from selfprune.errors import UserError
+from selfprune.evolve import runner
+from selfprune.evolve.oracles import ChatRequest, Reply, Transport
 from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
 from selfprune.models import load_tokenizer, model_fingerprint
 from selfprune.progress import Advance, ignore
-from selfprune.evolve import runner
-from selfprune.evolve.oracles import ChatRequest, Reply, Transport
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates
 from selfprune.tasks.oracle import oracle_call

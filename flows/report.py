@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
 
+# isort: split
+
 import time
 from pathlib import Path
 

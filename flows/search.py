@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and quiet logs; flows/__init__.py)
 
+# isort: split
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
-from selfprune.flows.evolution import (artifact_key, batch_allocator, batch_scorer, cached_transport, prepare, publisher,
-                                      task_runner)
+from selfprune.flows.evolution import artifact_key, batch_allocator, batch_scorer, cached_transport, prepare, publisher, task_runner
 from selfprune.seeds import over_seeds
 
 

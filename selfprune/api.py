@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,20 +19,20 @@ import torch
 from . import allocators
 from .allocation import EXACT, Alignment, Structure, check_ratio, dense_structure, rates_to_structure, realized_ratio
 from .arch import Arch
-from .data import check_data, split_windows
-from .errors import UserError
-from .devices import model_precision
-from .export import RECORD, save_pruned
 from .checkpoint import LoadedModel
+from .data import check_data, split_windows
+from .devices import model_precision
+from .errors import UserError
+from .export import RECORD, save_pruned
 from .metrics import Metric, resolve_metric
 from .models import load_arch, load_model
 from .ppl import perplexity as score_windows
+from .progress import step
 from .protocol import protocol
 from .reconstruct import ADAPTIVE, check_reconstruction, identity
 from .searched import PruneSettings, settle
 from .sparsity import Pattern, parse_pattern
 from .userfiles import read_json
-from .progress import step
 from .workbench import Calibration, Progress, Workbench
 
 log = logging.getLogger(__name__)

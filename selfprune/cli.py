@@ -8,15 +8,14 @@ import os
 import signal
 import sys
 import time
-from typing import get_origin
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, get_origin
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from pydantic import BaseModel
 from rich.table import Table
 
 from .config import AutopruneConfig, ReportConfig, SearchConfig, build_config, cli_flag
@@ -35,7 +34,7 @@ Model = Annotated[str, typer.Option("--model", help="demo, a local HF directory,
 Data = Annotated[str, typer.Option("--data", help="demo, wikitext2, or a local .txt/.md/.jsonl/.json/.parquet file")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | map (layers spread over every visible GPU)")]
 DType = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
-VllmPython = Annotated[Optional[str], typer.Option(
+VllmPython = Annotated[str | None, typer.Option(
     "--vllm-python", help="Python of the vLLM environment with selfprune-vllm (default: $SELFPRUNE_VLLM_PYTHON)")]
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="let vLLM run the model directory's own Python; read it first")]
@@ -91,22 +90,30 @@ def shown_progress():
 @app.command()
 def prune(
     model: Model = "demo",
-    ratio: Annotated[float, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: the sparsity), in (0, 1)")] = 0.5,
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | atp | dlp | alphapruning | RATES.json")] = "uniform",
-    data: Annotated[Optional[str], typer.Option("--data", help="demo (default), wikitext2, or a local text file; "
+    ratio: Annotated[float, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: the sparsity), "
+                                                                     "in (0, 1)")] = 0.5,
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | atp | dlp | alphapruning | "
+                                                                    "RATES.json")] = "uniform",
+    data: Annotated[str | None, typer.Option("--data", help="demo (default), wikitext2, or a local text file; "
                                                  "unset: a best.json's (as the next options)")] = None,
     out: Annotated[Path, typer.Option("--out", help="export directory")] = Path("runs/pruned"),
-    samples: Annotated[Optional[int], typer.Option("--samples", help="calibration windows [default: 128]")] = None,
-    calib_seqlen: Annotated[Optional[int], typer.Option("--calib-seqlen", help="tokens per calibration window [default: 512]")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="calibration windows [default: 128]")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option("--calib-seqlen", help="tokens per calibration window [default: 512]")] = None,
     fmt: Annotated[str, typer.Option("--format", help="hf: a selfprune export | deci: DeciLM for vLLM")] = "hf",
-    method: Annotated[Optional[str], typer.Option("--method", help="a registered structured pruning method [default: wanda-sp]")] = None,
-    metric: Annotated[Optional[str], typer.Option("--metric", help="zero single weights by a metric instead: magnitude | wanda | ria | an expression such as 'abs(W) * X_rms'")] = None,
-    pattern: Annotated[Optional[str], typer.Option("--pattern", help="with --metric: unstructured (default) | unstructured-layer | 2:4 | 4:8")] = None,
-    align: Annotated[Optional[int], typer.Option("--align", help="kept MLP channels in multiples of this (64, 128 suit kernels); the ratio is kept")] = None,
-    align_heads: Annotated[Optional[int], typer.Option("--align-heads", help="kept query heads in multiples of this (a multiple of heads per KV group)")] = None,
-    reconstruct: Annotated[Optional[str], typer.Option("--reconstruct", help="refit what stays on the calibration windows: none | sparsegpt (with --metric) | sparsegpt-adaptive | lsq (structured)")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="a registered structured pruning method [default: wanda-sp]")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="zero single weights by a metric instead: magnitude | wanda | "
+                                                                   "ria | an expression such as 'abs(W) * X_rms'")] = None,
+    pattern: Annotated[str | None, typer.Option("--pattern", help="with --metric: unstructured (default) | "
+                                                                     "unstructured-layer | 2:4 | 4:8")] = None,
+    align: Annotated[int | None, typer.Option("--align", help="kept MLP channels in multiples of this (64, 128 suit "
+                                                               "kernels); the ratio is kept")] = None,
+    align_heads: Annotated[int | None, typer.Option("--align-heads", help="kept query heads in multiples of this (a multiple "
+                                                                           "of heads per KV group)")] = None,
+    reconstruct: Annotated[str | None, typer.Option("--reconstruct", help="refit what stays on the calibration windows: "
+                                                                        "none | sparsegpt (with --metric) | "
+                                                                        "sparsegpt-adaptive | lsq (structured)")] = None,
     device: Device = "auto",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto (default) | float32 | bfloat16 | float16")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="auto (default) | float32 | bfloat16 | float16")] = None,
 ) -> None:
     """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT.
 
@@ -372,7 +379,8 @@ def report_tables(summary: dict) -> list[Table]:
     from rich import box
     from rich.table import Column
 
-    from selfprune.artifacts.comparison import TITLES, protocol_text, split_tables, table as comparison_table
+    from selfprune.artifacts.comparison import TITLES, protocol_text, split_tables
+    from selfprune.artifacts.comparison import table as comparison_table
 
     tables = []
     for kind, rows in split_tables(summary["rows"]):
@@ -495,7 +503,8 @@ def vllm_check(
     """Serve MODEL with vLLM and check it against transformers; exit 1 when they disagree.
 
     They agree on equal greedy tokens and prompt log-probabilities within tolerance (float32)."""
-    from .evaluate.vllm_bridge import agreement, vllm_python as vllm_python_of
+    from .evaluate.vllm_bridge import agreement
+    from .evaluate.vllm_bridge import vllm_python as vllm_python_of
 
     if new_tokens < 1:
         raise UserError("--new-tokens must be at least 1")

@@ -108,7 +108,7 @@ class EvolutionConfig(RunConfig):
         return value
 
     @model_validator(mode="after")
-    def _seed_or_seeds(self) -> "EvolutionConfig":
+    def _seed_or_seeds(self) -> EvolutionConfig:
         if self.seeds and self.seed != 0:
             raise ValueError("give --seed or --seeds, not both (--seeds 0,1,2 runs each of them)")
         if len(set(self.seeds)) != len(self.seeds):
@@ -116,7 +116,7 @@ class EvolutionConfig(RunConfig):
         return self
 
     @model_validator(mode="after")
-    def _two_prices(self) -> "EvolutionConfig":
+    def _two_prices(self) -> EvolutionConfig:
         if len(self.oracle_prices) == 1:
             raise ValueError("--oracle-prices takes two numbers: USD per million prompt tokens, then completion tokens")
         return self
@@ -127,7 +127,7 @@ class EvolutionConfig(RunConfig):
         return [(int(w), float(k)) for w, k in (stage.split(":") for stage in self.fitness_stages)]
 
     @model_validator(mode="after")
-    def _stages_before_the_full_fitness(self) -> "EvolutionConfig":
+    def _stages_before_the_full_fitness(self) -> EvolutionConfig:
         fix = "write WINDOWS:KEEP with WINDOWS rising and below --fitness-windows and KEEP in (0, 1), e.g. 1:0.5"
         try:
             stages = self.stages
@@ -139,7 +139,7 @@ class EvolutionConfig(RunConfig):
         return self
 
     @model_validator(mode="after")
-    def _known_runner(self) -> "EvolutionConfig":
+    def _known_runner(self) -> EvolutionConfig:
         if self.runner not in RUNNERS:
             raise ValueError(f"--runner {self.runner!r} is not known; use one of {', '.join(RUNNERS)}")
         if self.address and self.runner == "local":
@@ -190,7 +190,7 @@ class SearchConfig(EvolutionConfig):
         return values
 
     @model_validator(mode="after")
-    def _ratio_within_p_max(self) -> "SearchConfig":
+    def _ratio_within_p_max(self) -> SearchConfig:
         if self.ratio > self.p_max:
             raise ValueError(f"ratio {self.ratio} exceeds p_max {self.p_max}: lower --ratio or raise --p-max")
         return self

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 from pathlib import Path
 
 from .config import AutopruneConfig, EvolutionConfig, ReportConfig, RunConfig
@@ -69,7 +69,7 @@ class Places:
     api_url: str | None
 
     @classmethod
-    def current(cls) -> "Places":
+    def current(cls) -> Places:
         from prefect.settings import get_current_settings
 
         from .paths import root

@@ -19,9 +19,9 @@ import sqlite3
 import stat
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from .errors import EnvironmentFault
 

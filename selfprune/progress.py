@@ -55,6 +55,11 @@ def ignore(n: int) -> None:
     """An advance that reports nothing: a scorer's default when no step counts its candidates."""
 
 
+def silent(label: str, total: int) -> Advance:
+    """A sink that reports nothing: the passes a caller does not want shown."""
+    return ignore
+
+
 def one_by_one(score_one: Callable[[object], dict], items: list, advance: Advance = ignore) -> list[dict]:
     """``score_one`` of each item in order, ``advance(1)`` as each is done."""
     records = []

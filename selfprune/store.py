@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import safetensors.torch
@@ -119,7 +119,7 @@ class ArtifactStore:
         read again) so the key can be written afresh; return the new path, or None when the file
         is already gone (another process set it aside first)."""
         path = self.tensor_path(key)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         aside = path.with_name(f"{path.name}.corrupt-{stamp}")
         try:
             path.rename(aside)

@@ -29,7 +29,7 @@ from .metrics import Metric, resolve_metric
 from .metrics.metric import NonFiniteScores
 from .models import load_model
 from .ppl import Perplexity, perplexity
-from .progress import Sink, step
+from .progress import Sink, silent, step
 from .sparsity import parse_pattern
 from .store import ArtifactStore
 
@@ -75,10 +75,6 @@ class Scoring:
         return asdict(self)
 
 
-def _no_progress(label: str, total: int) -> Callable[[int], None]:
-    return lambda n: None
-
-
 class Workbench:
     def __init__(
         self, lm: LoadedModel, calibration: Calibration, progress: Progress | None = None, method: str = "wanda-sp"
@@ -93,7 +89,7 @@ class Workbench:
         # windows (statistics, gradients, a reconstruction) go to the process's sink
         # (:mod:`selfprune.progress`), and a candidate's perplexity pass is one unit of its
         # caller's step (a generation's candidates, a report's rows): no line per candidate.
-        self.progress = progress or _no_progress
+        self.progress = progress or silent
         self.calibration_progress = progress or step
         self.calibration_fingerprint = data.data_fingerprint(calibration.data, "calibration")
         self.precision = model_precision(lm.model)

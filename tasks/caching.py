@@ -28,10 +28,10 @@ Results
     Persisted (``persist_result=True``) under ``PREFECT_LOCAL_STORAGE_PATH`` (see
     ``selfprune.prefect_env``), one file per key, with a plain JSON serializer (no pickle, no
     Prefect object hooks; the one thing it encodes beyond JSON is the exception of a failed run,
-    which Prefect persists with the same serializer, and it reads that back as a plain dict). The task's return value is round-tripped through JSON on its first
-    run too, so a fresh result and a cached one are identical (a tuple comes back as a list
-    both times) and a non-JSON return fails at once, not on resume. Tensors go to
-    ``selfprune.store``; the task returns their key.
+    which Prefect persists with the same serializer, and it reads that back as a plain dict). The
+    task's return value is round-tripped through JSON on its first run too, so a fresh result and a
+    cached one are identical (a tuple comes back as a list both times) and a non-JSON return fails
+    at once, not on resume. Tensors go to ``selfprune.store``; the task returns their key.
 
 Reading results: the file never chooses its decoder
     Prefect decodes a result file with the serializer named *inside* the file, and with pickle
@@ -68,9 +68,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
@@ -108,9 +109,9 @@ def _slug(text: str) -> str:
 class ContentCache(CachePolicy):
     """Cache key = content hash of explicit small inputs + the task's version (see module doc)."""
 
-    key_fn: Optional[Callable[..., Any]] = None
-    include: Optional[Sequence[str]] = None
-    namespace: Optional[str] = None
+    key_fn: Callable[..., Any] | None = None
+    include: Sequence[str] | None = None
+    namespace: str | None = None
     version: str = ""
     isolation_level: Any = "READ_COMMITTED"
 
@@ -128,7 +129,7 @@ class ContentCache(CachePolicy):
         digest = content_hash(namespace, self.version, self.payload(inputs), length=32)
         return f"{_slug(namespace)}-{digest}"
 
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> Optional[str]:
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         namespace = self.namespace
         if namespace is None:
             fn = getattr(getattr(task_ctx, "task", None), "fn", None)
@@ -150,7 +151,7 @@ class UntrustedResult(ValueError):
 _OWN_JSON_DECODERS = (None, "prefect.serializers.prefect_json_object_decoder")
 
 
-def _refusal(serializer: Any) -> Optional[str]:
+def _refusal(serializer: Any) -> str | None:
     """Why a result file's ``serializer`` entry is not one selfprune wrote (None when it is)."""
     if not isinstance(serializer, dict):
         return "names no serializer, which Prefect would read as pickle"
@@ -290,10 +291,10 @@ def kept_result(state) -> Any:
 
 
 def content_cache(
-    key_fn: Optional[Callable[..., Any]] = None,
+    key_fn: Callable[..., Any] | None = None,
     *,
-    include: Optional[Sequence[str]] = None,
-    namespace: Optional[str] = None,
+    include: Sequence[str] | None = None,
+    namespace: str | None = None,
     version: str = "",
 ) -> ContentCache:
     """A Prefect cache policy keyed on explicit inputs; ``key_fn`` gets the task's parameters
@@ -338,11 +339,11 @@ def _checked_json_returning(fn: Callable[..., Any], check_key: Callable[[dict[st
 
 
 def cached_task(
-    fn: Optional[Callable[..., Any]] = None,
+    fn: Callable[..., Any] | None = None,
     *,
-    key_fn: Optional[Callable[..., Any]] = None,
-    include: Optional[Sequence[str]] = None,
-    namespace: Optional[str] = None,
+    key_fn: Callable[..., Any] | None = None,
+    include: Sequence[str] | None = None,
+    namespace: str | None = None,
     version: str,
     **task_kwargs: Any,
 ):

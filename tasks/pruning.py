@@ -19,8 +19,8 @@ from selfprune.methods import method_identity
 from selfprune.metrics import LANGUAGE_VERSION
 from selfprune.reconstruct import NONE, identity
 from selfprune.stats import STATS_VERSION
-from selfprune.workbench import Calibration, Scoring, shared_workbench, tuning_identity
 from selfprune.tasks.caching import cached_task
+from selfprune.workbench import Calibration, Scoring, shared_workbench, tuning_identity
 
 
 def _calibration_key(model_fp: str, calibration: dict, device: str, dtype: str, **_) -> dict:

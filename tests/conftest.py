@@ -6,9 +6,9 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -213,7 +213,7 @@ class PrefectServer:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self, database: str = "server", timeout: float = 90) -> "PrefectServer":
+    def start(self, database: str = "server", timeout: float = 90) -> PrefectServer:
         import sys
 
         env = {"PATH": os.environ["PATH"], "HOME": str(self.root / "user"), "PREFECT_HOME": str(self.root / database),

@@ -6,8 +6,8 @@ import json
 import random
 
 import pytest
-
 from conftest import run_cli, tiny_export
+
 from selfprune import search
 from selfprune.allocation import EXACT, Alignment, layer_keep, rates_to_structure, realized_ratio, uniform
 from selfprune.arch import Arch

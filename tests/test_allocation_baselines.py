@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import run_cli, tiny_prune_args
+
 from selfprune import allocation, allocators
 from selfprune.allocators import alphapruning, atp, dlp
 from selfprune.errors import UserError

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, tiny_prune_args
 from fake_openai_server import FakeOpenAI, reply
 

@@ -42,7 +42,8 @@ def test_prune_then_ppl_json(workspace, capsys, monkeypatch):
 def test_rates_file_allocation(workspace, capsys, monkeypatch):
     rates = workspace / "rates.json"
     rates.write_text(json.dumps({"rates": [0.1, 0.5, 0.5, 0.9]}))
-    code, _, err = run_cli(capsys, monkeypatch, *prune_args(workspace, "--ratio", "0.5", "--allocation", str(rates), "--out", str(workspace / "f")))
+    code, _, err = run_cli(capsys, monkeypatch,
+                           *prune_args(workspace, "--ratio", "0.5", "--allocation", str(rates), "--out", str(workspace / "f")))
     assert code == 0, err
     assert json.loads((workspace / "f" / "selfprune.json").read_text())["rates"] == [0.1, 0.5, 0.5, 0.9]
 

@@ -19,6 +19,7 @@ import pytest
 from selfprune import data, demo
 from selfprune.errors import UserError
 
+
 @pytest.fixture
 def fresh_home(monkeypatch, tmp_path):
     monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))

@@ -25,7 +25,6 @@ import httpx
 import psutil
 import pytest
 import yaml
-
 from conftest import PrefectServer
 from fake_openai_server import FakeOpenAI, reply, status
 
@@ -175,8 +174,8 @@ def test_deploy_stores_no_machine_path_and_no_secret(deployed):
 def test_user_errors_log_one_line_and_a_traceback_only_at_debug():
     import logging
 
-    from selfprune.prefect_env import OneLineUserErrors
     from selfprune.evolve.oracles import OracleUnavailable
+    from selfprune.prefect_env import OneLineUserErrors
 
     def record(exc: Exception) -> logging.LogRecord:
         try:

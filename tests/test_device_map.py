@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import write_corpus
 
 
@@ -35,9 +34,9 @@ def hooked(model_dir):
 
 
 def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspace, corpus, tmp_path):
-    import selfprune
     from safetensors.torch import load_file
 
+    import selfprune
     from selfprune.export import load_pruned
     from selfprune.models import load_model
     from selfprune.ppl import perplexity

@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import build_tiny, random_windows
+
 import selfprune
 from selfprune import allocation, slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep

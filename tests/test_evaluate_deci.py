@@ -7,15 +7,21 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny, byte_tokenizer, random_windows
 from safetensors.torch import load_file
 
-from conftest import build_tiny, byte_tokenizer, random_windows
 from selfprune import slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of
 from selfprune.errors import UserError
 from selfprune.evaluate.deci import (
-    block_configs, check_deci_dir, deci_compatible, expected_tensors, export_deci, ffn_mult_for, ffn_width,
+    block_configs,
+    check_deci_dir,
+    deci_compatible,
+    expected_tensors,
+    export_deci,
+    ffn_mult_for,
+    ffn_width,
 )
 from selfprune.export import save_pruned
 

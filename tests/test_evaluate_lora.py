@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import build_tiny, byte_tokenizer, random_windows
+
 from selfprune import slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of
@@ -48,7 +48,7 @@ def test_lora_lowers_loss_keeps_shapes_and_dense(tmp_path):
 
     merged, losses = lora_recover(pruned, tok, body, steps=12, lr=5e-3, seqlen=48, batch_size=4, seed=0)
 
-    assert merged is pruned and len(losses) == 12 and all(l > 0 for l in losses)
+    assert merged is pruned and len(losses) == 12 and all(loss > 0 for loss in losses)
     after = fixed_loss(merged, tok, body)
     assert after < before - 0.05, (before, after)
     assert {k: tuple(v.shape) for k, v in merged.state_dict().items()} == shapes

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import build_tiny, byte_tokenizer, random_windows
+
 from selfprune import slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of

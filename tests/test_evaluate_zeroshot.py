@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 import yaml
-
 from conftest import build_tiny, byte_tokenizer, random_windows
+
 from selfprune import slicing, stats, wanda_sp
 from selfprune.allocation import LayerKeep
 from selfprune.arch import arch_of

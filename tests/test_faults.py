@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import PrefectServer
 
 TINY = dict(ratio=0.5, population=6, mutations=2, crossovers=2, generations=6, samples=4, calib_seqlen=64, seqlen=64,

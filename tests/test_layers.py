@@ -1,8 +1,9 @@
 """The library's layering: its core imports no Prefect, and its modules import each other without cycles.
 
 The core is every module under ``selfprune/`` (found by walking the package, so a new module is
-covered without editing this file) except the application layer: the CLI, the Prefect settings, the Prefect-aware fault handling (``selfprune.faults``),
-and the installed ``selfprune.flows`` / ``selfprune.tasks`` / ``selfprune.artifacts`` packages, and the deployments' pull steps (``selfprune.ops``).
+covered without editing this file) except the application layer: the CLI, the Prefect settings,
+the Prefect-aware fault handling (``selfprune.faults``), and the installed ``selfprune.flows`` /
+``selfprune.tasks`` / ``selfprune.artifacts`` packages, and the deployments' pull steps (``selfprune.ops``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import selfprune
 
 PACKAGE = Path(selfprune.__file__).parent
-APPLICATION = {"selfprune.cli", "selfprune.prefect_env", "selfprune.ops", "selfprune.faults", "selfprune.flows", "selfprune.tasks", "selfprune.artifacts"}
+APPLICATION = {"selfprune.cli", "selfprune.prefect_env", "selfprune.ops", "selfprune.faults", "selfprune.flows", "selfprune.tasks",
+               "selfprune.artifacts"}
 
 
 def _module_name(path: Path) -> str:

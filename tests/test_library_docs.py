@@ -58,8 +58,8 @@ def quick_start_search() -> dict:
 
 
 def library_snippet() -> ast.Module:
-    (code,) = code_blocks(section("### The library API"), "python")
-    return ast.parse(code)
+    """The section's Python blocks as one module, as a notebook runs them cell after cell."""
+    return ast.parse("\n".join(code_blocks(section("### The library API"), "python")))
 
 
 def keywords(call: ast.Call) -> dict:
@@ -140,6 +140,7 @@ def test_the_flow_from_python_finds_what_the_cli_computed(prefect_api, tiny_work
     """The README's cached path: the flow called from Python after ``selfprune search`` with the same
     settings (another ``out``) evaluates nothing and finds the same best."""
     from conftest import run_cli
+
     from selfprune.flows.search import search
 
     sizes = dict(population=4, mutations=1, crossovers=1, generations=1, samples=4, calib_seqlen=64, seqlen=64,
@@ -162,8 +163,9 @@ def readme_deployments() -> set[tuple[str, str]]:
 
 
 def test_the_readme_lists_every_deployment_prefect_deploy_all_creates():
-    import yaml
     from importlib import import_module
+
+    import yaml
 
     def flow_name(entrypoint: str) -> str:
         module, _, attr = entrypoint.rpartition(".")

@@ -163,13 +163,16 @@ def test_equivalent_spellings_share_a_key():
     assert parse_metric("abs(W ** 3)").text == "abs(W ** 3)"  # an odd power keeps the sign: not simplified
 
 
+DRAWN_UNARY = ['abs', 'sqrt', 'log', 'tanh', 'sigmoid', 'exp', 'minmax', 'rowzscore', 'colminmax', 'rowmean', 'colnorm', 'rowsum']
+
+
 def _random_text(rng: random.Random, depth: int) -> str:
     if depth == 0 or rng.random() < 0.2:
         return rng.choice([*INPUTS, "2", "0.5", "1", "0", "3", "-1.5"])
     a, b = _random_text(rng, depth - 1), _random_text(rng, depth - 1)
     return rng.choice([
         f"({a} {rng.choice('+-*/')} {b})", f"{rng.choice(['min', 'max'])}({a}, {b})", f"-({a})",
-        f"{rng.choice(['abs', 'sqrt', 'log', 'tanh', 'sigmoid', 'exp', 'minmax', 'rowzscore', 'colminmax', 'rowmean', 'colnorm', 'rowsum'])}({a})",
+        f"{rng.choice(DRAWN_UNARY)}({a})",
         f"({a}) ** {rng.choice(['2', '1', '0.5', '-1', '3'])}", f"({a}) * 1", f"({a}) + 0", f"abs(abs({a}))",
         f"sqrt(({a}) ** 2)", f"-(-({a}))", f"({a}) / 1", f"({a}) * 2 * 3",
     ])

@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import environ, stop_api_server
 
-from selfprune.store import ArtifactStore
 from selfprune.errors import CorruptFile, UserError
+from selfprune.store import ArtifactStore
 
 HELPER = Path(__file__).with_name("prefect_resume_flow.py")
 _MANAGED = (

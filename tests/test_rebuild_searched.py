@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 import torch
-
 from conftest import run_cli
+from safetensors.torch import load_file
 
 # Settings no default shares: a prune that ignored them would keep other units.
 SEARCHED = dict(ratio=0.4, samples=6, calib_seqlen=48, seqlen=64, population=4, mutations=1, crossovers=1,

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tiny, random_windows, run_cli, tiny_prune_args
+
 from selfprune import reconstruct, sparsity
 from selfprune.arch import arch_of
 from selfprune.sparsity import keep_mask, parse_pattern

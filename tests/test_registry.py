@@ -10,9 +10,9 @@ import selfprune
 from selfprune import wanda_sp
 from selfprune.allocators import ALLOCATIONS
 from selfprune.errors import UserError
+from selfprune.evolve.oracles import ORACLES, GAOracle, OracleKind, make_oracle
 from selfprune.methods import METHODS, Method, register_method
 from selfprune.registry import Registry
-from selfprune.evolve.oracles import ORACLES, GAOracle, OracleKind, make_oracle
 
 
 def reverse_rank(model, arch, stats) -> wanda_sp.Rankings:

@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 
 from selfprune.errors import UserError
-from selfprune.hashing import content_hash
 from selfprune.evolve.evolution import SearchParams, initial_population, offspring, run_search, survivors
 from selfprune.evolve.oracles import (
     ChatRequest,
@@ -19,6 +18,7 @@ from selfprune.evolve.oracles import (
     SearchContext,
     make_oracle,
 )
+from selfprune.hashing import content_hash
 
 CTX = SearchContext(model_name="tiny", n_layers=6, beta=0.3, p_max=0.9, seed=7)
 TARGET = [0.1, 0.5, 0.2, 0.4, 0.3, 0.3]

@@ -14,8 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fake_openai_server import FakeOpenAI, reply
+
 from selfprune.allocation import project_to_mean
 
 # The paper's generation 0 (no baselines): these tests count evaluations exactly.
@@ -136,6 +136,7 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
     """The oracle goes down past its retries mid-search: the flow run fails with the reason.
     `prefect flow-run retry` (what the UI's Retry does) then completes it, re-evaluating nothing."""
     from fake_openai_server import status
+
     from selfprune.evolve.oracles import OracleUnavailable
 
     out = tmp_path / "retry"

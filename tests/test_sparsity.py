@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import build_tiny, random_windows, run_cli, tiny_prune_args
+
 from selfprune import allocation, sparsity, stats
 from selfprune.errors import UserError
 from selfprune.sparsity import keep_mask, parse_pattern

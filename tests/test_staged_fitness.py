@@ -4,14 +4,14 @@ fitness only for the most promising."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
+
 from selfprune import search
 from selfprune.allocation import structure_from_json
 from selfprune.config import SearchConfig
 from selfprune.evolve.runner import staged
-from selfprune.workbench import Calibration, Scoring, Workbench
 from selfprune.models import load_model
+from selfprune.workbench import Calibration, Scoring, Workbench
 
 
 def test_each_stage_keeps_the_best_fraction_and_only_survivors_get_the_full_fitness():

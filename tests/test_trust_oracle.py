@@ -208,8 +208,8 @@ def test_credentials_in_the_base_url_are_kept_out_of_the_config(cls):
 
 
 def test_a_base_url_that_is_not_http_is_refused():
-    from selfprune.errors import UserError
     from selfprune.config import build_config
+    from selfprune.errors import UserError
 
     with pytest.raises(UserError, match="--base-url"):
         build_config(SearchConfig, base_url="file:///etc/passwd")

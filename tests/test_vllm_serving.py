@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import byte_tokenizer, free_port, run_cli, tiny_export, wait_until_up
+
 from selfprune.errors import UserError
 from selfprune.evaluate import speed, vllm_bridge
 from selfprune.export import ARCHITECTURE, load_pruned

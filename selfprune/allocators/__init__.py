@@ -99,4 +99,6 @@ def label(spec: str | list[float]) -> str:
 
 # the literature's baselines register themselves on import, after the built-ins (the order of
 # ``ALLOCATIONS.names()``); at the end, as they import the registry from here
+# isort: off
 from . import atp, dlp, alphapruning  # noqa: E402,F401
+# isort: on

@@ -28,11 +28,12 @@ from ..fileio import atomic_write_text
 from ..hashing import content_hash
 from ..metrics import resolve_metric
 from ..models import load_model
+from ..progress import step
 from ..protocol import common, protocol
-from ..seeds import SUMMARY as SEEDS_SUMMARY, candidates, run_paths, spread
+from ..seeds import SUMMARY as SEEDS_SUMMARY
+from ..seeds import candidates, run_paths, spread
 from ..sparsity import parse_pattern
 from ..userfiles import read_json
-from ..progress import step
 from ..workbench import Calibration, Progress, Scoring, Workbench, reconstructed, sparse_candidate
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 

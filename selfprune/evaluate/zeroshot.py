@@ -13,8 +13,8 @@ Reporting convention (LLM-Pruner lineage tables): ``acc_norm`` for hellaswag and
 from __future__ import annotations
 
 import copy
-import os
 import difflib
+import os
 import random
 from functools import lru_cache
 from pathlib import Path

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Protocol
 
 from ..config import AutopruneConfig, build_config
 from ..devices import precision
@@ -24,19 +25,35 @@ from ..metrics import METRICS
 from ..metrics.search_space import Lineage, MetricContext
 from ..models import load_tokenizer
 from ..progress import Advance, ignore, one_by_one, step
+from ..reconstruct import ADAPTIVE
 from ..seeds import over_seeds
 from ..sparsity import parse_pattern
-from ..reconstruct import ADAPTIVE
 from ..workbench import shared_workbench, sparse_candidate
 from .evolution import Generation, SearchParams, run_search
 from .metric_oracle import make_metric_oracle
 from .oracles import Reply, Transport
-from .runner import (GenerationReport, Setup, Tally, calibration, check_runner, check_windows, in_process,
-                     oracle_accounting, run_record, scoring, staged, write_summary)
+from .runner import (
+    GenerationReport,
+    Setup,
+    Tally,
+    calibration,
+    check_runner,
+    check_windows,
+    in_process,
+    oracle_accounting,
+    run_record,
+    scoring,
+    staged,
+    write_summary,
+)
 
-# (sparse candidates, split, windows[, advance=]) -> one perplexity record per candidate, in order;
-# ``advance(1)`` as each is scored (a progress step's, selfprune.progress)
-Score = Callable[..., list[dict]]
+
+class Score(Protocol):
+    """Scores sparse candidates in order, one perplexity record each (each carries its own
+    reconstruction); ``advance(1)`` as each is scored (a progress step's, selfprune.progress)."""
+
+    def __call__(self, candidates: list, split: str, windows: int | None, *, advance: Advance = ignore
+                 ) -> list[dict]: ...
 
 
 def check(config: AutopruneConfig) -> None:

@@ -18,8 +18,9 @@ which makes K + N(M + S) evaluations: 430 with the paper's settings (K=30, M=S=1
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from ..errors import UserError
 from .oracles import Oracle, RandomOracle, Scored, SearchContext, fitness_key

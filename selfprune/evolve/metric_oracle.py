@@ -19,9 +19,10 @@ first :data:`MAX_ECHOED` characters, and at most :data:`MAX_PROBLEMS` refusals, 
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Hashable, Protocol
+from typing import Any, Protocol
 
 from ..errors import UserError
 from ..hashing import stable_json

@@ -19,17 +19,17 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable, Hashable, Protocol
+from typing import Protocol
 
 from ..allocation import project_to_mean
 from ..errors import EnvironmentFault, UserError
 from ..hashing import content_hash, stable_json
 from ..registry import Registry
 from . import prompts
-from .endpoint import (MAX_REPLY_BYTES, OPENAI_URL, ReplyRefused, api_key, bounded_client, credentials, missing_key,
-                       request_bounds)
+from .endpoint import MAX_REPLY_BYTES, OPENAI_URL, ReplyRefused, api_key, bounded_client, credentials, missing_key, request_bounds
 from .replies import parse_candidates, repair
 
 logger = logging.getLogger("selfprune.oracle")
@@ -245,7 +245,7 @@ class ChatRequest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ChatRequest":
+    def from_dict(cls, d: dict) -> ChatRequest:
         return cls(**{**d, "messages": tuple((m["role"], m["content"]) for m in d["messages"])})
 
     def response_formats(self) -> list[dict | None]:
@@ -282,7 +282,7 @@ class Reply:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Reply":
+    def from_dict(cls, d: dict) -> Reply:
         return cls(**d)
 
 

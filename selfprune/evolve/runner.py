@@ -13,11 +13,11 @@ import importlib.util
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Hashable, NamedTuple
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 from .. import sparsity
 from ..allocation import Alignment, kept_params, project_to_mean, rates_to_structure, structure_to_json, uniform
@@ -30,20 +30,26 @@ from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods import get_method
 from ..metrics import resolve_metric
-from ..sparsity import parse_pattern
 from ..models import load_arch, load_tokenizer
 from ..progress import Advance, ignore, one_by_one, step
 from ..protocol import protocol
 from ..reconstruct import NONE, check_reconstruction
 from ..seeds import over_seeds
+from ..sparsity import parse_pattern
 from ..workbench import Calibration, Scoring, reconstructed, shared_workbench
 from .evolution import Generation, SearchParams, SearchResult, run_search
 from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
 
-# (candidates as JSON, split, windows[, reconstruction of structures][, advance=]) -> one perplexity
-# record per candidate, in order; ``advance(1)`` as each is scored (a progress step's, selfprune.progress).
-# A record may carry "cached": True when an orchestrator's cache answered.
-Score = Callable[..., list[dict]]
+
+class Score(Protocol):
+    """Scores candidates (as JSON) in order, one perplexity record each, a structure rebuilt with
+    ``reconstruct``; ``advance(1)`` as each is scored (a progress step's, selfprune.progress). A
+    record may carry "cached": True when an orchestrator's cache answered."""
+
+    def __call__(self, candidates: list, split: str, windows: int | None, reconstruct: str = NONE, *,
+                 advance: Advance = ignore) -> list[dict]: ...
+
+
 # registered allocation names -> their rates at the search's ratio, in order
 Allocate = Callable[[list[str]], list[list[float]]]
 
@@ -103,7 +109,7 @@ class Tally:
 
 
 def staged(measure: Callable[[list, int], list[float]], stages: list[tuple[int, float]], windows: int
-           ) -> Callable[[list], "list[float | None]"]:
+           ) -> Callable[[list], list[float | None]]:
     """EvoPress's multi-step selection as an evaluation: ``measure(batch, w)`` scores on the first
     ``w`` fitness windows; each stage keeps the best ``keep`` fraction (at least one; ties by
     position) for the next, and the survivors get their fitness on all ``windows``. The others get
@@ -274,9 +280,13 @@ class RateSpace:
         """Perplexities of the candidates of ``batch`` rebuilt with ``config.reconstruct``: a sparse
         candidate carries its reconstruction, a structure is scored with it."""
         how = self.config.reconstruct
+        advance = step(f"reconstructed candidates on {split} windows", len(batch))
         if self.sparse is None:
-            return [r["ppl"] for r in score([self.candidate(rates) for rates in batch], split, windows, how)]
-        return [r["ppl"] for r in score([reconstructed(self.candidate(rates), how) for rates in batch], split, windows)]
+            records = score([self.candidate(rates) for rates in batch], split, windows, how, advance=advance)
+        else:
+            records = score([reconstructed(self.candidate(rates), how) for rates in batch], split, windows,
+                            advance=advance)
+        return [r["ppl"] for r in records]
 
     def rebuilt(self, score: Score, choices: list[Choice], windows: int | None) -> dict:
         """The candidate kept after reconstruction, and its test perplexity. With one choice (the

@@ -13,9 +13,8 @@ in :attr:`GPOracle.lineage` with its parents and the edit that made it.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import lru_cache
-from typing import Hashable
 
 from ..evolve.oracles import fitness_key, rng_for
 from .builtin import METRICS

@@ -6,9 +6,9 @@ metric are one candidate and are never evaluated twice.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Hashable
 
 from .metric import parse_metric
 
