@@ -413,7 +413,8 @@ def bench_model(
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
     repeats: Annotated[int, typer.Option("--repeats", help="timed runs; the median is reported")] = 3,
-    use_vllm: Annotated[bool, typer.Option("--vllm", help="serve each model with vLLM instead (README: Serving with vLLM)")] = False,
+    use_vllm: Annotated[bool, typer.Option(
+        "--vllm", help="serve each model with vLLM instead (docs/evaluation.md: Serving with vLLM)")] = False,
     vllm_python: VllmPython = None,
     trust_remote_code: TrustRemoteCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list of measurements")] = False,

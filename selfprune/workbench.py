@@ -102,6 +102,7 @@ class Workbench:
         with_g = {"gradients": self.gradients()} if self.method.needs_gradient else {}
         self.rankings = self.method.rank(lm.model, self.arch, self.stats, **with_g)
         self._windows: dict[tuple, torch.Tensor] = {}
+        self._sparse_rates: dict[tuple, list[float]] = {}  # a pure function of its key on this model and calibration
 
     def calibration_windows(self) -> torch.Tensor:
         """The calibration token windows: what the statistics and reconstruction are taken on."""
@@ -249,9 +250,14 @@ class Workbench:
                      pattern: sparsity.Pattern) -> list[float]:
         """Per-layer sparsities of a metric's candidate: outliers read from the metric's own scores,
         and ATP tuned on the perplexity of the metric's sparse candidates in ``pattern``."""
-        scores = self.metric_scores(metric)  # per layer, recomputed when read again: one layer's scores in memory at a time
-        sparse = self.fitness(lambda rates: sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern).model)
-        return self.allocate(allocation_spec, ratio, lambda i: list(scores(i).values()), sparse)
+        if isinstance(allocation_spec, list):  # a search's sparsities: checked, nothing to read or tune
+            return self.allocate(allocation_spec, ratio)
+        key = (metric.key, allocation_spec, ratio, pattern.text)
+        if key not in self._sparse_rates:  # ATP's tuning costs a perplexity pass per grid point: once per process
+            scores = self.metric_scores(metric)  # per layer, recomputed when read again: one layer's scores in memory at a time
+            sparse = self.fitness(lambda rates: sparsity.sparsify(self.lm.model, self.arch, scores, rates, pattern).model)
+            self._sparse_rates[key] = self.allocate(allocation_spec, ratio, lambda i: list(scores(i).values()), sparse)
+        return list(self._sparse_rates[key])
 
     def sparsify(self, metric: Metric, allocation_spec: str | list[float], ratio: float, pattern: sparsity.Pattern,
                  reconstruct_: str = reconstruct.NONE) -> tuple[list[float], sparsity.Sparsified]:

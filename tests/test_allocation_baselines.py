@@ -207,3 +207,26 @@ def test_cli_prunes_with_each_baseline(tiny_workspace, tmp_path, capsys, monkeyp
     record = json.loads((tmp_path / spec / "selfprune.json").read_text())
     assert record["method"] == f"wanda-sp/{spec}"
     check_rates(record["rates"], 0.4, 4)
+
+
+def test_atp_tunes_once_per_metric_and_sparsity_in_a_process(tiny_workspace):
+    """A report row builds its candidate for the perplexity and again for zero-shot: ATP's tuning
+    (a perplexity pass per grid point) runs once, and another metric or sparsity tunes anew."""
+    from selfprune.metrics import resolve_metric
+    from selfprune.models import load_model
+    from selfprune.workbench import Calibration, Workbench
+
+    bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
+    passes = []
+    perplexity = bench._perplexity
+    bench._perplexity = lambda model, scoring: passes.append(1) or perplexity(model, scoring)
+    pattern = parse_pattern("unstructured")
+    first = bench.sparse_rates(resolve_metric("wanda"), "atp", 0.6, pattern)
+    grid = len(passes)
+    assert grid == len(atp.steps(bench.arch.n_layers, 0.6)) > 1
+    assert bench.sparsify(resolve_metric("wanda"), "atp", 0.6, pattern)[0] == first and len(passes) == grid
+    bench.sparse_rates(resolve_metric("magnitude"), "atp", 0.6, pattern)
+    bench.sparse_rates(resolve_metric("wanda"), "atp", 0.5, pattern)
+    assert len(passes) > 2 * grid
+    first.append(0.0)  # the caller's list, not the memo's
+    assert len(bench.sparse_rates(resolve_metric("wanda"), "atp", 0.6, pattern)) == bench.arch.n_layers

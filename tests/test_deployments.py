@@ -131,7 +131,7 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deployed(stack):
-    """What a newcomer runs, from README's Deployments section; every command exits 0."""
+    """What a newcomer runs, from the Deployments section of docs/prefect.md; every command exits 0."""
     t0 = time.monotonic()
     zombies = yaml.safe_load((ROOT / "automations" / "zombies.yaml").read_text())
     assert zombies["trigger"]["posture"] == "Proactive" and zombies["trigger"]["within"] == 120

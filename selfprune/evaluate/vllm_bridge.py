@@ -34,7 +34,7 @@ from ..userfiles import read_json
 
 PYTHON_ENV = "SELFPRUNE_VLLM_PYTHON"
 # |vLLM - transformers| per prompt token, float32 on the CPU: measured at most ~1e-4 on the demo
-# model (README, "Serving with vLLM"); 1e-2 leaves room for other kernels and still catches a
+# model (docs/evaluation.md, "Serving with vLLM"); 1e-2 leaves room for other kernels and still catches a
 # wrong layer, which moves log-probabilities by whole units.
 LOGPROB_TOLERANCE = 1e-2
 # Fixed English prompts: what the agreement check feeds both runtimes.
