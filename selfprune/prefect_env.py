@@ -51,6 +51,8 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # One entry per setting we manage: the name we set, then every other name Prefect accepts.
@@ -199,8 +201,10 @@ def start_temporary_server(timeout: float | None = None) -> str | None:
     wait = timeout or float(os.environ.get(STARTUP_WAIT) or 120)
     server = SubprocessASGIServer()
     if not server.running:
+        log = Path(get_current_settings().home) / SERVER_LOG
         try:
-            server.start(timeout=wait)
+            with _output_to(log):
+                server.start(timeout=wait)
         except RuntimeError as e:
             if "Timed out" not in str(e):
                 raise
@@ -208,11 +212,34 @@ def start_temporary_server(timeout: float | None = None) -> str | None:
 
             raise EnvironmentFault(
                 f"the temporary Prefect server did not answer within {wait:g} s (a busy machine, or a first start "
-                f"creating its database in {get_current_settings().home}): run the same command again, wait longer "
+                f"creating its database in {get_current_settings().home}; its log: {log}): run the same command again, wait longer "
                 f"with {STARTUP_WAIT}=300, or start one with `prefect server start` and export "
                 "PREFECT_API_URL=http://127.0.0.1:4200/api") from None
         stop_with_this_process(server.server_process.pid)
     return server.api_url
+
+
+SERVER_LOG = "temporary-server.log"  # in PREFECT_HOME, beside the database the server uses
+
+
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr (the file descriptors) go to ``path`` while the block runs,
+    so that the server it starts writes there for its whole life: its shutdown and its database's
+    complaints are Prefect's own business, not lines at the end of a clean run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 # A watchdog beside the temporary server: polls for this process's end (its parent pid changes)

@@ -304,6 +304,9 @@ def test_a_sigkilled_cli_leaves_no_temporary_prefect_server_behind(tiny_workspac
     proc = start_and_wait(search_cmd(tiny_workspace, out), user_env(tmp_path / "home"), out, lines=2)
     servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd and "prefect.server" in cmd]
     assert len(servers) == 1, _children(proc.pid)
+    # the server writes to its log for its whole life, never to the terminal of the run
+    log = tmp_path / "home" / "prefect" / "temporary-server.log"
+    assert [os.readlink(f"/proc/{servers[0]}/fd/{fd}") for fd in (1, 2)] == [str(log)] * 2
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 20
