@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from ..errors import UserError
 from ..hashing import stable_json
 from ..metrics.builtin import METRICS
 from ..metrics.edits import describe_edit
@@ -34,8 +33,7 @@ from ..metrics.metric import Metric, parse_metric
 from ..metrics.search_space import Lineage, MetricContext, ScoredMetric, canonical_text
 from ..registry import Registry
 from . import metric_prompts as prompts
-from .endpoint import OPENAI_URL
-from .oracles import ChatOracle, ChatRequest, OracleKind, Transport, openai_transport
+from .oracles import ChatOracle, ChatRequest, OracleKind, Transport, build_oracle, openai_builder
 from .replies import _json_documents  # the tolerant JSON extraction (fences, prose around it)
 
 # How each reply ended: every proposal taken, some taken, none taken, cut at max_tokens, not in time.
@@ -259,27 +257,15 @@ def _gp(arg: str, base_url: str | None, transport: Transport | None, lineage: Li
     return GPOracle(lineage=lineage)
 
 
-def _openai(model: str, base_url: str | None, transport: Transport | None, lineage: Lineage,
-            api_key_env: str | None = None, timeout: float = 120.0, **options) -> LLMMetricOracle:
-    transport = transport or openai_transport(base_url, api_key_env, timeout)
-    return LLMMetricOracle(model, transport, lineage=lineage, backend=f"openai@{base_url or OPENAI_URL}", **options)
-
-
 METRIC_ORACLES: Registry[OracleKind] = Registry("metric oracle")
 METRIC_ORACLES.register("gp", OracleKind("gp", _gp))
-METRIC_ORACLES.register("openai", OracleKind("openai:MODEL", _openai))
+METRIC_ORACLES.register("openai", OracleKind("openai:MODEL", openai_builder(LLMMetricOracle)))
 
 
 def make_metric_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None,
                        lineage: Lineage | None = None, **options) -> MetricOracle:
-    """Build a metric oracle from its spec, ``NAME`` or ``NAME:ARG`` ("gp", "openai:MODEL", or any
-    registered in :data:`METRIC_ORACLES`), on ``lineage`` (a new one if None), which the LLM oracle's
-    GP fallback shares. ``base_url`` and ``transport`` as for :func:`selfprune.evolve.oracles.make_oracle`;
-    ``options`` go to the LLM oracle (``max_tokens``, ``strict``...); the GP oracle ignores them."""
-    name, colon, arg = spec.partition(":")
-    kind = METRIC_ORACLES.get(name) if name in METRIC_ORACLES else None
-    if kind is None or (not arg.strip() if kind.takes_argument else colon):
-        usages = ", ".join(METRIC_ORACLES.get(n).usage for n in METRIC_ORACLES.names())
-        raise UserError(f"unknown metric oracle {spec!r}; choose one of {usages} "
-                        "(e.g. gp offline, or openai:gpt-4o / openai:<served model> with a local server's base URL)")
-    return kind.build(arg.strip(), base_url, transport, lineage=lineage if lineage is not None else Lineage(), **options)
+    """The metric search's oracle from its spec (:func:`build_oracle` on :data:`METRIC_ORACLES`), on
+    ``lineage`` (a new one if None), which the LLM oracle's GP fallback shares; the GP oracle
+    ignores the LLM's options."""
+    return build_oracle(METRIC_ORACLES, spec, base_url, transport,
+                        lineage=lineage if lineage is not None else Lineage(), **options)

@@ -676,21 +676,29 @@ class OracleKind:
         return ":" in self.usage
 
 
-def _openai(model: str, base_url: str | None, transport: Transport | None, api_key_env: str | None = None,
-            timeout: float = 120.0, **options) -> Oracle:
-    transport = transport or openai_transport(base_url, api_key_env, timeout)
-    return LLMOracle(model, transport, backend=f"openai@{base_url or OPENAI_URL}", **options)
+def openai_builder(oracle: Callable[..., Oracle]) -> Callable[..., Oracle]:
+    """The ``build`` of an ``openai:MODEL`` kind: ``oracle(model, transport, backend=..., **options)``
+    over the bounded OpenAI client (its key from ``api_key_env``, each request within ``timeout``),
+    unless a ``transport`` replaces the network. The rate and the metric search share it."""
+
+    def build(model: str, base_url: str | None, transport: Transport | None, api_key_env: str | None = None,
+              timeout: float = 120.0, **options) -> Oracle:
+        transport = transport or openai_transport(base_url, api_key_env, timeout)
+        return oracle(model, transport, backend=f"openai@{base_url or OPENAI_URL}", **options)
+
+    return build
 
 
 ORACLES: Registry[OracleKind] = Registry("oracle")
 ORACLES.register("ga", OracleKind("ga", lambda arg, base_url, transport, **_: GAOracle()))
 ORACLES.register("random", OracleKind("random", lambda arg, base_url, transport, **_: RandomOracle()))
-ORACLES.register("openai", OracleKind("openai:MODEL", _openai))
+ORACLES.register("openai", OracleKind("openai:MODEL", openai_builder(LLMOracle)))
 
 
-def make_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None, **options) -> Oracle:
-    """Build an oracle from its command-line spec, ``NAME`` or ``NAME:ARG`` ("ga", "random",
-    "openai:MODEL", or any registered in :data:`ORACLES`).
+def build_oracle(registry: Registry[OracleKind], spec: str, base_url: str | None = None,
+                 transport: Transport | None = None, **options):
+    """Build an oracle of ``registry`` (:data:`ORACLES`, or the metric search's) from its
+    command-line spec, ``NAME`` or ``NAME:ARG`` ("ga", "gp", "openai:MODEL", ...).
 
     ``base_url`` (public: no credentials) points "openai:MODEL" at a compatible server; it is part of
     the backend name, hence of every request's cache key. ``transport`` replaces the network (tests,
@@ -698,11 +706,16 @@ def make_oracle(spec: str, base_url: str | None = None, transport: Transport | N
     ``options`` go to the oracle (the LLM oracle's ``max_tokens`` and ``strict``; others ignore them).
     """
     name, colon, arg = spec.partition(":")
-    kind = ORACLES.get(name) if name in ORACLES else None
+    kind = registry.get(name) if name in registry else None
     if kind is None or (not arg.strip() if kind.takes_argument else colon):
-        choices = ", ".join(ORACLES.get(n).usage for n in ORACLES.names())
+        choices = ", ".join(registry.get(n).usage for n in registry.names())
         raise UserError(
-            f"unknown oracle {spec!r}; choose one of {choices} "
-            "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama base URL)"
+            f"unknown {registry.kind} {spec!r}; choose one of {choices} "
+            "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama server's --base-url)"
         )
     return kind.build(arg.strip(), base_url, transport, **options)
+
+
+def make_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None, **options) -> Oracle:
+    """The rate search's oracle from its spec (:func:`build_oracle` on :data:`ORACLES`)."""
+    return build_oracle(ORACLES, spec, base_url, transport, **options)
