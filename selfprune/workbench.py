@@ -12,42 +12,28 @@ import math
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from . import allocation, allocators, data, gradients, reconstruct, slicing, sparsity, stats
+from . import allocation, allocators, data, gradients, identity, reconstruct, slicing, sparsity, stats
 from .allocation import Structure
 from .checkpoint import LoadedModel
 from .devices import model_precision
 from .errors import CorruptFile, UserError
-from .hashing import content_hash
 from .methods import get_method
 from .metrics import Metric, resolve_metric
 from .metrics.metric import NonFiniteScores
 from .models import load_model
 from .ppl import Perplexity, perplexity
 from .progress import Sink, silent, step
+from .settings import Calibration, Scoring, allocation_scoring
 from .sparsity import parse_pattern
 from .store import ArtifactStore
 
 Progress = Sink  # (label, total) -> advance(n)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What decides the statistics. The batch size does not (fp32 sums, order-independent up to
-    rounding), so it is left out of equality too: a second batch size reuses the loaded workbench."""
-
-    data: str = "demo"
-    samples: int = 128
-    seqlen: int = 512
-    batch_size: int = field(default=4, compare=False)
-
-    def key_fields(self) -> dict:
-        return {"data": self.data, "samples": self.samples, "seqlen": self.seqlen}
 
 
 @dataclass(frozen=True)
@@ -56,23 +42,6 @@ class Invalid(Perplexity):
     perplexity (NaN, ranked last) and why, so a metric search counts it and goes on."""
 
     invalid: str = ""
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """A perplexity measurement: which split, how many windows of how many tokens."""
-
-    data: str = "demo"
-    split: str = "fitness"
-    seqlen: int = 512
-    windows: int | None = 16
-    batch_size: int = 4
-
-    def key_fields(self) -> dict:
-        return {"data": self.data, "split": self.split, "seqlen": self.seqlen, "windows": self.windows}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Workbench:
@@ -93,10 +62,7 @@ class Workbench:
         self.calibration_progress = progress or step
         self.calibration_fingerprint = data.data_fingerprint(calibration.data, "calibration")
         self.precision = model_precision(lm.model)
-        self.stats_key = content_hash(
-            "stats", stats.STATS_VERSION, lm.fingerprint, self.calibration_fingerprint, calibration.key_fields(),
-            self.precision,
-        )
+        self.stats_key = identity.statistics(lm.fingerprint, calibration, self.precision)
         self._gradients: dict[str, torch.Tensor] | None = None
         self.stats = self._stats()
         with_g = {"gradients": self.gradients()} if self.method.needs_gradient else {}
@@ -129,9 +95,7 @@ class Workbench:
         """G for every prunable linear (:mod:`selfprune.gradients`): computed when a metric first
         reads it, then stored like the statistics."""
         if self._gradients is None:
-            c = self.calibration
-            key = content_hash("gradients", gradients.GRADIENTS_VERSION, self.lm.fingerprint,
-                               self.calibration_fingerprint, c.key_fields(), gradients.WINDOWS, self.precision)
+            key = identity.gradients(self.lm.fingerprint, self.calibration, self.precision)
 
             def compute() -> dict[str, torch.Tensor]:
                 windows = self.calibration_windows()[: gradients.WINDOWS]
@@ -319,27 +283,6 @@ class Workbench:
             "kept_params": allocation.kept_params(self.arch, structure),
             **self.provenance(),
         }
-
-
-ALLOCATION_WINDOWS = 8  # fitness windows an allocation tunes on (ATP: one pass per grid point)
-
-
-def allocation_scoring(calibration: Calibration) -> Scoring:
-    """Where an allocation that tunes itself measures its candidates: the fitness split of the
-    calibration data (never the test split), :data:`ALLOCATION_WINDOWS` windows of the calibration
-    length. Decided by the calibration settings, so a cache key need only add the windows' text
-    (:func:`tuning_identity`)."""
-    return Scoring(calibration.data, "fitness", calibration.seqlen, ALLOCATION_WINDOWS, calibration.batch_size)
-
-
-def tuning_identity(allocation_spec: str, calibration: dict) -> dict:
-    """What else decides the rates of an allocation that tunes itself (:func:`allocators.tunes`):
-    the fitness windows, with their text's fingerprint (the statistics' key names only the
-    calibration split's). Empty for every other allocation, so their cache keys stay as they were."""
-    if not allocators.tunes(allocation_spec):
-        return {}
-    scoring = allocation_scoring(Calibration(**calibration))
-    return {"allocation_fitness": scoring.key_fields() | {"data": data.data_fingerprint(scoring.data, scoring.split)}}
 
 
 def sparse_candidate(metric: str, pattern: str, allocation: str, sparsity_: float,

@@ -1,4 +1,6 @@
-"""Content-hash-cached Prefect tasks: what decides a cache key, and why resume survives SIGKILL.
+"""Content-hash-cached Prefect tasks: how a cache key is made, and why resume survives SIGKILL.
+
+What goes into each of this project's keys (its ``key_fn``) is built in :mod:`selfprune.identity`.
 
 Declare a task with ``@cached_task(...)`` (or pass ``cache_policy=content_cache(...)`` to
 ``@task`` yourself)::

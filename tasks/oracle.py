@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from selfprune import identity
 from selfprune.evolve.oracles import ChatRequest, Transport, openai_transport
 from selfprune.tasks.caching import cached_task
 
@@ -22,7 +23,7 @@ def _transport(base_url: str | None, timeout: float, max_retries: int, api_key_e
     return openai_transport(base_url, api_key_env, timeout=timeout, max_retries=max_retries)
 
 
-@cached_task(key_fn=lambda request, **_: request, version="3", task_run_name="oracle-call")
+@cached_task(key_fn=identity.oracle_call, version="3", task_run_name="oracle-call")
 def oracle_call(request: dict, base_url: str | None = None, timeout: float = 120.0, max_retries: int = 4,
                 api_key_env: str | None = None) -> dict:
     """Send one chat request and return its :class:`Reply` as a dict. The search flow replays an

@@ -11,25 +11,14 @@ from __future__ import annotations
 import json
 import os
 
-from selfprune.data import data_fingerprint
-from selfprune.devices import numerics, precision
+from selfprune import identity
 from selfprune.fileio import append_line
-from selfprune.gradients import GRADIENTS_VERSION
-from selfprune.methods import method_identity
-from selfprune.metrics import LANGUAGE_VERSION
-from selfprune.reconstruct import NONE, identity
-from selfprune.stats import STATS_VERSION
+from selfprune.reconstruct import NONE
 from selfprune.tasks.caching import cached_task
-from selfprune.workbench import Calibration, Scoring, shared_workbench, tuning_identity
+from selfprune.workbench import Calibration, Scoring, shared_workbench
 
 
-def _calibration_key(model_fp: str, calibration: dict, device: str, dtype: str, **_) -> dict:
-    return {"model": model_fp, "data": data_fingerprint(calibration["data"], "calibration"),
-            "settings": Calibration(**calibration).key_fields(), "stats": STATS_VERSION,
-            "precision": precision(device, dtype)}
-
-
-@cached_task(key_fn=_calibration_key, version="2", task_run_name="capture-statistics")
+@cached_task(key_fn=identity.calibration_task, version="2", task_run_name="capture-statistics")
 def capture_statistics(model: str, model_fp: str, calibration: dict, device: str = "auto", dtype: str = "auto") -> dict:
     """One calibration pass (or the stored statistics): returns the statistics key and shapes."""
     bench = shared_workbench(model, Calibration(**calibration), device, dtype)
@@ -44,26 +33,7 @@ def workbench(model: str, stats_key: str, calibration: dict, device: str, dtype:
     return bench
 
 
-def candidate_identity(structure: list | dict | None, method: str) -> dict:
-    """What makes a candidate: its effective structure and the pruning method that ranked its units
-    (rate vectors that round alike are one candidate), or a metric's sparse model (the metric's
-    canonical text, pattern and rates) with the versions of the metric language and of the gradient
-    statistic it may read."""
-    if isinstance(structure, dict):
-        return {"structure": structure, "metric_language": LANGUAGE_VERSION, "gradients": GRADIENTS_VERSION}
-    return {"structure": structure, "method": method_identity(method) if structure is not None else None}
-
-
-def _candidate_key(model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
-                   device: str, dtype: str, method: str, reconstruct: str = NONE, **_) -> dict:
-    s = Scoring(**scoring)
-    # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
-    tuning = tuning_identity(structure["allocation"], calibration) if isinstance(structure, dict) and "allocation" in structure else {}
-    return {"model": model_fp, "stats": stats_key, **candidate_identity(structure, method), **tuning, **identity(reconstruct),
-            "precision": numerics(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
-
-
-@cached_task(key_fn=_candidate_key, version="3", task_run_name="score-candidate")
+@cached_task(key_fn=identity.candidate_task, version="3", task_run_name="score-candidate")
 def score_candidate(
     model: str, model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
     device: str = "auto", dtype: str = "auto", ledger: str | None = None, method: str = "wanda-sp",

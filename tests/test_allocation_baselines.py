@@ -174,27 +174,26 @@ def test_n_m_takes_only_the_uniform_allocation():
 
 def test_cache_keys_name_what_atp_tunes_on(tiny_workspace):
     from selfprune.data import data_fingerprint
-    from selfprune.tasks.evaluation import _allocation_key
-    from selfprune.tasks.pruning import _candidate_key
+    from selfprune.identity import allocation_task, candidate_task
 
     calibration = {"data": str(tiny_workspace / "corpus.txt"), "samples": 4, "seqlen": 64, "batch_size": 4}
     common = dict(model_fp="m", stats_key="s", ratio=0.5, calibration=calibration, device="cpu", dtype="float32")
-    owl = _allocation_key(allocation="owl", metric=None, pattern=None, method="wanda-sp", **common)
+    owl = allocation_task(allocation="owl", metric=None, pattern=None, method="wanda-sp", **common)
     assert owl == {"model": "m", "stats": "s", "allocation": "owl", "ratio": 0.5}  # as before: no recompute
     fitness = {"data": data_fingerprint(calibration["data"], "fitness"), "split": "fitness", "seqlen": 64, "windows": 8}
-    structured = _allocation_key(allocation="atp", metric=None, pattern=None, method="wanda-sp", **common)
+    structured = allocation_task(allocation="atp", metric=None, pattern=None, method="wanda-sp", **common)
     assert structured["allocation_fitness"] == fitness and structured["method"]["name"] == "wanda-sp"
-    assert structured != _allocation_key(allocation="atp", metric=None, pattern=None, method="metric:abs(W)", **common)
-    sparse = _allocation_key(allocation="atp", metric="wanda", pattern="unstructured", method="wanda-sp", **common)
+    assert structured != allocation_task(allocation="atp", metric=None, pattern=None, method="metric:abs(W)", **common)
+    sparse = allocation_task(allocation="atp", metric="wanda", pattern="unstructured", method="wanda-sp", **common)
     assert sparse["allocation_fitness"] == fitness and "method" not in sparse
 
     scoring = {"data": calibration["data"], "split": "test", "seqlen": 64, "windows": 4, "batch_size": 4}
     key = dict(model_fp="m", stats_key="s", scoring=scoring, calibration=calibration, device="cpu", dtype="float32",
                method="wanda-sp")
     candidate = {"metric": "X_rms * abs(W)", "pattern": "unstructured", "sparsity": 0.5}
-    assert _candidate_key(structure=candidate | {"allocation": "atp"}, **key)["allocation_fitness"] == fitness
-    assert "allocation_fitness" not in _candidate_key(structure=candidate | {"allocation": "dlp"}, **key)
-    assert "allocation_fitness" not in _candidate_key(structure=[[2, 96]] * 4, **key)
+    assert candidate_task(structure=candidate | {"allocation": "atp"}, **key)["allocation_fitness"] == fitness
+    assert "allocation_fitness" not in candidate_task(structure=candidate | {"allocation": "dlp"}, **key)
+    assert "allocation_fitness" not in candidate_task(structure=[[2, 96]] * 4, **key)
 
 
 @pytest.mark.parametrize("spec", BASELINES)

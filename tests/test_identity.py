@@ -1,0 +1,154 @@
+"""Cache identity (selfprune/identity.py): existing keys stay valid, and the library's and the flow's agree.
+
+The pinned keys below were computed with the code before the identity module; a change here
+invalidates every user's cache (a deliberate change is one stated version bump, and new literals).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+
+import pytest
+
+from selfprune import devices
+
+# Fixed inputs. The data spec is relative ("corpus.txt", read in the tiny workspace) because the
+# calibration and scoring settings name it as given: an absolute temporary path would change every key.
+MODEL_FP = "0123456789abcdef01234567"
+STATS_KEY = "89abcdef0123456789abcdef"
+CALIBRATION = {"data": "corpus.txt", "samples": 4, "seqlen": 64, "batch_size": 4}
+SCORING = {"data": "corpus.txt", "split": "test", "seqlen": 64, "windows": 4, "batch_size": 4}
+STRUCTURE = [[1, 64], [2, 48], [1, 96], [2, 32]]
+SPARSE_ATP = {"metric": "X_rms * abs(W)", "pattern": "unstructured", "allocation": "atp", "sparsity": 0.5}
+REQUEST = {"backend": "openai", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "rates?"}],
+           "temperature": 0.7, "seed": 1, "attempt": 0, "json_mode": True, "max_tokens": None, "schema": None}
+WHERE = {"model": "model", "model_fp": MODEL_FP, "calibration": CALIBRATION, "device": "cpu", "dtype": "float32"}
+SCORED = WHERE | {"stats_key": STATS_KEY, "method": "wanda-sp"}
+
+
+def work() -> dict[str, tuple]:
+    """Each pinned key's task and parameters, as the flows submit them."""
+    from selfprune.tasks.evaluation import allocation_rates, evaluate_zero_shot
+    from selfprune.tasks.oracle import oracle_call
+    from selfprune.tasks.pruning import capture_statistics, score_candidate
+
+    return {
+        "capture_statistics": (capture_statistics, WHERE),
+        "score_candidate/structure": (score_candidate, SCORED | {"structure": STRUCTURE, "scoring": SCORING}),
+        "score_candidate/sparse_atp": (score_candidate, SCORED | {"structure": SPARSE_ATP, "scoring": SCORING}),
+        "allocation_rates/atp": (allocation_rates, SCORED | {"allocation": "atp", "ratio": 0.5}),
+        "evaluate_zero_shot": (evaluate_zero_shot, SCORED | {"structure": STRUCTURE, "tasks": ["arc_easy"], "limit": 10}),
+        "oracle_call": (oracle_call, {"request": REQUEST, "base_url": "http://127.0.0.1:8000/v1"}),
+    }
+
+
+# Computed with the code before the identity module; a change here invalidates every user's cache.
+PINNED = {
+    "capture_statistics": "capture_statistics-210228cfe0d56c8cf666f91b98235204",
+    "score_candidate/structure": "score_candidate-b3ccb3ead7ea009c31ab553bca120e0b",
+    "score_candidate/sparse_atp": "score_candidate-51680eadbbb548711ef5095ea202020b",
+    "allocation_rates/atp": "allocation_rates-34977e21ab24ceb2f9c4216b8be1ab6a",
+    "evaluate_zero_shot": "evaluate_zero_shot-07524ade135098735d7caa6661b12b80",
+    "oracle_call": "oracle_call-3a33ed44bd8307c03c16bf40baff4e5b",
+    "tiny model": "c2ffdd19a8ee570771334656",  # the tiny workspace model's weights (not a key)
+    "stats_key": "3e3b135fb778a56cb70faea7",  # the workbench's statistics key of that model
+}
+
+
+def task_key(task, **params) -> str:
+    """The key a run of ``task`` with ``params`` is cached under (tasks/caching.py, as Prefect calls it)."""
+    bound = inspect.signature(task.fn).bind(**params)
+    bound.apply_defaults()
+    policy = task.cache_policy
+    return policy.key_for(policy.namespace, dict(bound.arguments))
+
+
+@pytest.fixture
+def fixed_builds(monkeypatch, tiny_workspace):
+    """The tiny workspace as the working directory, and fixed library versions (a torch, transformers
+    or lm-eval upgrade changes a figure's key on purpose, not this test)."""
+    monkeypatch.chdir(tiny_workspace)
+    monkeypatch.setattr(devices, "library_builds", lambda: {"torch": "2.13.0+cpu", "transformers": "5.24.0"})
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.13" if name == "lm_eval" else real(name))
+
+
+@pytest.mark.parametrize("name", list(work()))
+def test_existing_cache_keys_stay_valid(fixed_builds, name):
+    task, params = work()[name]
+    assert task_key(task, **params) == PINNED[name]
+
+
+def test_the_workbench_statistics_key_stays_valid(monkeypatch, tiny_workspace):
+    """The statistics' store key of the tiny model (its weights pinned first: a transformers or torch
+    change to the tiny model's initialisation is not a key change)."""
+    from selfprune.models import load_model
+    from selfprune.workbench import Calibration, Workbench
+
+    monkeypatch.chdir(tiny_workspace)
+    bench = Workbench(load_model("model", "cpu", "float32"), Calibration(**CALIBRATION))
+    assert bench.lm.fingerprint == PINNED["tiny model"]
+    assert bench.stats_key == PINNED["stats_key"]
+
+
+def search_config(ws, **values):
+    from selfprune.config import SearchConfig
+
+    return SearchConfig(model=str(ws / "model"), data=str(ws / "corpus.txt"), samples=4, calib_seqlen=64, seqlen=64,
+                        **values)
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("auto", "auto")])
+def test_the_library_and_the_flow_name_the_same_statistics(tiny_workspace, device, dtype):
+    """The statistics the library's workbench keys by the model it loaded are the ones the flow's
+    ``capture_statistics`` returns, and the ones its cache key names before any model loads (the
+    requested precision, resolved): no drift where the workbench loads the model itself."""
+    from selfprune import identity
+    from selfprune.devices import precision
+    from selfprune.evolve import runner
+    from selfprune.models import load_model, model_fingerprint
+    from selfprune.tasks.pruning import capture_statistics
+    from selfprune.workbench import Calibration, Workbench
+
+    config = search_config(tiny_workspace, device=device, dtype=dtype)
+    library = Workbench(load_model(config.model, device, dtype), runner.calibration(config))  # selfprune.search's
+    calibration, model_fp = vars(runner.calibration(config)), model_fingerprint(config.model)  # flows/evolution.prepare's
+    flow = capture_statistics.fn(config.model, model_fp, calibration, device, dtype)["stats_key"]
+    requested = precision(device, dtype)
+    assert library.stats_key == flow == identity.statistics(model_fp, Calibration(**calibration), requested)
+    assert identity.calibration_task(model_fp, calibration, device, dtype)["precision"] == library.precision == requested
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, sparse):
+    """Two rate vectors are one candidate to the library's search (``canonical``: the effective
+    structure, or a metric's sparsities at 5 decimals) exactly where ``score_candidate``'s key makes
+    them one; and the library report's row of an allocation is the search's candidate of its rates
+    (so the report's perplexity of a baseline is the search's, from the cache)."""
+    from selfprune import identity
+    from selfprune.evaluate import report
+    from selfprune.evolve import runner
+    from selfprune.models import load_arch
+    from selfprune.workbench import shared_workbench
+
+    config = search_config(tiny_workspace, device="cpu", dtype="float32",
+                           **({"metric": "wanda", "pattern": "unstructured"} if sparse else {}))
+    arch = load_arch(config.model)
+    ctx, _, _ = runner.search_objects(config, arch)
+    space = runner.RateSpace(config, arch)
+
+    def task_key(structure: list | dict) -> dict:  # as flows/evolution.batch_scorer submits it
+        return identity.candidate_task(model_fp=MODEL_FP, stats_key=STATS_KEY, structure=structure,
+                                       scoring=vars(runner.scoring(config, "test", 4)),
+                                       calibration=vars(runner.calibration(config)), device=config.device,
+                                       dtype=config.dtype, method=config.method)
+
+    same, near, other = [0.5] * 4, [0.5 + 1e-7, 0.5 - 1e-7, 0.5, 0.5], [0.3, 0.7, 0.5, 0.5]
+    assert ctx.canonical(same) == ctx.canonical(near) and ctx.canonical(same) != ctx.canonical(other)
+    for a, b in [(same, near), (same, other), (near, other)]:
+        assert (ctx.canonical(a) == ctx.canonical(b)) == (task_key(space.candidate(a)) == task_key(space.candidate(b)))
+    if not sparse:
+        bench = shared_workbench(config.model, runner.calibration(config), config.device, config.dtype, config.method)
+        row = report.allocation_entry(bench, "uniform", config.ratio)
+        assert task_key(row["candidate"]) == task_key(space.candidate(row["rates"]))
