@@ -30,8 +30,8 @@ from ..seeds import over_seeds
 from ..sparsity import parse_pattern
 from ..workbench import shared_workbench, sparse_candidate
 from .evolution import Generation, SearchParams, run_search
-from .metric_oracle import make_metric_oracle
-from .oracles import Reply, Transport
+from .metric_oracle import METRIC_ORACLES, make_metric_oracle
+from .oracles import Transport, oracle_kind
 from .runner import (
     GenerationReport,
     Setup,
@@ -71,7 +71,7 @@ def check(config: AutopruneConfig) -> None:
                         "use --reconstruct sparsegpt (the metric's mask, weights updated)")
     # a registered allocation and a reconstruction of sparse candidates, else a UserError now
     sparse_candidate("abs(W)", config.pattern, config.allocation, config.sparsities[0], config.reconstruct)
-    make_metric_oracle(config.oracle, config.base_url, lambda request: Reply(None), Lineage())  # built, never called
+    oracle_kind(METRIC_ORACLES, config.oracle)
     check_runner(config)
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..allocation import project_to_mean
 from ..errors import EnvironmentFault, UserError
@@ -132,6 +132,18 @@ def fitness_key(fitness: float) -> tuple[bool, float]:
     return (math.isnan(fitness), fitness)
 
 
+Member = TypeVar("Member")
+
+
+def tournament(rng: random.Random, population: list[tuple[Member, float]], size: int) -> Member:
+    """Tournament selection, the GA's and the GP's: the fittest of ``size`` members drawn with
+    replacement (:func:`fitness_key` order: a broken member, NaN, loses)."""
+    if not population:
+        raise ValueError("evolution needs a non-empty scored population")
+    entrants = [population[rng.randrange(len(population))] for _ in range(size)]
+    return min(entrants, key=lambda s: fitness_key(s[1]))[0]
+
+
 class RandomOracle:
     """No prior and no inheritance: fresh random vectors every time (the random-init ablation)."""
 
@@ -207,10 +219,7 @@ class GAOracle:
         return _distinct(ctx, child, n, exclude)
 
     def _select(self, rng: random.Random, population: list[Scored]) -> list[float]:
-        if not population:
-            raise ValueError("evolution needs a non-empty scored population")
-        entrants = [population[rng.randrange(len(population))] for _ in range(self.tournament)]
-        return min(entrants, key=lambda s: fitness_key(s[1]))[0]
+        return tournament(rng, population, self.tournament)
 
 
 @dataclass(frozen=True)
@@ -695,6 +704,21 @@ ORACLES.register("random", OracleKind("random", lambda arg, base_url, transport,
 ORACLES.register("openai", OracleKind("openai:MODEL", openai_builder(LLMOracle)))
 
 
+def oracle_kind(registry: Registry[OracleKind], spec: str) -> tuple[OracleKind, str]:
+    """The registered kind a command-line spec (``NAME`` or ``NAME:ARG``) names, and its argument;
+    a :class:`UserError` naming every usage when there is none, so a search checks its oracle
+    before anything loads without building it."""
+    name, colon, arg = spec.partition(":")
+    kind = registry.get(name) if name in registry else None
+    if kind is None or (not arg.strip() if kind.takes_argument else colon):
+        choices = ", ".join(registry.get(n).usage for n in registry.names())
+        raise UserError(
+            f"unknown {registry.kind} {spec!r}; choose one of {choices} "
+            "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama server's --base-url)"
+        )
+    return kind, arg.strip()
+
+
 def build_oracle(registry: Registry[OracleKind], spec: str, base_url: str | None = None,
                  transport: Transport | None = None, **options):
     """Build an oracle of ``registry`` (:data:`ORACLES`, or the metric search's) from its
@@ -705,15 +729,8 @@ def build_oracle(registry: Registry[OracleKind], spec: str, base_url: str | None
     caching); without it the LLM oracle's own takes ``api_key_env`` and ``timeout`` from ``options``.
     ``options`` go to the oracle (the LLM oracle's ``max_tokens`` and ``strict``; others ignore them).
     """
-    name, colon, arg = spec.partition(":")
-    kind = registry.get(name) if name in registry else None
-    if kind is None or (not arg.strip() if kind.takes_argument else colon):
-        choices = ", ".join(registry.get(n).usage for n in registry.names())
-        raise UserError(
-            f"unknown {registry.kind} {spec!r}; choose one of {choices} "
-            "(e.g. openai:gpt-4o, or openai:<served model name> with a local vLLM/Ollama server's --base-url)"
-        )
-    return kind.build(arg.strip(), base_url, transport, **options)
+    kind, arg = oracle_kind(registry, spec)
+    return kind.build(arg, base_url, transport, **options)
 
 
 def make_oracle(spec: str, base_url: str | None = None, transport: Transport | None = None, **options) -> Oracle:

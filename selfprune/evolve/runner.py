@@ -38,7 +38,7 @@ from ..seeds import over_seeds
 from ..sparsity import parse_pattern
 from ..workbench import Calibration, Scoring, reconstructed, shared_workbench
 from .evolution import Generation, SearchParams, SearchResult, run_search
-from .oracles import Oracle, Reply, SearchContext, Transport, make_oracle
+from .oracles import ORACLES, Oracle, SearchContext, Transport, make_oracle, oracle_kind
 
 
 class Score(Protocol):
@@ -154,7 +154,7 @@ def check(config: SearchConfig) -> None:
         if name not in ALLOCATIONS:
             raise UserError(f"--baselines {name!r} is not a registered allocation; use any of "
                             f"{', '.join(ALLOCATIONS.names())}, or none")
-    make_oracle(config.oracle, config.base_url, transport=lambda request: Reply(None))  # built, never called
+    oracle_kind(ORACLES, config.oracle)
     check_runner(config)
     align = alignment(config)
     if align != Alignment():

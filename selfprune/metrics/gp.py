@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Hashable
 from functools import lru_cache
 
-from ..evolve.oracles import fitness_key, rng_for
+from ..evolve.oracles import rng_for, tournament
 from .builtin import METRICS
 from .canonical import render
 from .edits import describe_edit
@@ -180,10 +180,7 @@ class GPOracle:
         return metric
 
     def _select(self, rng: random.Random, population: list[ScoredMetric]) -> str:
-        if not population:
-            raise ValueError("evolution needs a non-empty scored population")
-        entrants = [population[rng.randrange(len(population))] for _ in range(self.tournament)]
-        return min(entrants, key=lambda s: fitness_key(s[1]))[0]
+        return tournament(rng, population, self.tournament)
 
     @staticmethod
     def _inputs(ctx: MetricContext) -> list[str]:
