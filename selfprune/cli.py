@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, get_origin
@@ -208,18 +210,32 @@ def _config_command(model_cls: type[BaseModel], run):
     return command
 
 
-def _search(values: dict) -> None:
-    """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
-    start = time.perf_counter()  # the closing line's wall time: the whole command's
-    config = build_config(SearchConfig, **values)
-    check_inputs(config)
-    _configure_flows(config)
-    from selfprune.flows.search import search as search_flow
+def _flow_command(model_cls: type[BaseModel], entrypoint: str, show: Callable[[dict, BaseModel, float], None]):
+    """The command of a flow (a search, AutoPrune, a report): its options build the config, the
+    inputs are checked and Prefect set up before anything starts, the flow at ``entrypoint`` runs
+    with progress, then ``show(summary, config, start)`` prints the result (a search over several
+    seeds prints its seeds' table). One path for every flow, so each gets the same checks, errors
+    and closing line; ``show``'s docstring is the command's help."""
 
-    with shown_progress():
-        summary = _flow_result(search_flow(config, return_state=True), "selfprune.flows.search.search", config.out)
-    if config.seeds:
-        return _print_seeds(summary, config)
+    def run(values: dict) -> None:
+        start = time.perf_counter()  # the closing line's wall time: the whole command's
+        config = build_config(model_cls, **values)
+        check_inputs(config)
+        _configure_flows(config)
+        module, _, name = entrypoint.rpartition(".")
+        flow = getattr(importlib.import_module(module), name)  # imported only now: Prefect is slow to import
+        with shown_progress():
+            summary = _flow_result(flow(config, return_state=True), entrypoint, config.out)
+        if getattr(config, "seeds", None):
+            return _print_seeds(summary, config)
+        show(summary, config, start)
+
+    run.__doc__ = show.__doc__
+    return _config_command(model_cls, run)
+
+
+def _show_search(summary: dict, config: SearchConfig, start: float) -> None:
+    """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
     table = Table("generation", "best fitness", "mean fitness", title=f"search {config.model} at ratio {config.ratio} ({config.oracle})")
     for h in summary["history"]:
         table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
@@ -281,22 +297,11 @@ def _flow_result(state, entrypoint: str, out: str):
     raise UserError(f"the flow run ended {state.name}: {state.message}\n{hint}")
 
 
-app.command("search")(_config_command(SearchConfig, _search))
+app.command("search")(_flow_command(SearchConfig, "selfprune.flows.search.search", _show_search))
 
 
-def _autoprune(values: dict) -> None:
+def _show_autoprune(summary: dict, config: AutopruneConfig, start: float) -> None:
     """AutoPrune's metric search (gp offline, or an LLM with GCoT prompts) as a resumable Prefect flow."""
-    start = time.perf_counter()  # the closing line's wall time: the whole command's
-    config = build_config(AutopruneConfig, **values)
-    check_inputs(config)
-    _configure_flows(config)
-    from selfprune.flows.autoprune import autoprune as autoprune_flow
-
-    with shown_progress():
-        summary = _flow_result(autoprune_flow(config, return_state=True), "selfprune.flows.autoprune.autoprune",
-                               config.out)
-    if config.seeds:
-        return _print_seeds(summary, config)
     table = Table("metric", *(f"test ppl @ {s}" for s in config.sparsities),
                   title=f"{config.model}: {config.pattern}, {config.allocation} allocation")
     for name, by_s in summary["test_ppl"].items():
@@ -309,7 +314,7 @@ def _autoprune(values: dict) -> None:
                   f"prune with it: selfprune prune --metric {Path(config.out) / 'best.json'}", soft_wrap=True)
 
 
-app.command("autoprune")(_config_command(AutopruneConfig, _autoprune))
+app.command("autoprune")(_flow_command(AutopruneConfig, "selfprune.flows.autoprune.autoprune", _show_autoprune))
 
 
 class _DropExplained:
@@ -352,16 +357,8 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
         start_temporary_server()
 
 
-def _report(values: dict) -> None:
+def _show_report(summary: dict, config: ReportConfig, start: float) -> None:
     """Compare dense, allocations (uniform, OWL, ATP, ...), searches and pruning metrics: test perplexity and zero-shot accuracy."""
-    start = time.perf_counter()  # the closing line's wall time: the whole command's
-    config = build_config(ReportConfig, **values)
-    check_inputs(config)
-    _configure_flows(config)
-    from selfprune.flows.report import report as report_flow
-
-    with shown_progress():
-        summary = _flow_result(report_flow(config, return_state=True), "selfprune.flows.report.report", config.out)
     meta = summary["meta"]
     for table in report_tables(summary):
         console.print(table)
@@ -370,7 +367,7 @@ def _report(values: dict) -> None:
                   f"{out / 'report.md'}, {out / 'report.html'}")
 
 
-app.command("report")(_config_command(ReportConfig, _report))
+app.command("report")(_flow_command(ReportConfig, "selfprune.flows.report.report", _show_report))
 
 
 def report_tables(summary: dict) -> list[Table]:
