@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import run_cli
@@ -33,39 +34,39 @@ def search_config(ws, out, base_url: str, seed: int) -> SearchConfig:
                         seed=seed, out=str(out), **TINY)
 
 
-def assert_late(summary: dict, server: FakeOpenAI, began: float) -> None:
+def bounded(content: str, run: Callable[[str], dict]) -> None:
+    """``run(base_url)`` against a server that trickles ``content`` (about 10 s): its summary counts
+    one late reply, the request is not sent again, and the run does not wait the reply out."""
+    with FakeOpenAI([trickle(0.1, content)]) as server:
+        began = time.monotonic()
+        summary = run(server.base_url)
     assert summary["oracle"]["replies"]["late"] == 1 and summary["oracle_fallbacks"] >= 1, summary["oracle"]
-    assert len(server.requests) == 1  # a late request is not sent again
+    assert len(server.requests) == 1
     assert time.monotonic() - began < 60
 
 
 def test_the_library_search_bounds_each_request(tiny_workspace, tmp_path):
-    with FakeOpenAI([trickle(0.1, RATES)]) as server:
-        began = time.monotonic()
-        summary = selfprune.search(search_config(tiny_workspace, tmp_path / "run", server.base_url, seed=41))
-    assert_late(summary, server, began)
+    bounded(RATES, lambda url: selfprune.search(search_config(tiny_workspace, tmp_path / "run", url, seed=41)))
 
 
 def test_the_flow_search_bounds_each_request(prefect_api, tiny_workspace, tmp_path):
     from selfprune.flows.search import search
 
-    with FakeOpenAI([trickle(0.1, RATES)]) as server:
-        began = time.monotonic()
-        summary = search(search_config(tiny_workspace, tmp_path / "run", server.base_url, seed=42))
-    assert_late(summary, server, began)
+    bounded(RATES, lambda url: search(search_config(tiny_workspace, tmp_path / "run", url, seed=42)))
 
 
 def test_the_cli_search_bounds_each_request(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
-    with FakeOpenAI([trickle(0.1, RATES)]) as server:
-        began = time.monotonic()
+    def cli(url: str) -> dict:
         code, _, err = run_cli(capsys, monkeypatch, "search", "--model", str(tiny_workspace / "model"),
                                "--data", str(tiny_workspace / "corpus.txt"),
-                               "--ratio", "0.5", "--oracle", "openai:slow", "--base-url", server.base_url,
+                               "--ratio", "0.5", "--oracle", "openai:slow", "--base-url", url,
                                "--oracle-timeout", "1", "--population", "4", "--generations", "0", "--baselines", "none",
                                "--seed", "43", "--samples", "4", "--calib-seqlen", "64", "--seqlen", "64",
                                "--fitness-windows", "2", "--test-windows", "2", "--device", "cpu", "--out", str(tmp_path / "run"))
         assert code == 0, err[-3000:]
-    assert_late(json.loads((tmp_path / "run" / "best.json").read_text()), server, began)
+        return json.loads((tmp_path / "run" / "best.json").read_text())
+
+    bounded(RATES, cli)
 
 
 def autoprune_config(ws, out, base_url: str, seed: int) -> AutopruneConfig:
@@ -75,16 +76,10 @@ def autoprune_config(ws, out, base_url: str, seed: int) -> AutopruneConfig:
 
 
 def test_the_library_metric_search_bounds_each_request(tiny_workspace, tmp_path):
-    with FakeOpenAI([trickle(0.1, METRICS)]) as server:
-        began = time.monotonic()
-        summary = selfprune.autoprune(autoprune_config(tiny_workspace, tmp_path / "run", server.base_url, seed=44))
-    assert_late(summary, server, began)
+    bounded(METRICS, lambda url: selfprune.autoprune(autoprune_config(tiny_workspace, tmp_path / "run", url, seed=44)))
 
 
 def test_the_flow_metric_search_bounds_each_request(prefect_api, tiny_workspace, tmp_path):
     from selfprune.flows.autoprune import autoprune
 
-    with FakeOpenAI([trickle(0.1, METRICS)]) as server:
-        began = time.monotonic()
-        summary = autoprune(autoprune_config(tiny_workspace, tmp_path / "run", server.base_url, seed=45))
-    assert_late(summary, server, began)
+    bounded(METRICS, lambda url: autoprune(autoprune_config(tiny_workspace, tmp_path / "run", url, seed=45)))
