@@ -76,3 +76,13 @@ def test_core_import_graph_is_acyclic():
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as e:
         raise AssertionError(f"import cycle among core modules: {' -> '.join(e.args[1])}") from None
+
+
+def test_the_metric_language_imports_nothing_of_the_searches():
+    """``selfprune.metrics`` is what the searches search over: an oracle (the GP) lives in
+    ``selfprune.evolve`` beside its siblings, and nothing in the language imports back up."""
+    core = core_modules()
+    back_up = {m: sorted(n for n in imported_names(m, p) if n.startswith("selfprune.evolve"))
+               for m, p in core.items() if m.startswith("selfprune.metrics")}
+    assert {m for m in back_up if m.startswith("selfprune.metrics.")}, "no metric module found"
+    assert not {m: names for m, names in back_up.items() if names}, back_up

@@ -15,9 +15,9 @@ from conftest import run_cli, tiny_prune_args
 from fake_openai_server import FakeOpenAI, reply
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from selfprune.evolve.gp import GPOracle
 from selfprune.metrics import MetricError, parse_metric
 from selfprune.metrics.canonical import render
-from selfprune.metrics.gp import GPOracle
 from selfprune.metrics.language import MAX_DEPTH, Num, Op, Var, parse
 from selfprune.metrics.search_space import MetricContext
 from selfprune.metrics.tensors import bind, evaluate

@@ -1,5 +1,5 @@
 """The LLM oracle of the metric search: GCoT prompts (:mod:`.metric_prompts`) through an injected
-transport, with the GP oracle (:class:`selfprune.metrics.gp.GPOracle`) as its fallback.
+transport, with the GP oracle (:class:`selfprune.evolve.gp.GPOracle`) as its fallback.
 
 It keeps the GP oracle's contract, so the search loop never has to check which one it has: every
 returned text is canonical and valid (``parse_metric`` accepts it, and it reads G only when
@@ -27,12 +27,12 @@ from typing import Any, Protocol
 from ..hashing import stable_json
 from ..metrics.builtin import METRICS
 from ..metrics.edits import describe_edit
-from ..metrics.gp import GPOracle
 from ..metrics.language import MetricError
 from ..metrics.metric import Metric, parse_metric
 from ..metrics.search_space import Lineage, MetricContext, ScoredMetric, canonical_text
 from ..registry import Registry
 from . import metric_prompts as prompts
+from .gp import GPOracle
 from .oracles import ChatOracle, ChatRequest, OracleKind, Transport, build_oracle, openai_builder
 from .replies import _json_documents  # the tolerant JSON extraction (fences, prose around it)
 

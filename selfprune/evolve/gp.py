@@ -16,13 +16,13 @@ import random
 from collections.abc import Callable, Hashable
 from functools import lru_cache
 
-from ..evolve.oracles import rng_for, tournament
-from .builtin import METRICS
-from .canonical import render
-from .edits import describe_edit
-from .language import FUNCTIONS, INPUTS, MetricError, Node, Num, Op, Var
-from .metric import Metric, parse_metric
-from .search_space import Lineage, MetricContext, ScoredMetric
+from ..metrics.builtin import METRICS
+from ..metrics.canonical import render
+from ..metrics.edits import describe_edit
+from ..metrics.language import FUNCTIONS, INPUTS, MetricError, Node, Num, Op, Var
+from ..metrics.metric import Metric, parse_metric
+from ..metrics.search_space import Lineage, MetricContext, ScoredMetric
+from .oracles import rng_for, tournament
 
 _TRIES_PER_CHILD = 50  # draws per wanted child before giving up, as GAOracle's _distinct
 _CONSTANTS = (0.5, 1.0, 2.0)
