@@ -45,19 +45,20 @@ def main() -> None:
     prefect_env.ensure_api_server()
     from prefect import flow
 
-    from selfprune.allocation import project_to_mean, structure_from_json, structure_to_json
+    from selfprune.allocation import project_to_mean
+    from selfprune.candidate import Structured
     from selfprune.config import SearchConfig
-    from selfprune.evolve import runner
+    from selfprune.evolve import pipeline
     from selfprune.flows.evolution import batch_scorer, task_runner
     from selfprune.workbench import Scoring, shared_workbench
 
     base = SearchConfig(model=model, data=corpus, samples=args.samples, fitness_windows=4, device="cpu")
-    calibration = vars(runner.calibration(base))
-    bench = shared_workbench(model, runner.calibration(base), "cpu")
+    calibration = vars(pipeline.calibration(base))
+    bench = shared_workbench(model, pipeline.calibration(base), "cpu")
     rng = random.Random(1)
 
     def batch(n: int) -> list:
-        return [structure_to_json(bench.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9)))
+        return [Structured(bench.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9)))
                 for _ in range(n)]
 
     scoring = Scoring(corpus, "fitness", 512, 4)
@@ -65,10 +66,10 @@ def main() -> None:
     def direct() -> float:
         """Seconds per candidate scored in this process, after one untimed warm-up candidate."""
         todo = batch(args.candidates + 1)
-        bench.score(structure_from_json(todo[0]), scoring)
+        bench.score(todo[0], scoring)
         t0 = time.perf_counter()
         for s in todo[1:]:
-            bench.score(structure_from_json(s), scoring)
+            bench.score(s, scoring)
         return (time.perf_counter() - t0) / args.candidates
 
     first = direct()

@@ -37,7 +37,8 @@ def main() -> None:
 
     prefect_env.configure(user_profiles=False, log_level="ERROR")
     prefect_env.ensure_api_server()
-    from selfprune.allocation import project_to_mean, structure_to_json
+    from selfprune.allocation import project_to_mean
+    from selfprune.candidate import Structured
     from selfprune.config import SearchConfig
     from selfprune.flows.search import search
     from selfprune.models import load_model
@@ -64,7 +65,7 @@ def main() -> None:
     bench = shared_workbench(model, calibration, args.device)  # the flow's own, already loaded
     scoring = Scoring(corpus, "fitness", 512, 4)
     rng = random.Random(1)
-    structures = [bench.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9))
+    structures = [Structured(bench.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9)))
                   for _ in range(args.overhead)]
     t0 = time.perf_counter()
     for structure in structures:
@@ -74,7 +75,7 @@ def main() -> None:
     @flow(name="bench-overhead")
     def score_all() -> None:
         for structure in structures:
-            score_candidate(model, bench.lm.fingerprint, bench.stats_key, structure_to_json(structure),
+            score_candidate(model, bench.lm.fingerprint, bench.stats_key, structure.to_json(),
                             scoring.to_dict(), {"data": corpus, "samples": args.samples, "seqlen": 512}, args.device)
 
     t0 = time.perf_counter()

@@ -17,26 +17,25 @@ import json
 
 def curve(config, label: str) -> list[tuple[int, float]]:
     """(fitness tokens scored so far, best candidate's test ppl) after each generation of one search."""
-    from selfprune.allocation import structure_from_json
-    from selfprune.evolve import runner
+    from selfprune.candidate import from_params
+    from selfprune.evolve import pipeline, runner
     from selfprune.progress import ignore, one_by_one
-    from selfprune.reconstruct import NONE
     from selfprune.workbench import shared_workbench
 
-    bench = shared_workbench(config.model, runner.calibration(config), config.device, config.dtype)
-    setup = runner.Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
+    bench = shared_workbench(config.model, pipeline.calibration(config), config.device, config.dtype)
+    setup = pipeline.Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
     spent, points = [0], []
 
-    def score(structures: list, split: str, windows: int | None, reconstruct: str = NONE, *, advance=ignore) -> list[dict]:
-        how = runner.scoring(config, split, windows)
-        records = one_by_one(lambda s: bench.score(structure_from_json(s), how, reconstruct).to_dict(), structures, advance)
+    def score(candidates: list, split: str, windows: int | None, *, advance=ignore) -> list[dict]:
+        how = pipeline.scoring(config, split, windows)
+        records = one_by_one(lambda c: bench.score(c, how).to_dict(), candidates, advance)
         if split == "fitness":
             spent[0] += sum(r["tokens"] for r in records)
         return records
 
-    def on_generation(g: runner.GenerationReport) -> None:
-        best = structure_from_json(g.population[0]["structure"])
-        test = bench.score(best, runner.scoring(config, "test", config.test_windows)).ppl
+    def on_generation(g: pipeline.GenerationReport) -> None:
+        best = from_params(g.population[0]["structure"])
+        test = bench.score(best, pipeline.scoring(config, "test", config.test_windows)).ppl
         points.append((spent[0], test))
         print(json.dumps({"run": label, "generation": g.index, "fitness_tokens": spent[0], "best_fitness": g.best,
                           "best_test_ppl": test}), flush=True)

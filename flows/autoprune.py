@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from selfprune.artifacts.report import metric_markdown, plot_history, plot_metric_graph
 from selfprune.config import AutopruneConfig
 from selfprune.evolve import autoprune as library
-from selfprune.evolve.runner import write_summary
+from selfprune.evolve.pipeline import write_summary
 from selfprune.flows.evolution import artifact_key, batch_scorer, cached_transport, prepare, publisher, task_runner
 from selfprune.seeds import over_seeds
 

@@ -23,10 +23,11 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from selfprune import prefect_env
 from selfprune.arch import Arch
+from selfprune.candidate import Candidate
 from selfprune.config import EvolutionConfig, SearchConfig
 from selfprune.errors import UserError
-from selfprune.evolve import runner
-from selfprune.evolve.oracles import ChatRequest, Reply, Transport
+from selfprune.evolve import pipeline, runner
+from selfprune.evolve.chat import ChatRequest, Reply, Transport
 from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
 from selfprune.models import load_tokenizer, model_fingerprint
@@ -44,7 +45,7 @@ def task_runner(config: EvolutionConfig) -> TaskRunner:
     submission order, so the search is the same wherever and in whatever order they finish."""
     if config.runner == "local":
         return ThreadPoolTaskRunner(max_workers=1)
-    runner.check_runner(config)
+    pipeline.check_runner(config)
     if config.address and not os.environ.get("PREFECT_API_URL"):
         raise UserError("--address sends candidates to workers that must reach this run's Prefect server: start one "
                         "(prefect server start) and export PREFECT_API_URL here and on the workers")
@@ -110,14 +111,13 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
     worker's own log gets no line per candidate). ``tolerate_invalid``: see ``score_candidate``
     (the metric search)."""
 
-    def score(candidates: list, split: str, windows: int | None, reconstruct: str = "none",
-              advance: Advance = ignore) -> list[dict]:
-        how = vars(runner.scoring(config, split, windows))
+    def score(candidates: list[Candidate], split: str, windows: int | None, advance: Advance = ignore) -> list[dict]:
+        how = vars(pipeline.scoring(config, split, windows))
         with one_gpu_per_task(config, workers):
             futures = [workers.submit(score_candidate, dict(
-                model=config.model, model_fp=model_fp, stats_key=stats_key, structure=c, scoring=how,
-                calibration=calibration, device=config.device, dtype=config.dtype, ledger=ledger, method=config.method,
-                reconstruct=reconstruct, tolerate_invalid=tolerate_invalid))
+                model=config.model, model_fp=model_fp, stats_key=stats_key, scoring=how, calibration=calibration,
+                device=config.device, dtype=config.dtype, ledger=ledger, method=config.method,
+                tolerate_invalid=tolerate_invalid, **c.to_params()))
                 for c in candidates]
         for f in futures:
             f.wait()
@@ -174,14 +174,14 @@ def artifact_key(config: EvolutionConfig) -> str:
 
 
 def publisher(config: EvolutionConfig, logger: Logger, row: Callable[[dict], dict], best: Callable[[int, dict], str],
-              fallback: str) -> Callable[[runner.GenerationReport], None]:
+              fallback: str) -> Callable[[pipeline.GenerationReport], None]:
     """The per-generation hook of a search flow: a table artifact of the generation's new candidates
     (``row`` formats one), the best so far (``best`` writes its Markdown), the progress, and a log
     line with the oracle's reply counts (``fallback`` names what fills in for the LLM)."""
     key = artifact_key(config)
     progress = create_progress_artifact(0.0, key=f"{key}-progress", description="generations done")
 
-    def publish(g: runner.GenerationReport) -> None:
+    def publish(g: pipeline.GenerationReport) -> None:
         rows = [row(r) | {"origin": "cache" if r["cached"] else config.oracle} for r in g.rows]
         replies = "" if g.oracle is None else "; oracle replies so far: " + ", ".join(
             f"{n} {kind}" for kind, n in g.oracle["replies"].items()) + f", {g.oracle['fallbacks']} {fallback} fallbacks"
@@ -196,7 +196,7 @@ def publisher(config: EvolutionConfig, logger: Logger, row: Callable[[dict], dic
 
 
 def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Callable[[EvolutionConfig], None],
-            workers: TaskRunner) -> tuple[Path, dict, runner.Setup]:
+            workers: TaskRunner) -> tuple[Path, dict, pipeline.Setup]:
     """A search flow's start: the run id and retry command, the machine's and the config's checks,
     the windows of each split (the tokenizer only: a cached rerun reads no weights), the run
     directory, and the statistics (cached), captured by one of ``workers`` and read by all.
@@ -204,14 +204,14 @@ def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Cal
     announce_run(logger, entrypoint)
     preflight(config)
     check(config)
-    runner.check_windows(config, load_tokenizer(config.model))
+    pipeline.check_windows(config, load_tokenizer(config.model))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    calibration = vars(runner.calibration(config))
+    calibration = vars(pipeline.calibration(config))
     model_fp = model_fingerprint(config.model)
     with one_gpu_per_task(config, workers):
         capture = workers.submit(capture_statistics, dict(model=config.model, model_fp=model_fp,
                                                           calibration=calibration, device=config.device, dtype=config.dtype))
     capture.wait()
     stats = kept_result(capture.state)
-    return out, calibration, runner.Setup(Arch(**stats["arch"]), model_fp, stats["stats_key"])
+    return out, calibration, pipeline.Setup(Arch(**stats["arch"]), model_fp, stats["stats_key"])

@@ -20,9 +20,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from selfprune.allocation import dense_structure, structure_to_json
+from selfprune.allocation import dense_structure
 from selfprune.arch import Arch
 from selfprune.artifacts import comparison
+from selfprune.candidate import Candidate, Dense, Structured
 from selfprune.config import ReportConfig
 from selfprune.evaluate.report import build_rows, check_searches, plan_report, summarize, write_summary
 from selfprune.faults import preflight
@@ -62,12 +63,14 @@ def report(config: ReportConfig) -> dict:
         counts["cached" if state.name == "Cached" else "computed"] += 1
         return kept_result(state)
 
-    def ppl(structure: list | dict | None) -> dict:
-        full = structure if structure is not None else structure_to_json(dense_structure(arch))
-        return run(evaluate_ppl, *common, full, plan.scoring, plan.calibration, c.device, c.dtype, ledger, method=c.method)
+    def ppl(candidate: Candidate) -> dict:
+        # the dense model is scored as the structure that keeps every unit: one cache entry with the search's
+        full = Structured(dense_structure(arch)) if candidate == Dense() else candidate
+        return run(evaluate_ppl, *common, scoring=plan.scoring, calibration=plan.calibration, device=c.device,
+                   dtype=c.dtype, ledger=ledger, method=c.method, **full.to_params())
 
-    def zero_shot(structure: list | dict | None) -> dict:
-        return run(evaluate_zero_shot, *common, structure, plan.tasks, plan.calibration, plan.include_path, plan.limit,
+    def zero_shot(candidate: Candidate) -> dict:
+        return run(evaluate_zero_shot, *common, candidate.to_json(), plan.tasks, plan.calibration, plan.include_path, plan.limit,
                    plan.max_length, plan.eval_batch_size, c.device, c.dtype, method=c.method)
 
     def allocate(allocation: str, r: float, metric: str | None, pattern: str | None) -> dict:

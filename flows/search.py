@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.config import SearchConfig
 from selfprune.evolve import runner
+from selfprune.evolve.pipeline import write_summary
 from selfprune.flows.evolution import artifact_key, batch_allocator, batch_scorer, cached_transport, prepare, publisher, task_runner
 from selfprune.seeds import over_seeds
 
@@ -42,7 +43,7 @@ def search(config: SearchConfig) -> dict:
                             lambda i, best: best_markdown(i, best, setup.arch.n_layers), "GA")
         allocate = batch_allocator(config, setup.model_fp, setup.stats_key, calibration, workers)
         summary = runner.run(config, setup, score, cached_transport(config, calls), publish, allocate) | calls
-    runner.write_summary(summary, out)
+    write_summary(summary, out)
     plot_history(summary, config, out / "fitness.png")
     plot_rates(summary, config, out / "rates.png")
     create_markdown_artifact(

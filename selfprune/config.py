@@ -5,7 +5,7 @@ parameter (Prefect builds the UI form and validates deployment parameters from i
 generates the command's options from its fields, and the library functions (``selfprune.search``,
 ``selfprune.report``) take it directly. Checks that need nothing loaded run on construction, so a
 bad value fails before any model is read; checks that need the tokenizer (does each split hold
-the windows asked of it?) run before the calibration pass (:func:`selfprune.evolve.runner.check_windows`).
+the windows asked of it?) run before the calibration pass (:func:`selfprune.evolve.pipeline.check_windows`).
 """
 
 from __future__ import annotations

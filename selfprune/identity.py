@@ -26,6 +26,7 @@ import importlib.metadata
 from pathlib import Path
 
 from . import allocators, devices
+from .candidate import Candidate, Sparse, Structured, from_params
 from .data import data_fingerprint
 from .gradients import GRADIENTS_VERSION, WINDOWS
 from .hashing import content_hash
@@ -59,14 +60,17 @@ def calibration_task(model_fp: str, calibration: dict, device: str, dtype: str, 
             "precision": devices.precision(device, dtype)}
 
 
-def candidate(structure: list | dict | None, method: str) -> dict:
+def candidate(c: Candidate, method: str) -> dict:
     """What makes a candidate: its effective structure and the pruning method that ranked its units
     (rate vectors that round alike are one candidate), or a metric's sparse model (the metric's
     canonical text, pattern and rates) with the versions of the metric language and of the gradient
-    statistic it may read."""
-    if isinstance(structure, dict):
-        return {"structure": structure, "metric_language": LANGUAGE_VERSION, "gradients": GRADIENTS_VERSION}
-    return {"structure": structure, "method": method_identity(method) if structure is not None else None}
+    statistic it may read; the dense model is neither."""
+    match c:
+        case Sparse():
+            return {"structure": c.to_json(), "metric_language": LANGUAGE_VERSION, "gradients": GRADIENTS_VERSION}
+        case Structured():
+            return {"structure": c.to_json(), "method": method_identity(method)}
+    return {"structure": None, "method": None}
 
 
 def tuning(allocation_spec: str, calibration: dict) -> dict:
@@ -83,10 +87,10 @@ def candidate_task(model_fp: str, stats_key: str, structure: list | dict, scorin
                    device: str, dtype: str, method: str, reconstruct: str = NONE, **_) -> dict:
     """``score_candidate``: the model, statistics, candidate (and an ATP candidate's tuning windows),
     reconstruction, numerics and the scoring split's text and settings."""
-    s = Scoring(**scoring)
+    s, c = Scoring(**scoring), from_params(structure, reconstruct)
     # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
-    tuned = tuning(structure["allocation"], calibration) if isinstance(structure, dict) and "allocation" in structure else {}
-    return {"model": model_fp, "stats": stats_key, **candidate(structure, method), **tuned, **reconstruction(reconstruct),
+    tuned = tuning(c.allocation, calibration) if isinstance(c, Sparse) and c.allocation else {}
+    return {"model": model_fp, "stats": stats_key, **candidate(c, method), **tuned, **reconstruction(reconstruct),
             "precision": devices.numerics(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
 
@@ -123,7 +127,7 @@ def zero_shot_task(model_fp: str, stats_key: str, structure: list | None, tasks:
     and their files, lm-eval's version and the evaluation's limits."""
     pruned = structure is not None
     return {"model": model_fp, "precision": devices.numerics(device, dtype), "stats": stats_key if pruned else None,
-            **candidate(structure, method) | {"structure": structure if pruned else DENSE}, "tasks": list(tasks),
+            **candidate(from_params(structure), method) | {"structure": structure if pruned else DENSE}, "tasks": list(tasks),
             "task_files": task_files_fingerprint(include_path), "lm_eval": importlib.metadata.version("lm_eval"),
             "limit": limit, "max_length": max_length, "batch_size": batch_size}
 

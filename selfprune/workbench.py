@@ -20,6 +20,7 @@ import torch
 
 from . import allocation, allocators, data, gradients, identity, reconstruct, slicing, sparsity, stats
 from .allocation import Structure
+from .candidate import Candidate, Dense, Sparse, Structured
 from .checkpoint import LoadedModel
 from .devices import model_precision
 from .errors import CorruptFile, UserError
@@ -151,27 +152,26 @@ class Workbench:
             )
         return self._windows[key]
 
-    def candidate(self, spec: Structure | list | dict | None, reconstruct_: str = reconstruct.NONE) -> torch.nn.Module:
-        """The model a candidate stands for: ``None``, the dense model; a structure (or its JSON),
-        the sliced model (refitted by ``reconstruct_``); ``{"metric", "pattern", "allocation" or
-        "rates", "sparsity"[, "reconstruct"]}`` (:func:`sparse_candidate`, or a sparsity search's),
-        the metric's lowest-scoring single weights zeroed (and the rest updated)."""
-        if spec is None:
-            return self.lm.model
-        if isinstance(spec, dict):
-            metric, pattern = resolve_metric(spec["metric"]), parse_pattern(spec["pattern"])
-            how = spec.get("reconstruct", reconstruct.NONE)
-            rates = spec["rates"] if "rates" in spec else spec["allocation"]  # searched sparsities, or an allocation's
-            return self.sparsify(metric, rates, spec["sparsity"], pattern, how)[1].model
-        return self.build(spec if isinstance(spec, tuple) else allocation.structure_from_json(spec), reconstruct_)
+    def model(self, candidate: Candidate) -> torch.nn.Module:
+        """The model a candidate stands for: the dense model itself; a structure sliced from it
+        (:meth:`build`); a metric's lowest-scoring single weights zeroed and the rest updated
+        (:meth:`sparsify`). The dense model is never modified."""
+        match candidate:
+            case Dense():
+                return self.lm.model
+            case Structured(structure, how):
+                return self.build(structure, how)
+            case Sparse(metric, pattern, ratio, allocation_, rates, how):
+                rates_ = list(rates) if rates is not None else allocation_
+                return self.sparsify(resolve_metric(metric), rates_, ratio, parse_pattern(pattern), how)[1].model
+        raise TypeError(f"not a candidate: {candidate!r}")
 
-    def score(self, spec: Structure | list | dict | None, scoring: Scoring,
-              reconstruct_: str = reconstruct.NONE, tolerate_invalid: bool = False) -> Perplexity:
-        """Perplexity of the candidate (:meth:`candidate`) under ``scoring``. With ``tolerate_invalid``
+    def score(self, candidate: Candidate, scoring: Scoring, tolerate_invalid: bool = False) -> Perplexity:
+        """Perplexity of the candidate (:meth:`model`) under ``scoring``. With ``tolerate_invalid``
         (a metric search), a metric whose scores are not finite on this model gives an
         :class:`Invalid` record instead of raising NonFiniteScores."""
         try:
-            model = self.candidate(spec, reconstruct_)
+            model = self.model(candidate)
         except NonFiniteScores as e:
             if not tolerate_invalid:
                 raise
@@ -283,27 +283,6 @@ class Workbench:
             "kept_params": allocation.kept_params(self.arch, structure),
             **self.provenance(),
         }
-
-
-def sparse_candidate(metric: str, pattern: str, allocation: str, sparsity_: float,
-                     reconstruct_: str = reconstruct.NONE) -> dict:
-    """A metric's candidate as a small JSON value (a cache key's part): the canonical metric and
-    pattern, a registered allocation, the target sparsity and, when not ``none``, the
-    reconstruction with its version (absent otherwise, so earlier candidates keep their keys)."""
-    if allocation not in allocators.ALLOCATIONS:
-        raise UserError(f"allocation {allocation!r} of a metric's candidate must be registered "
-                        f"({', '.join(allocators.ALLOCATIONS.names())}): a file's rates could change under the same name")
-    return reconstructed({"metric": resolve_metric(metric).text, "pattern": parse_pattern(pattern).text,
-                          "allocation": allocation, "sparsity": sparsity_}, reconstruct_)
-
-
-def reconstructed(candidate: dict, how: str) -> dict:
-    """A metric's candidate whose kept weights ``how`` refits: the reconstruction and its version
-    join the candidate (and so its cache key); ``none`` leaves it as it was."""
-    reconstruct.check_reconstruction(how, "sparse")
-    if how == reconstruct.NONE:
-        return candidate
-    return candidate | {"reconstruct": how, "reconstruct_version": reconstruct.RECONSTRUCT_VERSION}
 
 
 # Tasks may run in threads: each model is loaded, and each workbench built, once per process.

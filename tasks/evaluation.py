@@ -2,7 +2,7 @@
 
 Like ``tasks/pruning.py`` they run against the process-wide
 :func:`selfprune.workbench.shared_workbench` (one dense model per process; a candidate is
-``bench.build(structure)``), take small JSON inputs and return plain JSON, so a report over many
+``bench.model(candidate)``), take small JSON inputs and return plain JSON, so a report over many
 models and ratios recomputes nothing it already has.
 
 * Perplexity is :func:`selfprune.tasks.pruning.score_candidate` itself (re-exported here as
@@ -22,6 +22,7 @@ The work itself is the library's (:mod:`selfprune.evaluate.report`); these add t
 from __future__ import annotations
 
 from selfprune import identity
+from selfprune.candidate import from_params
 from selfprune.evaluate import report
 from selfprune.tasks.caching import cached_task
 from selfprune.tasks.pruning import score_candidate, workbench
@@ -52,4 +53,4 @@ def evaluate_zero_shot(
     ``None``: the dense model) on ``tasks``
     (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
     bench = workbench(model, stats_key, calibration, device, dtype, method)
-    return report.zero_shot(bench, structure, tasks, include_path, limit, max_length, batch_size)
+    return report.zero_shot(bench, from_params(structure), tasks, include_path, limit, max_length, batch_size)

@@ -12,6 +12,7 @@ import json
 import os
 
 from selfprune import identity
+from selfprune.candidate import from_params
 from selfprune.fileio import append_line
 from selfprune.reconstruct import NONE
 from selfprune.tasks.caching import cached_task
@@ -39,7 +40,7 @@ def score_candidate(
     device: str = "auto", dtype: str = "auto", ledger: str | None = None, method: str = "wanda-sp",
     reconstruct: str = NONE, tolerate_invalid: bool = False,
 ) -> dict:
-    """Build the candidate (:meth:`Workbench.candidate`: slice the loaded dense model, or zero a
+    """Build the candidate (:meth:`Workbench.model` of :func:`selfprune.candidate.from_params`: slice the loaded dense model, or zero a
     metric's lowest-scoring weights; a structure refitted by ``reconstruct``) and measure its perplexity.
     ``tolerate_invalid`` (a metric search): a metric not finite on this model gives a record with NaN
     perplexity and ``invalid`` (the reason) instead of failing.
@@ -48,7 +49,7 @@ def score_candidate(
     what was computed, where (process, visible GPUs), and of what a resumed run did not compute again.
     """
     bench = workbench(model, stats_key, calibration, device, dtype, method)
-    result = bench.score(structure, Scoring(**scoring), reconstruct, tolerate_invalid).to_dict()
+    result = bench.score(from_params(structure, reconstruct), Scoring(**scoring), tolerate_invalid).to_dict()
     if ledger:
         append_line(ledger, json.dumps({"structure": structure, "split": scoring["split"], **result, "pid": os.getpid(),
                                         "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}))

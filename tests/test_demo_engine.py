@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfprune import allocation
+from selfprune.candidate import Dense, Structured
 from selfprune.export import load_pruned, save_pruned
 from selfprune.models import load_model
 from selfprune.workbench import Calibration, Scoring, Workbench
@@ -17,12 +18,12 @@ def test_demo_prune_export_reload(real_home, tmp_path):
     arch = bench.arch
     assert (arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.hidden, arch.intermediate) == (30, 9, 3, 576, 1536)
     scoring = Scoring("demo", "test", seqlen=128, windows=2)
-    dense = bench.score(None, scoring).ppl
+    dense = bench.score(Dense(), scoring).ppl
     rates = bench.allocate("owl", 0.3)
     structure = bench.structure(rates)
     assert abs(allocation.realized_ratio(arch, structure) - 0.3) < 0.005
     pruned = bench.build(structure)
-    in_memory = bench.score(structure, scoring)
+    in_memory = bench.score(Structured(structure), scoring)
     assert in_memory.tokens == 2 * 127 and dense < in_memory.ppl < 100 * dense
     out = save_pruned(pruned, bench.lm.tokenizer, tmp_path / "demo-owl", bench.record(rates, structure, "owl"))
     back = load_pruned(out, device="cpu")

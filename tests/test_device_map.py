@@ -37,6 +37,7 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
     from safetensors.torch import load_file
 
     import selfprune
+    from selfprune.candidate import Structured
     from selfprune.export import load_pruned
     from selfprune.models import load_model
     from selfprune.ppl import perplexity
@@ -45,7 +46,7 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
     model_dir = tiny_workspace / "model"
     calibration, scoring = Calibration(corpus, samples=4, seqlen=64), Scoring(corpus, "test", 64, 4)
     plain = Workbench(load_model(str(model_dir), "cpu"), calibration)
-    structure = plain.structure([0.6, 0.1])
+    structure = Structured(plain.structure([0.6, 0.1]))
     expected = plain.score(structure, scoring).ppl
 
     mapped = Workbench(load_model(str(model_dir), "map"), calibration)  # transformers' device_map="auto"
@@ -54,7 +55,7 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
 
     lm = hooked(model_dir)
     bench = Workbench(lm, calibration)
-    candidate = bench.candidate(structure)
+    candidate = bench.model(structure)
     # the candidate shares what it keeps whole with the dense model (no copy of the dense weights)
     assert candidate.model.embed_tokens.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
     assert bench.score(structure, scoring).ppl == expected

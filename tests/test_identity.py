@@ -106,14 +106,14 @@ def test_the_library_and_the_flow_name_the_same_statistics(tiny_workspace, devic
     requested precision, resolved): no drift where the workbench loads the model itself."""
     from selfprune import identity
     from selfprune.devices import precision
-    from selfprune.evolve import runner
+    from selfprune.evolve import pipeline
     from selfprune.models import load_model, model_fingerprint
     from selfprune.tasks.pruning import capture_statistics
     from selfprune.workbench import Calibration, Workbench
 
     config = search_config(tiny_workspace, device=device, dtype=dtype)
-    library = Workbench(load_model(config.model, device, dtype), runner.calibration(config))  # selfprune.search's
-    calibration, model_fp = vars(runner.calibration(config)), model_fingerprint(config.model)  # flows/evolution.prepare's
+    library = Workbench(load_model(config.model, device, dtype), pipeline.calibration(config))  # selfprune.search's
+    calibration, model_fp = vars(pipeline.calibration(config)), model_fingerprint(config.model)  # flows/evolution.prepare's
     flow = capture_statistics.fn(config.model, model_fp, calibration, device, dtype)["stats_key"]
     requested = precision(device, dtype)
     assert library.stats_key == flow == identity.statistics(model_fp, Calibration(**calibration), requested)
@@ -127,8 +127,9 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     them one; and the library report's row of an allocation is the search's candidate of its rates
     (so the report's perplexity of a baseline is the search's, from the cache)."""
     from selfprune import identity
+    from selfprune.candidate import from_params
     from selfprune.evaluate import report
-    from selfprune.evolve import runner
+    from selfprune.evolve import pipeline, runner
     from selfprune.models import load_arch
     from selfprune.workbench import shared_workbench
 
@@ -138,10 +139,10 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     ctx, _, _ = runner.search_objects(config, arch)
     space = runner.RateSpace(config, arch)
 
-    def task_key(structure: list | dict) -> dict:  # as flows/evolution.batch_scorer submits it
-        return identity.candidate_task(model_fp=MODEL_FP, stats_key=STATS_KEY, structure=structure,
-                                       scoring=vars(runner.scoring(config, "test", 4)),
-                                       calibration=vars(runner.calibration(config)), device=config.device,
+    def task_key(candidate) -> dict:  # as flows/evolution.batch_scorer submits it
+        return identity.candidate_task(model_fp=MODEL_FP, stats_key=STATS_KEY, **candidate.to_params(),
+                                       scoring=vars(pipeline.scoring(config, "test", 4)),
+                                       calibration=vars(pipeline.calibration(config)), device=config.device,
                                        dtype=config.dtype, method=config.method)
 
     same, near, other = [0.5] * 4, [0.5 + 1e-7, 0.5 - 1e-7, 0.5, 0.5], [0.3, 0.7, 0.5, 0.5]
@@ -149,6 +150,6 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     for a, b in [(same, near), (same, other), (near, other)]:
         assert (ctx.canonical(a) == ctx.canonical(b)) == (task_key(space.candidate(a)) == task_key(space.candidate(b)))
     if not sparse:
-        bench = shared_workbench(config.model, runner.calibration(config), config.device, config.dtype, config.method)
+        bench = shared_workbench(config.model, pipeline.calibration(config), config.device, config.dtype, config.method)
         row = report.allocation_entry(bench, "uniform", config.ratio)
-        assert task_key(row["candidate"]) == task_key(space.candidate(row["rates"]))
+        assert task_key(from_params(row["candidate"])) == task_key(space.candidate(row["rates"]))

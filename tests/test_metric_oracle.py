@@ -12,9 +12,10 @@ from fake_openai_server import FakeOpenAI, cut, reply, slow
 
 from selfprune.errors import UserError
 from selfprune.evolve import metric_prompts
+from selfprune.evolve.chat import ChatRequest, OracleUnavailable, Reply
 from selfprune.evolve.gp import GPOracle
 from selfprune.evolve.metric_oracle import LLMMetricOracle, make_metric_oracle, parse_proposals
-from selfprune.evolve.oracles import ChatRequest, OracleUnavailable, Reply, openai_transport
+from selfprune.evolve.transport import openai_transport
 from selfprune.metrics import METRICS, MetricError, parse_metric
 from selfprune.metrics.edits import describe_edit
 from selfprune.metrics.search_space import Lineage, MetricContext

@@ -11,6 +11,7 @@ from conftest import build_tiny, random_windows, run_cli, tiny_prune_args
 
 from selfprune import reconstruct, sparsity
 from selfprune.arch import arch_of
+from selfprune.errors import UserError
 from selfprune.sparsity import keep_mask, parse_pattern
 
 
@@ -118,14 +119,20 @@ def test_least_squares_refits_the_consumers_of_removed_units():
 
 
 def test_a_reconstruction_joins_the_candidate_key_and_none_leaves_it_as_it_was():
-    from selfprune.workbench import reconstructed, sparse_candidate
+    from dataclasses import replace
 
-    plain = sparse_candidate("wanda", "unstructured", "uniform", 0.7)
+    from selfprune.candidate import Sparse, from_params
+
+    candidate = Sparse.of("wanda", "unstructured", 0.7, "uniform")
+    plain = candidate.to_json()
     assert plain == {"metric": plain["metric"], "pattern": "unstructured", "allocation": "uniform", "sparsity": 0.7}
-    assert reconstructed(plain, "none") == plain
-    rebuilt = sparse_candidate("wanda", "unstructured", "uniform", 0.7, "sparsegpt")
+    assert replace(candidate, reconstruct="none").to_json() == plain
+    rebuilt = Sparse.of("wanda", "unstructured", 0.7, "uniform", reconstruct="sparsegpt").to_json()
     assert rebuilt == plain | {"reconstruct": "sparsegpt", "reconstruct_version": reconstruct.RECONSTRUCT_VERSION}
-    assert sparse_candidate("wanda", "unstructured", "uniform", 0.7, "sparsegpt-adaptive") != rebuilt
+    assert replace(candidate, reconstruct="sparsegpt-adaptive").to_json() != rebuilt
+    assert from_params(rebuilt).to_json() == rebuilt and from_params(plain) == candidate  # read back as written
+    with pytest.raises(UserError, match="lsq"):
+        replace(candidate, reconstruct="lsq")  # a structured refit is no sparse candidate's
 
 
 def test_cli_prunes_with_reconstruction_and_the_export_loads_back(tiny_workspace, tmp_path, capsys, monkeypatch):

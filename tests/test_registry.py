@@ -10,7 +10,8 @@ import selfprune
 from selfprune import wanda_sp
 from selfprune.allocators import ALLOCATIONS
 from selfprune.errors import UserError
-from selfprune.evolve.oracles import ORACLES, GAOracle, OracleKind, make_oracle
+from selfprune.evolve.classical import GAOracle
+from selfprune.evolve.oracle_registry import ORACLES, OracleKind, make_oracle
 from selfprune.methods import METHODS, Method, register_method
 from selfprune.registry import Registry
 

@@ -137,7 +137,7 @@ def test_the_library_search_says_where_a_cluster_runner_runs(tiny_workspace):
 def test_a_runner_whose_integration_is_missing_names_the_extra(monkeypatch):
     from selfprune.config import SearchConfig
     from selfprune.errors import UserError
-    from selfprune.evolve.runner import check_runner
+    from selfprune.evolve.pipeline import check_runner
 
     monkeypatch.setitem(sys.modules, "prefect_ray", None)  # Python's own way to make a module unimportable
     with pytest.raises(UserError, match=r"--runner ray needs prefect-ray: pip install 'selfprune\[ray\]'"):

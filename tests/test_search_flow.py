@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fake_openai_server import FakeOpenAI, reply
 
 from selfprune.allocation import project_to_mean
+from selfprune.candidate import Structured
 
 # The paper's generation 0 (no baselines): these tests count evaluations exactly.
 SMALL = dict(population=6, mutations=2, crossovers=2, generations=4, samples=4, calib_seqlen=64, seqlen=64,
@@ -137,7 +139,7 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
     `prefect flow-run retry` (what the UI's Retry does) then completes it, re-evaluating nothing."""
     from fake_openai_server import status
 
-    from selfprune.evolve.oracles import OracleUnavailable
+    from selfprune.evolve.chat import OracleUnavailable
 
     out = tmp_path / "retry"
     good = [reply(_llm_reply(8, 50 + s)) for s in range(3)]  # candidates the other LLM test did not score
@@ -247,13 +249,13 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
     owl = next(b for b in summary["baselines"] if b["name"] == "owl")
     assert owl["rates"] == bench.allocate("owl", 0.5)  # the flow's cached task gave the library's rates
-    fitness = bench.score(rates_to_structure(bench.arch, owl["rates"]),
+    fitness = bench.score(Structured(rates_to_structure(bench.arch, owl["rates"])),
                           Scoring(str(tiny_workspace / "corpus.txt"), "fitness", 64, 4)).ppl
     assert owl["fitness"] == fitness  # and generation 0 scored them as any candidate
     evaluated = [json.dumps(e["structure"]) for e in ledger(tmp_path / "flow") if e["split"] == "fitness"]
     assert json.dumps(structure_to_json(rates_to_structure(bench.arch, owl["rates"]))) in evaluated
     test = Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)
-    rebuilt = bench.score(rates_to_structure(bench.arch, summary["rates"]), test, "lsq").ppl
+    rebuilt = bench.score(Structured(rates_to_structure(bench.arch, summary["rates"]), "lsq"), test).ppl
     assert summary["reconstruct"] == "lsq" and summary["reconstructed_test_ppl"] == rebuilt != summary["test_ppl"]
 
     plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.5,
@@ -285,9 +287,9 @@ def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_a
 
     corpus = str(tiny_workspace / "corpus.txt")
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(corpus, 4, 64))
-    structure = rates_to_structure(bench.arch, kept["rates"])
-    assert bench.score(structure, Scoring(corpus, "fitness", 64, 4), "lsq").ppl == kept["reconstructed_fitness"]
-    assert bench.score(structure, Scoring(corpus, "test", 64, 4), "lsq").ppl == summary["reconstructed_test_ppl"]
+    structure = Structured(rates_to_structure(bench.arch, kept["rates"]), "lsq")
+    assert bench.score(structure, Scoring(corpus, "fitness", 64, 4)).ppl == kept["reconstructed_fitness"]
+    assert bench.score(structure, Scoring(corpus, "test", 64, 4)).ppl == summary["reconstructed_test_ppl"]
     allocate = rate_file(str(tmp_path / "flow" / "best.json"))
     assert allocate(None, bench.arch, {}, 0.5) == kept["rates"]  # prune --allocation best.json builds the kept one
 
@@ -303,8 +305,9 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     the metric's single-weight pruning, from the baselines (the metric's own OWL, ATP, ...), cached
     and resumable like the structured search, the library and the flow on one path."""
     import selfprune
+    from selfprune.candidate import from_params
     from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Scoring, Workbench, reconstructed
+    from selfprune.workbench import Calibration, Scoring, Workbench
 
     small = SMALL | {"baselines": "uniform,owl,atp", "generations": 2, "metric": "wanda", "pattern": "unstructured",
                      "ratio": 0.6, "reconstruct": "sparsegpt"}
@@ -314,9 +317,9 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     assert abs(sum(best["rates"]) / 4 - 0.6) < 1e-4 and best["rates"] == [round(r, 5) for r in summary["rates"]]
     assert summary["fitness"] <= summary["best_baseline"]["fitness"]
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
-    test = bench.score(best, Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)).ppl
+    test = bench.score(from_params(best), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)).ppl
     assert summary["test_ppl"] == test  # the best's model is the metric's, zeroed at the searched sparsities
-    rebuilt = bench.score(reconstructed(best, "sparsegpt"), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4))
+    rebuilt = bench.score(replace(from_params(best), reconstruct="sparsegpt"), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4))
     assert summary["reconstructed_test_ppl"] == rebuilt.ppl < test  # and SparseGPT's update on its mask
     zeros = 1 - summary["kept_params"] / bench.arch.n_layers / bench.arch.layer_params
     assert abs(zeros - 0.6) < 0.01

@@ -7,9 +7,9 @@ import pytest
 from conftest import run_cli
 
 from selfprune import search
-from selfprune.allocation import structure_from_json
+from selfprune.candidate import from_params
 from selfprune.config import SearchConfig
-from selfprune.evolve.runner import staged
+from selfprune.evolve.pipeline import staged
 from selfprune.models import load_model
 from selfprune.workbench import Calibration, Scoring, Workbench
 
@@ -58,5 +58,5 @@ def test_a_staged_search_spends_fewer_tokens_and_keeps_full_fitness_in_the_popul
     assert multi["fitness_tokens"] < single["fitness_tokens"]
     # the best's fitness is its perplexity on all 4 fitness windows, not a screening score
     bench = Workbench(load_model(str(ws / "model"), "cpu"), Calibration(str(ws / "corpus.txt"), 4, 64))
-    full = bench.score(structure_from_json(multi["structure"]), Scoring(str(ws / "corpus.txt"), "fitness", 64, 4, 4))
+    full = bench.score(from_params(multi["structure"]), Scoring(str(ws / "corpus.txt"), "fitness", 64, 4, 4))
     assert full.ppl == pytest.approx(multi["fitness"], rel=1e-9)

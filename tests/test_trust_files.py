@@ -310,7 +310,7 @@ def assert_untouched(targets: dict[Path, bytes]) -> None:
 def test_the_writers_of_a_run_replace_planted_links_and_leave_their_targets_alone(tmp_path, caplog):
     from selfprune.artifacts.report import plot_history, plot_metric_graph, plot_rates
     from selfprune.config import AutopruneConfig, SearchConfig
-    from selfprune.evolve.runner import write_summary
+    from selfprune.evolve.pipeline import write_summary
     from selfprune.fileio import append_line
 
     out = tmp_path / "run"

@@ -26,10 +26,13 @@ import pytest
 from fake_openai_server import FakeOpenAI, raw, reply, status, trickle
 
 from selfprune.config import AutopruneConfig, SearchConfig
+from selfprune.evolve.chat import OracleUnavailable
 from selfprune.evolve.gp import GPOracle
+from selfprune.evolve.llm_oracle import LLMOracle
 from selfprune.evolve.metric_oracle import make_metric_oracle
-from selfprune.evolve.oracles import LLMOracle, OracleUnavailable, SearchContext, openai_transport
 from selfprune.evolve.replies import parse_candidates
+from selfprune.evolve.search_context import SearchContext
+from selfprune.evolve.transport import openai_transport
 from selfprune.metrics.search_space import Lineage, MetricContext
 
 REAL_KEY = "sk-real-DO-NOT-SEND"

@@ -7,7 +7,7 @@ per sparsity, on test-split perplexity and zero-shot accuracy. Every row carries
 (:mod:`selfprune.protocol`), and a table refuses rows measured under different ones. How a model gets evaluated is injected:
 ``flows/report.py`` passes its cached Prefect tasks (a rerun computes nothing twice), and
 :func:`report` (``selfprune.report``) passes plain calls on one :class:`Workbench`, for a
-notebook. Either way a structure of ``None`` stands for the dense model.
+notebook. Either way each model is a :mod:`selfprune.candidate`, and its JSON what the tasks take.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import allocators, sparsity
-from ..allocation import dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
+from .. import allocators
 from ..arch import Arch
+from ..candidate import Candidate, Dense, Sparse, Structured, from_params
 from ..config import ReportConfig, build_config
 from ..errors import UserError
 from ..fileio import atomic_write_text
@@ -34,14 +34,13 @@ from ..seeds import SUMMARY as SEEDS_SUMMARY
 from ..seeds import candidates, run_paths, spread
 from ..sparsity import parse_pattern
 from ..userfiles import read_json
-from ..workbench import Calibration, Progress, Scoring, Workbench, reconstructed, sparse_candidate
+from ..workbench import Calibration, Progress, Scoring, Workbench
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 
 LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
 
-# (allocation, ratio, metric, pattern) -> {"rates", "candidate"} (and "zeros" for a metric's)
+# (allocation, ratio, metric, pattern) -> {"rates", "candidate" (its JSON)}
 Allocate = Callable[[str, float, str | None, str | None], dict]
-Candidate = list | dict | None  # a structure, a metric's sparse model, or None for the dense model
 EvaluatePpl = Callable[[Candidate], dict]  # candidate -> Perplexity fields
 EvaluateZeroShot = Callable[[Candidate], dict]  # candidate -> zero-shot record
 
@@ -148,7 +147,7 @@ def _sparse_rows(c: ReportConfig, ratios: list[float]) -> tuple[dict[str, str], 
     names = {resolve_metric(m).text: Path(m).parent.name if m.endswith(".json") else m for m in c.metrics}
     for a in c.metric_allocations:
         for how in c.reconstructs:  # a registered allocation and a sparse reconstruction, else a UserError now
-            sparse_candidate("abs(W)", "unstructured", a, 0.5, how)
+            Sparse.of("abs(W)", "unstructured", 0.5, a, reconstruct=how)
     rows = []
     for text in names:
         for p in dict.fromkeys(parse_pattern(p).text for p in c.patterns):
@@ -173,15 +172,14 @@ def check_searches(plan: ReportPlan, model_fp: str, stats_key: str) -> None:
 
 @dataclass(frozen=True)
 class Entry:
-    """One model of the report: ``structure`` is ``None`` for the dense model."""
+    """One model of the report."""
 
     label: str
     method: str  # dense | an allocation's name | search | metric
     ratio: float | None
     rates: list[float] | None
-    structure: list | None
+    candidate: Candidate
     oracle: dict | None = None  # a search's LLM-oracle accounting (best.json), if it had one
-    zeros: int | None = None  # weights a metric's sparse model zeroes (None: structured)
     seed: int | None = None  # a search's seed
     candidates: int | None = None  # the candidates a search scored (computed or from the cache)
 
@@ -208,7 +206,7 @@ def _search_entries(searches: dict[str, dict]) -> list[Entry]:
         run = Path(members[0][0]).parent
         name = run.parent.name if len(members) > 1 or run.name.startswith("seed-") else run.name
         label = f"search ({c['oracle']})" + (f", {name}" if per_label[(c["ratio"], c["oracle"])] > 1 else "")
-        out += [Entry(label, "search", c["ratio"], best["rates"], best["structure"], best.get("oracle"),
+        out += [Entry(label, "search", c["ratio"], best["rates"], from_params(best["structure"]), best.get("oracle"),
                       seed=best["config"]["seed"], candidates=candidates(best)) for _, best in members]
     return out
 
@@ -216,16 +214,16 @@ def _search_entries(searches: dict[str, dict]) -> list[Entry]:
 def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
     """Dense; each allocation at every ratio; every metric row (labelled ``METRIC ALLOCATION``, plus
     the pattern when not unstructured); every search (its seeds under one label)."""
-    out = [Entry("dense", "dense", None, None, None)]
+    out = [Entry("dense", "dense", None, None, Dense())]
     for r in plan.ratios:
         for method in plan.allocations:
             a = allocate(method, r, None, None)
-            out.append(Entry(method, method, r, a["rates"], a["candidate"]))
+            out.append(Entry(method, method, r, a["rates"], from_params(a["candidate"])))
     for text, pattern, allocation, r, how in plan.sparse:
         a = allocate(allocation, r, text, pattern)
         label = (f"{plan.metric_names[text]} {allocation}" + ("" if pattern == "unstructured" else f" {pattern}")
                  + ("" if how == "none" else f" + {how}"))
-        out.append(Entry(label, "metric", r, a["rates"], reconstructed(a["candidate"], how), zeros=a["zeros"]))
+        out.append(Entry(label, "metric", r, a["rates"], replace(from_params(a["candidate"]), reconstruct=how)))
     return out + _search_entries(plan.searches)
 
 
@@ -238,17 +236,13 @@ def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, 
     todo = entries(plan, allocate)
     advance = step("report rows", len(todo))
     for e in todo:
-        ppl = evaluate_ppl(e.structure)
-        zs = evaluate_zero_shot(e.structure)
-        if e.zeros is None:
-            keep = dense_structure(arch) if e.structure is None else structure_from_json(e.structure)
-            realized, kept = realized_ratio(arch, keep), kept_params(arch, keep)
-        else:
-            realized, kept = e.zeros / sparsity.weights(arch), arch.n_layers * arch.layer_params - e.zeros
+        ppl = evaluate_ppl(e.candidate)
+        zs = evaluate_zero_shot(e.candidate)
+        realized, kept = e.candidate.size(arch, e.rates)
         accuracy = (f"lm-eval {zs['lm_eval_version']}, tasks {', '.join(plan.tasks)}, limit {plan.limit or 'none'}, "
                     f"max length {plan.max_length}; {zs['convention']}")
         rows.append({
-            "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.structure,
+            "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.candidate.to_json(),
             "oracle": e.oracle, "seed": e.seed, "candidates": e.candidates, "realized_ratio": realized,
             "kept_params": kept, "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"],
             "windows": ppl["windows"],
@@ -334,11 +328,10 @@ def allocation_entry(bench: Workbench, allocation: str, ratio: float, metric: st
     scores, and ATP tunes on its sparse candidates)."""
     if metric is None:
         rates = bench.allocate(allocation, ratio)
-        return {"rates": rates, "candidate": structure_to_json(bench.structure(rates))}
-    candidate = sparse_candidate(metric, pattern or "unstructured", allocation, ratio)
-    pat = parse_pattern(pattern or "unstructured")
-    rates = bench.sparse_rates(resolve_metric(metric), allocation, ratio, pat)
-    return {"rates": rates, "candidate": candidate, "zeros": sparsity.zeros(bench.arch, rates, pat)}
+        return {"rates": rates, "candidate": Structured(bench.structure(rates)).to_json()}
+    candidate = Sparse.of(metric, pattern or "unstructured", ratio, allocation)
+    rates = bench.sparse_rates(resolve_metric(metric), allocation, ratio, parse_pattern(candidate.pattern))
+    return {"rates": rates, "candidate": candidate.to_json()}
 
 
 def zero_shot(bench: Workbench, candidate: Candidate, tasks: list[str], include_path: str | None = None,
@@ -347,7 +340,7 @@ def zero_shot(bench: Workbench, candidate: Candidate, tasks: list[str], include_
     :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
     from .zeroshot import evaluate_zero_shot
 
-    return evaluate_zero_shot(bench.candidate(candidate), bench.lm.tokenizer, list(tasks), include_path=include_path,
+    return evaluate_zero_shot(bench.model(candidate), bench.lm.tokenizer, list(tasks), include_path=include_path,
                               limit=limit, max_length=max_length, batch_size=batch_size)
 
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from .oracles import Oracle, RandomOracle, Scored, SearchContext, fitness_key
+from .classical import RandomOracle
+from .search_context import Oracle, Scored, SearchContext, fitness_key
 
 
 @dataclass(frozen=True)

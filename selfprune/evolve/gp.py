@@ -1,7 +1,7 @@
 """Genetic programming over metric trees: the offline ``gp`` oracle of the metric search.
 
 It does the LLM oracle's jobs (initialization, mutation, crossover) with classical operators, as
-:class:`selfprune.evolve.oracles.GAOracle` does for rate vectors, and keeps the same contract: every
+:class:`selfprune.evolve.classical.GAOracle` does for rate vectors, and keeps the same contract: every
 returned text is canonical and valid (``parse_metric`` accepts it: one finite, non-constant score per
 weight on the probe), no two share a ``ctx.canonical`` key, none is in the population (or ``exclude``),
 and fewer than asked come back only when the tries run out. All randomness comes from a
@@ -22,7 +22,7 @@ from ..metrics.edits import describe_edit
 from ..metrics.language import FUNCTIONS, INPUTS, MetricError, Node, Num, Op, Var
 from ..metrics.metric import Metric, parse_metric
 from ..metrics.search_space import Lineage, MetricContext, ScoredMetric
-from .oracles import rng_for, tournament
+from .search_context import rng_for, tournament
 
 _TRIES_PER_CHILD = 50  # draws per wanted child before giving up, as GAOracle's _distinct
 _CONSTANTS = (0.5, 1.0, 2.0)

@@ -7,7 +7,7 @@ returned text is canonical and valid (``parse_metric`` accepts it, and it reads 
 or already in the lineage, and every one is recorded in the shared :class:`Lineage` (source "llm"
 for the model's, "gp"/"random"/"built-in" for the fallback's).
 
-It mirrors the rate search's :class:`selfprune.evolve.oracles.LLMOracle` (same :class:`ChatRequest`,
+It mirrors the rate search's :class:`selfprune.evolve.llm_oracle.LLMOracle` (same :class:`ChatRequest`,
 :class:`Reply`, transport, seeds, ``max_reasks``, ``strict`` and accounting), with one difference:
 a re-ask continues the conversation. The model's previous reply goes back as the assistant turn,
 followed by a user turn listing each refused metric with the reason ``parse_metric`` gave (or
@@ -32,8 +32,10 @@ from ..metrics.metric import Metric, parse_metric
 from ..metrics.search_space import Lineage, MetricContext, ScoredMetric, canonical_text
 from ..registry import Registry
 from . import metric_prompts as prompts
+from .chat import ChatRequest, Transport
+from .chat_oracle import ChatOracle
 from .gp import GPOracle
-from .oracles import ChatOracle, ChatRequest, OracleKind, Transport, build_oracle, openai_builder
+from .oracle_registry import OracleKind, build_oracle, openai_builder
 from .replies import _json_documents  # the tolerant JSON extraction (fences, prose around it)
 
 # How each reply ended: every proposal taken, some taken, none taken, cut at max_tokens, not in time.

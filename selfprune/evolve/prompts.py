@@ -3,7 +3,7 @@
 The wording follows the paper. Two deliberate changes, both marked in the templates:
 
 * The rate bound is ``{p_max}`` rather than 1: a rate of 1 removes a whole layer, and the search
-  bounds every rate (see :class:`selfprune.evolve.oracles.SearchContext`).
+  bounds every rate (see :class:`selfprune.evolve.search_context.SearchContext`).
 * The paper asks for bare bracketed lists "without any additional text". We ask for one JSON
   object ``{"rates": [[...], ...]}`` instead, which servers with a JSON mode can enforce. The reply
   parser (:mod:`selfprune.evolve.replies`) still accepts the paper's free-text form, because a

@@ -1,0 +1,294 @@
+"""One search pipeline, two search spaces: the checks, the evolutionary loop with its scoring and
+accounting, the summary's common record, and the library's in-process run.
+
+The rate search (:mod:`.runner`, Self-Pruner) and the metric search (:mod:`.autoprune`, AutoPrune)
+differ only in their :class:`Space` (what a member is, the candidates it is scored by, its row), their
+oracle and their final scores. Both the library and the Prefect flows (``flows/search.py``,
+``flows/autoprune.py``) run them; they differ only in what they inject: how a batch of candidates
+is scored (directly on the workbench; through the cached Prefect task), how an oracle request is
+sent (the openai client; the cached oracle task), and what happens after each generation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from ..arch import Arch
+from ..candidate import Candidate
+from ..config import EvolutionConfig
+from ..data import split_windows
+from ..devices import precision
+from ..errors import UserError
+from ..fileio import atomic_write_text
+from ..models import load_tokenizer
+from ..progress import Advance, ignore, one_by_one, step
+from ..protocol import protocol
+from ..settings import Calibration, Scoring
+from ..workbench import Workbench, shared_workbench
+from .evolution import Generation, SearchParams, SearchResult, run_search
+from .search_context import Oracle, SearchContext
+
+Member = TypeVar("Member")  # what the oracle proposes: a rate vector, a metric text
+
+
+class Score(Protocol):
+    """Scores candidates in order, one perplexity record each; ``advance(1)`` as each is scored (a
+    progress step's, selfprune.progress). A record may carry "cached": True when an orchestrator's
+    cache answered, and "invalid" (why) for a metric that cannot prune the model (NaN perplexity)."""
+
+    def __call__(self, candidates: list[Candidate], split: str, windows: int | None, *,
+                 advance: Advance = ignore) -> list[dict]: ...
+
+
+class Space(Protocol[Member]):
+    """What a search searches: the candidates a member is scored by (its fitness is the mean of
+    their perplexities) and the row that shows it."""
+
+    def candidates(self, member: Member) -> list[Candidate]: ...
+
+    def member(self, member: Member, fitness: float) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the search needs from the loaded model: its shapes and the identities that key caches."""
+
+    arch: Arch
+    model_fp: str
+    stats_key: str
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """A generation as the hook sees it: rows for its new candidates, the population (best first)."""
+
+    index: int
+    generations: int
+    rows: list[dict]
+    population: list[dict]
+    evaluated: int
+    cached: int
+    oracle: dict | None = None  # the LLM oracle's accounting so far (oracle_accounting)
+
+    @property
+    def best(self) -> float:
+        return self.population[0]["fitness"]
+
+    @property
+    def mean(self) -> float:
+        return sum(m["fitness"] for m in self.population) / len(self.population)
+
+
+class Tally:
+    """Which candidates of a generation were computed and which a cache answered: ``scored`` keeps
+    the records of the batch just scored (a record may say ``"cached": True``); a candidate of the
+    generation without one had been scored in an earlier generation, by the loop's own memo."""
+
+    def __init__(self) -> None:
+        self.records: dict[Hashable, dict] = {}
+        self.evaluations = 0
+        self.cache_hits = 0
+        self.fitness_tokens = 0  # tokens scored on the fitness split by computed records, every stage
+
+    def scored(self, keys: list[Hashable], records: list[dict]) -> None:
+        self.records.update(zip(keys, records))
+        self.fitness_tokens += sum(r.get("tokens", 0) for r in records if not r.get("cached"))
+
+    def generation(self, keys: list[Hashable]) -> list[bool]:
+        """Per candidate of the generation, whether it came from a cache; updates the totals."""
+        cached = [k not in self.records or bool(self.records[k].get("cached")) for k in keys]
+        self.records.clear()
+        self.cache_hits += sum(cached)
+        self.evaluations += len(cached) - sum(cached)
+        return cached
+
+
+def staged(measure: Callable[[list, int], list[float]], stages: list[tuple[int, float]], windows: int
+           ) -> Callable[[list], list[float | None]]:
+    """EvoPress's multi-step selection as an evaluation: ``measure(batch, w)`` scores on the first
+    ``w`` fitness windows; each stage keeps the best ``keep`` fraction (at least one; ties by
+    position) for the next, and the survivors get their fitness on all ``windows``. The others get
+    None: screened out. Every stage is a cached evaluation of its own (its window count is in the key)."""
+
+    def evaluate(batch: list) -> list[float | None]:
+        alive = list(range(len(batch)))
+        for w, keep in stages:
+            values = measure([batch[i] for i in alive], w)
+            ranked = sorted(range(len(alive)), key=lambda j: (math.inf if math.isnan(values[j]) else values[j], j))
+            alive = sorted(alive[j] for j in ranked[:max(1, math.ceil(keep * len(alive)))])
+        final = dict(zip(alive, measure([batch[i] for i in alive], windows)))
+        return [final.get(i) for i in range(len(batch))]
+
+    return evaluate
+
+
+def calibration(config: EvolutionConfig) -> Calibration:
+    return Calibration(config.data, config.samples, config.calib_seqlen, config.batch_size)
+
+
+def scoring(config: EvolutionConfig, split: str, windows: int | None) -> Scoring:
+    return Scoring(config.data, split, config.seqlen, windows or None, config.batch_size)
+
+
+def check_runner(config: EvolutionConfig) -> None:
+    """``--runner dask|ray`` has its Prefect integration installed (looked up, not imported)."""
+    if config.runner != "local" and importlib.util.find_spec(f"prefect_{config.runner}") is None:
+        raise UserError(f"--runner {config.runner} needs prefect-{config.runner}: pip install 'selfprune[{config.runner}]'")
+
+
+def in_process(config: EvolutionConfig) -> EvolutionConfig:
+    """The library's searches score in this process: a cluster runner is the flow's (``selfprune search``)."""
+    if config.runner != "local":
+        raise UserError(f"the library's search runs in this process; --runner {config.runner} runs through the flow: "
+                        "selfprune search / autoprune, or selfprune.flows.search.search(config)")
+    return config
+
+
+def check_windows(config: EvolutionConfig, tokenizer) -> None:
+    """Each split holds the windows asked of it (a short test split fails now, not after the search).
+
+    The token ids are memoized on disk, so the passes that follow do not tokenize again.
+    """
+    split_windows(tokenizer, config.data, "calibration", config.calib_seqlen, config.samples)
+    split_windows(tokenizer, config.data, "fitness", config.seqlen, config.fitness_windows)
+    split_windows(tokenizer, config.data, "test", config.seqlen, config.test_windows or None)
+
+
+def oracle_accounting(oracle: Oracle, prices: list[float]) -> dict | None:
+    """How the LLM oracle's replies went (None for oracles that send none), and what its tokens
+    cost at ``prices`` (USD per million prompt and completion tokens) when they are given. Replies
+    replayed from the cache count too: this is what the search as a whole asked of the model."""
+    if not hasattr(oracle, "accounting"):
+        return None
+    usage = oracle.accounting()
+    if prices:
+        usage["cost_usd"] = round((prices[0] * usage["prompt_tokens"] + prices[1] * usage["completion_tokens"]) / 1e6, 6)
+    return usage
+
+
+def _mean(values: list[float]) -> float:
+    return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+
+
+def score_members(space: Space, score: Score, members: list, split: str, windows: int | None, label: str
+                  ) -> list[list[dict]]:
+    """Each member's records, its candidates scored as one batch (a step of ``label``)."""
+    per_member = [space.candidates(m) for m in members]
+    records = score([c for cs in per_member for c in cs], split, windows, advance=step(label, sum(map(len, per_member))))
+    out, at = [], 0
+    for cs in per_member:
+        out.append(records[at:at + len(cs)])
+        at += len(cs)
+    return out
+
+
+@dataclass
+class Evolved:
+    """What the loop leaves for a search's final scores: its result, what was computed, every
+    member's fitness by canonical identity, and the members that could not be built (why)."""
+
+    result: SearchResult
+    tally: Tally
+    fitness: dict[Hashable, float] = field(default_factory=dict)
+    invalid: dict[Hashable, str] = field(default_factory=dict)
+
+
+def evolve(space: Space, oracle: Oracle, ctx: SearchContext, params: SearchParams, config: EvolutionConfig,
+           score: Score, on_generation: Callable[[GenerationReport], None] | None = None, known: Sequence = ()) -> Evolved:
+    """Algorithm 1 (:func:`run_search`) with a member's fitness the mean fitness-split perplexity of
+    its candidates, through ``config.stages``; ``on_generation`` sees each generation's rows."""
+    tally = Tally()
+    evolved_fitness: dict[Hashable, float] = {}
+    invalid: dict[Hashable, str] = {}
+    index = 0  # the generation being scored
+
+    def measure(batch: list, windows: int) -> list[float]:
+        label = f"generation {index}/{params.generations}: candidates on {windows} fitness windows"
+        per_member = score_members(space, score, batch, "fitness", windows, label)
+        keys = [ctx.canonical(m) for m in batch]
+        invalid.update((k, r["invalid"]) for k, rs in zip(keys, per_member) for r in rs if r.get("invalid"))
+        tally.scored(keys, [{"cached": all(r.get("cached") for r in rs),
+                             "tokens": sum(0 if r.get("cached") else r["tokens"] for r in rs)} for rs in per_member])
+        return [_mean([r["ppl"] for r in rs]) for rs in per_member]
+
+    def hook(g: Generation) -> None:
+        nonlocal index
+        index = g.index + 1
+        evolved_fitness.update((ctx.canonical(m), f) for m, f in g.candidates)
+        cached = tally.generation([ctx.canonical(m) for m, _ in g.candidates])
+        if on_generation is not None:
+            rows = [space.member(m, f) | {"cached": c} for (m, f), c in zip(g.candidates, cached)]
+            on_generation(GenerationReport(g.index, params.generations, rows, [space.member(m, f) for m, f in g.population],
+                                           len(rows) - sum(cached), sum(cached),
+                                           oracle_accounting(oracle, config.oracle_prices)))
+
+    result = run_search(oracle, ctx, params, staged(measure, config.stages, config.fitness_windows), hook, known=known)
+    return Evolved(result, tally, evolved_fitness, invalid)
+
+
+def measured_under(config: EvolutionConfig, setup: Setup, split: str, record: dict) -> dict:
+    """The protocol of a perplexity ``record`` this search measured on ``split``."""
+    return protocol(config.model, setup.model_fp, vars(scoring(config, split, None)), record, vars(calibration(config)),
+                    config.device, config.dtype, config.seed)
+
+
+def run_record(config: EvolutionConfig, setup: Setup, evolved: Evolved, oracle: Oracle, start: float, test: dict) -> dict:
+    """What every search's summary holds besides its best: counts, the oracle's accounting, wall
+    time, the per-generation history, the protocols of its test and fitness figures (``test``: a
+    test-split record), and the identities and settings it ran with."""
+    fitness = {"seqlen": config.seqlen, "windows": config.fitness_windows}
+    tally = evolved.tally
+    return {
+        "evaluations": tally.evaluations,
+        "cache_hits": tally.cache_hits,
+        "fitness_tokens": tally.fitness_tokens,
+        "oracle_calls": getattr(oracle, "calls", 0),
+        "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
+        "oracle": oracle_accounting(oracle, config.oracle_prices),
+        # the loop and its final scores only, from run()'s start: not the model's loading, the calibration
+        # pass or Prefect's start, which the CLI's closing line ("N s in all") counts too
+        "wall_s": round(time.perf_counter() - start, 2),
+        "history": [{"generation": h.generation, "best": h.best, "mean": h.mean} for h in evolved.result.history],
+        "model_fingerprint": setup.model_fp,
+        "stats_key": setup.stats_key,
+        "precision": precision(config.device, config.dtype),
+        "protocol": measured_under(config, setup, "test", test),
+        "fitness_protocol": measured_under(config, setup, "fitness", fitness),
+        "config": config.model_dump(),
+    }
+
+
+def write_summary(summary: dict, out: str | Path) -> Path:
+    """``out/best.json``, written atomically (a reader never sees half a file)."""
+    path = Path(out) / "best.json"
+    atomic_write_text(path, json.dumps(summary, indent=2))
+    return path
+
+
+Run = Callable[[Setup, Score, Workbench], dict]  # a search on a loaded model: its summary
+
+
+def run_in_process(config: EvolutionConfig, check: Callable[[EvolutionConfig], None], run: Run,
+                   tolerate_invalid: bool = False) -> dict:
+    """A search in this process, without Prefect (``selfprune.search``, ``selfprune.autoprune``):
+    the checks, the shared workbench (statistics from the artifact store), candidates scored on it
+    one by one, ``out/best.json``. ``tolerate_invalid`` (the metric search): a metric that cannot
+    prune the model is scored invalid instead of raising."""
+    check(config)
+    check_windows(config, load_tokenizer(config.model))
+    bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
+
+    def score(candidates: list[Candidate], split: str, windows: int | None, advance: Advance = ignore) -> list[dict]:
+        how = scoring(config, split, windows)
+        return one_by_one(lambda c: bench.score(c, how, tolerate_invalid).to_dict(), candidates, advance)
+
+    summary = run(Setup(bench.arch, bench.lm.fingerprint, bench.stats_key), score, bench)
+    write_summary(summary, config.out)
+    return summary
