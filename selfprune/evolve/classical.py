@@ -89,30 +89,32 @@ class GAOracle:
         self, ctx: SearchContext, population: list[Scored], n: int, generation: int, exclude: set[Hashable]
     ) -> list[list[float]]:
         """``n`` mutants of tournament-selected parents, distinct from ``exclude`` (updated)."""
-        if n <= 0:
-            return []
-        rng = rng_for(ctx, generation, "ga-mutation")
 
-        def child() -> list[float]:
+        def child(rng: random.Random) -> list[float]:
             parent = self._select(rng, population)
             return project_to_mean([r + rng.gauss(0.0, self.mutation_sigma) for r in parent], ctx.beta, ctx.p_max)
 
-        return _distinct(ctx, child, n, exclude)
+        return self._children(ctx, generation, "ga-mutation", child, n, exclude)
 
     def crossover(
         self, ctx: SearchContext, population: list[Scored], n: int, generation: int, exclude: set[Hashable]
     ) -> list[list[float]]:
         """``n`` uniform crossovers of two tournament-selected parents, distinct from ``exclude``."""
+
+        def child(rng: random.Random) -> list[float]:
+            a, b = self._select(rng, population), self._select(rng, population)
+            return project_to_mean([x if rng.random() < 0.5 else y for x, y in zip(a, b)], ctx.beta, ctx.p_max)
+
+        return self._children(ctx, generation, "ga-crossover", child, n, exclude)
+
+    @staticmethod
+    def _children(ctx: SearchContext, generation: int, op: str, child: Callable[[random.Random], list[float]], n: int,
+                  exclude: set[Hashable]) -> list[list[float]]:
+        """``n`` distinct children of ``child``, drawn from the generation's own stream for ``op``."""
         if n <= 0:
             return []
-        rng = rng_for(ctx, generation, "ga-crossover")
-
-        def child() -> list[float]:
-            a, b = self._select(rng, population), self._select(rng, population)
-            mixed = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
-            return project_to_mean(mixed, ctx.beta, ctx.p_max)
-
-        return _distinct(ctx, child, n, exclude)
+        rng = rng_for(ctx, generation, op)
+        return _distinct(ctx, lambda: child(rng), n, exclude)
 
     def _select(self, rng: random.Random, population: list[Scored]) -> list[float]:
         return tournament(rng, population, self.tournament)
