@@ -23,9 +23,9 @@ from pathlib import Path
 
 from selfprune.artifacts.report import fmt_rates, save_png, short_name
 from selfprune.evaluate.report import sort_rows
-from selfprune.fileio import atomic_write_text
 from selfprune.protocol import common
 from selfprune.protocol import lines as protocol_lines
+from selfprune.storage.fileio import atomic_write_text
 
 PLOTS = {"ppl": "ppl.png", "acc": "accuracy.png", "metrics": "ppl-metrics.png"}
 

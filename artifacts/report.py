@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from selfprune.fileio import atomic_write_bytes
+from selfprune.storage.fileio import atomic_write_bytes
 
 
 def fmt_rates(rates: list[float]) -> str:

@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from selfprune import allocation, data, stats
-from selfprune.models import load_model
-from selfprune.ppl import perplexity
-from selfprune.workbench import Calibration, Scoring, Workbench
+from selfprune.engine import allocation, data, stats
+from selfprune.engine.models import load_model
+from selfprune.engine.ppl import perplexity
+from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
 
 def peak_memory_mib(device: torch.device) -> float:

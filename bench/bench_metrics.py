@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from selfprune.metrics import resolve_metric
-from selfprune.models import load_model
-from selfprune.ppl import perplexity
-from selfprune.sparsity import parse_pattern, sparsify
-from selfprune.workbench import Calibration, Scoring, Workbench
+from selfprune.engine.metrics import resolve_metric
+from selfprune.engine.models import load_model
+from selfprune.engine.ppl import perplexity
+from selfprune.engine.sparsity import parse_pattern, sparsify
+from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
 
 def timed(fn, *args):

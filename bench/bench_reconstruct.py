@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from selfprune.demo import demo_model_dir
-from selfprune.metrics import resolve_metric
-from selfprune.models import load_model
-from selfprune.ppl import perplexity
-from selfprune.sparsity import parse_pattern
-from selfprune.workbench import Calibration, Scoring, Workbench
+from selfprune.engine.demo import demo_model_dir
+from selfprune.engine.metrics import resolve_metric
+from selfprune.engine.models import load_model
+from selfprune.engine.ppl import perplexity
+from selfprune.engine.sparsity import parse_pattern
+from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
 HERE = Path(__file__).resolve().parent
 

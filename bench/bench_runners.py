@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     args = ap.parse_args()
 
-    from selfprune.demo import demo_corpus_path, demo_model_dir
+    from selfprune.engine.demo import demo_corpus_path, demo_model_dir
 
     model, corpus = str(demo_model_dir()), str(demo_corpus_path())
     os.environ["SELFPRUNE_HOME"] = tempfile.mkdtemp(prefix="selfprune-bench-")
@@ -39,18 +39,18 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from selfprune import prefect_env
+    from selfprune.app import prefect_env
 
     prefect_env.configure(user_profiles=False, log_level="ERROR")
     prefect_env.ensure_api_server()
     from prefect import flow
 
-    from selfprune.allocation import project_to_mean
-    from selfprune.candidate import Structured
     from selfprune.config import SearchConfig
+    from selfprune.engine.allocation import project_to_mean
+    from selfprune.engine.candidate import Structured
+    from selfprune.engine.workbench import Scoring, shared_workbench
     from selfprune.evolve import pipeline
     from selfprune.flows.evolution import batch_scorer, task_runner
-    from selfprune.workbench import Scoring, shared_workbench
 
     base = SearchConfig(model=model, data=corpus, samples=args.samples, fitness_windows=4, device="cpu")
     calibration = vars(pipeline.calibration(base))

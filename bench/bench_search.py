@@ -29,20 +29,20 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    from selfprune.demo import demo_corpus_path, demo_model_dir
+    from selfprune.engine.demo import demo_corpus_path, demo_model_dir
 
     model, corpus = str(demo_model_dir()), str(demo_corpus_path())
     os.environ["SELFPRUNE_HOME"] = tempfile.mkdtemp(prefix="selfprune-bench-")
-    from selfprune import prefect_env
+    from selfprune.app import prefect_env
 
     prefect_env.configure(user_profiles=False, log_level="ERROR")
     prefect_env.ensure_api_server()
-    from selfprune.allocation import project_to_mean
-    from selfprune.candidate import Structured
     from selfprune.config import SearchConfig
+    from selfprune.engine.allocation import project_to_mean
+    from selfprune.engine.candidate import Structured
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Scoring, Workbench, shared_workbench
     from selfprune.flows.search import search
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Scoring, Workbench, shared_workbench
 
     settings = dict(model=model, data=corpus, ratio=0.5, oracle="ga", population=args.population,
                     mutations=args.population // 2, crossovers=args.population // 2,

@@ -17,10 +17,10 @@ import json
 
 def curve(config, label: str) -> list[tuple[int, float]]:
     """(fitness tokens scored so far, best candidate's test ppl) after each generation of one search."""
-    from selfprune.candidate import from_params
+    from selfprune.core.progress import ignore, one_by_one
+    from selfprune.engine.candidate import from_params
+    from selfprune.engine.workbench import shared_workbench
     from selfprune.evolve import pipeline, runner
-    from selfprune.progress import ignore, one_by_one
-    from selfprune.workbench import shared_workbench
 
     bench = shared_workbench(config.model, pipeline.calibration(config), config.device, config.dtype)
     setup = pipeline.Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)

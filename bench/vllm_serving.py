@@ -29,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from selfprune import perplexity, prune, search
-    from selfprune.allocation import EXACT, Alignment
-    from selfprune.demo import demo_model_dir
+    from selfprune.engine.allocation import EXACT, Alignment
+    from selfprune.engine.demo import demo_model_dir
     from selfprune.evaluate.speed import vllm_measure
     from selfprune.evaluate.vllm_bridge import vllm_python
 

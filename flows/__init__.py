@@ -1,7 +1,7 @@
 """The Prefect flows of selfprune. Importing this package (every flow module does, first)
 applies selfprune's Prefect settings and quiet logs to the process: see
-:func:`selfprune.prefect_env.setup_flow_process`."""
+:func:`selfprune.app.prefect_env.setup_flow_process`."""
 
-from selfprune.prefect_env import setup_flow_process as _setup
+from selfprune.app.prefect_env import setup_flow_process as _setup
 
 _setup()

@@ -21,17 +21,17 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from selfprune import prefect_env
-from selfprune.arch import Arch
-from selfprune.candidate import Candidate
+from selfprune.app import prefect_env
+from selfprune.app.faults import preflight
 from selfprune.config import EvolutionConfig, SearchConfig
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.core.progress import Advance, ignore
+from selfprune.engine.arch import Arch
+from selfprune.engine.candidate import Candidate
+from selfprune.engine.models import load_tokenizer, model_fingerprint
 from selfprune.evolve import pipeline, runner
 from selfprune.evolve.chat import ChatRequest, Reply, Transport
-from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
-from selfprune.models import load_tokenizer, model_fingerprint
-from selfprune.progress import Advance, ignore
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates
 from selfprune.tasks.oracle import oracle_call
@@ -129,7 +129,7 @@ def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibra
 
 def space_metric(config: SearchConfig) -> str | None:
     """The canonical metric of a sparsity search (whose allocations read its scores), else None."""
-    from selfprune.metrics import resolve_metric
+    from selfprune.engine.metrics import resolve_metric
 
     return resolve_metric(config.metric).text if config.pattern else None
 

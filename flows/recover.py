@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
 
 
 @flow(name="selfprune-recover", validate_parameters=True)
@@ -41,11 +41,11 @@ def recover(
     """Fine-tune the pruned export ``model`` with LoRA on ``data``'s calibration split for ``steps``
     steps (``batch_size`` windows of ``seqlen`` tokens each) and save it to ``out``; perplexity on
     ``test_windows`` (0: all) windows of ``test_seqlen`` tokens of the test split, before and after."""
-    from selfprune.data import data_fingerprint, load_split, split_windows
+    from selfprune.engine.data import data_fingerprint, load_split, split_windows
+    from selfprune.engine.export import RECORD, save_pruned
+    from selfprune.engine.models import load_model
+    from selfprune.engine.ppl import perplexity
     from selfprune.evaluate.lora import lora_recover
-    from selfprune.export import RECORD, save_pruned
-    from selfprune.models import load_model
-    from selfprune.ppl import perplexity
 
     start = time.perf_counter()
     src = Path(model).expanduser()

@@ -20,15 +20,15 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from selfprune.allocation import dense_structure
-from selfprune.arch import Arch
+from selfprune.app.faults import preflight
 from selfprune.artifacts import comparison
-from selfprune.candidate import Candidate, Dense, Structured
 from selfprune.config import ReportConfig
+from selfprune.engine.allocation import dense_structure
+from selfprune.engine.arch import Arch
+from selfprune.engine.candidate import Candidate, Dense, Structured
+from selfprune.engine.models import model_fingerprint
 from selfprune.evaluate.report import build_rows, check_searches, plan_report, summarize, write_summary
-from selfprune.faults import preflight
 from selfprune.flows.run_info import announce_run
-from selfprune.models import model_fingerprint
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates, evaluate_ppl, evaluate_zero_shot
 from selfprune.tasks.pruning import capture_statistics

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # (no torch). ``selfprune.search(model="demo", ratio=0.5)``, ``selfprune.autoprune(...)``, ``selfprune.prune(...)``,
 # ``selfprune.perplexity(...)``, ``selfprune.report(...)``, ``selfprune.load_pruned("DIR").model``.
 _LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api", "report": "evaluate.report",
-         "search": "evolve.runner", "autoprune": "evolve.autoprune", "load_pruned": "export", "SearchConfig": "config",
+         "search": "evolve.runner", "autoprune": "evolve.autoprune", "load_pruned": "engine.export", "SearchConfig": "config",
          "ReportConfig": "config", "AutopruneConfig": "config"}
 
 

@@ -16,24 +16,24 @@ from typing import Any
 
 import torch
 
-from . import allocators
-from .allocation import EXACT, Alignment, Structure, check_ratio, dense_structure, rates_to_structure, realized_ratio
-from .arch import Arch
-from .checkpoint import LoadedModel
-from .data import check_data, split_windows
-from .devices import model_precision
-from .errors import UserError
-from .export import RECORD, save_pruned
-from .metrics import Metric, resolve_metric
-from .models import load_arch, load_model
-from .ppl import perplexity as score_windows
-from .progress import step
+from .core.errors import UserError
+from .core.progress import step
+from .engine import allocators
+from .engine.allocation import EXACT, Alignment, Structure, check_ratio, dense_structure, rates_to_structure, realized_ratio
+from .engine.arch import Arch
+from .engine.checkpoint import LoadedModel
+from .engine.data import check_data, split_windows
+from .engine.devices import model_precision
+from .engine.export import RECORD, save_pruned
+from .engine.metrics import Metric, resolve_metric
+from .engine.models import load_arch, load_model
+from .engine.ppl import perplexity as score_windows
+from .engine.reconstruct import ADAPTIVE, check_reconstruction, identity
+from .engine.sparsity import Pattern, parse_pattern
+from .engine.workbench import Calibration, Progress, Workbench
 from .protocol import protocol
-from .reconstruct import ADAPTIVE, check_reconstruction, identity
 from .searched import PruneSettings, settle
-from .sparsity import Pattern, parse_pattern
-from .userfiles import read_json
-from .workbench import Calibration, Progress, Workbench
+from .storage.userfiles import read_json
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ def prune(
     ``2:4``, ``4:8``); ``ratio`` is then the sparsity. ``reconstruct``: refit what stays on the
     calibration windows, layer by layer (``sparsegpt`` on the metric's mask; ``sparsegpt-adaptive``,
     SparseGPT's own mask, no metric needed; ``lsq`` for structured pruning). ``align``: kept heads and MLP channels in
-    multiples that kernels like (:class:`~selfprune.allocation.Alignment`). With ``out`` the model is exported there
+    multiples that kernels like (:class:`~selfprune.engine.allocation.Alignment`). With ``out`` the model is exported there
     (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
     ``progress``: ``(label, total) -> advance(n)`` for every pass; without it, the long steps are
-    logged (:mod:`selfprune.progress`). The dense model is not modified.
+    logged (:mod:`selfprune.core.progress`). The dense model is not modified.
     With a search's best.json as ``allocation``, every setting left ``None`` is the search's (so the
     searched model is rebuilt), else the defaults (``demo``, 128 x 512, ``wanda-sp``, ``auto``, exact,
     ``none``, ``unstructured``); ``settings_note`` of the result says what came from the search.
@@ -204,7 +204,7 @@ def perplexity(
 
     ``model``: a spec as for ``--model`` (loaded with ``device``/``dtype``), or a model already in
     memory (a loaded model, ``selfprune.load_pruned(DIR)``, a :class:`PruneResult`), scored where
-    it lies. Returns the :class:`selfprune.ppl.Perplexity` fields with ``data`` and ``split``, and,
+    it lies. Returns the :class:`selfprune.engine.ppl.Perplexity` fields with ``data`` and ``split``, and,
     for a spec or a loaded model, ``model`` and ``fingerprint``.
     """
     lm = load_model(model, device, dtype) if isinstance(model, str) else model

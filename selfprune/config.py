@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .core.errors import UserError
 
 
 def _comma_separated(value):
@@ -28,7 +28,7 @@ def _comma_separated(value):
 
 
 RUNNERS = ("local", "dask", "ray")
-# The registered allocations a rate search starts from (selfprune.allocators; a test keeps them equal).
+# The registered allocations a rate search starts from (selfprune.engine.allocators; a test keeps them equal).
 BASELINES = ("uniform", "owl", "sdsa", "atp", "dlp", "alphapruning")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from selfprune.paths import home
+from selfprune.storage.paths import home
 
 
 def run_directory() -> dict[str, str]:
@@ -36,7 +36,7 @@ def env_from_secrets(**secrets: str) -> dict[str, str]:
     """
     from prefect.blocks.system import Secret
 
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
 
     for variable, block in secrets.items():
         try:
@@ -55,7 +55,7 @@ def install_automation(path: Path) -> str:
     import yaml
     from prefect.automations import Automation
 
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
 
     try:
         spec = yaml.safe_load(path.read_text())

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .data import data_fingerprint
-from .devices import library_builds, precision
-from .errors import UserError
+from .core.errors import UserError
+from .engine.data import data_fingerprint
+from .engine.devices import library_builds, precision
 
 PER_ROW = ("seed",)  # fields a table's rows may differ in (shown per row)
 PACKAGES = ("selfprune", "torch", "transformers", "lm_eval")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .userfiles import read_json
+from .storage.userfiles import read_json
 
 
 @dataclass(frozen=True)

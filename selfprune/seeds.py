@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import EvolutionConfig
-from .fileio import atomic_write_text
+from .storage.fileio import atomic_write_text
 
 SUMMARY = "seeds.json"
 

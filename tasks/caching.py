@@ -1,6 +1,6 @@
 """Content-hash-cached Prefect tasks: how a cache key is made, and why resume survives SIGKILL.
 
-What goes into each of this project's keys (its ``key_fn``) is built in :mod:`selfprune.identity`.
+What goes into each of this project's keys (its ``key_fn``) is built in :mod:`selfprune.engine.identity`.
 
 Declare a task with ``@cached_task(...)`` (or pass ``cache_policy=content_cache(...)`` to
 ``@task`` yourself)::
@@ -12,7 +12,7 @@ The cache key
     ``<namespace>-<content_hash(namespace, version, payload)>`` where ``payload``
     is ``key_fn(**task_parameters)`` (or the parameters named in ``include``, or, with neither,
     all parameters). It is built only from small explicit values (str, numbers, bool, None and
-    lists/dicts of them, or objects with ``to_dict()``) through ``selfprune.hashing``: a tensor
+    lists/dicts of them, or objects with ``to_dict()``) through ``selfprune.storage.hashing``: a tensor
     or a model reaching the key raises ``TypeError`` instead of being cloudpickled (torch
     pickles are not deterministic). Never in the key: the flow or task run id (Prefect's
     DEFAULT policy has RUN_ID, so a rerun after preemption would miss), the task's source
@@ -28,12 +28,12 @@ The cache key
 
 Results
     Persisted (``persist_result=True``) under ``PREFECT_LOCAL_STORAGE_PATH`` (see
-    ``selfprune.prefect_env``), one file per key, with a plain JSON serializer (no pickle, no
+    ``selfprune.app.prefect_env``), one file per key, with a plain JSON serializer (no pickle, no
     Prefect object hooks; the one thing it encodes beyond JSON is the exception of a failed run,
     which Prefect persists with the same serializer, and it reads that back as a plain dict). The
     task's return value is round-tripped through JSON on its first run too, so a fresh result and a
     cached one are identical (a tuple comes back as a list both times) and a non-JSON return fails
-    at once, not on resume. Tensors go to ``selfprune.store``; the task returns their key.
+    at once, not on resume. Tensors go to ``selfprune.storage.store``; the task returns their key.
 
 Reading results: the file never chooses its decoder
     Prefect decodes a result file with the serializer named *inside* the file, and with pickle
@@ -79,7 +79,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
-from selfprune.hashing import content_hash
+from selfprune.storage.hashing import content_hash
 
 if TYPE_CHECKING:
     from prefect.results import ResultRecord
@@ -207,7 +207,7 @@ def _prefect_deserialize_split(cls: type, result: bytes, metadata: bytes) -> Res
 
 def _logged_refusal(read: Callable[[], Any]) -> Any:
     """``read()``; a refusal is also logged, since Prefect takes some read failures for a silent miss."""
-    from selfprune.prefect_env import results_dir
+    from selfprune.app.prefect_env import results_dir
 
     try:
         return read()
@@ -241,7 +241,7 @@ def set_aside_if_corrupt(key: str) -> None:
     it as a silent miss and overwrite it; this way the fault is seen and nothing is deleted.
     One naming another serializer (planted: selfprune never writes one) is never decoded: it is
     set aside the same way, as ``<key>.untrusted-<time>``."""
-    from selfprune.prefect_env import results_dir
+    from selfprune.app.prefect_env import results_dir
 
     path = results_dir() / key
     try:
@@ -272,9 +272,9 @@ def kept_result(state) -> Any:
     been persisted") and goes on; a search that went on without its cache would redo all that work
     after the next preemption, so a lost write stops the run here, naming the path (and the full
     disk, when that is the cause)."""
-    from selfprune.errors import EnvironmentFault
-    from selfprune.prefect_env import results_dir
-    from selfprune.preflight import full_device, no_space
+    from selfprune.app.prefect_env import results_dir
+    from selfprune.core.errors import EnvironmentFault
+    from selfprune.storage.preflight import full_device, no_space
 
     value = state.result()
     key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
@@ -313,7 +313,7 @@ def _json_roundtrip(value: Any, name: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"cached task {name!r} returned {type(value).__name__}, which is not plain JSON ({exc}). "
-            "Return dicts/lists/str/numbers/bool/None; put tensors in selfprune.store "
+            "Return dicts/lists/str/numbers/bool/None; put tensors in selfprune.storage.store "
             "and return their key."
         ) from exc
 

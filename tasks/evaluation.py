@@ -1,14 +1,14 @@
 """Prefect tasks for the comparison report: allocations, perplexity and zero-shot accuracy.
 
 Like ``tasks/pruning.py`` they run against the process-wide
-:func:`selfprune.workbench.shared_workbench` (one dense model per process; a candidate is
+:func:`selfprune.engine.workbench.shared_workbench` (one dense model per process; a candidate is
 ``bench.model(candidate)``), take small JSON inputs and return plain JSON, so a report over many
 models and ratios recomputes nothing it already has.
 
 * Perplexity is :func:`selfprune.tasks.pruning.score_candidate` itself (re-exported here as
   :data:`evaluate_ppl`): the report shares its cache with the search, so the search's final
   test-split scores are hits. The dense model is the structure that keeps every unit
-  (:func:`selfprune.allocation.dense_structure`): slicing leaves every layer of it untouched, so it
+  (:func:`selfprune.engine.allocation.dense_structure`): slicing leaves every layer of it untouched, so it
   *is* the dense model.
 * :func:`evaluate_zero_shot` runs lm-eval on the in-memory candidate; its key holds the task names,
   a path-independent fingerprint of the local task files, lm-eval's version, limit, max length and
@@ -21,8 +21,8 @@ The work itself is the library's (:mod:`selfprune.evaluate.report`); these add t
 
 from __future__ import annotations
 
-from selfprune import identity
-from selfprune.candidate import from_params
+from selfprune.engine import identity
+from selfprune.engine.candidate import from_params
 from selfprune.evaluate import report
 from selfprune.tasks.caching import cached_task
 from selfprune.tasks.pruning import score_candidate, workbench

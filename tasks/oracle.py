@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from selfprune import identity
+from selfprune.engine import identity
 from selfprune.evolve.chat import ChatRequest, Transport
 from selfprune.evolve.transport import openai_transport
 from selfprune.tasks.caching import cached_task

@@ -1,6 +1,6 @@
 """Prefect tasks around the pruning engine: statistics capture and candidate scoring.
 
-Both run against the process-wide :func:`selfprune.workbench.shared_workbench`, so a worker loads
+Both run against the process-wide :func:`selfprune.engine.workbench.shared_workbench`, so a worker loads
 the model once however many candidates it scores. Their inputs are small JSON values (model spec,
 fingerprints, settings, the candidate's structure); tensors stay in the statistics store and
 never reach Prefect's key hashing or result serializer.
@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 
-from selfprune import identity
-from selfprune.candidate import from_params
-from selfprune.fileio import append_line
-from selfprune.reconstruct import NONE
+from selfprune.engine import identity
+from selfprune.engine.candidate import from_params
+from selfprune.engine.reconstruct import NONE
+from selfprune.engine.workbench import Calibration, Scoring, shared_workbench
+from selfprune.storage.fileio import append_line
 from selfprune.tasks.caching import cached_task
-from selfprune.workbench import Calibration, Scoring, shared_workbench
 
 
 @cached_task(key_fn=identity.calibration_task, version="2", task_run_name="capture-statistics")
@@ -40,8 +40,9 @@ def score_candidate(
     device: str = "auto", dtype: str = "auto", ledger: str | None = None, method: str = "wanda-sp",
     reconstruct: str = NONE, tolerate_invalid: bool = False,
 ) -> dict:
-    """Build the candidate (:meth:`Workbench.model` of :func:`selfprune.candidate.from_params`: slice the loaded dense model, or zero a
-    metric's lowest-scoring weights; a structure refitted by ``reconstruct``) and measure its perplexity.
+    """Build the candidate (:meth:`Workbench.model` of :func:`selfprune.engine.candidate.from_params`:
+    slice the loaded dense model, or zero a metric's lowest-scoring weights; a structure refitted by
+    ``reconstruct``) and measure its perplexity.
     ``tolerate_invalid`` (a metric search): a metric not finite on this model gives a record with NaN
     perplexity and ``invalid`` (the reason) instead of failing.
 

@@ -61,7 +61,7 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
     """Run ``selfprune ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
     import sys
 
-    from selfprune import cli
+    from selfprune.app import cli
 
     monkeypatch.setattr(sys, "argv", ["selfprune", *args])
     _console_follows_stderr()
@@ -86,7 +86,7 @@ def _isolated_home(tmp_path_factory):
 def module_home(_isolated_home, tmp_path_factory, request) -> Path:
     """Each test module gets its own ``SELFPRUNE_HOME`` and Prefect results directory (the task
     cache), so what a test computes or finds cached never depends on which other modules ran."""
-    from selfprune import prefect_env
+    from selfprune.app import prefect_env
 
     home = tmp_path_factory.mktemp(f"home-{request.module.__name__.rsplit('.', 1)[-1]}")
     (home / "results").mkdir(mode=0o700)
@@ -175,7 +175,7 @@ def prefect_api(_isolated_home) -> Iterator[str]:
 
     Subprocesses inherit ``PREFECT_API_URL`` and reuse it instead of starting their own.
     """
-    from selfprune import prefect_env
+    from selfprune.app import prefect_env
 
     prefect_env.configure(user_profiles=False, log_level="WARNING")
     yield prefect_env.ensure_api_server()
@@ -292,7 +292,7 @@ def tiny_export(ws: Path, out: Path, *extra: str) -> Path:
     """Prune the tiny workspace model through the real CLI into ``out`` (for module-scoped fixtures)."""
     import sys
 
-    from selfprune import cli
+    from selfprune.app import cli
 
     argv, sys.argv = sys.argv, ["selfprune", *tiny_prune_args(ws, out, *extra)]
     try:

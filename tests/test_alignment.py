@@ -9,9 +9,9 @@ import pytest
 from conftest import run_cli, tiny_export
 
 from selfprune import search
-from selfprune.allocation import EXACT, Alignment, layer_keep, rates_to_structure, realized_ratio, uniform
-from selfprune.arch import Arch
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine.allocation import EXACT, Alignment, layer_keep, rates_to_structure, realized_ratio, uniform
+from selfprune.engine.arch import Arch
 
 # The demo model's shape: 3 KV groups of 3 query heads (head size 64), hidden 576, MLP 1536, 30 layers.
 DEMO = Arch(model_type="llama", n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,

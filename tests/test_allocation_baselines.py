@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import run_cli, tiny_prune_args
 
-from selfprune import allocation, allocators
-from selfprune.allocators import alphapruning, atp, dlp
-from selfprune.errors import UserError
-from selfprune.sparsity import parse_pattern
+from selfprune.core.errors import UserError
+from selfprune.engine import allocation, allocators
+from selfprune.engine.allocators import alphapruning, atp, dlp
+from selfprune.engine.sparsity import parse_pattern
 
 BASELINES = ["atp", "dlp", "alphapruning"]
 
@@ -83,8 +83,8 @@ def test_a_heavier_tailed_layer_gets_a_smaller_alpha():
 
 @pytest.fixture(scope="module")
 def bench(tiny_workspace):
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Workbench
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Workbench
 
     lm = load_model(str(tiny_workspace / "model"), "cpu")
     return Workbench(lm, Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
@@ -108,7 +108,7 @@ def test_structured_rates_on_a_tiny_model(bench, spec):
 
 @pytest.mark.parametrize("spec", BASELINES)
 def test_unstructured_rates_on_a_tiny_model(bench, spec):
-    from selfprune.metrics import resolve_metric
+    from selfprune.engine.metrics import resolve_metric
 
     rates, result = bench.sparsify(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))
     check_rates(rates, 0.6, bench.arch.n_layers)
@@ -117,7 +117,7 @@ def test_unstructured_rates_on_a_tiny_model(bench, spec):
 
 
 def test_dlp_reads_the_metric_and_alphapruning_the_weights_alone(bench):
-    from selfprune.metrics import resolve_metric
+    from selfprune.engine.metrics import resolve_metric
 
     pattern = parse_pattern("unstructured")
     by_metric = {s: {m: bench.sparse_rates(resolve_metric(m), s, 0.5, pattern) for m in ("wanda", "magnitude")}
@@ -132,10 +132,10 @@ def test_dlp_reads_the_metric_and_alphapruning_the_weights_alone(bench):
 def test_atp_picks_the_grid_point_of_lowest_fitness_perplexity(bench, metric):
     """The chosen progression is the argmin of perplexity on the fitness windows over the grid,
     measured here independently on the structured (or the metric's sparse) candidates."""
-    from selfprune import sparsity
-    from selfprune.metrics import resolve_metric
-    from selfprune.ppl import perplexity
-    from selfprune.workbench import allocation_scoring
+    from selfprune.engine import sparsity
+    from selfprune.engine.metrics import resolve_metric
+    from selfprune.engine.ppl import perplexity
+    from selfprune.engine.workbench import allocation_scoring
 
     n, ratio, scoring = bench.arch.n_layers, 0.5, allocation_scoring(bench.calibration)
     if metric is None:
@@ -151,8 +151,8 @@ def test_atp_picks_the_grid_point_of_lowest_fitness_perplexity(bench, metric):
 
 
 def test_the_report_entry_of_each_baseline(bench):
+    from selfprune.engine.metrics import resolve_metric
     from selfprune.evaluate.report import allocation_entry
-    from selfprune.metrics import resolve_metric
 
     for spec in BASELINES:
         entry = allocation_entry(bench, spec, 0.6, "wanda", "unstructured")
@@ -173,8 +173,8 @@ def test_n_m_takes_only_the_uniform_allocation():
 
 
 def test_cache_keys_name_what_atp_tunes_on(tiny_workspace):
-    from selfprune.data import data_fingerprint
-    from selfprune.identity import allocation_task, candidate_task
+    from selfprune.engine.data import data_fingerprint
+    from selfprune.engine.identity import allocation_task, candidate_task
 
     calibration = {"data": str(tiny_workspace / "corpus.txt"), "samples": 4, "seqlen": 64, "batch_size": 4}
     common = dict(model_fp="m", stats_key="s", ratio=0.5, calibration=calibration, device="cpu", dtype="float32")
@@ -211,9 +211,9 @@ def test_cli_prunes_with_each_baseline(tiny_workspace, tmp_path, capsys, monkeyp
 def test_atp_tunes_once_per_metric_and_sparsity_in_a_process(tiny_workspace):
     """A report row builds its candidate for the perplexity and again for zero-shot: ATP's tuning
     (a perplexity pass per grid point) runs once, and another metric or sparsity tunes anew."""
-    from selfprune.metrics import resolve_metric
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Workbench
+    from selfprune.engine.metrics import resolve_metric
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Workbench
 
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
     passes = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import selfprune
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_prune_exports_what_it_returns(ws, tmp_path):
 
 
 def test_prune_with_explicit_rates_leaves_the_loaded_model_intact(ws):
-    from selfprune.models import load_model
+    from selfprune.engine.models import load_model
 
     lm = load_model(str(ws / "model"), device="cpu")
     before = {n: p.clone() for n, p in lm.model.named_parameters()}

@@ -36,7 +36,7 @@ def first(prefect_api, tiny_workspace, tmp_path_factory):
 
 
 def test_the_flow_writes_best_json_the_graph_and_scores_against_the_built_ins(first):
-    from selfprune.metrics import parse_metric
+    from selfprune.engine.metrics import parse_metric
 
     summary, out = first
     best = json.loads((out / "best.json").read_text())
@@ -99,7 +99,7 @@ def test_sigkill_then_rerun_resumes_with_the_same_best(first, tiny_workspace, tm
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
     env["SELFPRUNE_HOME"] = str(tmp_path / "home")
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "selfprune.cli", "autoprune", "--model", str(tiny_workspace / "model"), "--data",
+    cmd = [sys.executable, "-m", "selfprune.app.cli", "autoprune", "--model", str(tiny_workspace / "model"), "--data",
            str(tiny_workspace / "corpus.txt"), "--out", str(out)]
     for k, v in TINY.items():
         cmd += [f"--{'sparsity' if k == 'sparsities' else k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
@@ -169,7 +169,7 @@ def test_metrics_judged_after_reconstruction_under_atp(tiny_workspace, tmp_path)
     after SparseGPT's update, under ATP's per-layer sparsities (the same mask as without it, other
     weights); SparseGPT's own mask, which no metric decides, is refused."""
     import selfprune
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
 
     plain = selfprune.autoprune(config(tiny_workspace, tmp_path / "plain", allocation="atp", generations=1))
     rebuilt = selfprune.autoprune(config(tiny_workspace, tmp_path / "sgpt", allocation="atp", generations=1,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, tiny_export, tiny_prune_args
 
-from selfprune.cli import BENCH_FIELDS
+from selfprune.app.cli import BENCH_FIELDS
 
 FAST = ["--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"]
 

@@ -87,7 +87,7 @@ def test_corpus_too_short(workspace, capsys, monkeypatch):
 def test_corrupt_statistics_file_is_set_aside_and_recomputed(workspace, capsys, monkeypatch):
     args = prune_args(workspace, "--ratio", "0.3", "--out", str(workspace / "u"), "--calib-seqlen", "48")
     assert run_cli(capsys, monkeypatch, *args)[0] == 0
-    from selfprune.store import ArtifactStore
+    from selfprune.storage.store import ArtifactStore
 
     newest = max(ArtifactStore().root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     newest.write_bytes(b"garbage")

@@ -53,13 +53,13 @@ def description_width(entries: list[list[str]]) -> int:
 
 
 def commands() -> list[str]:
-    from selfprune.cli import app
+    from selfprune.app.cli import app
 
     return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
 
 
 def test_the_app_help_is_for_users(narrow, capsys, monkeypatch):
-    from selfprune import cli
+    from selfprune.app import cli
 
     text = help_text(capsys, monkeypatch)
     first = " ".join(text.split("╭")[0].split())
@@ -91,7 +91,7 @@ PROTOCOL = {"model": "m", "model_fingerprint": "f" * 12, "data": "d", "data_fing
 def test_the_report_tables_keep_every_cell_at_80_columns():
     from rich.console import Console
 
-    from selfprune.cli import report_tables
+    from selfprune.app.cli import report_tables
 
     tasks = ["boolq", "piqa", "selfprune_cloze"]
     acc = {t: 0.61234 for t in tasks}
@@ -128,7 +128,7 @@ def selfprune(*args: str, home: Path) -> subprocess.CompletedProcess:
     would hide a progress bar for us."""
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
     env |= {"SELFPRUNE_HOME": str(home), "COLUMNS": str(WIDTH)}
-    return subprocess.run([sys.executable, "-c", "from selfprune.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", "from selfprune.app.cli import main; main()", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from selfprune import data
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine import data
 
 WORDS = "the a of and to in is was he she it that his her with for as on at by thou thee".split()
 
@@ -200,7 +200,7 @@ def test_token_windows_shapes_and_memo(txt_file, monkeypatch):
     monkeypatch.setattr(data, "_tokenize_chunked", lambda *a: pytest.fail("tokenized again"))
     assert torch.equal(data.token_ids(tok, text), ids)
     # The memo holds raw int32 bytes (nothing pickled); a damaged entry is recomputed.
-    from selfprune.memo import open_memo
+    from selfprune.storage.memo import open_memo
 
     with open_memo("tokens") as memo:
         [key] = [k for k in memo if memo[k] == ids.to(torch.int32).numpy().tobytes()]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from selfprune import data, demo
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine import data, demo
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from selfprune import allocation
-from selfprune.candidate import Dense, Structured
-from selfprune.export import load_pruned, save_pruned
-from selfprune.models import load_model
-from selfprune.workbench import Calibration, Scoring, Workbench
+from selfprune.engine import allocation
+from selfprune.engine.candidate import Dense, Structured
+from selfprune.engine.export import load_pruned, save_pruned
+from selfprune.engine.models import load_model
+from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
 pytestmark = pytest.mark.demo
 
@@ -27,7 +27,7 @@ def test_demo_prune_export_reload(real_home, tmp_path):
     assert in_memory.tokens == 2 * 127 and dense < in_memory.ppl < 100 * dense
     out = save_pruned(pruned, bench.lm.tokenizer, tmp_path / "demo-owl", bench.record(rates, structure, "owl"))
     back = load_pruned(out, device="cpu")
-    from selfprune.ppl import perplexity
+    from selfprune.engine.ppl import perplexity
 
     assert perplexity(back.model, bench.windows(scoring)).ppl == pytest.approx(in_memory.ppl, rel=1e-5)
     assert sum(p.numel() for p in back.model.parameters()) < 0.8 * sum(p.numel() for p in bench.lm.model.parameters())

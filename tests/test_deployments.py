@@ -138,7 +138,7 @@ def deployed(stack):
     zombies["trigger"]["within"] = ZOMBIE_WINDOW_S
     (stack.tmp / "zombies.yaml").write_text(yaml.safe_dump(zombies))
     for said in ("created", "updated"):  # `selfprune prefect-setup` is safe to run again
-        done = subprocess.run([PY, "-m", "selfprune.cli", "prefect-setup", "--automation", str(stack.tmp / "zombies.yaml")],
+        done = subprocess.run([PY, "-m", "selfprune.app.cli", "prefect-setup", "--automation", str(stack.tmp / "zombies.yaml")],
                               env=stack.env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and f"{said} automation" in done.stdout + done.stderr, done.stdout + done.stderr
     automations = stack.api.post("/automations/filter", json={}).raise_for_status().json()
@@ -174,8 +174,8 @@ def test_deploy_stores_no_machine_path_and_no_secret(deployed):
 def test_user_errors_log_one_line_and_a_traceback_only_at_debug():
     import logging
 
+    from selfprune.app.prefect_env import OneLineUserErrors
     from selfprune.evolve.chat import OracleUnavailable
-    from selfprune.prefect_env import OneLineUserErrors
 
     def record(exc: Exception) -> logging.LogRecord:
         try:
@@ -253,7 +253,7 @@ def test_worker_run_and_cli_run_share_one_cache(deployed, tiny_workspace):
             assert record["metadata"]["serializer"]["type"] == "json", p
 
     t1 = time.monotonic()
-    cli = subprocess.run([PY, "-m", "selfprune.cli", "search", *_cli_args(run["parameters"]["config"])],
+    cli = subprocess.run([PY, "-m", "selfprune.app.cli", "search", *_cli_args(run["parameters"]["config"])],
                          env=deployed.env(OMP_NUM_THREADS="1"), cwd=deployed.selfprune_home,
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
@@ -344,7 +344,7 @@ def test_cli_run_retried_with_module_entrypoint_uses_the_same_cache(deployed, ti
     params = {"model": str(tiny_workspace / "model"), "data": str(tiny_workspace / "corpus.txt"), "out": str(out),
               **TINY, "generations": 3, "seed": 14, "oracle": "openai:fake-gpt"}
     with FakeOpenAI([*(reply(_llm_reply(8, 200 + s)) for s in range(3)), status(500)]) as server:
-        failed = subprocess.run([PY, "-m", "selfprune.cli", "search", *_cli_args(params), "--base-url", server.base_url],
+        failed = subprocess.run([PY, "-m", "selfprune.app.cli", "search", *_cli_args(params), "--base-url", server.base_url],
                                 env=deployed.env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
         assert failed.returncode == 3 and "500" in failed.stderr, failed.stdout[-2000:] + failed.stderr[-2000:]  # the server: exit 3
         evaluated = len(_ledger(out / "evaluations.jsonl"))

@@ -23,7 +23,7 @@ def hooked(model_dir):
     layer, the embeddings and the head (here every device is the CPU)."""
     from accelerate import dispatch_model
 
-    from selfprune.models import load_model
+    from selfprune.engine.models import load_model
 
     lm = load_model(str(model_dir), "cpu")
     names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
@@ -37,11 +37,11 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
     from safetensors.torch import load_file
 
     import selfprune
-    from selfprune.candidate import Structured
-    from selfprune.export import load_pruned
-    from selfprune.models import load_model
-    from selfprune.ppl import perplexity
-    from selfprune.workbench import Calibration, Scoring, Workbench
+    from selfprune.engine.candidate import Structured
+    from selfprune.engine.export import load_pruned
+    from selfprune.engine.models import load_model
+    from selfprune.engine.ppl import perplexity
+    from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
     model_dir = tiny_workspace / "model"
     calibration, scoring = Calibration(corpus, samples=4, seqlen=64), Scoring(corpus, "test", 64, 4)
@@ -74,9 +74,9 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
 def test_an_offloading_placement_is_refused(tiny_workspace):
     """With too little device memory accelerate offloads modules (to disk, here); --device map
     refuses that with the fix, since candidates are sliced from resident weights."""
-    from selfprune.checkpoint import from_pretrained
-    from selfprune.devices import check_resident
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
+    from selfprune.engine.checkpoint import from_pretrained
+    from selfprune.engine.devices import check_resident
 
     model, _ = from_pretrained(str(tiny_workspace / "model"), torch.float32, device_map="auto",
                                max_memory={"cpu": 20_000}, offload_folder=str(tiny_workspace / "offload"))
@@ -86,8 +86,8 @@ def test_an_offloading_placement_is_refused(tiny_workspace):
 
 
 def test_unknown_device_names_map():
-    from selfprune.devices import resolve_device
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
+    from selfprune.engine.devices import resolve_device
 
     with pytest.raises(UserError, match="or map"):
         resolve_device("gpu")

@@ -31,7 +31,7 @@ def run_selfprune(cwd: Path, home: Path, *args: str, **env: str | None) -> tuple
         else:
             environ[name] = value
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "selfprune.cli", *args], cwd=cwd, env=environ,
+    done = subprocess.run([sys.executable, "-m", "selfprune.app.cli", *args], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=300)
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -44,7 +44,7 @@ def limit_s() -> float:
     modules (torch) takes now, if more. A loaded machine slows every start, a Prefect start (a
     server, a flow run) by far more; the CPU time is held to :data:`SECONDS` regardless."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import selfprune.cli, selfprune.inputs, selfprune.evolve.runner"], check=True)
+    subprocess.run([sys.executable, "-c", "import selfprune.app.cli, selfprune.app.inputs, selfprune.evolve.runner"], check=True)
     return max(SECONDS, 3 * (time.perf_counter() - start))
 
 
@@ -127,9 +127,9 @@ def test_an_oracle_key_variable_that_is_unset_fails_before_prefect(ws, limit_s):
 
 def test_a_local_server_needs_no_key(tiny_workspace, monkeypatch):
     """A base URL that is not the OpenAI API gets the placeholder key: no variable is needed."""
+    from selfprune.app.inputs import check_inputs
     from selfprune.config import SearchConfig
-    from selfprune.errors import UserError
-    from selfprune.inputs import check_inputs
+    from selfprune.core.errors import UserError
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     config = SearchConfig(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"),

@@ -12,13 +12,13 @@ import torch
 from conftest import build_tiny, random_windows
 
 import selfprune
-from selfprune import allocation, slicing, stats, wanda_sp
-from selfprune.allocation import LayerKeep
-from selfprune.arch import arch_of
-from selfprune.errors import CorruptFile, UserError
-from selfprune.export import save_pruned
-from selfprune.models import load_model
-from selfprune.ppl import perplexity
+from selfprune.core.errors import CorruptFile, UserError
+from selfprune.engine import allocation, slicing, stats, wanda_sp
+from selfprune.engine.allocation import LayerKeep
+from selfprune.engine.arch import arch_of
+from selfprune.engine.export import save_pruned
+from selfprune.engine.models import load_model
+from selfprune.engine.ppl import perplexity
 
 
 def _ranked(model, seed=0):
@@ -39,8 +39,8 @@ def test_load_local_dir_reads_arch_and_fingerprint(tiny_dir):
 
 
 def test_fingerprint_is_memoized_by_path_size_and_mtime(tmp_path, monkeypatch):
-    from selfprune import checkpoint
-    from selfprune.hashing import sha256_file
+    from selfprune.engine import checkpoint
+    from selfprune.storage.hashing import sha256_file
 
     build_tiny("llama_mha").save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
@@ -245,8 +245,8 @@ def test_channel_stats_are_the_inputs_rms_mean_and_variance():
 
 
 def test_corrupt_statistics_are_set_aside_and_recomputed(tiny_workspace, tmp_path, monkeypatch):
-    from selfprune.store import ArtifactStore
-    from selfprune.workbench import Calibration, Workbench
+    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.storage.store import ArtifactStore
 
     monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))
     lm = load_model(str(tiny_workspace / "model"), device="cpu")
@@ -286,7 +286,7 @@ def test_cuda_bf16_path_matches_cpu(tiny_dir):
 
 def test_one_dense_model_per_process_whatever_the_batch_size(tiny_workspace):
     """The batch size changes no statistic, so it shares the workbench; other calibrations share the model."""
-    from selfprune.workbench import Calibration, shared_model, shared_workbench
+    from selfprune.engine.workbench import Calibration, shared_model, shared_workbench
 
     model, corpus = str(tiny_workspace / "model"), str(tiny_workspace / "corpus.txt")
     a = shared_workbench(model, Calibration(corpus, 4, 64, batch_size=2), "cpu")

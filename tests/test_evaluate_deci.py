@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from conftest import build_tiny, byte_tokenizer, random_windows
 from safetensors.torch import load_file
 
-from selfprune import slicing, stats, wanda_sp
-from selfprune.allocation import LayerKeep
-from selfprune.arch import arch_of
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine import slicing, stats, wanda_sp
+from selfprune.engine.allocation import LayerKeep
+from selfprune.engine.arch import arch_of
+from selfprune.engine.export import save_pruned
 from selfprune.evaluate.deci import (
     block_configs,
     check_deci_dir,
@@ -23,7 +24,6 @@ from selfprune.evaluate.deci import (
     ffn_mult_for,
     ffn_width,
 )
-from selfprune.export import save_pruned
 
 
 def export_tiny(kind: str, structure, out):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import build_tiny, byte_tokenizer, random_windows
 
-from selfprune import slicing, stats, wanda_sp
-from selfprune.allocation import LayerKeep
-from selfprune.arch import arch_of
-from selfprune.data import token_windows
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine import slicing, stats, wanda_sp
+from selfprune.engine.allocation import LayerKeep
+from selfprune.engine.arch import arch_of
+from selfprune.engine.data import token_windows
 from selfprune.evaluate.lora import lora_recover, lora_targets
 
 # peft itself calls the deprecated is_gradient_checkpointing of transformers 5

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import build_tiny, byte_tokenizer, random_windows
 
-from selfprune import slicing, stats, wanda_sp
-from selfprune.allocation import LayerKeep
-from selfprune.arch import arch_of
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine import slicing, stats, wanda_sp
+from selfprune.engine.allocation import LayerKeep
+from selfprune.engine.arch import arch_of
 from selfprune.evaluate.speed import format_measurement, measure, weight_stats
 
 # _cached_vs_full passes past_key_values (the name every transformers 4.56-5.x accepts)

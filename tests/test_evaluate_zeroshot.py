@@ -10,10 +10,10 @@ import torch
 import yaml
 from conftest import build_tiny, byte_tokenizer, random_windows
 
-from selfprune import slicing, stats, wanda_sp
-from selfprune.allocation import LayerKeep
-from selfprune.arch import arch_of
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine import slicing, stats, wanda_sp
+from selfprune.engine.allocation import LayerKeep
+from selfprune.engine.arch import arch_of
 from selfprune.evaluate.cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 from selfprune.evaluate.zeroshot import PAPER_TASKS, evaluate_zero_shot, summarize
 

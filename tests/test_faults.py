@@ -27,7 +27,7 @@ EVALUATIONS = 6 + 6 * (2 + 2)
 
 
 def search_cmd(ws: Path, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "selfprune.cli", "search", "--model", str(ws / "model"),
+    cmd = [sys.executable, "-m", "selfprune.app.cli", "search", "--model", str(ws / "model"),
            "--data", str(ws / "corpus.txt"), "--out", str(out)]
     for k, v in TINY.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -255,8 +255,8 @@ def test_a_prefect_database_that_cannot_be_locked_is_named_before_any_work(tiny_
 def test_the_outage_allowance_becomes_prefects_client_retries(seconds):
     """Prefect's client waits 2, 4, 8, ... s between retries: the retries cover the allowance, and
     at most about twice it."""
-    from selfprune.faults import retries_for_outage
-    from selfprune.prefect_env import configure
+    from selfprune.app.faults import retries_for_outage
+    from selfprune.app.prefect_env import configure
 
     n = retries_for_outage(seconds)
     assert seconds <= sum(2 ** k for k in range(1, n + 1)) <= 2 * seconds + 2

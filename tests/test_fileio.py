@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfprune.fileio import atomic_path, atomic_write_bytes, atomic_write_text, staged_dir
+from selfprune.storage.fileio import atomic_path, atomic_write_bytes, atomic_write_text, staged_dir
 
 
 def test_atomic_writes_create_parents_and_replace_whole(tmp_path):

@@ -1,4 +1,4 @@
-"""Cache identity (selfprune/identity.py): existing keys stay valid, and the library's and the flow's agree.
+"""Cache identity (selfprune/engine/identity.py): existing keys stay valid, and the library's and the flow's agree.
 
 The pinned keys below were computed with the code before the identity module; a change here
 invalidates every user's cache (a deliberate change is one stated version bump, and new literals).
@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-from selfprune import devices
+from selfprune.engine import devices
 
 # Fixed inputs. The data spec is relative ("corpus.txt", read in the tiny workspace) because the
 # calibration and scoring settings name it as given: an absolute temporary path would change every key.
@@ -83,8 +83,8 @@ def test_existing_cache_keys_stay_valid(fixed_builds, name):
 def test_the_workbench_statistics_key_stays_valid(monkeypatch, tiny_workspace):
     """The statistics' store key of the tiny model (its weights pinned first: a transformers or torch
     change to the tiny model's initialisation is not a key change)."""
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Workbench
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Workbench
 
     monkeypatch.chdir(tiny_workspace)
     bench = Workbench(load_model("model", "cpu", "float32"), Calibration(**CALIBRATION))
@@ -104,12 +104,12 @@ def test_the_library_and_the_flow_name_the_same_statistics(tiny_workspace, devic
     """The statistics the library's workbench keys by the model it loaded are the ones the flow's
     ``capture_statistics`` returns, and the ones its cache key names before any model loads (the
     requested precision, resolved): no drift where the workbench loads the model itself."""
-    from selfprune import identity
-    from selfprune.devices import precision
+    from selfprune.engine import identity
+    from selfprune.engine.devices import precision
+    from selfprune.engine.models import load_model, model_fingerprint
+    from selfprune.engine.workbench import Calibration, Workbench
     from selfprune.evolve import pipeline
-    from selfprune.models import load_model, model_fingerprint
     from selfprune.tasks.pruning import capture_statistics
-    from selfprune.workbench import Calibration, Workbench
 
     config = search_config(tiny_workspace, device=device, dtype=dtype)
     library = Workbench(load_model(config.model, device, dtype), pipeline.calibration(config))  # selfprune.search's
@@ -126,12 +126,12 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     structure, or a metric's sparsities at 5 decimals) exactly where ``score_candidate``'s key makes
     them one; and the library report's row of an allocation is the search's candidate of its rates
     (so the report's perplexity of a baseline is the search's, from the cache)."""
-    from selfprune import identity
-    from selfprune.candidate import from_params
+    from selfprune.engine import identity
+    from selfprune.engine.candidate import from_params
+    from selfprune.engine.models import load_arch
+    from selfprune.engine.workbench import shared_workbench
     from selfprune.evaluate import report
     from selfprune.evolve import pipeline, runner
-    from selfprune.models import load_arch
-    from selfprune.workbench import shared_workbench
 
     config = search_config(tiny_workspace, device="cpu", dtype="float32",
                            **({"metric": "wanda", "pattern": "unstructured"} if sparse else {}))

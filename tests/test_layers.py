@@ -1,9 +1,13 @@
-"""The library's layering: its core imports no Prefect, and its modules import each other without cycles.
+"""The library's layering, read from its folders: each layer imports only itself and the layers
+below it, the library imports no Prefect, and its modules import each other without cycles.
 
-The core is every module under ``selfprune/`` (found by walking the package, so a new module is
-covered without editing this file) except the application layer: the CLI, the Prefect settings,
-the Prefect-aware fault handling (``selfprune.faults``), and the installed ``selfprune.flows`` /
-``selfprune.tasks`` / ``selfprune.artifacts`` packages, and the deployments' pull steps (``selfprune.ops``).
+From the bottom: ``selfprune/core/`` (errors, registries, progress), ``selfprune/storage/`` (files
+on disk), ``selfprune/engine/`` (models, statistics, candidates, pruning, cache identities), the
+library's surface (``selfprune/evolve/``, ``selfprune/evaluate/`` and the modules at the package's
+top: ``selfprune.search`` and its siblings, the run configurations), and the application
+(``selfprune/app/``, and the installed ``selfprune.flows`` / ``selfprune.tasks`` /
+``selfprune.artifacts``). One module at the top is the application's: ``selfprune.ops``, whose
+path registered deployments name in their pull steps, so it cannot move.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from pathlib import Path
 import selfprune
 
 PACKAGE = Path(selfprune.__file__).parent
-APPLICATION = {"selfprune.cli", "selfprune.prefect_env", "selfprune.ops", "selfprune.faults", "selfprune.flows", "selfprune.tasks",
-               "selfprune.artifacts"}
+LAYERS = ("core", "storage", "engine", "library", "application")  # bottom first
+FOLDERS = {"core": "core", "storage": "storage", "engine": "engine", "evolve": "library", "evaluate": "library",
+           "app": "application", "flows": "application", "tasks": "application", "artifacts": "application"}
+AT_THE_TOP = {"ops": "application"}  # a module at the package's top is the library's surface, but these
 
 
 def _module_name(path: Path) -> str:
@@ -26,10 +32,23 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def core_modules() -> dict[str, Path]:
-    modules = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-    return {m: p for m, p in modules.items()
-            if not any(m == app or m.startswith(app + ".") for app in APPLICATION)}
+def layer(module: str) -> str | None:
+    """The layer of a ``selfprune`` module by the folder it lives in (None: the package itself)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return None
+    if parts[1] in FOLDERS:
+        return FOLDERS[parts[1]]
+    return AT_THE_TOP.get(parts[1], "library")
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package's own folder (flows/, tasks/, artifacts/ are installed beside it)."""
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p.resolve().is_relative_to(PACKAGE.resolve())}
+
+
+def library_modules() -> dict[str, Path]:
+    return {m: p for m, p in modules().items() if layer(m) not in ("application",)}
 
 
 def imported_names(module: str, path: Path) -> set[str]:
@@ -54,35 +73,62 @@ def _ancestors(module: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
-def test_core_modules_are_found():
-    core = core_modules()
-    assert {"selfprune", "selfprune.models", "selfprune.store", "selfprune.evaluate.deci"} <= set(core)
-    assert not set(core) & APPLICATION
+def _imports(found: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the package's modules it imports. A module's ancestor packages always load before
+    it, so an import naming one (``from . import x``) adds no edge; the lazy API functions of
+    ``selfprune/__init__.py`` may then import anything."""
+    return {m: imported_names(m, p) & set(found) - {m} - _ancestors(m) for m, p in found.items()}
 
 
-def test_core_imports_no_prefect():
-    imports = "; ".join(f"import {m}" for m in core_modules())
+def test_every_folder_has_a_layer():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders <= set(FOLDERS), f"a folder without a layer: {sorted(folders - set(FOLDERS))}"
+    found = modules()
+    assert {"selfprune.engine.workbench", "selfprune.storage.store", "selfprune.core.errors", "selfprune.evolve.runner",
+            "selfprune.app.cli", "selfprune.engine.identity", "selfprune.engine.candidate"} <= set(found)
+
+
+def violations(imports: dict[str, set[str]]) -> set[str]:
+    """Each import of a module from a layer above its own."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    return {f"{m} ({layer(m)}) imports {d} ({layer(d)})" for m, deps in imports.items() for d in deps
+            if rank[layer(d)] > rank[layer(m)]}
+
+
+def test_no_import_runs_back_up():
+    found = {m: p for m, p in modules().items() if layer(m) is not None}
+    assert not violations(_imports(found)), "\n".join(sorted(violations(_imports(found))))
+
+
+def test_the_rule_finds_an_import_back_up():
+    """A check that could not fail proves nothing: an engine module importing the search is caught,
+    a storage module importing the core is not, and ``selfprune.ops`` is the application's."""
+    found = violations({"selfprune.engine.workbench": {"selfprune.evolve.runner", "selfprune.storage.store"},
+                        "selfprune.storage.store": {"selfprune.core.errors"},
+                        "selfprune.config": {"selfprune.ops"}})
+    assert found == {"selfprune.engine.workbench (engine) imports selfprune.evolve.runner (library)",
+                     "selfprune.config (library) imports selfprune.ops (application)"}
+
+
+def test_the_library_imports_no_prefect():
+    imports = "; ".join(f"import {m}" for m in library_modules())
     check = "import sys; assert not [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')], 'prefect imported'"
     proc = subprocess.run([sys.executable, "-c", f"{imports}; {check}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_core_import_graph_is_acyclic():
-    core = core_modules()
-    # A module's ancestor packages always load before it, so an import naming one (``from . import x``)
-    # adds no edge; the lazy API functions of ``selfprune/__init__.py`` may then import anything.
-    graph = {m: imported_names(m, p) & set(core) - {m} - _ancestors(m) for m, p in core.items()}
+def test_the_import_graph_is_acyclic():
     try:
-        tuple(graphlib.TopologicalSorter(graph).static_order())
+        tuple(graphlib.TopologicalSorter(_imports(library_modules())).static_order())
     except graphlib.CycleError as e:
-        raise AssertionError(f"import cycle among core modules: {' -> '.join(e.args[1])}") from None
+        raise AssertionError(f"import cycle among library modules: {' -> '.join(e.args[1])}") from None
 
 
 def test_the_metric_language_imports_nothing_of_the_searches():
-    """``selfprune.metrics`` is what the searches search over: an oracle (the GP) lives in
+    """``selfprune.engine.metrics`` is what the searches search over: an oracle (the GP) lives in
     ``selfprune.evolve`` beside its siblings, and nothing in the language imports back up."""
-    core = core_modules()
+    found = library_modules()
     back_up = {m: sorted(n for n in imported_names(m, p) if n.startswith("selfprune.evolve"))
-               for m, p in core.items() if m.startswith("selfprune.metrics")}
-    assert {m for m in back_up if m.startswith("selfprune.metrics.")}, "no metric module found"
+               for m, p in found.items() if m.startswith("selfprune.engine.metrics")}
+    assert {m for m in back_up if m.startswith("selfprune.engine.metrics.")}, "no metric module found"
     assert not {m: names for m, names in back_up.items() if names}, back_up

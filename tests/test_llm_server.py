@@ -25,7 +25,7 @@ def llm_server(tmp_path_factory):
         pytest.skip("llama-cpp-python is not installed: pip install -e '.[llm-server]'")
     from conftest import REAL_HOME, environ, free_port, wait_until_up
 
-    from selfprune.demo import demo_gguf_path
+    from selfprune.engine.demo import demo_gguf_path
 
     with environ(SELFPRUNE_HOME=str(REAL_HOME)):
         gguf = demo_gguf_path()

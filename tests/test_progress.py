@@ -50,18 +50,18 @@ def test_the_cli_shows_the_steps_and_its_closing_wall_time_is_the_whole_run(pref
     assert elapsed - 1 <= shown_s <= elapsed + 1 and shown_s >= round(inside), (shown_s, elapsed, inside)
     # not a terminal here, so no bars: each step's log lines on stderr, its start and its end
     for step in ("calibration", "generation 0/1", "generation 1/1", "final test scoring"):
-        shown = [line for line in err.splitlines() if f"selfprune.progress - {step}" in line]
+        shown = [line for line in err.splitlines() if f"selfprune.core.progress - {step}" in line]
         assert len(shown) == 2 and re.search(r": (\d+)/\1 done in ", shown[-1]), (step, err)
 
 
 def test_logged_progress_is_rate_limited(caplog):
-    from selfprune.progress import step
+    from selfprune.core.progress import step
 
-    with caplog.at_level(logging.INFO, logger="selfprune.progress"):
+    with caplog.at_level(logging.INFO, logger="selfprune.core.progress"):
         advance = step("a quick loop", 10_000)
         for _ in range(10_000):
             advance(1)
-    lines = [r.getMessage() for r in caplog.records if r.name == "selfprune.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "selfprune.core.progress"]
     assert 2 <= len(lines) <= 3, lines
     assert lines[0] == "a quick loop: 0/10000" and lines[-1].startswith("a quick loop: 10000/10000 done in ")
 
@@ -70,8 +70,8 @@ def test_a_library_export_shows_progress(tiny_workspace, tmp_path, caplog):
     import selfprune
 
     ws = tiny_workspace
-    with caplog.at_level(logging.INFO, logger="selfprune.progress"):
+    with caplog.at_level(logging.INFO, logger="selfprune.core.progress"):
         selfprune.prune(str(ws / "model"), 0.5, data=str(ws / "corpus.txt"), samples=4, calib_seqlen=64, device="cpu",
                         out=tmp_path / "pruned")
-    shown = [r.getMessage() for r in caplog.records if r.name == "selfprune.progress"]
+    shown = [r.getMessage() for r in caplog.records if r.name == "selfprune.core.progress"]
     assert any(m.startswith(f"export -> {tmp_path / 'pruned'}: 1/1 done in ") for m in shown), shown

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import build_tiny, random_windows, run_cli, tiny_prune_args
 
-from selfprune import reconstruct, sparsity
-from selfprune.arch import arch_of
-from selfprune.errors import UserError
-from selfprune.sparsity import keep_mask, parse_pattern
+from selfprune.core.errors import UserError
+from selfprune.engine import reconstruct, sparsity
+from selfprune.engine.arch import arch_of
+from selfprune.engine.sparsity import keep_mask, parse_pattern
 
 
 def correlated_inputs(n: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -73,8 +73,8 @@ def test_least_squares_refit_is_the_best_fit_on_the_kept_inputs(layer):
 @pytest.mark.parametrize("how,pattern", [("sparsegpt", "unstructured"), ("sparsegpt", "2:4"),
                                          ("sparsegpt-adaptive", "unstructured")])
 def test_a_reconstructed_model_is_closer_to_the_dense_one_and_leaves_it_alone(how, pattern):
-    from selfprune.stats import LINEAR_INPUT, capture
-    from selfprune.wanda_sp import weight_scores
+    from selfprune.engine.stats import LINEAR_INPUT, capture
+    from selfprune.engine.wanda_sp import weight_scores
 
     model = build_tiny("llama_gqa")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -98,8 +98,8 @@ def test_a_reconstructed_model_is_closer_to_the_dense_one_and_leaves_it_alone(ho
 
 
 def test_least_squares_refits_the_consumers_of_removed_units():
-    from selfprune import allocation, slicing, wanda_sp
-    from selfprune.stats import capture
+    from selfprune.engine import allocation, slicing, wanda_sp
+    from selfprune.engine.stats import capture
 
     model = build_tiny("llama_gqa")
     arch, windows = arch_of(model.config), random_windows(8, 64)
@@ -121,7 +121,7 @@ def test_least_squares_refits_the_consumers_of_removed_units():
 def test_a_reconstruction_joins_the_candidate_key_and_none_leaves_it_as_it_was():
     from dataclasses import replace
 
-    from selfprune.candidate import Sparse, from_params
+    from selfprune.engine.candidate import Sparse, from_params
 
     candidate = Sparse.of("wanda", "unstructured", 0.7, "uniform")
     plain = candidate.to_json()

@@ -185,7 +185,7 @@ def test_a_table_refuses_rows_of_two_protocols(field, value):
     """Two rows measured differently (here, one field apart) never share a table: the report says
     which field differs, and both values; rows that differ only in their seed do share one."""
     from selfprune.artifacts.comparison import html_report, markdown
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
 
     row = {"label": "uniform", "method": "uniform", "ratio": 0.5, "rates": [0.5, 0.5], "realized_ratio": 0.5,
            "kept_params": 10, "ppl": 12.0, "acc": {}, "mean_acc": None, "protocol": PROTOCOL}

@@ -24,7 +24,7 @@ SAME = ("rates", "structure", "fitness", "test_ppl", "uniform_test_ppl")
 
 
 def _command(ws: Path, out: Path, *extra: str, **settings) -> list[str]:
-    cmd = [sys.executable, "-m", "selfprune.cli", "search", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"),
+    cmd = [sys.executable, "-m", "selfprune.app.cli", "search", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"),
            "--out", str(out), *extra]
     for k, v in (SMALL | settings).items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -128,7 +128,7 @@ def test_bad_runner_settings_exit_2(args, message, capsys, monkeypatch):
 
 def test_the_library_search_says_where_a_cluster_runner_runs(tiny_workspace):
     from selfprune import search
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
 
     with pytest.raises(UserError, match="--runner dask runs through the flow: selfprune search"):
         search(model=str(tiny_workspace / "model"), runner="dask")
@@ -136,7 +136,7 @@ def test_the_library_search_says_where_a_cluster_runner_runs(tiny_workspace):
 
 def test_a_runner_whose_integration_is_missing_names_the_extra(monkeypatch):
     from selfprune.config import SearchConfig
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
     from selfprune.evolve.pipeline import check_runner
 
     monkeypatch.setitem(sys.modules, "prefect_ray", None)  # Python's own way to make a module unimportable

@@ -7,14 +7,14 @@ from collections import Counter
 
 import pytest
 
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
 from selfprune.evolve.chat import ChatRequest, Reply
 from selfprune.evolve.classical import GAOracle, RandomOracle
 from selfprune.evolve.evolution import SearchParams, initial_population, offspring, run_search, survivors
 from selfprune.evolve.llm_oracle import LLMOracle
 from selfprune.evolve.oracle_registry import make_oracle
 from selfprune.evolve.search_context import SearchContext
-from selfprune.hashing import content_hash
+from selfprune.storage.hashing import content_hash
 
 CTX = SearchContext(model_name="tiny", n_layers=6, beta=0.3, p_max=0.9, seed=7)
 TARGET = [0.1, 0.5, 0.2, 0.4, 0.3, 0.3]
@@ -272,8 +272,8 @@ def test_the_llm_sees_the_baselines_labelled_and_the_papers_prompt_is_unchanged_
 
 
 def test_the_default_baselines_are_every_registered_allocation_and_a_typo_is_refused():
-    from selfprune.allocators import ALLOCATIONS
     from selfprune.config import BASELINES, SearchConfig
+    from selfprune.engine.allocators import ALLOCATIONS
     from selfprune.evolve.runner import check
 
     # the package's own allocations come first in the registry (a test may register more after them)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from fake_openai_server import FakeOpenAI, reply
 
-from selfprune.allocation import project_to_mean
-from selfprune.candidate import Structured
+from selfprune.engine.allocation import project_to_mean
+from selfprune.engine.candidate import Structured
 
 # The paper's generation 0 (no baselines): these tests count evaluations exactly.
 SMALL = dict(population=6, mutations=2, crossovers=2, generations=4, samples=4, calib_seqlen=64, seqlen=64,
@@ -44,7 +44,7 @@ def ledger(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def first_run(prefect_api, tiny_workspace, tmp_path_factory):
     """The search, its run directory, and its cached scores (this module's results start empty)."""
-    from selfprune.prefect_env import results_dir
+    from selfprune.app.prefect_env import results_dir
 
     out = tmp_path_factory.mktemp("search") / "run"
     return run_search(tiny_workspace, out), out, sorted(results_dir().glob("score_candidate-*"))
@@ -80,7 +80,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(first_run, tiny_workspac
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
     env["SELFPRUNE_HOME"] = str(tmp_path / "home")  # a cold cache; the API server is shared
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "selfprune.cli", "search", "--model", str(tiny_workspace / "model"),
+    cmd = [sys.executable, "-m", "selfprune.app.cli", "search", "--model", str(tiny_workspace / "model"),
            "--data", str(tiny_workspace / "corpus.txt"), "--ratio", "0.5", "--out", str(out)]
     for k, v in SMALL.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -127,7 +127,7 @@ def test_llm_oracle_search_replays_cached_replies(prefect_api, tiny_workspace, t
     assert again["oracle"] | {"seconds": 0} == first["oracle"] | {"seconds": 0}
     assert first["oracle"]["completion_tokens"] == asked
     # The key reaches no file the run wrote, and no cached result.
-    from selfprune.prefect_env import results_dir
+    from selfprune.app.prefect_env import results_dir
 
     for path in [*(tmp_path / "llm").rglob("*"), *results_dir().rglob("*")]:
         if path.is_file():
@@ -201,7 +201,7 @@ def test_float32_and_bfloat16_runs_share_no_cached_number(first_run, tiny_worksp
 def test_a_split_too_short_fails_before_the_calibration_pass(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
     from conftest import run_cli
 
-    from selfprune.store import ArtifactStore
+    from selfprune.storage.store import ArtifactStore
 
     monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))
     code, _, err = run_cli(capsys, monkeypatch, "search", "--model", str(tiny_workspace / "model"), "--data",
@@ -233,10 +233,10 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     allocation task); the best found is at or below the best of them, and the library's search,
     which allocates in process, takes the same path."""
     import selfprune
-    from selfprune.allocation import rates_to_structure, structure_to_json
     from selfprune.config import BASELINES
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Scoring, Workbench
+    from selfprune.engine.allocation import rates_to_structure, structure_to_json
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
     small = SMALL | {"baselines": ",".join(BASELINES), "generations": 2, "reconstruct": "lsq"}
     summary = run_search(tiny_workspace, tmp_path / "flow", **small)
@@ -268,11 +268,11 @@ def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_a
     fitness split; the lowest is kept, named in best.json, and what a prune from best.json takes.
     The flow and the library agree."""
     import selfprune
-    from selfprune.allocation import rates_to_structure
-    from selfprune.allocators import rate_file
-    from selfprune.errors import UserError
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Scoring, Workbench
+    from selfprune.core.errors import UserError
+    from selfprune.engine.allocation import rates_to_structure
+    from selfprune.engine.allocators import rate_file
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
     small = SMALL | {"baselines": "uniform,atp", "generations": 1, "reconstruct": "lsq", "reconstruct_top": 2}
     summary = run_search(tiny_workspace, tmp_path / "flow", **small)
@@ -305,9 +305,9 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     the metric's single-weight pruning, from the baselines (the metric's own OWL, ATP, ...), cached
     and resumable like the structured search, the library and the flow on one path."""
     import selfprune
-    from selfprune.candidate import from_params
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Scoring, Workbench
+    from selfprune.engine.candidate import from_params
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
     small = SMALL | {"baselines": "uniform,owl,atp", "generations": 2, "metric": "wanda", "pattern": "unstructured",
                      "ratio": 0.6, "reconstruct": "sparsegpt"}
@@ -335,7 +335,7 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
                                            ({"pattern": "2:4", "metric": "wanda"}, "no per-layer sparsities")])
 def test_a_sparsity_search_needs_a_metric_and_a_free_pattern(extra, message):
     from selfprune.config import SearchConfig
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
     from selfprune.evolve.runner import check
 
     with pytest.raises((UserError, ValueError), match=message):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import build_tiny, random_windows, run_cli, tiny_prune_args
 
-from selfprune import allocation, sparsity, stats
-from selfprune.errors import UserError
-from selfprune.sparsity import keep_mask, parse_pattern
+from selfprune.core.errors import UserError
+from selfprune.engine import allocation, sparsity, stats
+from selfprune.engine.sparsity import keep_mask, parse_pattern
 
 
 def test_unstructured_prunes_the_lowest_scores_of_each_row():
@@ -66,8 +66,8 @@ def test_skewness_of_known_distributions():
 
 @pytest.fixture(scope="module")
 def bench(tiny_workspace):
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Workbench
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Workbench
 
     lm = load_model(str(tiny_workspace / "model"), "cpu")
     return Workbench(lm, Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
@@ -75,7 +75,7 @@ def bench(tiny_workspace):
 
 @pytest.mark.parametrize("spec", ["uniform", "owl", "sdsa"])
 def test_sparsify_reaches_the_target_and_leaves_the_dense_model_alone(bench, spec):
-    from selfprune.metrics import resolve_metric
+    from selfprune.engine.metrics import resolve_metric
 
     before = {k: v.clone() for k, v in bench.lm.model.state_dict().items()}
     rates, result = bench.sparsify(resolve_metric("wanda"), spec, 0.5, parse_pattern("unstructured"))
@@ -90,7 +90,7 @@ def test_sparsify_reaches_the_target_and_leaves_the_dense_model_alone(bench, spe
 
 @pytest.mark.parametrize("pattern", ["unstructured-layer", "2:4"])
 def test_zeros_are_known_from_the_shapes(bench, pattern):
-    from selfprune.metrics import resolve_metric
+    from selfprune.engine.metrics import resolve_metric
 
     pat = parse_pattern(pattern)
     rates, result = bench.sparsify(resolve_metric("magnitude"), "uniform", pat.fixed_sparsity or 0.3, pat)
@@ -99,7 +99,7 @@ def test_zeros_are_known_from_the_shapes(bench, pattern):
 
 def test_the_wanda_metric_prunes_what_wanda_prunes(bench):
     """Wanda by hand: per output row, drop the lowest |W_ij| * ||x_j||."""
-    from selfprune.metrics import resolve_metric
+    from selfprune.engine.metrics import resolve_metric
 
     _, result = bench.sparsify(resolve_metric("wanda"), "uniform", 0.5, parse_pattern("unstructured"))
     w = bench.lm.model.model.layers[1].self_attn.o_proj.weight.detach()
@@ -109,7 +109,7 @@ def test_the_wanda_metric_prunes_what_wanda_prunes(bench):
 
 
 def test_owl_and_sdsa_read_outliers_from_the_metric(bench):
-    from selfprune.metrics import resolve_metric
+    from selfprune.engine.metrics import resolve_metric
 
     pattern = parse_pattern("unstructured")
     by_metric = {m: bench.sparsify(resolve_metric(m), "sdsa", 0.5, pattern)[0] for m in ("wanda", "magnitude")}
@@ -153,7 +153,7 @@ def test_cli_refuses_bad_metric_settings_before_loading(tiny_workspace, tmp_path
 
 
 def test_gradient_statistic_is_the_root_of_summed_per_window_squares():
-    from selfprune import gradients
+    from selfprune.engine import gradients
 
     model = build_tiny("llama_gqa")
     model.requires_grad_(False)
@@ -172,10 +172,10 @@ def test_gradient_statistic_is_the_root_of_summed_per_window_squares():
 
 
 def test_a_gradient_metric_is_computed_once_and_stored(tiny_workspace, monkeypatch):
-    from selfprune import gradients
-    from selfprune.metrics import resolve_metric
-    from selfprune.models import load_model
-    from selfprune.workbench import Calibration, Workbench
+    from selfprune.engine import gradients
+    from selfprune.engine.metrics import resolve_metric
+    from selfprune.engine.models import load_model
+    from selfprune.engine.workbench import Calibration, Workbench
 
     calibration = Calibration(str(tiny_workspace / "corpus.txt"), 4, 64)
     first = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), calibration)
@@ -190,7 +190,7 @@ def test_a_gradient_metric_is_computed_once_and_stored(tiny_workspace, monkeypat
 
 
 def test_a_metric_ranks_units_by_the_scores_of_the_weights_they_own(bench):
-    from selfprune.methods import unit_scores
+    from selfprune.engine.methods import unit_scores
 
     arch = bench.arch
     layer = bench.lm.model.model.layers[3]

@@ -7,11 +7,11 @@ import pytest
 from conftest import run_cli
 
 from selfprune import search
-from selfprune.candidate import from_params
 from selfprune.config import SearchConfig
+from selfprune.engine.candidate import from_params
+from selfprune.engine.models import load_model
+from selfprune.engine.workbench import Calibration, Scoring, Workbench
 from selfprune.evolve.pipeline import staged
-from selfprune.models import load_model
-from selfprune.workbench import Calibration, Scoring, Workbench
 
 
 def test_each_stage_keeps_the_best_fraction_and_only_survivors_get_the_full_fitness():

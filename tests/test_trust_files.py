@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import build_tiny, byte_tokenizer, run_cli, tiny_export, write_corpus
 
-from selfprune import data
+from selfprune.engine import data
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -311,7 +311,7 @@ def test_the_writers_of_a_run_replace_planted_links_and_leave_their_targets_alon
     from selfprune.artifacts.report import plot_history, plot_metric_graph, plot_rates
     from selfprune.config import AutopruneConfig, SearchConfig
     from selfprune.evolve.pipeline import write_summary
-    from selfprune.fileio import append_line
+    from selfprune.storage.fileio import append_line
 
     out = tmp_path / "run"
     targets = plant_links(out, tmp_path / "outside")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from selfprune.allocation import LayerKeep
-from selfprune.errors import UserError
+from selfprune.core.errors import UserError
+from selfprune.engine.allocation import LayerKeep
 from selfprune.evaluate import vllm_bridge
 from selfprune.evaluate.deci import CONFIG_MODULE, export_deci
 

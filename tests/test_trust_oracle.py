@@ -26,6 +26,7 @@ import pytest
 from fake_openai_server import FakeOpenAI, raw, reply, status, trickle
 
 from selfprune.config import AutopruneConfig, SearchConfig
+from selfprune.engine.metrics.search_space import Lineage, MetricContext
 from selfprune.evolve.chat import OracleUnavailable
 from selfprune.evolve.gp import GPOracle
 from selfprune.evolve.llm_oracle import LLMOracle
@@ -33,7 +34,6 @@ from selfprune.evolve.metric_oracle import make_metric_oracle
 from selfprune.evolve.replies import parse_candidates
 from selfprune.evolve.search_context import SearchContext
 from selfprune.evolve.transport import openai_transport
-from selfprune.metrics.search_space import Lineage, MetricContext
 
 REAL_KEY = "sk-real-DO-NOT-SEND"
 CTX = SearchContext(model_name="tiny-llama", n_layers=4, beta=0.3, p_max=0.9, seed=1)
@@ -212,7 +212,7 @@ def test_credentials_in_the_base_url_are_kept_out_of_the_config(cls):
 
 def test_a_base_url_that_is_not_http_is_refused():
     from selfprune.config import build_config
-    from selfprune.errors import UserError
+    from selfprune.core.errors import UserError
 
     with pytest.raises(UserError, match="--base-url"):
         build_config(SearchConfig, base_url="file:///etc/passwd")
@@ -234,7 +234,7 @@ def test_a_search_with_credentials_in_the_base_url_records_none(tiny_workspace, 
     vectors = [[0.5, 0.5, 0.5, 0.5], [0.4, 0.6, 0.5, 0.5], [0.6, 0.4, 0.5, 0.5], [0.5, 0.5, 0.4, 0.6]]
     with FakeOpenAI([reply(json.dumps({"rates": vectors}))]) as server:
         url = server.base_url.replace("http://", f"http://u:{password}@") + f"?api_key={token}"
-        cmd = [sys.executable, "-m", "selfprune.cli", "search", "--model", str(tiny_workspace / "model"),
+        cmd = [sys.executable, "-m", "selfprune.app.cli", "search", "--model", str(tiny_workspace / "model"),
                "--data", str(tiny_workspace / "corpus.txt"), "--ratio", "0.5", "--out", str(out),
                "--oracle", "openai:fake-gpt", "--base-url", url, "--population", "4", "--generations", "0",
                "--samples", "4", "--calib-seqlen", "64", "--seqlen", "64", "--fitness-windows", "4",

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..data import token_windows
-from ..errors import UserError
+from ..core.errors import UserError
+from ..engine.data import token_windows
 from .zeroshot import check_device
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

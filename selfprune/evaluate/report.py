@@ -7,7 +7,7 @@ per sparsity, on test-split perplexity and zero-shot accuracy. Every row carries
 (:mod:`selfprune.protocol`), and a table refuses rows measured under different ones. How a model gets evaluated is injected:
 ``flows/report.py`` passes its cached Prefect tasks (a rerun computes nothing twice), and
 :func:`report` (``selfprune.report``) passes plain calls on one :class:`Workbench`, for a
-notebook. Either way each model is a :mod:`selfprune.candidate`, and its JSON what the tasks take.
+notebook. Either way each model is a :mod:`selfprune.engine.candidate`, and its JSON what the tasks take.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import allocators
-from ..arch import Arch
-from ..candidate import Candidate, Dense, Sparse, Structured, from_params
 from ..config import ReportConfig, build_config
-from ..errors import UserError
-from ..fileio import atomic_write_text
-from ..hashing import content_hash
-from ..metrics import resolve_metric
-from ..models import load_model
-from ..progress import step
+from ..core.errors import UserError
+from ..core.progress import step
+from ..engine import allocators
+from ..engine.arch import Arch
+from ..engine.candidate import Candidate, Dense, Sparse, Structured, from_params
+from ..engine.metrics import resolve_metric
+from ..engine.models import load_model
+from ..engine.sparsity import parse_pattern
+from ..engine.workbench import Calibration, Progress, Scoring, Workbench
 from ..protocol import common, protocol
 from ..seeds import SUMMARY as SEEDS_SUMMARY
 from ..seeds import candidates, run_paths, spread
-from ..sparsity import parse_pattern
-from ..userfiles import read_json
-from ..workbench import Calibration, Progress, Scoring, Workbench
+from ..storage.fileio import atomic_write_text
+from ..storage.hashing import content_hash
+from ..storage.userfiles import read_json
 from .cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 
 LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
@@ -88,8 +88,8 @@ def read_searches(path: str) -> dict[str, dict]:
 
 def _local_tasks(data: str, tasks: list[str], n_items: int, seed: int = 0) -> str:
     """Build the requested offline tasks of ``data`` into a directory named by their content."""
-    from selfprune.data import data_fingerprint
-    from selfprune.paths import subdir
+    from selfprune.engine.data import data_fingerprint
+    from selfprune.storage.paths import subdir
 
     wanted = [t for t in tasks if t in LOCAL_TASKS]
     key = content_hash("local-tasks", data_fingerprint(data, "test"), sorted(wanted), n_items, seed)
@@ -349,7 +349,7 @@ def report(config: ReportConfig | None = None, progress: Progress | None = None,
     (statistics still come from the store): a :class:`ReportConfig` or its fields as keywords.
     Writes ``out/report.json`` and returns the summary (render it with
     ``selfprune.artifacts.comparison.render(summary, out)``). ``progress``: ``(label, total) ->
-    advance(n)`` for every pass; without it, the long steps are logged (:mod:`selfprune.progress`)."""
+    advance(n)`` for every pass; without it, the long steps are logged (:mod:`selfprune.core.progress`)."""
     start = time.perf_counter()
     config = build_config(ReportConfig, **((config.model_dump() if config else {}) | overrides))
     plan = plan_report(config)

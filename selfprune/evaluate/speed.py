@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..userfiles import read_json
+from ..core.errors import UserError
+from ..storage.userfiles import read_json
 from .zeroshot import check_device
 
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..userfiles import read_json
+from ..core.errors import UserError
+from ..storage.userfiles import read_json
 
 PYTHON_ENV = "SELFPRUNE_VLLM_PYTHON"
 # |vLLM - transformers| per prompt token, float32 on the CPU: measured at most ~1e-4 on the demo
@@ -147,7 +147,7 @@ def reference(model_dir: str | Path, prompts: list[list[int]], max_tokens: int) 
     Greedy decoding is a plain argmax loop over full forwards: no generation config, EOS handling or
     cache that could differ from vLLM's ``temperature=0, ignore_eos``.
     """
-    from ..models import load_model
+    from ..engine.models import load_model
 
     lm = load_model(str(model_dir), "cpu", "float32")
     outputs = []

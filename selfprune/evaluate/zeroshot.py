@@ -1,7 +1,7 @@
 """Zero-shot accuracy of an in-memory (pruned) model with lm-evaluation-harness.
 
 The model object is wrapped as it is in lm-eval's ``HFLM`` (no re-save, no reload), so a
-candidate built by :meth:`selfprune.workbench.Workbench.build` (per-layer widths,
+candidate built by :meth:`selfprune.engine.workbench.Workbench.build` (per-layer widths,
 ``RemovedAttention`` / ``RemovedMLP`` stand-ins) is scored exactly as it will be exported.
 HFLM only reads ``model.config`` (model type, for the causal backend), ``model.device`` and
 calls ``model(input_ids).logits``: all of which a pruned candidate provides.
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 # Tasks whose reported number is acc_norm in LLM-Pruner-style tables (acc elsewhere).

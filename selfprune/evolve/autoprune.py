@@ -16,15 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..candidate import Sparse
 from ..config import AutopruneConfig, build_config
-from ..devices import precision
-from ..errors import UserError
-from ..metrics import METRICS, resolve_metric
-from ..metrics.search_space import Lineage, MetricContext
-from ..reconstruct import ADAPTIVE
+from ..core.errors import UserError
+from ..engine.candidate import Sparse
+from ..engine.devices import precision
+from ..engine.metrics import METRICS, resolve_metric
+from ..engine.metrics.search_space import Lineage, MetricContext
+from ..engine.reconstruct import ADAPTIVE
+from ..engine.sparsity import parse_pattern
 from ..seeds import over_seeds
-from ..sparsity import parse_pattern
 from .chat import Transport
 from .evolution import SearchParams
 from .metric_oracle import METRIC_ORACLES, make_metric_oracle

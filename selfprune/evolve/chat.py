@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..errors import EnvironmentFault
+from ..core.errors import EnvironmentFault
 
 
 class OracleUnavailable(EnvironmentFault):

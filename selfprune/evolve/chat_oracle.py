@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from ..hashing import content_hash
+from ..storage.hashing import content_hash
 from .chat import ChatRequest, OracleUnavailable, Reply, Transport
 
 

@@ -36,7 +36,7 @@ from urllib.request import getproxies, proxy_bypass
 import httpcore
 import httpx
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 OPENAI_HOST = "api.openai.com"
 OPENAI_URL = f"https://{OPENAI_HOST}/v1"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .classical import RandomOracle
 from .search_context import Oracle, Scored, SearchContext, fitness_key
 

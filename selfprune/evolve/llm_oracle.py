@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from functools import partial
 
-from ..hashing import stable_json
+from ..storage.hashing import stable_json
 from . import prompts
 from .chat import ChatRequest, Transport
 from .chat_oracle import ChatOracle

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import UserError
-from ..registry import Registry
+from ..core.errors import UserError
+from ..core.registry import Registry
 from .chat import Transport
 from .classical import GAOracle, RandomOracle
 from .endpoint import OPENAI_URL

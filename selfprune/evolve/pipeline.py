@@ -20,18 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ..arch import Arch
-from ..candidate import Candidate
 from ..config import EvolutionConfig
-from ..data import split_windows
-from ..devices import precision
-from ..errors import UserError
-from ..fileio import atomic_write_text
-from ..models import load_tokenizer
-from ..progress import Advance, ignore, one_by_one, step
+from ..core.errors import UserError
+from ..core.progress import Advance, ignore, one_by_one, step
+from ..engine.arch import Arch
+from ..engine.candidate import Candidate
+from ..engine.data import split_windows
+from ..engine.devices import precision
+from ..engine.models import load_tokenizer
+from ..engine.settings import Calibration, Scoring
+from ..engine.workbench import Workbench, shared_workbench
 from ..protocol import protocol
-from ..settings import Calibration, Scoring
-from ..workbench import Workbench, shared_workbench
+from ..storage.fileio import atomic_write_text
 from .evolution import Generation, SearchParams, SearchResult, run_search
 from .search_context import Oracle, SearchContext
 
@@ -40,7 +40,7 @@ Member = TypeVar("Member")  # what the oracle proposes: a rate vector, a metric 
 
 class Score(Protocol):
     """Scores candidates in order, one perplexity record each; ``advance(1)`` as each is scored (a
-    progress step's, selfprune.progress). A record may carry "cached": True when an orchestrator's
+    progress step's, selfprune.core.progress). A record may carry "cached": True when an orchestrator's
     cache answered, and "invalid" (why) for a metric that cannot prune the model (NaN perplexity)."""
 
     def __call__(self, candidates: list[Candidate], split: str, windows: int | None, *,

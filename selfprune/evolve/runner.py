@@ -15,21 +15,21 @@ from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from typing import NamedTuple
 
-from ..allocation import Alignment, project_to_mean, rates_to_structure, uniform
-from ..allocators import ALLOCATIONS
-from ..arch import Arch
-from ..candidate import Candidate, Sparse, Structured
 from ..config import SearchConfig, build_config
-from ..devices import precision
-from ..errors import UserError
-from ..methods import get_method
-from ..metrics import resolve_metric
-from ..models import load_arch
-from ..progress import step
-from ..reconstruct import NONE, check_reconstruction
+from ..core.errors import UserError
+from ..core.progress import step
+from ..engine.allocation import Alignment, project_to_mean, rates_to_structure, uniform
+from ..engine.allocators import ALLOCATIONS
+from ..engine.arch import Arch
+from ..engine.candidate import Candidate, Sparse, Structured
+from ..engine.devices import precision
+from ..engine.methods import get_method
+from ..engine.metrics import resolve_metric
+from ..engine.models import load_arch
+from ..engine.reconstruct import NONE, check_reconstruction
+from ..engine.sparsity import parse_pattern
+from ..engine.workbench import Workbench
 from ..seeds import over_seeds
-from ..sparsity import parse_pattern
-from ..workbench import Workbench
 from .chat import Transport
 from .evolution import SearchParams, SearchResult
 from .oracle_registry import ORACLES, make_oracle, oracle_kind

@@ -20,8 +20,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ..errors import UserError
-from ..hashing import content_hash
+from ..core.errors import UserError
+from ..storage.hashing import content_hash
 
 Scored = tuple[list[float], float]
 

@@ -1,0 +1,1 @@
+"""The application: the CLI, Prefect settings and Prefect-aware faults, the inputs checked before a run."""

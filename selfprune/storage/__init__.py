@@ -1,0 +1,1 @@
+"""Storage: content-addressed tensors, atomic writes, memos, where files go, and the machine's disk."""
