@@ -401,6 +401,9 @@ BENCH_FIELDS = [  # (label, key, scale, format)
     ("generate tok/s", "generate_tokens_per_s", 1, "{:.1f}"),
 ]
 
+LLAMACPP_FIELDS = [BENCH_FIELDS[0], ("params read / token", "params_read_per_token", 1, "{:,.0f}"),
+                   ("file MiB", "file_bytes", 2**-20, "{:.1f}"), BENCH_FIELDS[3], *BENCH_FIELDS[5:]]
+
 
 @app.command("bench-model")
 def bench_model(
@@ -413,6 +416,9 @@ def bench_model(
     use_vllm: Annotated[bool, typer.Option(
         "--vllm", help="serve each model with vLLM instead (docs/evaluation.md: Serving with vLLM)")] = False,
     vllm_python: VllmPython = None,
+    use_llamacpp: Annotated[bool, typer.Option(
+        "--llamacpp", help="run each model in llama.cpp as GGUF at each --quant (docs/evaluation.md: llama.cpp)")] = False,
+    quants: Annotated[str, typer.Option("--quant", help="with --llamacpp: comma-separated GGUF types")] = "f16,q4_k_m",
     trust_remote_code: TrustRemoteCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list of measurements")] = False,
     device: Device = "auto",
@@ -434,6 +440,11 @@ def bench_model(
     for p in pruned or []:
         if not (p / "selfprune.json").is_file():
             raise UserError(f"--pruned {p} is not a selfprune export (no selfprune.json); make one with selfprune prune --out DIR")
+    if use_llamacpp:
+        if use_vllm or batch_size != 1:
+            raise UserError("--llamacpp measures batch 1 on its own: drop --vllm and --batch-size")
+        return _bench_llamacpp(names, [q.strip() for q in quants.split(",") if q.strip()], as_json, prompt_tokens,
+                               new_tokens, repeats)
     if use_vllm:
         _refuse_model_code(names, trust_remote_code)
     python = vllm_python_of(vllm_python) if use_vllm else None
@@ -453,11 +464,17 @@ def bench_model(
     if as_json:
         print(json.dumps(results))
         return
+    console.print(_bench_table(results, BENCH_FIELDS,
+                               f"{results[0]['backend']} on {results[0]['device']} ({results[0]['dtype']}), "
+                               f"batch {batch_size}, prompt {prompt_tokens}, new {new_tokens}, median of {repeats}"))
+
+
+def _bench_table(results: list[dict], fields: list[tuple], title: str) -> Table:
+    """One column per model, ratios to the first (the dense model)."""
     base = results[0]
     table = Table("", *[f"{'dense' if i == 0 else 'pruned'}: {Path(r['model']).name}" for i, r in enumerate(results)],
-                  title=f"{results[0]['backend']} on {results[0]['device']} ({results[0]['dtype']}), batch {batch_size}, "
-                        f"prompt {prompt_tokens}, new {new_tokens}, median of {repeats}")
-    for label, key, scale, fmt in BENCH_FIELDS:
+                  title=title)
+    for label, key, scale, fmt in fields:
         cells = []
         for r in results:
             v = r.get(key)
@@ -469,7 +486,37 @@ def bench_model(
                 cell += f" ({v / base[key]:.2f}x)"
             cells.append(cell)
         table.add_row(label, *cells)
-    console.print(table)
+    return table
+
+
+def _bench_llamacpp(names: list[str], quants: list[str], as_json: bool, prompt_tokens: int, new_tokens: int,
+                    repeats: int) -> None:
+    """Each model written as GGUF at each quantization (in a temporary directory) and timed in
+    llama.cpp, one process per model; one table per quantization."""
+    import tempfile
+
+    from ..evaluate.gguf_export import check_gguf_export, write_gguf
+    from ..evaluate.llamacpp import llamacpp_measure
+
+    dirs = [Path(_model_dir(name)) for name in names]
+    for d in dirs:  # every refusal before the first file is written
+        for q in quants:
+            check_gguf_export(d, q)
+    results: dict[str, list[dict]] = {q: [] for q in quants}
+    with tempfile.TemporaryDirectory(prefix="selfprune-gguf-") as tmp:
+        for q in quants:
+            for i, (name, d) in enumerate(zip(names, dirs)):
+                path = write_gguf(d, Path(tmp) / f"{i}.{q}.gguf", q)
+                m = llamacpp_measure(path, q, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
+                results[q].append(m | {"model": name})
+                path.unlink()
+    if as_json:
+        print(json.dumps([m for q in quants for m in results[q]]))
+        return
+    for q in quants:
+        first = results[q][0]
+        console.print(_bench_table(results[q], LLAMACPP_FIELDS, f"llama.cpp {first['llama_cpp_version']} on this CPU ({first['threads']} "
+                                               f"threads), {q}, prompt {prompt_tokens}, new {new_tokens}, median of {repeats}"))
 
 
 def _refuse_model_code(names: list[str], trust_remote_code: bool) -> None:
@@ -530,6 +577,23 @@ def export_deci_cmd(
 
     path = export_deci(export_dir, out)
     console.print(f"DeciLM checkpoint -> {path}; serve it with vllm.LLM({str(path)!r}, trust_remote_code=True)")
+
+
+@app.command("export-gguf")
+def export_gguf_cmd(
+    export_dir: Annotated[Path, typer.Argument(help="a selfprune export (prune --out DIR)")],
+    out: Annotated[Path, typer.Argument(help="the .gguf file to write")],
+    quant: Annotated[str, typer.Option("--quant", help="f32 | f16 | q8_0 | q4_k_m (quantized by llama.cpp)")] = "f16",
+    tokenizer_pre: Annotated[str | None, typer.Option(
+        "--tokenizer-pre", help="llama.cpp's pre-tokenizer name (default: the base GGUF's, else 'default')")] = None,
+) -> None:
+    """Write a selfprune export as one GGUF file for llama.cpp, Ollama and LM Studio (per-layer widths)."""
+    from ..evaluate.gguf_export import write_gguf
+
+    path = write_gguf(export_dir, out, quant, tokenizer_pre)
+    console.print(f"GGUF ({quant}, {path.stat().st_size / 2**20:.1f} MiB) -> {path}\n"
+                  f"serve it: python -m llama_cpp.server --model {path}\n"
+                  f"Ollama: a Modelfile with the line 'FROM {path.resolve()}', then ollama create NAME -f Modelfile")
 
 
 @app.command()

@@ -151,14 +151,14 @@ def _peak_memory(device: torch.device) -> Iterator[dict]:
     out.update(peak=max(peak[0], _rss_bytes()), baseline=base, method="rss-sampler")
 
 
-def _prompt(vocab_size: int, batch_size: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
+def prompt_ids(vocab_size: int, batch_size: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
     """Fixed pseudo-random prompt ids (the content does not matter for speed; the length does)."""
     g = torch.Generator().manual_seed(seed)
     low = min(256, max(vocab_size // 4, 0))  # skip the low ids, where special tokens usually sit
     return torch.randint(low, vocab_size, (batch_size, prompt_tokens), generator=g)
 
 
-def _throughput(t_pre: float, t_gen: float, prompt_tokens: int, new_tokens: int, batch_size: int,
+def throughput(t_pre: float, t_gen: float, prompt_tokens: int, new_tokens: int, batch_size: int,
                 repeats: int) -> dict[str, Any]:
     """Tokens/s from median prefill and generate times; decode is generate minus prefill."""
     decode_s = t_gen - t_pre
@@ -198,7 +198,7 @@ def measure(
         raise UserError("prompt_tokens, new_tokens, batch_size and repeats must all be at least 1")
     dev = check_device(model, device)
     vocab = model.get_output_embeddings().weight.shape[0]
-    ids = _prompt(vocab, batch_size, prompt_tokens).to(dev)
+    ids = prompt_ids(vocab, batch_size, prompt_tokens).to(dev)
     mask = torch.ones_like(ids)
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
@@ -251,7 +251,7 @@ def measure(
         "peak_memory_bytes": mem["peak"],
         "peak_memory_delta_bytes": None if mem["baseline"] is None else mem["peak"] - mem["baseline"],
         "peak_memory_method": mem["method"],
-        **_throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
+        **throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
     }
@@ -325,7 +325,7 @@ def vllm_measure(
         raise UserError("prompt_tokens, new_tokens, batch_size and repeats must all be at least 1")
     model_dir = Path(model_dir).expanduser().resolve()
     config = read_json(model_dir / "config.json", "model config", "a model directory or a selfprune export")
-    prompts = _prompt(config["vocab_size"], batch_size, prompt_tokens).tolist()
+    prompts = prompt_ids(config["vocab_size"], batch_size, prompt_tokens).tolist()
     got = run(python, "timing", model_dir, dtype=dtype, prompts=prompts, new_tokens=new_tokens, repeats=repeats,
               max_model_len=prompt_tokens + new_tokens + 16, gpu_memory_utilization=gpu_memory_utilization,
               trust_remote_code=trust_remote_code)
@@ -344,6 +344,6 @@ def vllm_measure(
         "peak_memory_method": got["peak_memory_method"],
         "time_to_first_token_s": t_pre,
         "startup_s": got["startup_s"],
-        **_throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
+        **throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
         "gpu_memory_utilization": gpu_memory_utilization if got["device"] == "cuda" else None,
     }

@@ -1,0 +1,198 @@
+"""GGUF export: every structure of every supported family in llama.cpp, equal to transformers.
+
+A tiny random model of each family (MHA and GQA Llama, Qwen2 with q/k/v biases, Mistral, and a
+Llama with attention and MLP biases) is pruned to structures with partial KV groups, a layer with no
+attention (the first, and one inside), a layer with no MLP, a fully removed layer (inside, and the
+last), written as GGUF, loaded by llama.cpp (llama-cpp-python) and compared with transformers on
+the same export: prompt log-probabilities and greedy tokens at f32, perplexity at q8_0 and q4_k_m.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import build_tiny, random_windows, run_cli
+
+from selfprune.core.errors import UserError
+from selfprune.engine import slicing, stats, wanda_sp
+from selfprune.engine.allocation import LayerKeep, rates_to_structure
+from selfprune.engine.arch import arch_of
+from selfprune.engine.export import load_pruned, save_pruned
+from selfprune.evaluate.gguf_export import check_gguf_export, layer_widths, write_gguf
+from selfprune.evaluate.llamacpp import llamacpp_score
+
+pytest.importorskip("llama_cpp", reason="pip install 'selfprune[llm-server]' (llama-cpp-python)")
+
+PROMPT = random_windows(1, 24, seed=7)[0].tolist()
+
+
+def merged_tokenizer():
+    """The byte tokenizer with four merges (ids 256-259): llama.cpp loads a BPE vocabulary with merges only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a")]
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {a + b: 256 + i for i, (a, b) in enumerate(merges)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+
+
+def _tiny(kind: str, **config):
+    """A tiny model of ``kind`` with the merged tokenizer's 260 ids (and ``config`` changes)."""
+    cfg = build_tiny(kind).config
+    for k, v in ({"vocab_size": 260} | config).items():
+        setattr(cfg, k, v)
+    torch.manual_seed(1)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+
+
+def _export(tmp_path, kind: str, structure=None, rates=None, **config):
+    model = _tiny(kind, **config)
+    arch = arch_of(model.config)
+    ranks = wanda_sp.rank(model, arch, stats.capture(model, random_windows(4, 32, 0)))
+    structure = structure or rates_to_structure(arch, rates)
+    pruned = slicing.materialize(model, arch, ranks, structure)
+    name = f"{kind}-{abs(hash(structure)) % 10**8}"
+    return save_pruned(pruned, merged_tokenizer(), tmp_path / name, {"rates": rates, "base_model": {"source": kind}})
+
+
+def _hf(export) -> tuple[torch.Tensor, list[int]]:
+    """transformers on the export: each prompt token's log-probability after its prefix, greedy tokens."""
+    lm = load_pruned(export, device="cpu", dtype="float32")
+    ids = torch.tensor([PROMPT])
+    logprobs = torch.log_softmax(lm.model(ids).logits[0].double(), -1)[:-1].gather(1, ids[0, 1:, None])[:, 0]
+    greedy = lm.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+    return logprobs, greedy
+
+
+def _gguf(path) -> tuple[torch.Tensor, list[int]]:
+    got = llamacpp_score(path, PROMPT, new_tokens=8)
+    return torch.tensor(got["logprobs"], dtype=torch.float64), got["greedy"]
+
+
+def _ppl(logprobs: torch.Tensor) -> float:
+    return math.exp(-float(logprobs.mean()))
+
+
+STRUCTURES = {
+    # partial KV groups, no attention, no MLP, the last layer fully removed
+    "mixed": lambda a: (LayerKeep(a.n_kv_heads - 1, 50), LayerKeep(0, 96), LayerKeep(1, 0), LayerKeep(0, 0)),
+    # the first layer without attention, a layer fully removed inside
+    "first-removed": lambda a: (LayerKeep(0, 30), LayerKeep(0, 0), LayerKeep(a.n_kv_heads, 96), LayerKeep(1, 7)),
+}
+
+
+@pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa", "qwen2", "mistral"])
+@pytest.mark.parametrize("shape", ["uniform", *STRUCTURES])
+def test_a_gguf_computes_what_the_export_computes(tmp_path, kind, shape):
+    arch = arch_of(build_tiny(kind).config)
+    export = (_export(tmp_path, kind, rates=[0.5] * 4) if shape == "uniform"
+              else _export(tmp_path, kind, STRUCTURES[shape](arch)))
+    path = write_gguf(export, tmp_path / "f32.gguf", "f32")
+    hf, hf_greedy = _hf(export)
+    got, greedy = _gguf(path)
+    assert (got - hf).abs().max() < 1e-3
+    assert greedy == hf_greedy
+
+
+def test_biases_of_removed_units_are_kept_and_quantized_files_stay_close(tmp_path):
+    """A Llama with attention and MLP biases: a removed attention or MLP still adds its output bias
+    (written as a zero unit), and q8_0 / q4_k_m perplexity stay within 2% / 10% of the f32 file's."""
+    export = _export(tmp_path, "llama_gqa", (LayerKeep(0, 40), LayerKeep(1, 0), LayerKeep(2, 96), LayerKeep(0, 0)),
+                     attention_bias=True, mlp_bias=True)
+    f32 = write_gguf(export, tmp_path / "f32.gguf", "f32")
+    hf, _ = _hf(export)
+    got, _ = _gguf(f32)
+    assert (got - hf).abs().max() < 1e-3
+    base = _ppl(got)
+    for quant, tolerance in (("f16", 0.005), ("q8_0", 0.02), ("q4_k_m", 0.10)):
+        q = write_gguf(export, tmp_path / f"{quant}.gguf", quant)
+        assert q.stat().st_size < f32.stat().st_size
+        assert abs(_ppl(_gguf(q)[0]) / base - 1) < tolerance, quant
+
+
+def test_zero_units_stand_only_where_llama_cpp_needs_them():
+    arch = arch_of(build_tiny("llama_gqa").config)
+    kept = [(0, 10), (0, 0), (2, 0), (0, 0)]
+    w = layer_widths(kept, arch, set())
+    assert [(x.heads, x.kv_heads, x.ff) for x in w] == [(4, 1, 10), (0, 0, 0), (8, 2, 1), (0, 0, 1)]
+    assert [x.zero_attention for x in w] == [True, False, False, False]
+    assert [x.zero_mlp for x in w] == [False, False, True, True]
+    biased = layer_widths(kept, arch, {"attn.1", "mlp.1"})[1]
+    assert (biased.heads, biased.kv_heads, biased.ff) == (4, 1, 1)  # the biases need a unit to live in
+
+
+def test_an_unstructured_export_is_written_dense_shaped(tmp_path):
+    import selfprune
+
+    _tiny("llama_gqa").save_pretrained(tmp_path / "base")
+    merged_tokenizer().save_pretrained(tmp_path / "base")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i} " + "some words of text " * 20 for i in range(200)))
+    selfprune.prune(str(tmp_path / "base"), 0.5, data=str(corpus), samples=4, calib_seqlen=32, device="cpu",
+                    metric="wanda", pattern="2:4", out=tmp_path / "sparse")
+    path = write_gguf(tmp_path / "sparse", tmp_path / "sparse.gguf", "f32")
+    hf, _ = _hf(tmp_path / "sparse")
+    got, _ = _gguf(path)
+    assert (got - hf).abs().max() < 1e-3
+
+
+def test_what_llama_cpp_cannot_express_is_refused_before_writing(tmp_path):
+    export = _export(tmp_path, "llama_gqa", rates=[0.5] * 4)
+    with pytest.raises(UserError, match="--quant q3: use one of"):
+        check_gguf_export(export, "q3")
+    with pytest.raises(UserError, match="neither a selfprune export nor a model directory"):
+        check_gguf_export(tmp_path, "f16")
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu"}))
+    with pytest.raises(UserError, match="SiLU"):
+        check_gguf_export(export, "f16")
+    (export / "config.json").write_text(json.dumps(config | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(UserError, match="yarn"):
+        check_gguf_export(export, "f16")
+    (export / "config.json").write_text(json.dumps(config))
+    (export / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        check_gguf_export(export, "f16")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_the_cli_writes_a_quantized_gguf_and_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    export = _export(tmp_path, "qwen2", rates=[0.3] * 4)
+    code, out, err = run_cli(capsys, monkeypatch, "export-gguf", str(export), str(tmp_path / "m.gguf"), "--quant", "q8_0")
+    assert code == 0, err
+    assert (tmp_path / "m.gguf").is_file() and "llama_cpp.server" in out + err and "ollama create" in out + err
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    code, out, err = run_cli(capsys, monkeypatch, "export-gguf", str(tmp_path), str(tmp_path / "x.gguf"))
+    assert code == 2 and "neither a selfprune export" in err and not (tmp_path / "x.gguf").exists()
+
+
+def test_bench_model_llamacpp_times_dense_and_pruned_at_each_quantization(tmp_path, capsys, monkeypatch):
+    from selfprune.app.cli import LLAMACPP_FIELDS
+
+    _tiny("llama_gqa").save_pretrained(tmp_path / "dense")
+    merged_tokenizer().save_pretrained(tmp_path / "dense")
+    export = _export(tmp_path, "llama_gqa", rates=[0.5] * 4)
+    args = ["bench-model", "--model", str(tmp_path / "dense"), "--pruned", str(export), "--llamacpp", "--quant", "f16,q8_0",
+            "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1"]
+    code, out, err = run_cli(capsys, monkeypatch, *args, "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["dtype"], r["model"]) for r in rows] == [(q, m) for q in ("f16", "q8_0") for m in (str(tmp_path / "dense"), str(export))]
+    for dense, pruned in (rows[:2], rows[2:]):
+        assert pruned["params"] < dense["params"] and pruned["params_read_per_token"] < dense["params_read_per_token"]
+        assert pruned["file_bytes"] < dense["file_bytes"] and dense["generate_tokens_per_s"] > 0 < dense["peak_memory_bytes"]
+    assert rows[2]["file_bytes"] < rows[0]["file_bytes"]  # q8_0 below f16
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    assert all(label in err for label, *_ in LLAMACPP_FIELDS) and "q8_0" in err and "x)" in err
+    code, _, err = run_cli(capsys, monkeypatch, *args[:-6], "--quant", "q3")
+    assert code == 2 and "--quant q3" in err
