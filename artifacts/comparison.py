@@ -51,14 +51,18 @@ def table(rows: list[dict], tasks: list[str]) -> tuple[list[str], list[list[str]
     """(header, cells) of a comparison table, rows sorted by ratio then method; a search's seeds
     show their mean ± std and each seed's value, and searches the candidates they scored."""
     evals = any(r.get("candidates") is not None for r in rows)
-    header = ["ratio", "method", "realized", "kept params", "test ppl", *tasks, "mean acc", *(["candidates"] * evals)]
+    speed = next((r["llamacpp"] for r in rows if r.get("llamacpp")), None)
+    speed_header = [f"llama.cpp {speed['dtype']} decode tok/s"] if speed else []
+    header = ["ratio", "method", "realized", "kept params", "test ppl", *tasks, "mean acc", *(["candidates"] * evals),
+              *speed_header]
     cells = []
     for r in sort_rows(rows):
         acc = r.get("acc") or {}
         n = r.get("candidates")
         cells.append([_ratio(r["ratio"]), r["label"], _num(r["realized_ratio"]), f"{r['kept_params']:,}",
                       _spread(r, "ppl", 3), *[_num(acc.get(t)) for t in tasks], _spread(r, "mean_acc", 4),
-                      *([_num(n, 0) if n is not None else ""] * evals)])
+                      *([_num(n, 0) if n is not None else ""] * evals),
+                      *([_num(r["llamacpp"]["decode_tokens_per_s"], 1)] if speed else [])])
     return header, cells
 
 

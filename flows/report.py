@@ -30,7 +30,7 @@ from selfprune.engine.models import model_fingerprint
 from selfprune.evaluate.report import build_rows, check_searches, plan_report, summarize, write_summary
 from selfprune.flows.run_info import announce_run
 from selfprune.tasks.caching import kept_result
-from selfprune.tasks.evaluation import allocation_rates, evaluate_ppl, evaluate_zero_shot
+from selfprune.tasks.evaluation import allocation_rates, evaluate_ppl, evaluate_zero_shot, llamacpp_speed
 from selfprune.tasks.pruning import capture_statistics
 
 
@@ -77,7 +77,10 @@ def report(config: ReportConfig) -> dict:
         return allocation_rates(*common, allocation, r, plan.calibration, c.device, c.dtype, metric=metric,
                                 pattern=pattern, method=c.method)
 
-    rows = build_rows(plan, arch, model_fp, allocate, ppl, zero_shot)
+    def speed(candidate: Candidate) -> dict:
+        return llamacpp_speed(*common, candidate.to_json(), plan.calibration, plan.llamacpp, c.device, c.dtype, method=c.method)
+
+    rows = build_rows(plan, arch, model_fp, allocate, ppl, zero_shot, speed if plan.llamacpp else None)
     summary = summarize(plan, rows, model_fp, stats_key, counts, start)
     summary["files"] = comparison.render(summary, out_dir)
     write_summary(summary, out_dir)

@@ -253,6 +253,8 @@ class ReportConfig(RunConfig):
     max_length: int = Field(2048, ge=1, description="lm-eval context length")
     eval_batch_size: int = Field(8, ge=1, description="lm-eval batch")
     out: str = Field("runs/report", description="report directory (report.md, report.html, plots)")
+    llamacpp: str | None = Field(None, description="add each row's decode speed in llama.cpp as GGUF at this "
+                                                   "quantization: f16, q8_0, q4_k_m (needs llama-cpp-python)")
 
     _lists = field_validator("ratios", "sparsities", "tasks", "allocations", "metrics", "patterns", "metric_allocations",
                              "reconstructs", mode="before")(_comma_separated)

@@ -21,6 +21,9 @@ The work itself is the library's (:mod:`selfprune.evaluate.report`); these add t
 
 from __future__ import annotations
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from selfprune.engine import identity
 from selfprune.engine.candidate import from_params
 from selfprune.evaluate import report
@@ -41,6 +44,15 @@ def allocation_rates(model: str, model_fp: str, stats_key: str, allocation: str,
     sparse candidates' perplexity)."""
     bench = workbench(model, stats_key, calibration, device, dtype, method)
     return report.allocation_entry(bench, allocation, ratio, metric, pattern)
+
+
+@task(task_run_name="llamacpp-speed", cache_policy=NO_CACHE)
+def llamacpp_speed(model: str, model_fp: str, stats_key: str, structure: list | dict | None, calibration: dict, quant: str,
+                   device: str = "auto", dtype: str = "auto", method: str = "wanda-sp") -> dict:
+    """The candidate's decode speed in llama.cpp as GGUF at ``quant`` (:func:`report.llamacpp_speed`):
+    a measurement of this machine, never cached."""
+    bench = workbench(model, stats_key, calibration, device, dtype, method)
+    return report.llamacpp_speed(bench, from_params(structure), quant)
 
 
 @cached_task(key_fn=identity.zero_shot_task, version="3", task_run_name="zero-shot")

@@ -119,6 +119,18 @@ def test_biases_of_removed_units_are_kept_and_quantized_files_stay_close(tmp_pat
         assert abs(_ppl(_gguf(q)[0]) / base - 1) < tolerance, quant
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "default", "rope_theta": 100000.0},
+                                     {"rope_type": "linear", "rope_theta": 50000.0, "factor": 2.0},
+                                     {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rotary_bases_and_scalings_reach_llama_cpp(tmp_path, scaling):
+    """SmolLM2's base (1e5), a linear scaling and Llama 3's (its per-frequency divisors, rope_freqs)."""
+    export = _export(tmp_path, "llama_gqa", rates=[0.4] * 4, rope_parameters=scaling)
+    hf, hf_greedy = _hf(export)
+    got, greedy = _gguf(write_gguf(export, tmp_path / "f32.gguf", "f32"))
+    assert (got - hf).abs().max() < 1e-3 and greedy == hf_greedy
+
+
 def test_zero_units_stand_only_where_llama_cpp_needs_them():
     arch = arch_of(build_tiny("llama_gqa").config)
     kept = [(0, 10), (0, 0), (2, 0), (0, 0)]
@@ -155,7 +167,7 @@ def test_what_llama_cpp_cannot_express_is_refused_before_writing(tmp_path):
     (export / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu"}))
     with pytest.raises(UserError, match="SiLU"):
         check_gguf_export(export, "f16")
-    (export / "config.json").write_text(json.dumps(config | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    (export / "config.json").write_text(json.dumps(config | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(UserError, match="yarn"):
         check_gguf_export(export, "f16")
     (export / "config.json").write_text(json.dumps(config))
@@ -196,3 +208,99 @@ def test_bench_model_llamacpp_times_dense_and_pruned_at_each_quantization(tmp_pa
     assert all(label in err for label, *_ in LLAMACPP_FIELDS) and "q8_0" in err and "x)" in err
     code, _, err = run_cli(capsys, monkeypatch, *args[:-6], "--quant", "q3")
     assert code == 2 and "--quant q3" in err
+
+
+def test_a_search_says_how_to_export_its_model_and_the_commands_work(tmp_path, capsys, monkeypatch):
+    """best.json's ``export`` commands, run literally, build the searched model and its GGUF."""
+    import shlex
+
+    from conftest import write_corpus
+
+    import selfprune
+
+    _tiny("llama_gqa").save_pretrained(tmp_path / "dense")
+    merged_tokenizer().save_pretrained(tmp_path / "dense")
+    write_corpus(tmp_path / "corpus.txt")
+    summary = selfprune.search(model=str(tmp_path / "dense"), data=str(tmp_path / "corpus.txt"), ratio=0.4, population=4,
+                               mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
+                               fitness_windows=2, test_windows=2, device="cpu", baselines="none", out=str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["export"] == summary["export"]
+    for step in ("prune", "gguf"):
+        code, _, err = run_cli(capsys, monkeypatch, *shlex.split(summary["export"][step])[1:])
+        assert code == 0, err[-2000:]
+    layers = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["selfprune_layers"]
+    assert layers == summary["structure"] and (tmp_path / "run" / "model.q4_k_m.gguf").is_file()
+
+
+def test_a_report_adds_each_rows_llama_cpp_speed(prefect_api, tmp_path, capsys, monkeypatch):
+    """``selfprune report --llamacpp f16`` (the flow and its uncached speed task) times dense, a
+    structured row and a metric row in llama.cpp; the library's report does too; a quantization
+    llama.cpp does not know is refused before any work."""
+    from conftest import write_corpus
+
+    import selfprune
+
+    _tiny("llama_gqa").save_pretrained(tmp_path / "dense")
+    merged_tokenizer().save_pretrained(tmp_path / "dense")
+    write_corpus(tmp_path / "corpus.txt")
+    args = ["report", "--model", str(tmp_path / "dense"), "--data", str(tmp_path / "corpus.txt"), "--ratios", "0.5",
+            "--allocation", "uniform", "--metric", "wanda", "--metric-allocation", "uniform", "--tasks", "selfprune_cloze",
+            "--limit", "3", "--cloze-items", "8", "--seqlen", "64", "--test-windows", "2", "--samples", "4",
+            "--calib-seqlen", "64", "--max-length", "256", "--device", "cpu", "--out", str(tmp_path / "report")]
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--llamacpp", "f16")
+    assert code == 0, err[-2000:]
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    assert {r["label"] for r in rows} >= {"dense", "uniform"} and all(r["llamacpp"]["decode_tokens_per_s"] > 0 for r in rows)
+    dense = next(r for r in rows if r["label"] == "dense")["llamacpp"]
+    pruned = next(r for r in rows if r["label"] == "uniform")["llamacpp"]
+    assert pruned["params_read_per_token"] < dense["params_read_per_token"] and pruned["dtype"] == "f16"
+    assert "llama.cpp f16 decode tok/s" in (tmp_path / "report" / "report.md").read_text()
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--llamacpp", "q3")
+    assert code == 2 and "--quant q3" in err
+    library = selfprune.report(model=str(tmp_path / "dense"), data=str(tmp_path / "corpus.txt"), ratios=[0.5],
+                               allocations=["uniform"], tasks=["selfprune_cloze"], limit=3, cloze_items=8, seqlen=64,
+                               test_windows=2, samples=4, calib_seqlen=64, max_length=256, device="cpu", llamacpp="f16",
+                               out=str(tmp_path / "library"))
+    assert all(r["llamacpp"]["file_bytes"] > 0 for r in library["rows"])
+
+
+@pytest.mark.demo
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_the_demo_model_pruned_uniformly_and_by_a_search_runs_in_llama_cpp_as_in_transformers(
+        ratio, real_home, prefect_api, tmp_path, capsys, monkeypatch):
+    """SmolLM2-135M at 0.3 and 0.5, uniform and searched (per-layer widths): each f32 GGUF gives
+    transformers' log-probabilities on real text (within 1e-3) and greedy tokens; the searched one's
+    q8_0 and q4_k_m files stay within 2% and 15% of the f32 file's perplexity."""
+    from selfprune.engine.data import split_windows
+    from selfprune.engine.models import load_tokenizer
+
+    common = ["--ratio", str(ratio), "--samples", "16", "--device", "cpu"]
+    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--out", str(tmp_path / "uniform"))
+    assert code == 0, err[-2000:]
+    search = ["search", *common, "--population", "4", "--mutations", "2", "--crossovers", "2", "--generations", "1",
+              "--fitness-windows", "2", "--test-windows", "2", "--out", str(tmp_path / "search")]
+    code, _, err = run_cli(capsys, monkeypatch, *search)
+    assert code == 0, err[-2000:]
+    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--allocation", str(tmp_path / "search" / "best.json"),
+                           "--out", str(tmp_path / "searched"))
+    assert code == 0, err[-2000:]
+    text = split_windows(load_tokenizer("demo"), "demo", "test", 64, 1)[0].tolist()
+    for name in ("uniform", "searched"):
+        export = tmp_path / name
+        lm = load_pruned(export, device="cpu", dtype="float32")
+        ids = torch.tensor([text])
+        hf = torch.log_softmax(lm.model(ids).logits[0].double(), -1)[:-1].gather(1, ids[0, 1:, None])[:, 0]
+        greedy = lm.model.generate(ids, max_new_tokens=8, do_sample=False)[0, len(text):].tolist()
+        del lm
+        f32 = write_gguf(export, tmp_path / f"{name}.f32.gguf", "f32")
+        got = llamacpp_score(f32, text, new_tokens=8, threads=2)
+        assert (torch.tensor(got["logprobs"], dtype=torch.float64) - hf).abs().max() < 1e-3, name
+        assert got["greedy"] == greedy, name
+        if name == "searched":
+            base = math.exp(-sum(got["logprobs"]) / len(got["logprobs"]))
+            for quant, tolerance in (("q8_0", 0.02), ("q4_k_m", 0.15)):
+                q = write_gguf(export, tmp_path / f"{name}.{quant}.gguf", quant)
+                scored = llamacpp_score(q, text, new_tokens=1, threads=2)["logprobs"]
+                assert abs(math.exp(-sum(scored) / len(scored)) / base - 1) < tolerance, quant
+                q.unlink()
+        f32.unlink()

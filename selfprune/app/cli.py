@@ -255,6 +255,7 @@ def _show_search(summary: dict, config: SearchConfig, start: float) -> None:
         f"cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
         f"fallbacks {summary['oracle_fallbacks']}, {time.perf_counter() - start:.0f} s in all -> {Path(config.out) / 'best.json'}"
     )
+    console.print(f"the searched model: {summary['export']['prune']}\nfor llama.cpp / Ollama: {summary['export']['gguf']}")
 
 
 def _print_seeds(summary: dict, config: SearchConfig | AutopruneConfig) -> None:

@@ -70,6 +70,15 @@ def layer_widths(kept: list[tuple[int, int]], arch: Arch, biases: set[str]) -> l
     return out
 
 
+def rope(config: dict) -> tuple[float, dict]:
+    """The rotary base and the scaling (``rope_type`` and its fields), as transformers 5 writes them
+    (``rope_parameters``) or 4 did (``rope_theta``, ``rope_scaling``)."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return theta, params
+
+
 def check_gguf_export(export_dir: Path, quant: str) -> tuple[dict, Arch, list[tuple[int, int]]]:
     """Every check that needs no weights, before anything is written: an export (or a dense model
     directory), a family and features llama.cpp's ``deci`` expresses, a known quantization (and
@@ -82,14 +91,13 @@ def check_gguf_export(export_dir: Path, quant: str) -> tuple[dict, Arch, list[tu
                         "the directory of selfprune prune --out DIR, or a dense model's")
     config = json.loads((export_dir / "config.json").read_text())
     arch = arch_of(read_config(str(export_dir), str(export_dir), local_files_only=True))
-    if (export_dir / RECORD).is_file():
-        kept = kept_widths(config.get("selfprune_layers"), arch, export_dir)
-    else:  # a dense model directory: every unit kept
+    if (export_dir / RECORD).is_file() and "selfprune_layers" in config:
+        kept = kept_widths(config["selfprune_layers"], arch, export_dir)
+    else:  # a dense model (its directory, or exported as it is): every unit kept
         kept = [(arch.n_kv_heads, arch.intermediate)] * arch.n_layers
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{export_dir}: hidden_act {config['hidden_act']!r}; llama.cpp's deci runs SiLU MLPs only")
-    rope = config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = rope(config)[1]["rope_type"]
     if kind not in ("default", "linear", "llama3"):
         raise UserError(f"{export_dir}: rope scaling {kind!r} has no GGUF form here (default, linear and llama3 do)")
     if not (export_dir / "tokenizer.json").is_file():
@@ -162,14 +170,12 @@ def _layer_tensors(state: dict[str, torch.Tensor], i: int, w: Widths, arch: Arch
     return {p + k: v for k, v in out.items()}
 
 
-def _rope_freqs(config: dict, head_dim: int) -> torch.Tensor:
+def _rope_freqs(base: float, scaling: dict, head_dim: int) -> torch.Tensor:
     """Llama 3's per-frequency divisors of its rope scaling (the long-wavelength ones slowed by
     ``factor``, a smooth blend between), as llama.cpp's ``rope_freqs`` tensor."""
-    rope = config["rope_scaling"]
-    base = config.get("rope_theta", 10000.0)
     freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old = rope["original_max_position_embeddings"]
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old = scaling["original_max_position_embeddings"]
     wavelen = 2 * torch.pi / freqs
     smooth = ((old / wavelen - low) / (high - low)).clamp(0, 1)
     divisor = 1 / ((1 - smooth) / factor + smooth)
@@ -242,13 +248,13 @@ def write_gguf(export_dir: Path, out: Path, quant: str = "f16", pre: str | None 
     writer.add_key_length(arch.head_dim)
     writer.add_value_length(arch.head_dim)
     writer.add_rope_dimension_count(arch.head_dim)
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    theta, scaling = rope(config)
+    writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(n_vocab)
-    rope = config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) == "linear":
+    if scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.ALL_F32)
     _tokenizer(writer, export_dir, n_vocab, pre or tokenizer_pre(export_dir))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, arch.n_layers)
@@ -257,8 +263,8 @@ def write_gguf(export_dir: Path, out: Path, quant: str = "f16", pre: str | None 
         tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
     for i, w in enumerate(widths):
         tensors |= _layer_tensors(state, i, w, arch)
-    if (rope.get("rope_type", rope.get("type"))) == "llama3":
-        writer.add_tensor("rope_freqs.weight", _rope_freqs(config, arch.head_dim).numpy())
+    if scaling["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", _rope_freqs(theta, scaling, arch.head_dim).numpy())
     for name, t in tensors.items():
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:

@@ -43,6 +43,7 @@ LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
 Allocate = Callable[[str, float, str | None, str | None], dict]
 EvaluatePpl = Callable[[Candidate], dict]  # candidate -> Perplexity fields
 EvaluateZeroShot = Callable[[Candidate], dict]  # candidate -> zero-shot record
+EvaluateSpeed = Callable[[Candidate], dict]  # candidate -> llama.cpp measurement (selfprune.evaluate.llamacpp)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ReportPlan:
     dtype: str
     sparse: list[tuple[str, str, str, float, str]]  # (metric text, pattern, allocation, sparsity, reconstruction) rows
     metric_names: dict[str, str]  # metric text -> how its rows are labelled
+    llamacpp: str | None = None  # a GGUF quantization: each row's speed in llama.cpp
 
 
 def _read_search(path: str | Path) -> dict:
@@ -129,6 +131,8 @@ def plan_report(config: ReportConfig) -> ReportPlan:
     elif include_path and not Path(include_path).expanduser().exists():
         raise UserError(f"task include path {include_path} does not exist")
     names, sparse = _sparse_rows(c, c.sparsities or targets)
+    if c.llamacpp:
+        check_llamacpp(c.model, c.llamacpp)
     return ReportPlan(
         model=c.model, data=data, method=c.method, ratios=targets, allocations=list(dict.fromkeys(c.allocations)),
         searches=bests, tasks=tasks, include_path=include, sparse=sparse, metric_names=names, device=c.device,
@@ -137,7 +141,21 @@ def plan_report(config: ReportConfig) -> ReportPlan:
         calibration={"data": data, "samples": samples, "seqlen": calib_seqlen, "batch_size": c.batch_size},
         scoring={"data": data, "split": "test", "seqlen": c.seqlen, "windows": c.test_windows or None,
                  "batch_size": c.batch_size},
+        llamacpp=c.llamacpp,
     )
+
+
+def check_llamacpp(model: str, quant: str) -> None:
+    """``--llamacpp QUANT`` can run: llama-cpp-python installed, a local model llama.cpp's GGUF
+    expresses (checked on the dense model: its exports share its family, tokenizer and rope)."""
+    import importlib.util
+
+    from ..engine.demo import demo_model_dir
+    from .gguf_export import check_gguf_export
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("--llamacpp times each row in llama.cpp: pip install 'selfprune[llm-server]' (llama-cpp-python)")
+    check_gguf_export(demo_model_dir() if model == "demo" else Path(model).expanduser(), quant)
 
 
 def _sparse_rows(c: ReportConfig, ratios: list[float]) -> tuple[dict[str, str], list[tuple[str, str, str, float, str]]]:
@@ -228,7 +246,7 @@ def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
 
 
 def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, evaluate_ppl: EvaluatePpl,
-               evaluate_zero_shot: EvaluateZeroShot) -> list[dict]:
+               evaluate_zero_shot: EvaluateZeroShot, evaluate_speed: EvaluateSpeed | None = None) -> list[dict]:
     """One row per entry: its perplexity and zero-shot scores, realized ratio, kept parameters and
     protocol; then the seeds of each search merged into one row (:func:`merge_seeds`). Each row is a
     unit of the "report rows" progress step."""
@@ -250,6 +268,7 @@ def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, 
             "zero_shot": zs,
             "protocol": protocol(plan.model, model_fp, plan.scoring, ppl, plan.calibration, plan.device, plan.dtype,
                                  e.seed) | {"zero_shot": accuracy},
+            "llamacpp": evaluate_speed(e.candidate) if evaluate_speed else None,
         })
         advance(1)
     return merge_seeds(rows)
@@ -282,6 +301,8 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
             "realized_ratio": statistics.fmean(m["realized_ratio"] for m in members),
             "kept_params": round(statistics.fmean(m["kept_params"] for m in members)),
             "candidates": _mean([m["candidates"] for m in members]),
+            "llamacpp": None if first["llamacpp"] is None else first["llamacpp"] | {
+                k: statistics.fmean(m["llamacpp"][k] for m in members) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")},
             "seeds": [{k: m[k] for k in ("seed", "ppl", "mean_acc", "rates", "candidates", "oracle")} for m in members],
             "protocol": first["protocol"] | {"seed": sorted(by_seed)},
             "zero_shot": None,
@@ -344,6 +365,21 @@ def zero_shot(bench: Workbench, candidate: Candidate, tasks: list[str], include_
                               limit=limit, max_length=max_length, batch_size=batch_size)
 
 
+def llamacpp_speed(bench: Workbench, candidate: Candidate, quant: str) -> dict:
+    """The candidate's speed in llama.cpp: exported, written as GGUF at ``quant`` and timed (batch 1,
+    128-token prompt, 64 new tokens, median of 3), in a temporary directory."""
+    import tempfile
+
+    from ..engine.export import save_pruned
+    from .gguf_export import write_gguf
+    from .llamacpp import llamacpp_measure
+
+    with tempfile.TemporaryDirectory(prefix="selfprune-report-gguf-") as tmp:
+        export = save_pruned(bench.model(candidate), bench.lm.tokenizer, Path(tmp) / "model",
+                             {"base_model": {"source": bench.lm.source}})
+        return llamacpp_measure(write_gguf(export, Path(tmp) / f"model.{quant}.gguf", quant), quant)
+
+
 def report(config: ReportConfig | None = None, progress: Progress | None = None, **overrides) -> dict:
     """The report of ``selfprune report``, computed in this process without Prefect or its cache
     (statistics still come from the store): a :class:`ReportConfig` or its fields as keywords.
@@ -363,6 +399,7 @@ def report(config: ReportConfig | None = None, progress: Progress | None = None,
         evaluate_ppl=lambda candidate: bench.score(candidate, scoring).to_dict(),
         evaluate_zero_shot=lambda s: zero_shot(bench, s, plan.tasks, plan.include_path, plan.limit, plan.max_length,
                                                plan.eval_batch_size),
+        evaluate_speed=(lambda c: llamacpp_speed(bench, c, plan.llamacpp)) if plan.llamacpp else None,
     )
     summary = summarize(plan, rows, bench.lm.fingerprint, bench.stats_key, {"computed": 2 * len(rows), "cached": 0}, start)
     write_summary(summary, config.out)

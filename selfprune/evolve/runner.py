@@ -9,10 +9,12 @@ cached tasks injected.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from functools import cached_property, partial
+from pathlib import Path
 from typing import NamedTuple
 
 from ..config import SearchConfig, build_config
@@ -224,7 +226,19 @@ def run(
         **rebuilt,
         **baseline_record(baselines, evolved.fitness, ctx.canonical, best["fitness"]),
         **run_record(config, setup, evolved, oracle, start, test),
+        "export": export_commands(config),
     }
+
+
+def export_commands(config: SearchConfig) -> dict[str, str]:
+    """How the searched model is built and written for llama.cpp: ``prune`` takes the rest of its
+    settings from this best.json (:mod:`selfprune.searched`)."""
+    out = Path(config.out)
+    model = shlex.quote(config.model)
+    return {"prune": f"selfprune prune --model {model} --ratio {config.ratio} --allocation {shlex.quote(str(out / 'best.json'))} "
+                     f"--out {shlex.quote(str(out / 'model'))}",
+            "gguf": f"selfprune export-gguf {shlex.quote(str(out / 'model'))} {shlex.quote(str(out / 'model.q4_k_m.gguf'))} "
+                    "--quant q4_k_m"}
 
 
 def figures(summary: dict) -> dict[str, float]:
