@@ -128,6 +128,22 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
 
 
+def demo_uniform_and_searched(ratio: float, tmp_path: Path, capsys, monkeypatch) -> tuple[Path, Path]:
+    """The demo model pruned at ``ratio`` uniformly and by a one-generation GA search (real home,
+    16 calibration windows): the two exports the serving tests (vLLM, llama.cpp) check."""
+    common = ["--ratio", str(ratio), "--samples", "16", "--device", "cpu"]
+    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--out", str(tmp_path / "uniform"))
+    assert code == 0, err[-2000:]
+    search = ["search", *common, "--population", "4", "--mutations", "2", "--crossovers", "2", "--generations", "1",
+              "--fitness-windows", "2", "--test-windows", "2", "--out", str(tmp_path / "search")]
+    code, _, err = run_cli(capsys, monkeypatch, *search)
+    assert code == 0, err[-2000:]
+    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--allocation", str(tmp_path / "search" / "best.json"),
+                           "--out", str(tmp_path / "searched"))
+    assert code == 0, err[-2000:]
+    return tmp_path / "uniform", tmp_path / "searched"
+
+
 TINY = {
     "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),
     "llama_gqa": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2),

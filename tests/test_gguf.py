@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny, random_windows, run_cli
+from conftest import build_tiny, demo_uniform_and_searched, random_windows, run_cli
 
 from selfprune.core.errors import UserError
 from selfprune.engine import slicing, stats, wanda_sp
@@ -274,16 +274,7 @@ def test_the_demo_model_pruned_uniformly_and_by_a_search_runs_in_llama_cpp_as_in
     from selfprune.engine.data import split_windows
     from selfprune.engine.models import load_tokenizer
 
-    common = ["--ratio", str(ratio), "--samples", "16", "--device", "cpu"]
-    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--out", str(tmp_path / "uniform"))
-    assert code == 0, err[-2000:]
-    search = ["search", *common, "--population", "4", "--mutations", "2", "--crossovers", "2", "--generations", "1",
-              "--fitness-windows", "2", "--test-windows", "2", "--out", str(tmp_path / "search")]
-    code, _, err = run_cli(capsys, monkeypatch, *search)
-    assert code == 0, err[-2000:]
-    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--allocation", str(tmp_path / "search" / "best.json"),
-                           "--out", str(tmp_path / "searched"))
-    assert code == 0, err[-2000:]
+    demo_uniform_and_searched(ratio, tmp_path, capsys, monkeypatch)
     text = split_windows(load_tokenizer("demo"), "demo", "test", 64, 1)[0].tolist()
     for name in ("uniform", "searched"):
         export = tmp_path / name

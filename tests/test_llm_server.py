@@ -31,7 +31,12 @@ def llm_server(tmp_path_factory):
         gguf = demo_gguf_path()
     port = free_port()
     log = open(tmp_path_factory.mktemp("llm") / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+    # llama_cpp.server, run without llama.cpp's extra CPU buffer types: they crash quantized models on
+    # some virtual machines with AMX-capable CPUs (selfprune/evaluate/llamacpp.py)
+    serve = ("import runpy, sys; from selfprune.evaluate.llamacpp import without_extra_buffer_types; "
+             "sys.argv = ['llama_cpp.server', *sys.argv[1:]]\n"
+             "with without_extra_buffer_types(): runpy.run_module('llama_cpp.server', run_name='__main__')")
+    server = subprocess.Popen([sys.executable, "-c", serve, "--model", str(gguf), "--host", "127.0.0.1",
                                "--port", str(port), "--n_ctx", "8192", "--model_alias", "smollm2"],
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_tokenizer, free_port, run_cli, tiny_export, wait_until_up
+from conftest import byte_tokenizer, demo_uniform_and_searched, free_port, run_cli, tiny_export, wait_until_up
 
 from selfprune.core.errors import UserError
 from selfprune.engine.export import ARCHITECTURE, load_pruned
@@ -104,16 +104,7 @@ def test_vllm_serves_every_kind_of_layer_as_transformers_runs_it(kind, tmp_path,
 @pytest.mark.demo
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_vllm_serves_the_demo_model_pruned_uniformly_and_by_a_search(ratio, real_home, prefect_api, tmp_path, capsys, monkeypatch):
-    common = ["--ratio", str(ratio), "--samples", "16", "--device", "cpu"]
-    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--out", str(tmp_path / "uniform"))
-    assert code == 0, err[-2000:]
-    search = ["search", *common, "--population", "4", "--mutations", "2", "--crossovers", "2", "--generations", "1",
-              "--fitness-windows", "2", "--test-windows", "2", "--out", str(tmp_path / "search")]
-    code, _, err = run_cli(capsys, monkeypatch, *search)
-    assert code == 0, err[-2000:]
-    code, _, err = run_cli(capsys, monkeypatch, "prune", *common, "--allocation", str(tmp_path / "search" / "best.json"),
-                           "--out", str(tmp_path / "searched"))
-    assert code == 0, err[-2000:]
+    demo_uniform_and_searched(ratio, tmp_path, capsys, monkeypatch)
     uniform, searched = (json.loads((tmp_path / d / "config.json").read_text())["selfprune_layers"]
                          for d in ("uniform", "searched"))
     assert uniform != searched and len({tuple(x) for x in searched}) > 1  # a structure DeciLM cannot hold

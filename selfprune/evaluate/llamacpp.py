@@ -18,23 +18,26 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..core.errors import UserError
-from .speed import prompt_ids, throughput
+from .procstatus import status_bytes
 
 
-def _load(path: str, n_ctx: int, threads: int, **kwargs):
-    """``llama_cpp.Llama`` of ``path`` without extra buffer types (the module docstring says why)."""
-    import llama_cpp
+@contextmanager
+def without_extra_buffer_types() -> Iterator[None]:
+    """Every ``llama_cpp.Llama`` made inside loads without llama.cpp's extra CPU buffer types (the
+    module docstring says why): the class takes no such option, so its default parameters are
+    wrapped while inside."""
     import llama_cpp.llama as llama_module
 
     defaults = llama_module.llama_cpp.llama_model_default_params
@@ -44,12 +47,19 @@ def _load(path: str, n_ctx: int, threads: int, **kwargs):
         p.use_extra_bufts = False
         return p
 
-    llama_module.llama_cpp.llama_model_default_params = params  # the Llama class takes no such option
+    llama_module.llama_cpp.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0,
-                               **kwargs)
+        yield
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def _load(path: str, n_ctx: int, threads: int, **kwargs):
+    import llama_cpp
+
+    with without_extra_buffer_types():
+        return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0,
+                               **kwargs)
 
 
 def _greedy(llm, tokens: list[int], new_tokens: int) -> list[int]:
@@ -99,7 +109,7 @@ def _time(job: dict) -> dict:
         prefill_s.append(t1 - t0)
         generate_s.append(t2 - t1)
     return {"prefill_s": statistics.median(prefill_s), "generate_s": statistics.median(generate_s),
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_bytes": status_bytes("VmHWM"),  # since exec: not the parent's, as ru_maxrss would be
             "llama_cpp_version": llama_cpp.__version__}
 
 
@@ -152,6 +162,8 @@ def llamacpp_score(path: str | Path, tokens: list[int], new_tokens: int = 8, thr
 def llamacpp_measure(path: str | Path, quant: str, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3,
                      threads: int | None = None) -> dict[str, Any]:
     """Prefill and decode tokens/s, file size and peak memory of the GGUF at ``path`` in llama.cpp."""
+    from .speed import prompt_ids, throughput  # torch: the parent's, never the child's (its memory is measured)
+
     if min(prompt_tokens, new_tokens, repeats) < 1:
         raise UserError("prompt_tokens, new_tokens and repeats must all be at least 1")
     path = Path(path).expanduser().resolve()

@@ -43,6 +43,7 @@ import torch
 
 from ..core.errors import UserError
 from ..storage.userfiles import read_json
+from .procstatus import status_bytes
 from .zeroshot import check_device
 
 
@@ -83,14 +84,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 def _trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc), so the baseline RSS is live memory only and
     the runs' activations and KV cache show up as growth instead of reusing resident free pages."""
@@ -120,7 +113,7 @@ def _peak_memory(device: torch.device) -> Iterator[dict]:
             f.write("5")
         base = _rss_bytes()
         yield out
-        out.update(peak=max(_status_kb("VmHWM"), base), baseline=base, method="vmhwm-reset")
+        out.update(peak=max(status_bytes("VmHWM"), base), baseline=base, method="vmhwm-reset")
         return
     except OSError:
         pass
