@@ -131,6 +131,35 @@ def test_rotary_bases_and_scalings_reach_llama_cpp(tmp_path, scaling):
     assert (got - hf).abs().max() < 1e-3 and greedy == hf_greedy
 
 
+def test_the_tokenizer_and_chat_template_travel_with_the_file(tmp_path):
+    """Tokens by id (rows beyond the tokenizer's as unused padding), special added tokens as control
+    tokens, the merges, the special ids and the chat template, read back from the GGUF."""
+    import gguf
+
+    tokenizer = merged_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})  # id 260
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    export = _export(tmp_path, "llama_gqa", rates=[0.4] * 4, vocab_size=264)
+    tokenizer.save_pretrained(export)
+    reader = gguf.GGUFReader(str(write_gguf(export, tmp_path / "t.gguf", "f16")))
+
+    def field(name):
+        return reader.get_field(name).contents()
+
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    assert len(tokens) == 264 and tokens[257] == "he" and tokens[260] == "<|im_end|>" and tokens[263] == "[PAD263]"
+    assert (types[257], types[260], types[263]) == (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL, gguf.TokenType.UNUSED)
+    assert field("tokenizer.ggml.merges")[:2] == ["Ġ t", "h e"] and field("tokenizer.ggml.pre") == "default"
+    assert field("tokenizer.chat_template") == tokenizer.chat_template and field("tokenizer.ggml.eos_token_id") == 0
+
+
+@pytest.mark.demo
+def test_the_demo_models_pre_tokenizer_is_its_gguf_s(real_home):
+    from selfprune.engine.demo import demo_model_dir
+    from selfprune.evaluate.gguf_export import tokenizer_pre
+
+    assert tokenizer_pre(demo_model_dir()) == "smollm"
+
 def test_zero_units_stand_only_where_llama_cpp_needs_them():
     arch = arch_of(build_tiny("llama_gqa").config)
     kept = [(0, 10), (0, 0), (2, 0), (0, 0)]
