@@ -582,7 +582,7 @@ def export_deci_cmd(
 
 @app.command("export-gguf")
 def export_gguf_cmd(
-    export_dir: Annotated[Path, typer.Argument(help="a selfprune export (prune --out DIR)")],
+    export_dir: Annotated[Path, typer.Argument(help="a selfprune export (prune --out DIR), or a dense model directory")],
     out: Annotated[Path, typer.Argument(help="the .gguf file to write")],
     quant: Annotated[str, typer.Option("--quant", help="f32 | f16 | q8_0 | q4_k_m (quantized by llama.cpp)")] = "f16",
     tokenizer_pre: Annotated[str | None, typer.Option(
