@@ -214,6 +214,12 @@ def test_the_cli_writes_a_quantized_gguf_and_refuses_bad_input_in_one_line(tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     code, out, err = run_cli(capsys, monkeypatch, "export-gguf", str(tmp_path), str(tmp_path / "x.gguf"))
     assert code == 2 and "neither a selfprune export" in err and not (tmp_path / "x.gguf").exists()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    code, out, err = run_cli(capsys, monkeypatch, "export-gguf", str(export), str(tmp_path / "y.gguf"), "--quant", "q4_k_m")
+    assert code == 2 and "pip install 'selfprune[llm-server]'" in err  # the extra's brackets are not rich markup
 
 
 def test_bench_model_llamacpp_times_dense_and_pruned_at_each_quantization(tmp_path, capsys, monkeypatch):

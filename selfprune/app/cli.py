@@ -17,6 +17,7 @@ from typing import Annotated, get_origin
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -661,7 +662,7 @@ def prefect_setup(
 
 
 def _fail(e: UserError) -> None:
-    console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # "selfprune[dask]" is no markup
     sys.exit(3 if isinstance(e, EnvironmentFault) else 2)
 
 
