@@ -17,7 +17,8 @@ import torch
 from selfprune.engine import allocation, data, stats
 from selfprune.engine.models import load_model
 from selfprune.engine.ppl import perplexity
-from selfprune.engine.workbench import Calibration, Scoring, Workbench
+from selfprune.engine.settings import Calibration, Scoring
+from selfprune.engine.workbench import Workbench
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -48,12 +49,12 @@ def main() -> None:
     rng = random.Random(0)
     build_s, ppl_s = [], []
     scoring = Scoring(args.data, "fitness", seqlen=512, windows=4)
-    ids = bench.windows(scoring)
+    ids = bench.scorer.windows(scoring)
     for _ in range(args.candidates):
         rates = allocation.project_to_mean([rng.uniform(0, 1) for _ in range(lm.arch.n_layers)], 0.5, 0.9)
-        structure = bench.structure(rates)
+        structure = bench.pruner.structure(rates)
         t0 = time.perf_counter()
-        pruned = bench.build(structure)
+        pruned = bench.pruner.structured(structure)
         build_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         perplexity(pruned, ids)

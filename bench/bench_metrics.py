@@ -17,8 +17,9 @@ import torch
 from selfprune.engine.metrics import resolve_metric
 from selfprune.engine.models import load_model
 from selfprune.engine.ppl import perplexity
+from selfprune.engine.settings import Calibration, Scoring
 from selfprune.engine.sparsity import parse_pattern, sparsify
-from selfprune.engine.workbench import Calibration, Scoring, Workbench
+from selfprune.engine.workbench import Workbench
 
 
 def timed(fn, *args):
@@ -38,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     bench = Workbench(load_model(args.model, args.device), Calibration(args.data, samples=128, seqlen=512))
-    ids = bench.windows(Scoring(args.data, "fitness", seqlen=512, windows=args.windows))
+    ids = bench.scorer.windows(Scoring(args.data, "fitness", seqlen=512, windows=args.windows))
     with torch.inference_mode():
         bench.lm.model(input_ids=ids[:1])  # warm-up: first-call allocations are not the forward pass
         _, forward_s = timed(lambda: [bench.lm.model(input_ids=ids[i:i + 4]) for i in range(0, len(ids), 4)])
@@ -46,7 +47,7 @@ def main() -> None:
     print(f"{'metric':<12} {'score':>8} {'mask':>8} {'ppl':>8} {'total':>8}   (x the forward pass)")
     rates = [args.sparsity] * bench.arch.n_layers
     for name in args.metrics.split(","):
-        scores = bench.metric_scores(resolve_metric(name))
+        scores = bench.pruner.metric_scores(resolve_metric(name))
         all_scores, score_s = timed(lambda layer_scores: {i: layer_scores(i) for i in range(bench.arch.n_layers)}, scores)
         result, mask_s = timed(sparsify, bench.lm.model, bench.arch, all_scores.__getitem__, rates, parse_pattern("unstructured"))
         _, ppl_s = timed(perplexity, result.model, ids)

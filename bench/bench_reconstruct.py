@@ -30,8 +30,9 @@ from selfprune.engine.demo import demo_model_dir
 from selfprune.engine.metrics import resolve_metric
 from selfprune.engine.models import load_model
 from selfprune.engine.ppl import perplexity
+from selfprune.engine.settings import Calibration, Scoring
 from selfprune.engine.sparsity import parse_pattern
-from selfprune.engine.workbench import Calibration, Scoring, Workbench
+from selfprune.engine.workbench import Workbench
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,8 +70,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     bench = Workbench(load_model("demo", "cpu", "float32"), Calibration("demo", args.samples, 512))
-    calib = bench.calibration_windows()
-    test = bench.windows(Scoring("demo", "test", 512, args.test_windows))
+    calib = bench.calibrated.windows()
+    test = bench.scorer.windows(Scoring("demo", "test", 512, args.test_windows))
     tokens = args.out / "tokens.safetensors"
     save_file({"calibration": calib.contiguous(), "test": test.contiguous()}, str(tokens))
     start = time.perf_counter()
@@ -86,7 +87,7 @@ def main() -> None:
     metric = resolve_metric(args.metric)
     for sparsity, pattern, allocation, how in cases:
         start = time.perf_counter()
-        _, result = bench.sparsify(metric, allocation, sparsity, parse_pattern(pattern), how)
+        _, result = bench.pruner.sparse(metric, allocation, sparsity, parse_pattern(pattern), how)
         seconds = time.perf_counter() - start
         label = "SparseGPT's own" if how == "sparsegpt-adaptive" else args.metric
         rows.append((f"selfprune {label}", allocation, pattern, how, perplexity(result.model, test).ppl,
@@ -95,8 +96,8 @@ def main() -> None:
     for case in filter(None, args.structured.split(",")):
         ratio, allocation, how = case.split(":")
         start = time.perf_counter()
-        rates = bench.allocate(allocation, float(ratio))
-        model = bench.build(bench.structure(rates), how)
+        rates = bench.pruner.allocate(allocation, float(ratio))
+        model = bench.pruner.structured(bench.pruner.structure(rates), how)
         seconds = time.perf_counter() - start
         label = "searched" if allocation.endswith(".json") else allocation
         rows.append(("selfprune wanda-sp", label, f"structured {ratio}", how, perplexity(model, test).ppl,

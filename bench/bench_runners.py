@@ -48,7 +48,8 @@ def main() -> None:
     from selfprune.config import SearchConfig
     from selfprune.engine.allocation import project_to_mean
     from selfprune.engine.candidate import Structured
-    from selfprune.engine.workbench import Scoring, shared_workbench
+    from selfprune.engine.settings import Scoring
+    from selfprune.engine.shared import shared_workbench
     from selfprune.evolve import pipeline
     from selfprune.flows.evolution import batch_scorer, task_runner
 
@@ -58,7 +59,7 @@ def main() -> None:
     rng = random.Random(1)
 
     def batch(n: int) -> list:
-        return [Structured(bench.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9)))
+        return [Structured(bench.pruner.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9)))
                 for _ in range(n)]
 
     scoring = Scoring(corpus, "fitness", 512, 4)

@@ -41,7 +41,9 @@ def main() -> None:
     from selfprune.engine.allocation import project_to_mean
     from selfprune.engine.candidate import Structured
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Scoring, Workbench, shared_workbench
+    from selfprune.engine.settings import Calibration, Scoring
+    from selfprune.engine.shared import shared_workbench
+    from selfprune.engine.workbench import Workbench
     from selfprune.flows.search import search
 
     settings = dict(model=model, data=corpus, ratio=0.5, oracle="ga", population=args.population,
@@ -65,7 +67,7 @@ def main() -> None:
     bench = shared_workbench(model, calibration, args.device)  # the flow's own, already loaded
     scoring = Scoring(corpus, "fitness", 512, 4)
     rng = random.Random(1)
-    structures = [Structured(bench.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9)))
+    structures = [Structured(bench.pruner.structure(project_to_mean([rng.uniform(0, 0.9) for _ in range(30)], 0.5, 0.9)))
                   for _ in range(args.overhead)]
     t0 = time.perf_counter()
     for structure in structures:
@@ -85,7 +87,7 @@ def main() -> None:
     # 2. Naive loop: reload the model and recompute the statistics for every candidate.
     t0 = time.perf_counter()
     for structure in structures[: args.naive]:
-        bench.stats_path.unlink(missing_ok=True)
+        bench.calibrated.stats_path.unlink(missing_ok=True)
         fresh = Workbench(load_model(model, args.device), calibration)
         fresh.score(structure, scoring)
         del fresh

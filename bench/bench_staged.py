@@ -19,7 +19,7 @@ def curve(config, label: str) -> list[tuple[int, float]]:
     """(fitness tokens scored so far, best candidate's test ppl) after each generation of one search."""
     from selfprune.core.progress import ignore, one_by_one
     from selfprune.engine.candidate import from_params
-    from selfprune.engine.workbench import shared_workbench
+    from selfprune.engine.shared import shared_workbench
     from selfprune.evolve import pipeline, runner
 
     bench = shared_workbench(config.model, pipeline.calibration(config), config.device, config.dtype)

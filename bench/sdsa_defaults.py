@@ -14,8 +14,9 @@ from selfprune.engine import allocation
 from selfprune.engine.metrics import resolve_metric
 from selfprune.engine.models import load_model
 from selfprune.engine.ppl import perplexity
+from selfprune.engine.settings import Calibration, Scoring
 from selfprune.engine.sparsity import parse_pattern, sparsify
-from selfprune.engine.workbench import Calibration, Scoring, Workbench
+from selfprune.engine.workbench import Workbench
 
 
 def main() -> None:
@@ -29,8 +30,8 @@ def main() -> None:
     args = ap.parse_args()
 
     bench = Workbench(load_model(args.model, args.device), Calibration(args.data, samples=128, seqlen=512))
-    ids = bench.windows(Scoring(args.data, "fitness", seqlen=512, windows=args.windows))
-    scores = bench.metric_scores(resolve_metric(args.metric))
+    ids = bench.scorer.windows(Scoring(args.data, "fitness", seqlen=512, windows=args.windows))
+    scores = bench.pruner.metric_scores(resolve_metric(args.metric))
     cached = {i: scores(i) for i in range(bench.arch.n_layers)}
     skews = [allocation.skewness(list(cached[i].values())) for i in range(bench.arch.n_layers)]
     pattern = parse_pattern("unstructured")

@@ -28,9 +28,11 @@ from .engine.export import RECORD, save_pruned
 from .engine.metrics import Metric, resolve_metric
 from .engine.models import load_arch, load_model
 from .engine.ppl import perplexity as score_windows
-from .engine.reconstruct import ADAPTIVE, check_reconstruction, identity
+from .engine.provenance import sparse_record, structured_record
+from .engine.reconstruct import RECONSTRUCTIONS, check_reconstruction, identity
+from .engine.settings import Calibration
 from .engine.sparsity import Pattern, parse_pattern
-from .engine.workbench import Calibration, Progress, Workbench
+from .engine.workbench import Progress, Workbench
 from .protocol import protocol
 from .searched import PruneSettings, settle
 from .storage.userfiles import read_json
@@ -106,9 +108,9 @@ def prune(
     if isinstance(allocation, str):
         allocators.allocator(allocation)  # a bad rate file fails here, before the model loads
     check_data(data)  # and a data typo
-    if reconstruct == ADAPTIVE:
+    if RECONSTRUCTIONS.get(reconstruct).own_mask:
         if metric is not None:
-            raise UserError(f"--reconstruct {ADAPTIVE} chooses its own mask; drop --metric, or keep it with "
+            raise UserError(f"--reconstruct {reconstruct} chooses its own mask; drop --metric, or keep it with "
                             "--reconstruct sparsegpt to update the metric's mask")
         metric = "wanda"  # what an allocation reads outliers from (and ATP tunes on) beside SparseGPT's own mask
     check_reconstruction(reconstruct, "sparse" if metric is not None else "structured")
@@ -121,17 +123,17 @@ def prune(
     bench = Workbench(lm, Calibration(data, samples, calib_seqlen), progress, method)
     if found is not None:
         return replace(_prune_weights(bench, lm, *found, ratio, allocation, out, reconstruct), settings_note=note)
-    rates = bench.allocate(allocation, ratio)
+    rates = bench.pruner.allocate(allocation, ratio)
     structure = rates_to_structure(bench.arch, rates, align)
     if out is not None and format == "deci":
         _check_deci(structure, bench.arch)
-    pruned = bench.build(structure, reconstruct)
-    record = (bench.record(rates, structure, allocation) | {"align": {"heads": align.heads, "channels": align.channels}}
+    pruned = bench.pruner.structured(structure, reconstruct)
+    record = (structured_record(bench.pruner, rates, structure, allocation) | {"align": {"heads": align.heads, "channels": align.channels}}
               | identity(reconstruct))
     if out is not None:
         out = Path(out)
         save = _save_deci if format == "deci" else save_pruned
-        _export(bench.calibration_progress, out, lambda: save(pruned, lm.tokenizer, out, record))
+        _export(bench.calibrated.progress, out, lambda: save(pruned, lm.tokenizer, out, record))
     return PruneResult(pruned, lm.tokenizer, bench.arch, rates, structure, record,
                        realized_ratio(bench.arch, structure), out, note)
 
@@ -152,11 +154,11 @@ def _check_metric(metric: str, pattern: str, ratio: float, allocation: str | lis
 def _prune_weights(bench: Workbench, lm: LoadedModel, metric: Metric, pattern: Pattern, ratio: float,
                    allocation: str | list[float], out: str | Path | None, reconstruct: str) -> PruneResult:
     """The metric path of :func:`prune`: zeros in place of the lowest-scoring weights."""
-    rates, result = bench.sparsify(metric, allocation, ratio, pattern, reconstruct)
-    record = bench.metric_record(metric, pattern, rates, result, allocation, reconstruct)
+    rates, result = bench.pruner.sparse(metric, allocation, ratio, pattern, reconstruct)
+    record = sparse_record(bench.calibrated, metric, pattern, rates, result, allocation, reconstruct)
     if out is not None:
         out = Path(out)
-        _export(bench.calibration_progress, out, lambda: save_pruned(result.model, lm.tokenizer, out, record))
+        _export(bench.calibrated.progress, out, lambda: save_pruned(result.model, lm.tokenizer, out, record))
     return PruneResult(result.model, lm.tokenizer, bench.arch, rates, dense_structure(bench.arch), record,
                        result.realized, out)
 

@@ -28,8 +28,14 @@ def _comma_separated(value):
 
 
 RUNNERS = ("local", "dask", "ray")
-# The registered allocations a rate search starts from (selfprune.engine.allocators; a test keeps them equal).
-BASELINES = ("uniform", "owl", "sdsa", "atp", "dlp", "alphapruning")
+
+
+def registered_allocations() -> list[str]:
+    """The allocations registered with a place among the baselines, in it: what a rate search starts
+    from. Imported when a config is made, not when this module is (the CLI's help stays free of torch)."""
+    from .engine.allocators import ALLOCATIONS
+
+    return ALLOCATIONS.ranked()
 
 
 def _none_or_list(value):
@@ -161,9 +167,9 @@ class SearchConfig(EvolutionConfig):
                                                 "ria, or an expression")
     pattern: str | None = Field(None, description="with --metric: search the per-layer sparsities of its "
                                                   "single-weight pruning in this pattern")
-    baselines: list[str] = Field(default_factory=lambda: list(BASELINES),
-                                 description="allocations in generation 0: " + ",".join(BASELINES)
-                                             + " (default), some, or none")
+    baselines: list[str] = Field(default_factory=registered_allocations,
+                                 description="allocations in generation 0: every registered baseline (default: "
+                                             "uniform,owl,sdsa,atp,dlp,alphapruning), some, or none")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
 
     reconstruct: str = Field("none", description="lsq | sparsegpt | sparsegpt-adaptive: rebuild the best, test it")

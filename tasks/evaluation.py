@@ -1,8 +1,8 @@
 """Prefect tasks for the comparison report: allocations, perplexity and zero-shot accuracy.
 
 Like ``tasks/pruning.py`` they run against the process-wide
-:func:`selfprune.engine.workbench.shared_workbench` (one dense model per process; a candidate is
-``bench.model(candidate)``), take small JSON inputs and return plain JSON, so a report over many
+:func:`selfprune.engine.shared.shared_workbench` (one dense model per process; a candidate is
+``bench.pruner.model(candidate)``), take small JSON inputs and return plain JSON, so a report over many
 models and ratios recomputes nothing it already has.
 
 * Perplexity is :func:`selfprune.tasks.pruning.score_candidate` itself (re-exported here as

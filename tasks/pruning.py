@@ -1,6 +1,6 @@
 """Prefect tasks around the pruning engine: statistics capture and candidate scoring.
 
-Both run against the process-wide :func:`selfprune.engine.workbench.shared_workbench`, so a worker loads
+Both run against the process-wide :func:`selfprune.engine.shared.shared_workbench`, so a worker loads
 the model once however many candidates it scores. Their inputs are small JSON values (model spec,
 fingerprints, settings, the candidate's structure); tensors stay in the statistics store and
 never reach Prefect's key hashing or result serializer.
@@ -14,7 +14,8 @@ import os
 from selfprune.engine import identity
 from selfprune.engine.candidate import from_params
 from selfprune.engine.reconstruct import NONE
-from selfprune.engine.workbench import Calibration, Scoring, shared_workbench
+from selfprune.engine.settings import Calibration, Scoring
+from selfprune.engine.shared import shared_workbench
 from selfprune.storage.fileio import append_line
 from selfprune.tasks.caching import cached_task
 

@@ -84,7 +84,8 @@ def test_a_heavier_tailed_layer_gets_a_smaller_alpha():
 @pytest.fixture(scope="module")
 def bench(tiny_workspace):
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.workbench import Workbench
 
     lm = load_model(str(tiny_workspace / "model"), "cpu")
     return Workbench(lm, Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
@@ -98,10 +99,10 @@ def check_rates(rates: list[float], ratio: float, n_layers: int) -> None:
 
 @pytest.mark.parametrize("spec", BASELINES)
 def test_structured_rates_on_a_tiny_model(bench, spec):
-    rates = bench.allocate(spec, 0.4)
+    rates = bench.pruner.allocate(spec, 0.4)
     check_rates(rates, 0.4, bench.arch.n_layers)
-    assert bench.allocate(spec, 0.4) == rates  # deterministic
-    assert abs(allocation.realized_ratio(bench.arch, bench.structure(rates)) - 0.4) < 0.05
+    assert bench.pruner.allocate(spec, 0.4) == rates  # deterministic
+    assert abs(allocation.realized_ratio(bench.arch, bench.pruner.structure(rates)) - 0.4) < 0.05
     if spec != "atp":  # ATP may find uniform best; the others read a signal that differs by layer
         assert rates != pytest.approx([0.4] * bench.arch.n_layers)
 
@@ -110,9 +111,9 @@ def test_structured_rates_on_a_tiny_model(bench, spec):
 def test_unstructured_rates_on_a_tiny_model(bench, spec):
     from selfprune.engine.metrics import resolve_metric
 
-    rates, result = bench.sparsify(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))
+    rates, result = bench.pruner.sparse(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))
     check_rates(rates, 0.6, bench.arch.n_layers)
-    assert bench.sparsify(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))[0] == rates
+    assert bench.pruner.sparse(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))[0] == rates
     assert abs(result.realized - 0.6) < 0.01 and all(abs(s - r) < 0.02 for s, r in zip(result.layer_sparsity, rates))
 
 
@@ -120,11 +121,11 @@ def test_dlp_reads_the_metric_and_alphapruning_the_weights_alone(bench):
     from selfprune.engine.metrics import resolve_metric
 
     pattern = parse_pattern("unstructured")
-    by_metric = {s: {m: bench.sparse_rates(resolve_metric(m), s, 0.5, pattern) for m in ("wanda", "magnitude")}
+    by_metric = {s: {m: bench.pruner.sparse_rates(resolve_metric(m), s, 0.5, pattern) for m in ("wanda", "magnitude")}
                  for s in ("dlp", "alphapruning")}
     assert by_metric["dlp"]["wanda"] != by_metric["dlp"]["magnitude"]
-    assert by_metric["dlp"]["wanda"] == pytest.approx(bench.allocate("dlp", 0.5))  # Wanda's scores are the default
-    weights_alone = bench.allocate("alphapruning", 0.5)
+    assert by_metric["dlp"]["wanda"] == pytest.approx(bench.pruner.allocate("dlp", 0.5))  # Wanda's scores are the default
+    weights_alone = bench.pruner.allocate("alphapruning", 0.5)
     assert by_metric["alphapruning"]["wanda"] == by_metric["alphapruning"]["magnitude"] == weights_alone
 
 
@@ -135,17 +136,17 @@ def test_atp_picks_the_grid_point_of_lowest_fitness_perplexity(bench, metric):
     from selfprune.engine import sparsity
     from selfprune.engine.metrics import resolve_metric
     from selfprune.engine.ppl import perplexity
-    from selfprune.engine.workbench import allocation_scoring
+    from selfprune.engine.settings import allocation_scoring
 
-    n, ratio, scoring = bench.arch.n_layers, 0.5, allocation_scoring(bench.calibration)
+    n, ratio, scoring = bench.arch.n_layers, 0.5, allocation_scoring(bench.calibrated.calibration)
     if metric is None:
-        chosen, build = bench.allocate("atp", ratio), lambda r: bench.build(bench.structure(r))
+        chosen, build = bench.pruner.allocate("atp", ratio), lambda r: bench.pruner.structured(bench.pruner.structure(r))
     else:
-        pattern, scores = parse_pattern("unstructured"), bench.metric_scores(resolve_metric(metric))
-        chosen = bench.sparse_rates(resolve_metric(metric), "atp", ratio, pattern)
+        pattern, scores = parse_pattern("unstructured"), bench.pruner.metric_scores(resolve_metric(metric))
+        chosen = bench.pruner.sparse_rates(resolve_metric(metric), "atp", ratio, pattern)
         build = lambda r: sparsity.sparsify(bench.lm.model, bench.arch, scores, r, pattern).model  # noqa: E731
     grid = [atp.progression(n, ratio, s) for s in atp.steps(n, ratio)]
-    ppl = [perplexity(build(r), bench.windows(scoring), scoring.batch_size).ppl for r in grid]
+    ppl = [perplexity(build(r), bench.scorer.windows(scoring), scoring.batch_size).ppl for r in grid]
     assert chosen == grid[ppl.index(min(ppl))]
     assert len(set(ppl)) > 1  # the grid's candidates really differ
 
@@ -159,7 +160,7 @@ def test_the_report_entry_of_each_baseline(bench):
         assert entry["candidate"] == {"metric": "X_rms * abs(W)", "pattern": "unstructured", "allocation": spec,
                                       "sparsity": 0.6}
         check_rates(entry["rates"], 0.6, bench.arch.n_layers)
-        assert entry["rates"] == bench.sparse_rates(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))
+        assert entry["rates"] == bench.pruner.sparse_rates(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))
 
 
 def test_n_m_takes_only_the_uniform_allocation():
@@ -213,19 +214,20 @@ def test_atp_tunes_once_per_metric_and_sparsity_in_a_process(tiny_workspace):
     (a perplexity pass per grid point) runs once, and another metric or sparsity tunes anew."""
     from selfprune.engine.metrics import resolve_metric
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.workbench import Workbench
 
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
     passes = []
-    perplexity = bench._perplexity
-    bench._perplexity = lambda model, scoring: passes.append(1) or perplexity(model, scoring)
+    perplexity = bench.scorer.perplexity
+    bench.scorer.perplexity = lambda model, scoring: passes.append(1) or perplexity(model, scoring)
     pattern = parse_pattern("unstructured")
-    first = bench.sparse_rates(resolve_metric("wanda"), "atp", 0.6, pattern)
+    first = bench.pruner.sparse_rates(resolve_metric("wanda"), "atp", 0.6, pattern)
     grid = len(passes)
     assert grid == len(atp.steps(bench.arch.n_layers, 0.6)) > 1
-    assert bench.sparsify(resolve_metric("wanda"), "atp", 0.6, pattern)[0] == first and len(passes) == grid
-    bench.sparse_rates(resolve_metric("magnitude"), "atp", 0.6, pattern)
-    bench.sparse_rates(resolve_metric("wanda"), "atp", 0.5, pattern)
+    assert bench.pruner.sparse(resolve_metric("wanda"), "atp", 0.6, pattern)[0] == first and len(passes) == grid
+    bench.pruner.sparse_rates(resolve_metric("magnitude"), "atp", 0.6, pattern)
+    bench.pruner.sparse_rates(resolve_metric("wanda"), "atp", 0.5, pattern)
     assert len(passes) > 2 * grid
     first.append(0.0)  # the caller's list, not the memo's
-    assert len(bench.sparse_rates(resolve_metric("wanda"), "atp", 0.6, pattern)) == bench.arch.n_layers
+    assert len(bench.pruner.sparse_rates(resolve_metric("wanda"), "atp", 0.6, pattern)) == bench.arch.n_layers

@@ -41,7 +41,8 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
     from selfprune.engine.export import load_pruned
     from selfprune.engine.models import load_model
     from selfprune.engine.ppl import perplexity
-    from selfprune.engine.workbench import Calibration, Scoring, Workbench
+    from selfprune.engine.settings import Calibration, Scoring
+    from selfprune.engine.workbench import Workbench
 
     model_dir = tiny_workspace / "model"
     calibration, scoring = Calibration(corpus, samples=4, seqlen=64), Scoring(corpus, "test", 64, 4)
@@ -55,7 +56,7 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
 
     lm = hooked(model_dir)
     bench = Workbench(lm, calibration)
-    candidate = bench.model(structure)
+    candidate = bench.pruner.model(structure)
     # the candidate shares what it keeps whole with the dense model (no copy of the dense weights)
     assert candidate.model.embed_tokens.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
     assert bench.score(structure, scoring).ppl == expected

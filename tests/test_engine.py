@@ -245,14 +245,15 @@ def test_channel_stats_are_the_inputs_rms_mean_and_variance():
 
 
 def test_corrupt_statistics_are_set_aside_and_recomputed(tiny_workspace, tmp_path, monkeypatch):
-    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.workbench import Workbench
     from selfprune.storage.store import ArtifactStore
 
     monkeypatch.setenv("SELFPRUNE_HOME", str(tmp_path / "home"))
     lm = load_model(str(tiny_workspace / "model"), device="cpu")
     calibration = Calibration(str(tiny_workspace / "corpus.txt"), samples=4, seqlen=32)
     first = Workbench(lm, calibration)
-    path = first.stats_path
+    path = first.calibrated.stats_path
     good = path.read_bytes()
     flipped = bytearray(good)
     flipped[-5] ^= 0xFF
@@ -260,10 +261,10 @@ def test_corrupt_statistics_are_set_aside_and_recomputed(tiny_workspace, tmp_pat
         path.write_bytes(bad)
         with pytest.warns(UserWarning, match=f"statistics file {re.escape(str(path))} is corrupt"):
             again = Workbench(lm, calibration)
-        assert set(again.stats) == set(first.stats)
-        assert all(torch.equal(again.stats[k], first.stats[k]) for k in first.stats)
+        assert set(again.calibrated.stats) == set(first.calibrated.stats)
+        assert all(torch.equal(again.calibrated.stats[k], first.calibrated.stats[k]) for k in first.calibrated.stats)
         stored = ArtifactStore().get_tensors(first.stats_key)  # recomputed and stored again
-        assert all(torch.equal(stored[k], first.stats[k]) for k in first.stats)
+        assert all(torch.equal(stored[k], first.calibrated.stats[k]) for k in first.calibrated.stats)
     aside = sorted(path.parent.glob(path.name + ".corrupt-*"))
     assert [p.read_bytes() for p in aside] == [good[: len(good) // 2], bytes(flipped)]  # nothing lost
 
@@ -286,7 +287,8 @@ def test_cuda_bf16_path_matches_cpu(tiny_dir):
 
 def test_one_dense_model_per_process_whatever_the_batch_size(tiny_workspace):
     """The batch size changes no statistic, so it shares the workbench; other calibrations share the model."""
-    from selfprune.engine.workbench import Calibration, shared_model, shared_workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.shared import shared_model, shared_workbench
 
     model, corpus = str(tiny_workspace / "model"), str(tiny_workspace / "corpus.txt")
     a = shared_workbench(model, Calibration(corpus, 4, 64, batch_size=2), "cpu")

@@ -84,7 +84,8 @@ def test_the_workbench_statistics_key_stays_valid(monkeypatch, tiny_workspace):
     """The statistics' store key of the tiny model (its weights pinned first: a transformers or torch
     change to the tiny model's initialisation is not a key change)."""
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.workbench import Workbench
 
     monkeypatch.chdir(tiny_workspace)
     bench = Workbench(load_model("model", "cpu", "float32"), Calibration(**CALIBRATION))
@@ -107,7 +108,8 @@ def test_the_library_and_the_flow_name_the_same_statistics(tiny_workspace, devic
     from selfprune.engine import identity
     from selfprune.engine.devices import precision
     from selfprune.engine.models import load_model, model_fingerprint
-    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.workbench import Workbench
     from selfprune.evolve import pipeline
     from selfprune.tasks.pruning import capture_statistics
 
@@ -117,7 +119,7 @@ def test_the_library_and_the_flow_name_the_same_statistics(tiny_workspace, devic
     flow = capture_statistics.fn(config.model, model_fp, calibration, device, dtype)["stats_key"]
     requested = precision(device, dtype)
     assert library.stats_key == flow == identity.statistics(model_fp, Calibration(**calibration), requested)
-    assert identity.calibration_task(model_fp, calibration, device, dtype)["precision"] == library.precision == requested
+    assert identity.calibration_task(model_fp, calibration, device, dtype)["precision"] == library.calibrated.precision == requested
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -129,7 +131,7 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     from selfprune.engine import identity
     from selfprune.engine.candidate import from_params
     from selfprune.engine.models import load_arch
-    from selfprune.engine.workbench import shared_workbench
+    from selfprune.engine.shared import shared_workbench
     from selfprune.evaluate import report
     from selfprune.evolve import pipeline, runner
 

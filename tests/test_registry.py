@@ -36,8 +36,11 @@ def test_registry_get_register_and_unknown_name():
         return 2 * x
 
     assert reg.get("one") == 1 and reg.get("double") is double and reg.names() == ["one", "double"]
+    reg.register("first", 0, order=0)
+    reg.register("second", 2, order=1)
+    assert reg.names() == ["first", "second", "one", "double"] and reg.ranked() == ["first", "second"]
     assert "one" in reg and "three" not in reg
-    with pytest.raises(UserError, match=r"unknown widget 'three'; registered: one, double"):
+    with pytest.raises(UserError, match=r"unknown widget 'three'; registered: first, second, one, double"):
         reg.get("three")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("one", 11)

@@ -233,14 +233,16 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     allocation task); the best found is at or below the best of them, and the library's search,
     which allocates in process, takes the same path."""
     import selfprune
-    from selfprune.config import BASELINES
+    from selfprune.config import registered_allocations
     from selfprune.engine.allocation import rates_to_structure, structure_to_json
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Scoring, Workbench
+    from selfprune.engine.settings import Calibration, Scoring
+    from selfprune.engine.workbench import Workbench
 
-    small = SMALL | {"baselines": ",".join(BASELINES), "generations": 2, "reconstruct": "lsq"}
+    baselines = registered_allocations()
+    small = SMALL | {"baselines": ",".join(baselines), "generations": 2, "reconstruct": "lsq"}
     summary = run_search(tiny_workspace, tmp_path / "flow", **small)
-    assert [b["name"] for b in summary["baselines"]] == list(BASELINES)
+    assert [b["name"] for b in summary["baselines"]] == baselines
     best = summary["best_baseline"]
     assert best["fitness"] == min(b["fitness"] for b in summary["baselines"])
     assert summary["fitness"] <= best["fitness"] and summary["beyond_best_baseline"] >= 0
@@ -248,7 +250,7 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
 
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
     owl = next(b for b in summary["baselines"] if b["name"] == "owl")
-    assert owl["rates"] == bench.allocate("owl", 0.5)  # the flow's cached task gave the library's rates
+    assert owl["rates"] == bench.pruner.allocate("owl", 0.5)  # the flow's cached task gave the library's rates
     fitness = bench.score(Structured(rates_to_structure(bench.arch, owl["rates"])),
                           Scoring(str(tiny_workspace / "corpus.txt"), "fitness", 64, 4)).ppl
     assert owl["fitness"] == fitness  # and generation 0 scored them as any candidate
@@ -272,7 +274,8 @@ def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_a
     from selfprune.engine.allocation import rates_to_structure
     from selfprune.engine.allocators import rate_file
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Scoring, Workbench
+    from selfprune.engine.settings import Calibration, Scoring
+    from selfprune.engine.workbench import Workbench
 
     small = SMALL | {"baselines": "uniform,atp", "generations": 1, "reconstruct": "lsq", "reconstruct_top": 2}
     summary = run_search(tiny_workspace, tmp_path / "flow", **small)
@@ -307,7 +310,8 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     import selfprune
     from selfprune.engine.candidate import from_params
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Scoring, Workbench
+    from selfprune.engine.settings import Calibration, Scoring
+    from selfprune.engine.workbench import Workbench
 
     small = SMALL | {"baselines": "uniform,owl,atp", "generations": 2, "metric": "wanda", "pattern": "unstructured",
                      "ratio": 0.6, "reconstruct": "sparsegpt"}

@@ -67,7 +67,8 @@ def test_skewness_of_known_distributions():
 @pytest.fixture(scope="module")
 def bench(tiny_workspace):
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.workbench import Workbench
 
     lm = load_model(str(tiny_workspace / "model"), "cpu")
     return Workbench(lm, Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
@@ -78,7 +79,7 @@ def test_sparsify_reaches_the_target_and_leaves_the_dense_model_alone(bench, spe
     from selfprune.engine.metrics import resolve_metric
 
     before = {k: v.clone() for k, v in bench.lm.model.state_dict().items()}
-    rates, result = bench.sparsify(resolve_metric("wanda"), spec, 0.5, parse_pattern("unstructured"))
+    rates, result = bench.pruner.sparse(resolve_metric("wanda"), spec, 0.5, parse_pattern("unstructured"))
     assert abs(sum(rates) / len(rates) - 0.5) < 1e-6
     assert abs(result.realized - 0.5) < 0.01 and all(abs(s - r) < 0.02 for s, r in zip(result.layer_sparsity, rates))
     assert sparsity.zeros(bench.arch, rates, parse_pattern("unstructured")) / sparsity.weights(bench.arch) == result.realized
@@ -93,7 +94,7 @@ def test_zeros_are_known_from_the_shapes(bench, pattern):
     from selfprune.engine.metrics import resolve_metric
 
     pat = parse_pattern(pattern)
-    rates, result = bench.sparsify(resolve_metric("magnitude"), "uniform", pat.fixed_sparsity or 0.3, pat)
+    rates, result = bench.pruner.sparse(resolve_metric("magnitude"), "uniform", pat.fixed_sparsity or 0.3, pat)
     assert sparsity.zeros(bench.arch, rates, pat) / sparsity.weights(bench.arch) == result.realized
 
 
@@ -101,9 +102,9 @@ def test_the_wanda_metric_prunes_what_wanda_prunes(bench):
     """Wanda by hand: per output row, drop the lowest |W_ij| * ||x_j||."""
     from selfprune.engine.metrics import resolve_metric
 
-    _, result = bench.sparsify(resolve_metric("wanda"), "uniform", 0.5, parse_pattern("unstructured"))
+    _, result = bench.pruner.sparse(resolve_metric("wanda"), "uniform", 0.5, parse_pattern("unstructured"))
     w = bench.lm.model.model.layers[1].self_attn.o_proj.weight.detach()
-    score = w.abs() * stats.mean_sq(bench.stats, 1, "attn_in").sqrt()
+    score = w.abs() * stats.mean_sq(bench.calibrated.stats, 1, "attn_in").sqrt()
     expected = w * keep_mask(score, 0.5, parse_pattern("unstructured"))
     torch.testing.assert_close(result.model.model.layers[1].self_attn.o_proj.weight, expected, rtol=0, atol=0)
 
@@ -112,7 +113,7 @@ def test_owl_and_sdsa_read_outliers_from_the_metric(bench):
     from selfprune.engine.metrics import resolve_metric
 
     pattern = parse_pattern("unstructured")
-    by_metric = {m: bench.sparsify(resolve_metric(m), "sdsa", 0.5, pattern)[0] for m in ("wanda", "magnitude")}
+    by_metric = {m: bench.pruner.sparse(resolve_metric(m), "sdsa", 0.5, pattern)[0] for m in ("wanda", "magnitude")}
     assert by_metric["wanda"] != by_metric["magnitude"]
 
 
@@ -175,16 +176,17 @@ def test_a_gradient_metric_is_computed_once_and_stored(tiny_workspace, monkeypat
     from selfprune.engine import gradients
     from selfprune.engine.metrics import resolve_metric
     from selfprune.engine.models import load_model
-    from selfprune.engine.workbench import Calibration, Workbench
+    from selfprune.engine.settings import Calibration
+    from selfprune.engine.workbench import Workbench
 
     calibration = Calibration(str(tiny_workspace / "corpus.txt"), 4, 64)
     first = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), calibration)
-    _, a = first.sparsify(resolve_metric("pruner-zero"), "uniform", 0.5, parse_pattern("unstructured"))
+    _, a = first.pruner.sparse(resolve_metric("pruner-zero"), "uniform", 0.5, parse_pattern("unstructured"))
     again = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), calibration)
     monkeypatch.setattr(gradients, "capture", lambda *a, **k: pytest.fail("G was computed again"))
-    again_grads = again.gradients()  # from the store: equal to the first computation
-    assert all(torch.equal(again_grads[k], v) for k, v in first.gradients().items())
-    _, b = again.sparsify(resolve_metric("pruner-zero"), "uniform", 0.5, parse_pattern("unstructured"))
+    again_grads = again.calibrated.gradients()  # from the store: equal to the first computation
+    assert all(torch.equal(again_grads[k], v) for k, v in first.calibrated.gradients().items())
+    _, b = again.pruner.sparse(resolve_metric("pruner-zero"), "uniform", 0.5, parse_pattern("unstructured"))
     assert abs(a.realized - 0.5) < 0.01
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 

@@ -10,7 +10,8 @@ from selfprune import search
 from selfprune.config import SearchConfig
 from selfprune.engine.candidate import from_params
 from selfprune.engine.models import load_model
-from selfprune.engine.workbench import Calibration, Scoring, Workbench
+from selfprune.engine.settings import Calibration, Scoring
+from selfprune.engine.workbench import Workbench
 from selfprune.evolve.pipeline import staged
 
 

@@ -6,6 +6,7 @@ up by name, so the CLI, the flows and a notebook pick it up without an if-chain 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Generic, TypeVar, overload
 
@@ -20,16 +21,20 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._order: dict[str, float | None] = {}
 
     @overload
-    def register(self, name: str) -> Callable[[T], T]: ...
+    def register(self, name: str, *, order: float | None = ...) -> Callable[[T], T]: ...
 
     @overload
-    def register(self, name: str, obj: T) -> T: ...
+    def register(self, name: str, obj: T, *, order: float | None = ...) -> T: ...
 
-    def register(self, name, obj=None):
+    def register(self, name, obj=None, *, order=None):
         """``REG.register("x", obj)``, or ``@REG.register("x")`` above a function or class.
 
+        ``order`` places it in :meth:`names` and :meth:`ranked` (lowest first; entries without one
+        follow in registration order), so where an entry is listed does not depend on which module
+        happened to be imported first.
         Registering a name twice is a mistake (one would silently shadow the other), so it raises.
         """
 
@@ -37,6 +42,7 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = item
+            self._order[name] = order
             return item
 
         return add if obj is None else add(obj)
@@ -48,7 +54,11 @@ class Registry(Generic[T]):
             raise UserError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
-        return list(self._items)
+        return sorted(self._items, key=lambda n: math.inf if self._order[n] is None else self._order[n])  # stable
+
+    def ranked(self) -> list[str]:
+        """The names registered with an order, in it (a registry's default selection: the search's baselines)."""
+        return [n for n in self.names() if self._order[n] is not None]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -7,7 +7,7 @@
 
 Each knows its JSON (:meth:`to_json`: its part of a cache key, byte for byte what earlier versions
 wrote, and what a Prefect task takes), its size, and is read back from a task's parameters by
-:func:`from_params` only. Building one is :meth:`selfprune.engine.workbench.Workbench.model`; the versions
+:func:`from_params` only. Building one is :meth:`selfprune.engine.pruner.Pruner.model`; the versions
 of the code that make its number join its key in :func:`selfprune.engine.identity.candidate`.
 """
 

@@ -4,7 +4,7 @@
 cloze task's files in ``evaluate/report.py``.) Two kinds, one rule each:
 
 * The artifact store's keys (:func:`statistics`, :func:`gradients`) are content hashes the
-  :class:`~selfprune.engine.workbench.Workbench` computes from the model it loaded, so they name the
+  :class:`~selfprune.engine.calibrated.Calibrated` computes from the model it loaded, so they name the
   *loaded* model's precision.
 * A Prefect task's key payload (the ``*_task`` functions and :func:`oracle_call`) is what
   ``tasks/caching.py`` hashes, with the task's namespace and its own ``version=``, into

@@ -33,8 +33,8 @@ from ..core.errors import UserError
 from ..core.registry import Registry
 from .allocation import Structure
 from .arch import Arch, decoder_layers
-from .slicing import head_rows, kept_units, prune_layer, shallow_copy
-from .sparsity import Pattern, Sparsified, layer_masks, pruned_count, sparsified
+from .slicing import head_rows, kept_units, materialize, prune_layer, shallow_copy
+from .sparsity import Pattern, Sparsified, layer_masks, pruned_count, sparsified, sparsify
 from .stats import HOOKED, LINEAR_INPUT
 from .wanda_sp import Rankings
 
@@ -44,30 +44,60 @@ DAMP = 0.01  # dampening: this fraction of H's mean diagonal is added to its dia
 
 
 @dataclass(frozen=True)
+class LayerPass:
+    """What a reconstruction runs on: the calibration windows (read only when one needs them), the
+    batch size, and a progress step per layer (``(label, total) -> advance``)."""
+
+    windows: Callable[[], torch.Tensor]
+    batch_size: int
+    progress: Callable[[str, int], Callable[[int], None]]
+
+    def on_layer(self, arch: Arch) -> Callable[[int], None]:
+        return self.progress("reconstruction (layers)", arch.n_layers)
+
+
+Scores = Callable[[int], dict[str, torch.Tensor]]  # layer index -> each linear's scores on the dense model
+# (model, arch, rankings, structure, pass) -> the sliced model, its consumers refitted or not
+StructuredBuild = Callable[[nn.Module, Arch, Rankings, Structure, LayerPass], nn.Module]
+# (model, arch, the metric's scores, rates, pattern, pass) -> the sparse model, its kept weights updated or not
+SparseBuild = Callable[[nn.Module, Arch, Scores, list[float], Pattern, LayerPass], Sparsified]
+
+
+@dataclass(frozen=True)
 class Reconstruction:
-    """How the kept weights are refitted; ``kind``: which candidates it applies to."""
+    """How the kept weights are refitted, as the builds of the candidates it applies to: ``structured``
+    for whole units removed, ``sparse`` for single weights (unstructured and N:M); ``own_mask``:
+    it chooses the sparse mask itself, so a metric only decides the allocation."""
 
     name: str
-    kind: str  # "sparse" (unstructured and N:M) | "structured"
+    structured: StructuredBuild | None = None
+    sparse: SparseBuild | None = None
+    own_mask: bool = False
+
+    def kinds(self) -> list[str]:
+        return [k for k in ("structured", "sparse") if getattr(self, k) is not None]
 
 
 RECONSTRUCTIONS: Registry[Reconstruction] = Registry("reconstruction")
 NONE = "none"
 ADAPTIVE = "sparsegpt-adaptive"
-for _r in (Reconstruction("sparsegpt", "sparse"), Reconstruction(ADAPTIVE, "sparse"), Reconstruction("lsq", "structured")):
-    RECONSTRUCTIONS.register(_r.name, _r)  # what each does: the module docstring
+
+
+def reconstruction(name: str, kind: str) -> Reconstruction:
+    """The registered reconstruction ``name`` if it applies to ``kind`` (``structured`` or ``sparse``)
+    candidates (``none`` applies to both); else a UserError naming the fix."""
+    found = RECONSTRUCTIONS.get(name)
+    if kind not in found.kinds():
+        fits = [r for r in RECONSTRUCTIONS.names() if r != NONE and kind in RECONSTRUCTIONS.get(r).kinds()]
+        what = "structured pruning (--method)" if kind == "structured" else "pruning by a metric (--metric)"
+        raise UserError(f"--reconstruct {name} applies to {' and '.join(found.kinds())} pruning, not to {what}; "
+                        f"use {' or '.join(fits)}")
+    return found
 
 
 def check_reconstruction(name: str, kind: str) -> str:
-    """``name`` if it applies to ``kind`` candidates (``none`` always does); else a UserError naming the fix."""
-    if name == NONE:
-        return name
-    found = RECONSTRUCTIONS.get(name)
-    if found.kind != kind:
-        fits = [r for r in RECONSTRUCTIONS.names() if RECONSTRUCTIONS.get(r).kind == kind]
-        what = "structured pruning (--method)" if kind == "structured" else "pruning by a metric (--metric)"
-        raise UserError(f"--reconstruct {name} applies to {found.kind} pruning, not to {what}; use {' or '.join(fits)}")
-    return name
+    """``name`` if it applies to ``kind`` candidates; else a UserError naming the fix."""
+    return reconstruction(name, kind).name
 
 
 def identity(name: str) -> dict:
@@ -269,3 +299,31 @@ def structured_model(model: nn.Module, arch: Arch, rankings: Rankings, structure
     pruned = sequential(model, windows, prune, batch_size, on_layer)
     pruned.config.selfprune_layers = [[k.groups, k.channels] for k in structure]
     return pruned
+
+
+# ------------------------------------------------------------------------------------------
+# the registered reconstructions: each one's builds (what each does: the module docstring)
+
+def _sliced(model: nn.Module, arch: Arch, rankings: Rankings, structure: Structure, _: LayerPass) -> nn.Module:
+    return materialize(model, arch, rankings, structure)
+
+
+def _masked(model: nn.Module, arch: Arch, scores: Scores, rates: list[float], pattern: Pattern, _: LayerPass) -> Sparsified:
+    return sparsify(model, arch, scores, rates, pattern)
+
+
+def _sparsegpt(model: nn.Module, arch: Arch, scores: Scores, rates: list[float], pattern: Pattern, p: LayerPass) -> Sparsified:
+    return sparse_model(model, arch, p.windows(), scores, rates, pattern, p.batch_size, p.on_layer(arch))
+
+
+def _adaptive(model: nn.Module, arch: Arch, scores: Scores, rates: list[float], pattern: Pattern, p: LayerPass) -> Sparsified:
+    return sparse_model(model, arch, p.windows(), None, rates, pattern, p.batch_size, p.on_layer(arch))
+
+
+def _lsq(model: nn.Module, arch: Arch, rankings: Rankings, structure: Structure, p: LayerPass) -> nn.Module:
+    return structured_model(model, arch, rankings, structure, p.windows(), p.batch_size, p.on_layer(arch))
+
+
+for _r in (Reconstruction(NONE, structured=_sliced, sparse=_masked), Reconstruction("sparsegpt", sparse=_sparsegpt),
+           Reconstruction(ADAPTIVE, sparse=_adaptive, own_mask=True), Reconstruction("lsq", structured=_lsq)):
+    RECONSTRUCTIONS.register(_r.name, _r)

@@ -27,8 +27,9 @@ from ..engine.arch import Arch
 from ..engine.candidate import Candidate, Dense, Sparse, Structured, from_params
 from ..engine.metrics import resolve_metric
 from ..engine.models import load_model
+from ..engine.settings import Calibration, Scoring
 from ..engine.sparsity import parse_pattern
-from ..engine.workbench import Calibration, Progress, Scoring, Workbench
+from ..engine.workbench import Progress, Workbench
 from ..protocol import common, protocol
 from ..seeds import SUMMARY as SEEDS_SUMMARY
 from ..seeds import candidates, run_paths, spread
@@ -348,10 +349,10 @@ def allocation_entry(bench: Workbench, allocation: str, ratio: float, metric: st
     a structure, or with ``metric`` a sparse candidate (OWL, SDSA and DLP then read the metric's
     scores, and ATP tunes on its sparse candidates)."""
     if metric is None:
-        rates = bench.allocate(allocation, ratio)
-        return {"rates": rates, "candidate": Structured(bench.structure(rates)).to_json()}
+        rates = bench.pruner.allocate(allocation, ratio)
+        return {"rates": rates, "candidate": Structured(bench.pruner.structure(rates)).to_json()}
     candidate = Sparse.of(metric, pattern or "unstructured", ratio, allocation)
-    rates = bench.sparse_rates(resolve_metric(metric), allocation, ratio, parse_pattern(candidate.pattern))
+    rates = bench.pruner.sparse_rates(resolve_metric(metric), allocation, ratio, parse_pattern(candidate.pattern))
     return {"rates": rates, "candidate": candidate.to_json()}
 
 
@@ -361,7 +362,7 @@ def zero_shot(bench: Workbench, candidate: Candidate, tasks: list[str], include_
     :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
     from .zeroshot import evaluate_zero_shot
 
-    return evaluate_zero_shot(bench.model(candidate), bench.lm.tokenizer, list(tasks), include_path=include_path,
+    return evaluate_zero_shot(bench.pruner.model(candidate), bench.lm.tokenizer, list(tasks), include_path=include_path,
                               limit=limit, max_length=max_length, batch_size=batch_size)
 
 
@@ -375,7 +376,7 @@ def llamacpp_speed(bench: Workbench, candidate: Candidate, quant: str) -> dict:
     from .llamacpp import llamacpp_measure
 
     with tempfile.TemporaryDirectory(prefix="selfprune-report-gguf-") as tmp:
-        export = save_pruned(bench.model(candidate), bench.lm.tokenizer, Path(tmp) / "model",
+        export = save_pruned(bench.pruner.model(candidate), bench.lm.tokenizer, Path(tmp) / "model",
                              {"base_model": {"source": bench.lm.source}})
         return llamacpp_measure(write_gguf(export, Path(tmp) / f"model.{quant}.gguf", quant), quant)
 

@@ -1,7 +1,7 @@
 """Zero-shot accuracy of an in-memory (pruned) model with lm-evaluation-harness.
 
 The model object is wrapped as it is in lm-eval's ``HFLM`` (no re-save, no reload), so a
-candidate built by :meth:`selfprune.engine.workbench.Workbench.build` (per-layer widths,
+candidate built by :meth:`selfprune.engine.pruner.Pruner.model` (per-layer widths,
 ``RemovedAttention`` / ``RemovedMLP`` stand-ins) is scored exactly as it will be exported.
 HFLM only reads ``model.config`` (model type, for the causal backend), ``model.device`` and
 calls ``model(input_ids).logits``: all of which a pruned candidate provides.

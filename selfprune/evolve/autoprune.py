@@ -22,7 +22,7 @@ from ..engine.candidate import Sparse
 from ..engine.devices import precision
 from ..engine.metrics import METRICS, resolve_metric
 from ..engine.metrics.search_space import Lineage, MetricContext
-from ..engine.reconstruct import ADAPTIVE
+from ..engine.reconstruct import RECONSTRUCTIONS
 from ..engine.sparsity import parse_pattern
 from ..seeds import over_seeds
 from .chat import Transport
@@ -42,8 +42,8 @@ def check(config: AutopruneConfig) -> None:
                         "--pattern unstructured for other sparsities")
     if fixed is not None and config.allocation != "uniform":
         raise UserError(f"{config.pattern} gives every layer the same sparsity: use --allocation uniform with it")
-    if config.reconstruct == ADAPTIVE:
-        raise UserError(f"--reconstruct {ADAPTIVE} chooses its own mask, so every metric would prune alike; "
+    if RECONSTRUCTIONS.get(config.reconstruct).own_mask:
+        raise UserError(f"--reconstruct {config.reconstruct} chooses its own mask, so every metric would prune alike; "
                         "use --reconstruct sparsegpt (the metric's mask, weights updated)")
     # a registered allocation and a reconstruction of sparse candidates, else a UserError now
     Sparse.of("abs(W)", config.pattern, config.sparsities[0], config.allocation, reconstruct=config.reconstruct)

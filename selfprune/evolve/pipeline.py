@@ -29,7 +29,8 @@ from ..engine.data import split_windows
 from ..engine.devices import precision
 from ..engine.models import load_tokenizer
 from ..engine.settings import Calibration, Scoring
-from ..engine.workbench import Workbench, shared_workbench
+from ..engine.shared import shared_workbench
+from ..engine.workbench import Workbench
 from ..protocol import protocol
 from ..storage.fileio import atomic_write_text
 from .evolution import Generation, SearchParams, SearchResult, run_search

@@ -263,9 +263,9 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     def run_on(setup: Setup, score: Score, bench: Workbench) -> dict:
         def allocate(names: list[str]) -> list[list[float]]:
             if config.pattern is None:
-                return [bench.allocate(name, config.ratio) for name in names]
+                return [bench.pruner.allocate(name, config.ratio) for name in names]
             metric, pattern = resolve_metric(config.metric), parse_pattern(config.pattern)
-            return [bench.sparse_rates(metric, name, config.ratio, pattern) for name in names]
+            return [bench.pruner.sparse_rates(metric, name, config.ratio, pattern) for name in names]
 
         return run(config, setup, score, on_generation=on_generation, allocate=allocate)
 

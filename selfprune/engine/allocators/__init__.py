@@ -6,14 +6,19 @@ an allocator that names them (:func:`optional_inputs`): ``layer_scores``, the pe
 each layer under a pruning metric (Wanda's when not given), which OWL, SDSA and DLP read a layer's
 outliers from; and ``fitness``, the perplexity of the candidate a rate vector gives, which ATP
 tunes its slope on. ``uniform``, ``owl`` and ``sdsa`` are registered here, the literature's
-baselines in a file each (:mod:`.atp`, :mod:`.dlp`, :mod:`.alphapruning`); any other allocation
-spec is a rate file. The rate arithmetic itself lives in :mod:`selfprune.engine.allocation`, and
-:meth:`Workbench.allocate` validates whatever an allocator returns.
+baselines in a file each (:mod:`.atp`, :mod:`.dlp`, :mod:`.alphapruning`), each registering itself
+with its ``order``, its place among the search's baselines (an allocation registered without one
+is usable by name but no default baseline); every module of this folder is imported, so a new
+allocation is one new file. Any other allocation spec is a rate file. The rate arithmetic itself
+lives in :mod:`selfprune.engine.allocation`, and :meth:`Pruner.allocate` validates whatever an
+allocator returns.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 
 import torch
@@ -33,19 +38,19 @@ Allocator = Callable[..., list[float]]
 ALLOCATIONS: Registry[Allocator] = Registry("allocation")
 
 
-@ALLOCATIONS.register("uniform")
+@ALLOCATIONS.register("uniform", order=0)
 def uniform(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
             layer_scores: LayerScores | None = None) -> list[float]:
     return allocation.uniform(arch.n_layers, ratio)
 
 
-@ALLOCATIONS.register("owl")
+@ALLOCATIONS.register("owl", order=1)
 def owl(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
         layer_scores: LayerScores | None = None) -> list[float]:
     return allocation.owl(wanda_sp.outlier_ratios(model, stats, scores=layer_scores), ratio)
 
 
-@ALLOCATIONS.register("sdsa")
+@ALLOCATIONS.register("sdsa", order=2)
 def sdsa(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
          layer_scores: LayerScores | None = None) -> list[float]:
     scores = layer_scores or wanda_sp.weight_scores(model, stats)
@@ -97,8 +102,12 @@ def label(spec: str | list[float]) -> str:
     return spec if spec in ALLOCATIONS else f"file:{spec}"
 
 
-# the literature's baselines register themselves on import, after the built-ins (the order of
-# ``ALLOCATIONS.names()``); at the end, as they import the registry from here
-# isort: off
-from . import atp, dlp, alphapruning  # noqa: E402,F401
-# isort: on
+def _register_every_module() -> None:
+    """Import each module of this folder: an allocation in a file of its own registers itself
+    (and its place in ``ALLOCATIONS.names()``, the search's baselines) with no line to add here.
+    At the end, as they import the registry from here."""
+    for found in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{found.name}")
+
+
+_register_every_module()

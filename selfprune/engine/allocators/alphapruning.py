@@ -91,6 +91,6 @@ def rates(alphas: list[float], beta: float, epsilon: float = EPSILON) -> list[fl
     return allocation.project_to_mean([beta * p / mean for p in phi], beta)
 
 
-@ALLOCATIONS.register("alphapruning")
+@ALLOCATIONS.register("alphapruning", order=5)
 def alphapruning(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float) -> list[float]:
     return rates(layer_alphas(model), ratio)

@@ -43,7 +43,7 @@ def steps(n_layers: int, beta: float, points: int = GRID) -> list[float]:
     return [top * k / points for k in range(points)]
 
 
-@ALLOCATIONS.register("atp")
+@ALLOCATIONS.register("atp", order=3)
 def atp(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
         fitness: Fitness | None = None) -> list[float]:
     """The progression of lowest ``fitness`` over :func:`steps` (a tie goes to the smaller step).

@@ -44,7 +44,7 @@ def rates(medians: list[float], beta: float, alpha: float = ALPHA) -> list[float
     return allocation.spread_down(importance(medians), beta, alpha)
 
 
-@ALLOCATIONS.register("dlp")
+@ALLOCATIONS.register("dlp", order=4)
 def dlp(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
         layer_scores: LayerScores | None = None) -> list[float]:
     scores = layer_scores or wanda_sp.weight_scores(model, stats)
