@@ -41,7 +41,7 @@ def main() -> None:
     from selfprune.engine.allocation import project_to_mean
     from selfprune.engine.candidate import Structured
     from selfprune.engine.models import load_model
-    from selfprune.engine.settings import Calibration, Scoring
+    from selfprune.engine.settings import Calibration, ModelSpec, Scoring
     from selfprune.engine.shared import shared_workbench
     from selfprune.engine.workbench import Workbench
     from selfprune.flows.search import search
@@ -77,8 +77,7 @@ def main() -> None:
     @flow(name="bench-overhead")
     def score_all() -> None:
         for structure in structures:
-            score_candidate(model, bench.lm.fingerprint, bench.stats_key, structure.to_json(),
-                            scoring.to_dict(), {"data": corpus, "samples": args.samples, "seqlen": 512}, args.device)
+            score_candidate(ModelSpec(model, bench.lm.fingerprint, args.device), bench.stats_key, structure, scoring, calibration)
 
     t0 = time.perf_counter()
     score_all()

@@ -18,23 +18,23 @@ import json
 def curve(config, label: str) -> list[tuple[int, float]]:
     """(fitness tokens scored so far, best candidate's test ppl) after each generation of one search."""
     from selfprune.core.progress import ignore, one_by_one
-    from selfprune.engine.candidate import from_params
+    from selfprune.engine.candidate import from_json
     from selfprune.engine.shared import shared_workbench
     from selfprune.evolve import pipeline, runner
 
     bench = shared_workbench(config.model, pipeline.calibration(config), config.device, config.dtype)
-    setup = pipeline.Setup(bench.arch, bench.lm.fingerprint, bench.stats_key)
+    setup = pipeline.Setup(bench.arch, pipeline.model_spec(config, bench.lm.fingerprint), bench.stats_key)
     spent, points = [0], []
 
-    def score(candidates: list, split: str, windows: int | None, *, advance=ignore) -> list[dict]:
+    def score(candidates: list, split: str, windows: int | None, *, advance=ignore) -> list[pipeline.Measurement]:
         how = pipeline.scoring(config, split, windows)
-        records = one_by_one(lambda c: bench.score(c, how).to_dict(), candidates, advance)
+        measured = one_by_one(lambda c: pipeline.Measurement.of(bench.score(c, how).to_dict()), candidates, advance)
         if split == "fitness":
-            spent[0] += sum(r["tokens"] for r in records)
-        return records
+            spent[0] += sum(m.tokens for m in measured)
+        return measured
 
     def on_generation(g: pipeline.GenerationReport) -> None:
-        best = from_params(g.population[0]["structure"])
+        best = from_json(g.population[0]["structure"])
         test = bench.score(best, pipeline.scoring(config, "test", config.test_windows)).ppl
         points.append((spent[0], test))
         print(json.dumps({"run": label, "generation": g.index, "fitness_tokens": spent[0], "best_fitness": g.best,

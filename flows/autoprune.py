@@ -35,9 +35,9 @@ def autoprune(config: AutopruneConfig) -> dict:
                           library.figures)
     logger = get_run_logger()
     with task_runner(config) as workers:
-        out, calibration, setup = prepare(config, logger, "selfprune.flows.autoprune.autoprune", library.check, workers)
+        out, setup = prepare(config, logger, "selfprune.flows.autoprune.autoprune", library.check, workers)
         calls = {"oracle_calls": 0, "oracle_replays": 0}
-        score = batch_scorer(config, setup.model_fp, setup.stats_key, calibration, str(out / "evaluations.jsonl"), workers,
+        score = batch_scorer(config, setup, str(out / "evaluations.jsonl"), workers,
                              tolerate_invalid=True)
         publish = publisher(config, logger, lambda r: {"metric": r["metric"], "fitness": round(r["fitness"], 4),
                                                        "from": r["source"], "edit": r["edit"]}, metric_markdown, "GP")

@@ -103,26 +103,25 @@ def one_gpu_per_task(config: EvolutionConfig, workers: TaskRunner) -> Iterator[N
         yield
 
 
-def batch_scorer(config: EvolutionConfig, model_fp: str, stats_key: str, calibration: dict, ledger: str,
-                 workers: TaskRunner, tolerate_invalid: bool = False):
+def batch_scorer(config: EvolutionConfig, setup: pipeline.Setup, ledger: str, workers: TaskRunner,
+                 tolerate_invalid: bool = False):
     """``score(candidates, split, windows)``: one cached ``score_candidate`` per candidate (a structure
-    or a metric's sparse candidate), submitted to ``workers`` as one batch; records say whether a
-    cache answered. ``advance(1)`` runs here, in the flow's process, as each future resolves (a
+    or a metric's sparse candidate), submitted to ``workers`` as one batch; each measurement says
+    whether a cache answered. ``advance(1)`` runs here, in the flow's process, as each future resolves (a
     worker's own log gets no line per candidate). ``tolerate_invalid``: see ``score_candidate``
     (the metric search)."""
 
-    def score(candidates: list[Candidate], split: str, windows: int | None, advance: Advance = ignore) -> list[dict]:
-        how = vars(pipeline.scoring(config, split, windows))
+    def score(candidates: list[Candidate], split: str, windows: int | None, advance: Advance = ignore
+              ) -> list[pipeline.Measurement]:
+        how = pipeline.scoring(config, split, windows)
         with one_gpu_per_task(config, workers):
             futures = [workers.submit(score_candidate, dict(
-                model=config.model, model_fp=model_fp, stats_key=stats_key, scoring=how, calibration=calibration,
-                device=config.device, dtype=config.dtype, ledger=ledger, method=config.method,
-                tolerate_invalid=tolerate_invalid, **c.to_params()))
-                for c in candidates]
+                spec=setup.spec, stats_key=setup.stats_key, candidate=c, scoring=how, calibration=pipeline.calibration(config),
+                ledger=ledger, tolerate_invalid=tolerate_invalid)) for c in candidates]
         for f in futures:
             f.wait()
             advance(1)
-        return [kept_result(f.state) | {"cached": f.state.name == "Cached"} for f in futures]
+        return [pipeline.Measurement.of(kept_result(f.state), cached=f.state.name == "Cached") for f in futures]
 
     return score
 
@@ -134,17 +133,16 @@ def space_metric(config: SearchConfig) -> str | None:
     return resolve_metric(config.metric).text if config.pattern else None
 
 
-def batch_allocator(config: SearchConfig, model_fp: str, stats_key: str, calibration: dict,
-                    workers: TaskRunner) -> runner.Allocate:
+def batch_allocator(config: SearchConfig, setup: pipeline.Setup, workers: TaskRunner) -> runner.Allocate:
     """``allocate(names)``: each registered allocation's rates at the search's ratio through the
     cached ``allocation_rates`` task, on ``workers`` (where the model is loaded), as one batch."""
 
     def allocate(names: list[str]) -> list[list[float]]:
         with one_gpu_per_task(config, workers):
             futures = [workers.submit(allocation_rates, dict(
-                model=config.model, model_fp=model_fp, stats_key=stats_key, allocation=name, ratio=config.ratio,
-                calibration=calibration, device=config.device, dtype=config.dtype, metric=space_metric(config),
-                pattern=config.pattern, method=config.method)) for name in names]
+                spec=setup.spec, stats_key=setup.stats_key, allocation=name, ratio=config.ratio,
+                calibration=pipeline.calibration(config), metric=space_metric(config), pattern=config.pattern))
+                for name in names]
         for f in futures:
             f.wait()
         return [kept_result(f.state)["rates"] for f in futures]
@@ -196,22 +194,20 @@ def publisher(config: EvolutionConfig, logger: Logger, row: Callable[[dict], dic
 
 
 def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Callable[[EvolutionConfig], None],
-            workers: TaskRunner) -> tuple[Path, dict, pipeline.Setup]:
+            workers: TaskRunner) -> tuple[Path, pipeline.Setup]:
     """A search flow's start: the run id and retry command, the machine's and the config's checks,
     the windows of each split (the tokenizer only: a cached rerun reads no weights), the run
     directory, and the statistics (cached), captured by one of ``workers`` and read by all.
-    Returns (out, calibration fields, setup)."""
+    Returns (out, setup)."""
     announce_run(logger, entrypoint)
     preflight(config)
     check(config)
     pipeline.check_windows(config, load_tokenizer(config.model))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    calibration = vars(pipeline.calibration(config))
-    model_fp = model_fingerprint(config.model)
+    spec = pipeline.model_spec(config, model_fingerprint(config.model))
     with one_gpu_per_task(config, workers):
-        capture = workers.submit(capture_statistics, dict(model=config.model, model_fp=model_fp,
-                                                          calibration=calibration, device=config.device, dtype=config.dtype))
+        capture = workers.submit(capture_statistics, dict(spec=spec, calibration=pipeline.calibration(config)))
     capture.wait()
     stats = kept_result(capture.state)
-    return out, calibration, pipeline.Setup(Arch(**stats["arch"]), model_fp, stats["stats_key"])
+    return out, pipeline.Setup(Arch(**stats["arch"]), spec, stats["stats_key"])

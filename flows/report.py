@@ -27,6 +27,7 @@ from selfprune.engine.allocation import dense_structure
 from selfprune.engine.arch import Arch
 from selfprune.engine.candidate import Candidate, Dense, Structured
 from selfprune.engine.models import model_fingerprint
+from selfprune.engine.settings import ModelSpec
 from selfprune.evaluate.report import build_rows, check_searches, plan_report, summarize, write_summary
 from selfprune.flows.run_info import announce_run
 from selfprune.tasks.caching import kept_result
@@ -48,7 +49,8 @@ def report(config: ReportConfig) -> dict:
     c = config
     plan = plan_report(c)
     model_fp = model_fingerprint(c.model)
-    setup = capture_statistics(c.model, model_fp, plan.calibration, c.device, c.dtype)
+    spec = ModelSpec(c.model, model_fp, c.device, c.dtype, c.method)
+    setup = capture_statistics(spec, plan.calibration)
     stats_key, arch = setup["stats_key"], Arch(**setup["arch"])
     check_searches(plan, model_fp, stats_key)
 
@@ -56,7 +58,7 @@ def report(config: ReportConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = str(out_dir / "evaluations.jsonl")
     counts = {"computed": 0, "cached": 0}
-    common = (c.model, model_fp, stats_key)
+    common = (spec, stats_key)
 
     def run(task, *args, **kwargs) -> dict:
         state = task(*args, return_state=True, **kwargs)
@@ -66,19 +68,17 @@ def report(config: ReportConfig) -> dict:
     def ppl(candidate: Candidate) -> dict:
         # the dense model is scored as the structure that keeps every unit: one cache entry with the search's
         full = Structured(dense_structure(arch)) if candidate == Dense() else candidate
-        return run(evaluate_ppl, *common, scoring=plan.scoring, calibration=plan.calibration, device=c.device,
-                   dtype=c.dtype, ledger=ledger, method=c.method, **full.to_params())
+        return run(evaluate_ppl, *common, full, plan.scoring, plan.calibration, ledger=ledger)
 
     def zero_shot(candidate: Candidate) -> dict:
-        return run(evaluate_zero_shot, *common, candidate.to_json(), plan.tasks, plan.calibration, plan.include_path, plan.limit,
-                   plan.max_length, plan.eval_batch_size, c.device, c.dtype, method=c.method)
+        return run(evaluate_zero_shot, *common, candidate, plan.tasks, plan.calibration, plan.include_path, plan.limit,
+                   plan.max_length, plan.eval_batch_size)
 
     def allocate(allocation: str, r: float, metric: str | None, pattern: str | None) -> dict:
-        return allocation_rates(*common, allocation, r, plan.calibration, c.device, c.dtype, metric=metric,
-                                pattern=pattern, method=c.method)
+        return allocation_rates(*common, allocation, r, plan.calibration, metric=metric, pattern=pattern)
 
     def speed(candidate: Candidate) -> dict:
-        return llamacpp_speed(*common, candidate.to_json(), plan.calibration, plan.llamacpp, c.device, c.dtype, method=c.method)
+        return llamacpp_speed(*common, candidate, plan.calibration, plan.llamacpp)
 
     rows = build_rows(plan, arch, model_fp, allocate, ppl, zero_shot, speed if plan.llamacpp else None)
     summary = summarize(plan, rows, model_fp, stats_key, counts, start)

@@ -35,13 +35,13 @@ def search(config: SearchConfig) -> dict:
         return over_seeds(config, lambda one: search.with_options(flow_run_name=f"seed-{one.seed}")(one), runner.figures)
     logger = get_run_logger()
     with task_runner(config) as workers:
-        out, calibration, setup = prepare(config, logger, "selfprune.flows.search.search", runner.check, workers)
+        out, setup = prepare(config, logger, "selfprune.flows.search.search", runner.check, workers)
         calls = {"oracle_calls": 0, "oracle_replays": 0}
-        score = batch_scorer(config, setup.model_fp, setup.stats_key, calibration, str(out / "evaluations.jsonl"), workers)
+        score = batch_scorer(config, setup, str(out / "evaluations.jsonl"), workers)
         publish = publisher(config, logger, lambda r: {"rates": fmt_rates(r["rates"]), "kept_params": r["kept_params"],
                                                        "fitness": round(r["fitness"], 4)},
                             lambda i, best: best_markdown(i, best, setup.arch.n_layers), "GA")
-        allocate = batch_allocator(config, setup.model_fp, setup.stats_key, calibration, workers)
+        allocate = batch_allocator(config, setup, workers)
         summary = runner.run(config, setup, score, cached_transport(config, calls), publish, allocate) | calls
     write_summary(summary, out)
     plot_history(summary, config, out / "fitness.png")

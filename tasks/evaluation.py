@@ -2,8 +2,8 @@
 
 Like ``tasks/pruning.py`` they run against the process-wide
 :func:`selfprune.engine.shared.shared_workbench` (one dense model per process; a candidate is
-``bench.pruner.model(candidate)``), take small JSON inputs and return plain JSON, so a report over many
-models and ratios recomputes nothing it already has.
+``bench.pruner.model(candidate)``), take small typed values and return plain JSON, so a report over
+many models and ratios recomputes nothing it already has.
 
 * Perplexity is :func:`selfprune.tasks.pruning.score_candidate` itself (re-exported here as
   :data:`evaluate_ppl`): the report shares its cache with the search, so the search's final
@@ -25,7 +25,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from selfprune.engine import identity
-from selfprune.engine.candidate import from_params
+from selfprune.engine.candidate import Candidate
+from selfprune.engine.settings import Calibration, ModelSpec
 from selfprune.evaluate import report
 from selfprune.tasks.caching import cached_task
 from selfprune.tasks.pruning import score_candidate, workbench
@@ -34,35 +35,28 @@ evaluate_ppl = score_candidate  # one perplexity task for the search and the rep
 
 
 @cached_task(key_fn=identity.allocation_task, version="5", task_run_name="allocate-{allocation}-{ratio}")
-def allocation_rates(model: str, model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
-                     device: str = "auto", dtype: str = "auto", metric: str | None = None,
-                     pattern: str | None = None, method: str = "wanda-sp") -> dict:
+def allocation_rates(spec: ModelSpec, stats_key: str, allocation: str, ratio: float, calibration: Calibration,
+                     metric: str | None = None, pattern: str | None = None) -> dict:
     """Per-layer rates of ``allocation`` (``uniform``, ``owl``, ``sdsa``, ``atp``, ``dlp``,
     ``alphapruning``, ...) at ``ratio`` and the candidate they give: a structure (the statistics
     decide it; the pruning method only for ATP, which measures ``method``'s candidates), or with
     ``metric`` a sparse candidate whose OWL/SDSA/DLP rates the metric's scores decide (and ATP's its
     sparse candidates' perplexity)."""
-    bench = workbench(model, stats_key, calibration, device, dtype, method)
-    return report.allocation_entry(bench, allocation, ratio, metric, pattern)
+    return report.allocation_entry(workbench(spec, stats_key, calibration), allocation, ratio, metric, pattern)
 
 
 @task(task_run_name="llamacpp-speed", cache_policy=NO_CACHE)
-def llamacpp_speed(model: str, model_fp: str, stats_key: str, structure: list | dict | None, calibration: dict, quant: str,
-                   device: str = "auto", dtype: str = "auto", method: str = "wanda-sp") -> dict:
+def llamacpp_speed(spec: ModelSpec, stats_key: str, candidate: Candidate, calibration: Calibration, quant: str) -> dict:
     """The candidate's decode speed in llama.cpp as GGUF at ``quant`` (:func:`report.llamacpp_speed`):
     a measurement of this machine, never cached."""
-    bench = workbench(model, stats_key, calibration, device, dtype, method)
-    return report.llamacpp_speed(bench, from_params(structure), quant)
+    return report.llamacpp_speed(workbench(spec, stats_key, calibration), candidate, quant)
 
 
 @cached_task(key_fn=identity.zero_shot_task, version="3", task_run_name="zero-shot")
-def evaluate_zero_shot(
-    model: str, model_fp: str, stats_key: str, structure: list | dict | None, tasks: list[str], calibration: dict,
-    include_path: str | None = None, limit: int | None = None, max_length: int = 2048, batch_size: int = 8,
-    device: str = "auto", dtype: str = "auto", method: str = "wanda-sp",
-) -> dict:
-    """lm-eval accuracy of the candidate ``structure`` (a structure, a metric's sparse model, or
-    ``None``: the dense model) on ``tasks``
-    (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
-    bench = workbench(model, stats_key, calibration, device, dtype, method)
-    return report.zero_shot(bench, from_params(structure), tasks, include_path, limit, max_length, batch_size)
+def evaluate_zero_shot(spec: ModelSpec, stats_key: str, candidate: Candidate, tasks: list[str], calibration: Calibration,
+                       include_path: str | None = None, limit: int | None = None, max_length: int = 2048,
+                       batch_size: int = 8) -> dict:
+    """lm-eval accuracy of ``candidate`` (a structure, a metric's sparse model, or the dense model) on
+    ``tasks`` (see :func:`selfprune.evaluate.zeroshot.evaluate_zero_shot` for the returned record)."""
+    bench = workbench(spec, stats_key, calibration)
+    return report.zero_shot(bench, candidate, tasks, include_path, limit, max_length, batch_size)

@@ -23,22 +23,26 @@ STRUCTURE = [[1, 64], [2, 48], [1, 96], [2, 32]]
 SPARSE_ATP = {"metric": "X_rms * abs(W)", "pattern": "unstructured", "allocation": "atp", "sparsity": 0.5}
 REQUEST = {"backend": "openai", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "rates?"}],
            "temperature": 0.7, "seed": 1, "attempt": 0, "json_mode": True, "max_tokens": None, "schema": None}
-WHERE = {"model": "model", "model_fp": MODEL_FP, "calibration": CALIBRATION, "device": "cpu", "dtype": "float32"}
-SCORED = WHERE | {"stats_key": STATS_KEY, "method": "wanda-sp"}
 
 
 def work() -> dict[str, tuple]:
-    """Each pinned key's task and parameters, as the flows submit them."""
+    """Each pinned key's task and parameters, as the flows submit them (typed values since the
+    tasks took them; the keys were pinned when they took JSON fields)."""
+    from selfprune.engine.candidate import from_json
+    from selfprune.engine.settings import Calibration, ModelSpec, Scoring
     from selfprune.tasks.evaluation import allocation_rates, evaluate_zero_shot
     from selfprune.tasks.oracle import oracle_call
     from selfprune.tasks.pruning import capture_statistics, score_candidate
 
+    where = {"spec": ModelSpec("model", MODEL_FP, "cpu", "float32", "wanda-sp"), "calibration": Calibration(**CALIBRATION)}
+    scored = where | {"stats_key": STATS_KEY}
+    structure, sparse_atp, scoring = from_json(STRUCTURE), from_json(SPARSE_ATP), Scoring(**SCORING)
     return {
-        "capture_statistics": (capture_statistics, WHERE),
-        "score_candidate/structure": (score_candidate, SCORED | {"structure": STRUCTURE, "scoring": SCORING}),
-        "score_candidate/sparse_atp": (score_candidate, SCORED | {"structure": SPARSE_ATP, "scoring": SCORING}),
-        "allocation_rates/atp": (allocation_rates, SCORED | {"allocation": "atp", "ratio": 0.5}),
-        "evaluate_zero_shot": (evaluate_zero_shot, SCORED | {"structure": STRUCTURE, "tasks": ["arc_easy"], "limit": 10}),
+        "capture_statistics": (capture_statistics, where),
+        "score_candidate/structure": (score_candidate, scored | {"candidate": structure, "scoring": scoring}),
+        "score_candidate/sparse_atp": (score_candidate, scored | {"candidate": sparse_atp, "scoring": scoring}),
+        "allocation_rates/atp": (allocation_rates, scored | {"allocation": "atp", "ratio": 0.5}),
+        "evaluate_zero_shot": (evaluate_zero_shot, scored | {"candidate": structure, "tasks": ["arc_easy"], "limit": 10}),
         "oracle_call": (oracle_call, {"request": REQUEST, "base_url": "http://127.0.0.1:8000/v1"}),
     }
 
@@ -108,18 +112,17 @@ def test_the_library_and_the_flow_name_the_same_statistics(tiny_workspace, devic
     from selfprune.engine import identity
     from selfprune.engine.devices import precision
     from selfprune.engine.models import load_model, model_fingerprint
-    from selfprune.engine.settings import Calibration
     from selfprune.engine.workbench import Workbench
     from selfprune.evolve import pipeline
     from selfprune.tasks.pruning import capture_statistics
 
     config = search_config(tiny_workspace, device=device, dtype=dtype)
     library = Workbench(load_model(config.model, device, dtype), pipeline.calibration(config))  # selfprune.search's
-    calibration, model_fp = vars(pipeline.calibration(config)), model_fingerprint(config.model)  # flows/evolution.prepare's
-    flow = capture_statistics.fn(config.model, model_fp, calibration, device, dtype)["stats_key"]
+    calibration, spec = pipeline.calibration(config), pipeline.model_spec(config, model_fingerprint(config.model))  # prepare's
+    flow = capture_statistics.fn(spec, calibration)["stats_key"]
     requested = precision(device, dtype)
-    assert library.stats_key == flow == identity.statistics(model_fp, Calibration(**calibration), requested)
-    assert identity.calibration_task(model_fp, calibration, device, dtype)["precision"] == library.calibrated.precision == requested
+    assert library.stats_key == flow == identity.statistics(spec.fingerprint, calibration, requested)
+    assert identity.calibration_task(spec, calibration)["precision"] == library.calibrated.precision == requested
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -129,7 +132,7 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     them one; and the library report's row of an allocation is the search's candidate of its rates
     (so the report's perplexity of a baseline is the search's, from the cache)."""
     from selfprune.engine import identity
-    from selfprune.engine.candidate import from_params
+    from selfprune.engine.candidate import from_json
     from selfprune.engine.models import load_arch
     from selfprune.engine.shared import shared_workbench
     from selfprune.evaluate import report
@@ -142,10 +145,8 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     space = runner.RateSpace(config, arch)
 
     def task_key(candidate) -> dict:  # as flows/evolution.batch_scorer submits it
-        return identity.candidate_task(model_fp=MODEL_FP, stats_key=STATS_KEY, **candidate.to_params(),
-                                       scoring=vars(pipeline.scoring(config, "test", 4)),
-                                       calibration=vars(pipeline.calibration(config)), device=config.device,
-                                       dtype=config.dtype, method=config.method)
+        return identity.candidate_task(pipeline.model_spec(config, MODEL_FP), STATS_KEY, candidate,
+                                       pipeline.scoring(config, "test", 4), pipeline.calibration(config))
 
     same, near, other = [0.5] * 4, [0.5 + 1e-7, 0.5 - 1e-7, 0.5, 0.5], [0.3, 0.7, 0.5, 0.5]
     assert ctx.canonical(same) == ctx.canonical(near) and ctx.canonical(same) != ctx.canonical(other)
@@ -154,4 +155,4 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
     if not sparse:
         bench = shared_workbench(config.model, pipeline.calibration(config), config.device, config.dtype, config.method)
         row = report.allocation_entry(bench, "uniform", config.ratio)
-        assert task_key(from_params(row["candidate"])) == task_key(space.candidate(row["rates"]))
+        assert task_key(from_json(row["candidate"])) == task_key(space.candidate(row["rates"]))

@@ -121,7 +121,7 @@ def test_least_squares_refits_the_consumers_of_removed_units():
 def test_a_reconstruction_joins_the_candidate_key_and_none_leaves_it_as_it_was():
     from dataclasses import replace
 
-    from selfprune.engine.candidate import Sparse, from_params
+    from selfprune.engine.candidate import Sparse, from_json
 
     candidate = Sparse.of("wanda", "unstructured", 0.7, "uniform")
     plain = candidate.to_json()
@@ -130,7 +130,7 @@ def test_a_reconstruction_joins_the_candidate_key_and_none_leaves_it_as_it_was()
     rebuilt = Sparse.of("wanda", "unstructured", 0.7, "uniform", reconstruct="sparsegpt").to_json()
     assert rebuilt == plain | {"reconstruct": "sparsegpt", "reconstruct_version": reconstruct.RECONSTRUCT_VERSION}
     assert replace(candidate, reconstruct="sparsegpt-adaptive").to_json() != rebuilt
-    assert from_params(rebuilt).to_json() == rebuilt and from_params(plain) == candidate  # read back as written
+    assert from_json(rebuilt).to_json() == rebuilt and from_json(plain) == candidate  # read back as written
     with pytest.raises(UserError, match="lsq"):
         replace(candidate, reconstruct="lsq")  # a structured refit is no sparse candidate's
 

@@ -308,7 +308,7 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     the metric's single-weight pruning, from the baselines (the metric's own OWL, ATP, ...), cached
     and resumable like the structured search, the library and the flow on one path."""
     import selfprune
-    from selfprune.engine.candidate import from_params
+    from selfprune.engine.candidate import from_json
     from selfprune.engine.models import load_model
     from selfprune.engine.settings import Calibration, Scoring
     from selfprune.engine.workbench import Workbench
@@ -321,9 +321,9 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     assert abs(sum(best["rates"]) / 4 - 0.6) < 1e-4 and best["rates"] == [round(r, 5) for r in summary["rates"]]
     assert summary["fitness"] <= summary["best_baseline"]["fitness"]
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
-    test = bench.score(from_params(best), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)).ppl
+    test = bench.score(from_json(best), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4)).ppl
     assert summary["test_ppl"] == test  # the best's model is the metric's, zeroed at the searched sparsities
-    rebuilt = bench.score(replace(from_params(best), reconstruct="sparsegpt"), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4))
+    rebuilt = bench.score(replace(from_json(best), reconstruct="sparsegpt"), Scoring(str(tiny_workspace / "corpus.txt"), "test", 64, 4))
     assert summary["reconstructed_test_ppl"] == rebuilt.ppl < test  # and SparseGPT's update on its mask
     zeros = 1 - summary["kept_params"] / bench.arch.n_layers / bench.arch.layer_params
     assert abs(zeros - 0.6) < 0.01

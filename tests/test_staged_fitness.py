@@ -8,7 +8,7 @@ from conftest import run_cli
 
 from selfprune import search
 from selfprune.config import SearchConfig
-from selfprune.engine.candidate import from_params
+from selfprune.engine.candidate import from_json
 from selfprune.engine.models import load_model
 from selfprune.engine.settings import Calibration, Scoring
 from selfprune.engine.workbench import Workbench
@@ -59,5 +59,5 @@ def test_a_staged_search_spends_fewer_tokens_and_keeps_full_fitness_in_the_popul
     assert multi["fitness_tokens"] < single["fitness_tokens"]
     # the best's fitness is its perplexity on all 4 fitness windows, not a screening score
     bench = Workbench(load_model(str(ws / "model"), "cpu"), Calibration(str(ws / "corpus.txt"), 4, 64))
-    full = bench.score(from_params(multi["structure"]), Scoring(str(ws / "corpus.txt"), "fitness", 64, 4, 4))
+    full = bench.score(from_json(multi["structure"]), Scoring(str(ws / "corpus.txt"), "fitness", 64, 4, 4))
     assert full.ppl == pytest.approx(multi["fitness"], rel=1e-9)

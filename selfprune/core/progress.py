@@ -20,7 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
+T = TypeVar("T")
+R = TypeVar("R")
 Advance = Callable[[int], None]  # n more units done
 Sink = Callable[[str, int], Advance]  # (label, total) -> advance
 
@@ -60,7 +63,7 @@ def silent(label: str, total: int) -> Advance:
     return ignore
 
 
-def one_by_one(score_one: Callable[[object], dict], items: list, advance: Advance = ignore) -> list[dict]:
+def one_by_one(score_one: Callable[[T], R], items: list[T], advance: Advance = ignore) -> list[R]:
     """``score_one`` of each item in order, ``advance(1)`` as each is done."""
     records = []
     for item in items:

@@ -6,9 +6,10 @@
   sparsities that a registered allocation decides or that are given (a sparsity search's).
 
 Each knows its JSON (:meth:`to_json`: its part of a cache key, byte for byte what earlier versions
-wrote, and what a Prefect task takes), its size, and is read back from a task's parameters by
-:func:`from_params` only. Building one is :meth:`selfprune.engine.pruner.Pruner.model`; the versions
-of the code that make its number join its key in :func:`selfprune.engine.identity.candidate`.
+wrote, and what a record or a ledger line holds), its size, and is read back from JSON by
+:func:`from_json` only; Prefect tasks take the candidate itself. Building one is
+:meth:`selfprune.engine.pruner.Pruner.model`; the versions of the code that make its number join
+its key in :func:`selfprune.engine.identity.candidate_identity`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,6 @@ class Dense:
     def to_json(self) -> None:
         return None
 
-    def to_params(self) -> dict:
-        """The candidate as ``score_candidate``'s parameters."""
-        return {"structure": None, "reconstruct": NONE}
-
     def size(self, arch: Arch, rates: list[float] | None = None) -> Size:
         return Structured(dense_structure(arch)).size(arch)
 
@@ -60,10 +57,6 @@ class Structured:
 
     def to_json(self) -> list[list[int]]:
         return structure_to_json(self.structure)
-
-    def to_params(self) -> dict:
-        """The candidate as ``score_candidate``'s parameters: the structure, its reconstruction beside it."""
-        return {"structure": self.to_json(), "reconstruct": self.reconstruct}
 
     def size(self, arch: Arch, rates: list[float] | None = None) -> Size:
         return Size(realized_ratio(arch, self.structure), kept_params(arch, self.structure))
@@ -108,10 +101,6 @@ class Sparse:
             found |= {"reconstruct": self.reconstruct, "reconstruct_version": RECONSTRUCT_VERSION}
         return found
 
-    def to_params(self) -> dict:
-        """The candidate as ``score_candidate``'s parameters: its JSON carries its reconstruction."""
-        return {"structure": self.to_json(), "reconstruct": NONE}
-
     def size(self, arch: Arch, rates: list[float] | None = None) -> Size:
         """``rates``: the per-layer sparsities an allocation gave (its own, for a searched candidate)."""
         zeroed = zeros(arch, list(self.rates) if self.rates is not None else rates, parse_pattern(self.pattern))
@@ -121,9 +110,9 @@ class Sparse:
 Candidate = Dense | Structured | Sparse
 
 
-def from_params(structure: list | dict | None, reconstruct: str = NONE) -> Candidate:
-    """A candidate back from ``score_candidate``'s parameters (:meth:`to_params`): the one place a
-    candidate's JSON is read."""
+def from_json(structure: list | dict | None, reconstruct: str = NONE) -> Candidate:
+    """A candidate back from its JSON (:meth:`to_json`; a structured one's reconstruction given
+    beside it): the one place a candidate's JSON is read."""
     if structure is None:
         return Dense()
     if isinstance(structure, dict):

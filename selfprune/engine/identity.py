@@ -27,14 +27,13 @@ from pathlib import Path
 
 from ..storage.hashing import content_hash
 from . import allocators, devices
-from .candidate import Candidate, Sparse, Structured, from_params
+from .candidate import Candidate, Dense, Sparse, Structured
 from .data import data_fingerprint
 from .gradients import GRADIENTS_VERSION, WINDOWS
 from .methods import method_identity
 from .metrics import LANGUAGE_VERSION
-from .reconstruct import NONE
 from .reconstruct import identity as reconstruction
-from .settings import Calibration, Scoring, allocation_scoring
+from .settings import Calibration, ModelSpec, Scoring, allocation_scoring
 from .stats import STATS_VERSION
 
 DENSE = "dense"  # the zero-shot key's structure of the dense model
@@ -53,14 +52,13 @@ def gradients(model_fp: str, calibration: Calibration, precision: dict[str, str]
                         calibration.key_fields(), WINDOWS, precision)
 
 
-def calibration_task(model_fp: str, calibration: dict, device: str, dtype: str, **_) -> dict:
+def calibration_task(spec: ModelSpec, calibration: Calibration, **_) -> dict:
     """``capture_statistics``: what decides :func:`statistics`, with the requested precision."""
-    return {"model": model_fp, "data": data_fingerprint(calibration["data"], "calibration"),
-            "settings": Calibration(**calibration).key_fields(), "stats": STATS_VERSION,
-            "precision": devices.precision(device, dtype)}
+    return {"model": spec.fingerprint, "data": data_fingerprint(calibration.data, "calibration"),
+            "settings": calibration.key_fields(), "stats": STATS_VERSION, "precision": devices.precision(spec.device, spec.dtype)}
 
 
-def candidate(c: Candidate, method: str) -> dict:
+def candidate_identity(c: Candidate, method: str) -> dict:
     """What makes a candidate: its effective structure and the pruning method that ranked its units
     (rate vectors that round alike are one candidate), or a metric's sparse model (the metric's
     canonical text, pattern and rates) with the versions of the metric language and of the gradient
@@ -73,37 +71,44 @@ def candidate(c: Candidate, method: str) -> dict:
     return {"structure": None, "method": None}
 
 
-def tuning(allocation_spec: str, calibration: dict) -> dict:
+def tuning(allocation_spec: str, calibration: Calibration) -> dict:
     """What else decides the rates of an allocation that tunes itself (:func:`allocators.tunes`):
     the fitness windows, with their text's fingerprint (the statistics' key names only the
     calibration split's). Empty for every other allocation, so their cache keys stay as they were."""
     if not allocators.tunes(allocation_spec):
         return {}
-    scoring = allocation_scoring(Calibration(**calibration))
+    scoring = allocation_scoring(calibration)
     return {"allocation_fitness": scoring.key_fields() | {"data": data_fingerprint(scoring.data, scoring.split)}}
 
 
-def candidate_task(model_fp: str, stats_key: str, structure: list | dict, scoring: dict, calibration: dict,
-                   device: str, dtype: str, method: str, reconstruct: str = NONE, **_) -> dict:
+def refit(c: Candidate) -> dict:
+    """A structured candidate's reconstruction beside its structure (a sparse one's is in its JSON)."""
+    return reconstruction(c.reconstruct) if isinstance(c, Structured) else {}
+
+
+def candidate_task(spec: ModelSpec, stats_key: str, candidate: Candidate, scoring: Scoring, calibration: Calibration,
+                   **_) -> dict:
     """``score_candidate``: the model, statistics, candidate (and an ATP candidate's tuning windows),
     reconstruction, numerics and the scoring split's text and settings."""
-    s, c = Scoring(**scoring), from_params(structure, reconstruct)
+    c, s = candidate, scoring
     # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
     tuned = tuning(c.allocation, calibration) if isinstance(c, Sparse) and c.allocation else {}
-    return {"model": model_fp, "stats": stats_key, **candidate(c, method), **tuned, **reconstruction(reconstruct),
-            "precision": devices.numerics(device, dtype), "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
+    return {"model": spec.fingerprint, "stats": stats_key, **candidate_identity(c, spec.method), **tuned, **refit(c),
+            "precision": devices.numerics(spec.device, spec.dtype),
+            "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
 
-def allocation_task(model_fp: str, stats_key: str, allocation: str, ratio: float, calibration: dict,
-                    metric: str | None, pattern: str | None, device: str, dtype: str, method: str, **_) -> dict:
+def allocation_task(spec: ModelSpec, stats_key: str, allocation: str, ratio: float, calibration: Calibration,
+                    metric: str | None = None, pattern: str | None = None, **_) -> dict:
     """``allocation_rates``: the statistics, allocation and ratio; a metric's, its text, pattern and
     numerics; ATP's, its tuning windows and what builds the candidates it measures."""
+    numerics = devices.numerics(spec.device, spec.dtype)
     by_metric = {"metric": metric, "pattern": pattern, "metric_language": LANGUAGE_VERSION,
-                 "gradients": GRADIENTS_VERSION, "precision": devices.numerics(device, dtype)} if metric else {}
+                 "gradients": GRADIENTS_VERSION, "precision": numerics} if metric else {}
     tuned = tuning(allocation, calibration)  # ATP: its fitness windows, and what builds its candidates
     if tuned and not metric:
-        tuned |= {"method": method_identity(method), "precision": devices.numerics(device, dtype)}
-    return {"model": model_fp, "stats": stats_key, "allocation": allocation, "ratio": ratio, **by_metric, **tuned}
+        tuned |= {"method": method_identity(spec.method), "precision": numerics}
+    return {"model": spec.fingerprint, "stats": stats_key, "allocation": allocation, "ratio": ratio, **by_metric, **tuned}
 
 
 def task_files_fingerprint(include_path: str | None) -> str | None:
@@ -121,15 +126,15 @@ def task_files_fingerprint(include_path: str | None) -> str | None:
     return h.hexdigest()
 
 
-def zero_shot_task(model_fp: str, stats_key: str, structure: list | None, tasks: list[str], include_path: str | None,
-                   limit: int | None, max_length: int, batch_size: int, device: str, dtype: str, method: str, **_) -> dict:
-    """``evaluate_zero_shot``: the model and numerics, the candidate (or the dense model), the tasks
-    and their files, lm-eval's version and the evaluation's limits."""
-    pruned = structure is not None
-    return {"model": model_fp, "precision": devices.numerics(device, dtype), "stats": stats_key if pruned else None,
-            **candidate(from_params(structure), method) | {"structure": structure if pruned else DENSE}, "tasks": list(tasks),
-            "task_files": task_files_fingerprint(include_path), "lm_eval": importlib.metadata.version("lm_eval"),
-            "limit": limit, "max_length": max_length, "batch_size": batch_size}
+def zero_shot_task(spec: ModelSpec, stats_key: str, candidate: Candidate, tasks: list[str], include_path: str | None,
+                   limit: int | None, max_length: int, batch_size: int, **_) -> dict:
+    """``evaluate_zero_shot``: the model and numerics, the candidate (or the dense model) with its
+    reconstruction, the tasks and their files, lm-eval's version and the evaluation's limits."""
+    pruned = not isinstance(candidate, Dense)
+    return {"model": spec.fingerprint, "precision": devices.numerics(spec.device, spec.dtype), "stats": stats_key if pruned else None,
+            **candidate_identity(candidate, spec.method) | {"structure": candidate.to_json() if pruned else DENSE},
+            **refit(candidate), "tasks": list(tasks), "task_files": task_files_fingerprint(include_path),
+            "lm_eval": importlib.metadata.version("lm_eval"), "limit": limit, "max_length": max_length, "batch_size": batch_size}
 
 
 def oracle_call(request: dict, **_) -> dict:

@@ -1,4 +1,4 @@
-"""What a run measures on: the calibration pass (the statistics) and a perplexity measurement.
+"""What a run works on: the model (its spec), the calibration pass (the statistics) and a perplexity measurement.
 
 Plain settings, kept apart from the workbench that uses them so that :mod:`selfprune.engine.identity`
 can name them in cache keys without importing the engine.
@@ -7,6 +7,18 @@ can name them in cache keys without importing the engine.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which dense model a task works on and how it is loaded and ranked: what every task and its
+    cache key names it by (``fingerprint``: its weights' hash, computed once by the flow)."""
+
+    model: str
+    fingerprint: str
+    device: str = "auto"
+    dtype: str = "auto"
+    method: str = "wanda-sp"
 
 
 @dataclass(frozen=True)

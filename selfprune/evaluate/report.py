@@ -24,7 +24,7 @@ from ..core.errors import UserError
 from ..core.progress import step
 from ..engine import allocators
 from ..engine.arch import Arch
-from ..engine.candidate import Candidate, Dense, Sparse, Structured, from_params
+from ..engine.candidate import Candidate, Dense, Sparse, Structured, from_json
 from ..engine.metrics import resolve_metric
 from ..engine.models import load_model
 from ..engine.settings import Calibration, Scoring
@@ -62,8 +62,8 @@ class ReportPlan:
     limit: int | None
     max_length: int
     eval_batch_size: int
-    calibration: dict  # Calibration fields
-    scoring: dict  # Scoring fields (the test split)
+    calibration: Calibration
+    scoring: Scoring  # the test split
     device: str
     dtype: str
     sparse: list[tuple[str, str, str, float, str]]  # (metric text, pattern, allocation, sparsity, reconstruction) rows
@@ -139,9 +139,8 @@ def plan_report(config: ReportConfig) -> ReportPlan:
         searches=bests, tasks=tasks, include_path=include, sparse=sparse, metric_names=names, device=c.device,
         dtype=c.dtype,
         limit=c.limit or None, max_length=c.max_length, eval_batch_size=c.eval_batch_size,
-        calibration={"data": data, "samples": samples, "seqlen": calib_seqlen, "batch_size": c.batch_size},
-        scoring={"data": data, "split": "test", "seqlen": c.seqlen, "windows": c.test_windows or None,
-                 "batch_size": c.batch_size},
+        calibration=Calibration(data, samples, calib_seqlen, c.batch_size),
+        scoring=Scoring(data, "test", c.seqlen, c.test_windows or None, c.batch_size),
         llamacpp=c.llamacpp,
     )
 
@@ -225,7 +224,7 @@ def _search_entries(searches: dict[str, dict]) -> list[Entry]:
         run = Path(members[0][0]).parent
         name = run.parent.name if len(members) > 1 or run.name.startswith("seed-") else run.name
         label = f"search ({c['oracle']})" + (f", {name}" if per_label[(c["ratio"], c["oracle"])] > 1 else "")
-        out += [Entry(label, "search", c["ratio"], best["rates"], from_params(best["structure"]), best.get("oracle"),
+        out += [Entry(label, "search", c["ratio"], best["rates"], from_json(best["structure"]), best.get("oracle"),
                       seed=best["config"]["seed"], candidates=candidates(best)) for _, best in members]
     return out
 
@@ -237,12 +236,12 @@ def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
     for r in plan.ratios:
         for method in plan.allocations:
             a = allocate(method, r, None, None)
-            out.append(Entry(method, method, r, a["rates"], from_params(a["candidate"])))
+            out.append(Entry(method, method, r, a["rates"], from_json(a["candidate"])))
     for text, pattern, allocation, r, how in plan.sparse:
         a = allocate(allocation, r, text, pattern)
         label = (f"{plan.metric_names[text]} {allocation}" + ("" if pattern == "unstructured" else f" {pattern}")
                  + ("" if how == "none" else f" + {how}"))
-        out.append(Entry(label, "metric", r, a["rates"], replace(from_params(a["candidate"]), reconstruct=how)))
+        out.append(Entry(label, "metric", r, a["rates"], replace(from_json(a["candidate"]), reconstruct=how)))
     return out + _search_entries(plan.searches)
 
 
@@ -267,7 +266,7 @@ def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, 
             "windows": ppl["windows"],
             "acc": {t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, "mean_acc": zs["mean_acc"],
             "zero_shot": zs,
-            "protocol": protocol(plan.model, model_fp, plan.scoring, ppl, plan.calibration, plan.device, plan.dtype,
+            "protocol": protocol(plan.model, model_fp, vars(plan.scoring), ppl, vars(plan.calibration), plan.device, plan.dtype,
                                  e.seed) | {"zero_shot": accuracy},
             "llamacpp": evaluate_speed(e.candidate) if evaluate_speed else None,
         })
@@ -329,10 +328,10 @@ def summarize(plan: ReportPlan, rows: list[dict], model_fp: str, stats_key: str,
     """
     zs = next(r["zero_shot"] for r in rows if r["zero_shot"])
     meta = {"model": plan.model, "model_fingerprint": model_fp, "data": plan.data, "method": plan.method,
-            "seqlen": plan.scoring["seqlen"], "test_windows": plan.scoring["windows"] or 0,
+            "seqlen": plan.scoring.seqlen, "test_windows": plan.scoring.windows or 0,
             "test_tokens": rows[0]["tokens"], "tasks": plan.tasks, "limit": plan.limit, "max_length": plan.max_length,
             "lm_eval_version": zs["lm_eval_version"], "convention": zs["convention"], "include_path": plan.include_path,
-            "samples": plan.calibration["samples"], "calib_seqlen": plan.calibration["seqlen"], "stats_key": stats_key,
+            "samples": plan.calibration.samples, "calib_seqlen": plan.calibration.seqlen, "stats_key": stats_key,
             "ratios": plan.ratios, "allocations": plan.allocations, "searches": list(plan.searches), **counts,
             "wall_s": round(time.perf_counter() - start, 2)}
     return {"meta": meta, "rows": sort_rows(rows)}
@@ -390,14 +389,13 @@ def report(config: ReportConfig | None = None, progress: Progress | None = None,
     start = time.perf_counter()
     config = build_config(ReportConfig, **((config.model_dump() if config else {}) | overrides))
     plan = plan_report(config)
-    bench = Workbench(load_model(config.model, config.device, config.dtype), Calibration(**plan.calibration),
+    bench = Workbench(load_model(config.model, config.device, config.dtype), plan.calibration,
                       progress, method=config.method)
     check_searches(plan, bench.lm.fingerprint, bench.stats_key)
-    scoring = Scoring(**plan.scoring)
     rows = build_rows(
         plan, bench.arch, bench.lm.fingerprint,
         allocate=lambda allocation, ratio, metric, pattern: allocation_entry(bench, allocation, ratio, metric, pattern),
-        evaluate_ppl=lambda candidate: bench.score(candidate, scoring).to_dict(),
+        evaluate_ppl=lambda candidate: bench.score(candidate, plan.scoring).to_dict(),
         evaluate_zero_shot=lambda s: zero_shot(bench, s, plan.tasks, plan.include_path, plan.limit, plan.max_length,
                                                plan.eval_batch_size),
         evaluate_speed=(lambda c: llamacpp_speed(bench, c, plan.llamacpp)) if plan.llamacpp else None,

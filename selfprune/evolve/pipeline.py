@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -28,7 +28,8 @@ from ..engine.candidate import Candidate
 from ..engine.data import split_windows
 from ..engine.devices import precision
 from ..engine.models import load_tokenizer
-from ..engine.settings import Calibration, Scoring
+from ..engine.ppl import Perplexity
+from ..engine.settings import Calibration, ModelSpec, Scoring
 from ..engine.shared import shared_workbench
 from ..engine.workbench import Workbench
 from ..protocol import protocol
@@ -39,13 +40,27 @@ from .search_context import Oracle, SearchContext
 Member = TypeVar("Member")  # what the oracle proposes: a rate vector, a metric text
 
 
+@dataclass(frozen=True)
+class Measurement(Perplexity):
+    """A candidate's perplexity as a search reads it: whether an orchestrator's cache answered (a
+    computed one counts toward the run's evaluations and tokens), and why a metric could not prune
+    the model (``invalid``; its perplexity is NaN)."""
+
+    cached: bool = False
+    invalid: str | None = None
+
+    @classmethod
+    def of(cls, record: dict, cached: bool = False) -> Measurement:
+        """From a perplexity record: a scoring task's JSON result, or :meth:`Perplexity.to_dict`."""
+        return cls(*(record[f.name] for f in fields(Perplexity)), cached=cached, invalid=record.get("invalid") or None)
+
+
 class Score(Protocol):
-    """Scores candidates in order, one perplexity record each; ``advance(1)`` as each is scored (a
-    progress step's, selfprune.core.progress). A record may carry "cached": True when an orchestrator's
-    cache answered, and "invalid" (why) for a metric that cannot prune the model (NaN perplexity)."""
+    """Scores candidates in order, one :class:`Measurement` each; ``advance(1)`` as each is scored
+    (a progress step's, selfprune.core.progress)."""
 
     def __call__(self, candidates: list[Candidate], split: str, windows: int | None, *,
-                 advance: Advance = ignore) -> list[dict]: ...
+                 advance: Advance = ignore) -> list[Measurement]: ...
 
 
 class Space(Protocol[Member]):
@@ -62,7 +77,7 @@ class Setup:
     """What the search needs from the loaded model: its shapes and the identities that key caches."""
 
     arch: Arch
-    model_fp: str
+    spec: ModelSpec
     stats_key: str
 
 
@@ -88,23 +103,23 @@ class GenerationReport:
 
 
 class Tally:
-    """Which candidates of a generation were computed and which a cache answered: ``scored`` keeps
-    the records of the batch just scored (a record may say ``"cached": True``); a candidate of the
-    generation without one had been scored in an earlier generation, by the loop's own memo."""
+    """Which members of a generation were computed and which a cache answered: ``scored`` keeps
+    whether each member of the batch just scored came whole from a cache; a member of the
+    generation not scored in it had been scored in an earlier generation, by the loop's own memo."""
 
     def __init__(self) -> None:
-        self.records: dict[Hashable, dict] = {}
+        self.records: dict[Hashable, bool] = {}  # member -> all its candidates came from a cache
         self.evaluations = 0
         self.cache_hits = 0
-        self.fitness_tokens = 0  # tokens scored on the fitness split by computed records, every stage
+        self.fitness_tokens = 0  # tokens scored on the fitness split by computed candidates, every stage
 
-    def scored(self, keys: list[Hashable], records: list[dict]) -> None:
-        self.records.update(zip(keys, records))
-        self.fitness_tokens += sum(r.get("tokens", 0) for r in records if not r.get("cached"))
+    def scored(self, keys: list[Hashable], per_member: list[list[Measurement]]) -> None:
+        self.records.update((k, all(m.cached for m in ms)) for k, ms in zip(keys, per_member))
+        self.fitness_tokens += sum(m.tokens for ms in per_member for m in ms if not m.cached)
 
     def generation(self, keys: list[Hashable]) -> list[bool]:
-        """Per candidate of the generation, whether it came from a cache; updates the totals."""
-        cached = [k not in self.records or bool(self.records[k].get("cached")) for k in keys]
+        """Per member of the generation, whether it came from a cache; updates the totals."""
+        cached = [self.records.get(k, True) for k in keys]
         self.records.clear()
         self.cache_hits += sum(cached)
         self.evaluations += len(cached) - sum(cached)
@@ -128,6 +143,10 @@ def staged(measure: Callable[[list, int], list[float]], stages: list[tuple[int, 
         return [final.get(i) for i in range(len(batch))]
 
     return evaluate
+
+
+def model_spec(config: EvolutionConfig, fingerprint: str) -> ModelSpec:
+    return ModelSpec(config.model, fingerprint, config.device, config.dtype, config.method)
 
 
 def calibration(config: EvolutionConfig) -> Calibration:
@@ -179,8 +198,8 @@ def _mean(values: list[float]) -> float:
 
 
 def score_members(space: Space, score: Score, members: list, split: str, windows: int | None, label: str
-                  ) -> list[list[dict]]:
-    """Each member's records, its candidates scored as one batch (a step of ``label``)."""
+                  ) -> list[list[Measurement]]:
+    """Each member's measurements, its candidates scored as one batch (a step of ``label``)."""
     per_member = [space.candidates(m) for m in members]
     records = score([c for cs in per_member for c in cs], split, windows, advance=step(label, sum(map(len, per_member))))
     out, at = [], 0
@@ -214,10 +233,9 @@ def evolve(space: Space, oracle: Oracle, ctx: SearchContext, params: SearchParam
         label = f"generation {index}/{params.generations}: candidates on {windows} fitness windows"
         per_member = score_members(space, score, batch, "fitness", windows, label)
         keys = [ctx.canonical(m) for m in batch]
-        invalid.update((k, r["invalid"]) for k, rs in zip(keys, per_member) for r in rs if r.get("invalid"))
-        tally.scored(keys, [{"cached": all(r.get("cached") for r in rs),
-                             "tokens": sum(0 if r.get("cached") else r["tokens"] for r in rs)} for rs in per_member])
-        return [_mean([r["ppl"] for r in rs]) for rs in per_member]
+        invalid.update((k, m.invalid) for k, ms in zip(keys, per_member) for m in ms if m.invalid)
+        tally.scored(keys, per_member)
+        return [_mean([m.ppl for m in ms]) for ms in per_member]
 
     def hook(g: Generation) -> None:
         nonlocal index
@@ -234,17 +252,17 @@ def evolve(space: Space, oracle: Oracle, ctx: SearchContext, params: SearchParam
     return Evolved(result, tally, evolved_fitness, invalid)
 
 
-def measured_under(config: EvolutionConfig, setup: Setup, split: str, record: dict) -> dict:
-    """The protocol of a perplexity ``record`` this search measured on ``split``."""
-    return protocol(config.model, setup.model_fp, vars(scoring(config, split, None)), record, vars(calibration(config)),
-                    config.device, config.dtype, config.seed)
+def measured_under(config: EvolutionConfig, setup: Setup, split: str, seqlen: int, windows: int | None) -> dict:
+    """The protocol of a perplexity this search measured on ``split`` (``windows`` of ``seqlen`` tokens)."""
+    return protocol(config.model, setup.spec.fingerprint, vars(scoring(config, split, None)),
+                    {"seqlen": seqlen, "windows": windows}, vars(calibration(config)), config.device, config.dtype, config.seed)
 
 
-def run_record(config: EvolutionConfig, setup: Setup, evolved: Evolved, oracle: Oracle, start: float, test: dict) -> dict:
+def run_record(config: EvolutionConfig, setup: Setup, evolved: Evolved, oracle: Oracle, start: float,
+               test: Measurement) -> dict:
     """What every search's summary holds besides its best: counts, the oracle's accounting, wall
     time, the per-generation history, the protocols of its test and fitness figures (``test``: a
-    test-split record), and the identities and settings it ran with."""
-    fitness = {"seqlen": config.seqlen, "windows": config.fitness_windows}
+    test-split measurement), and the identities and settings it ran with."""
     tally = evolved.tally
     return {
         "evaluations": tally.evaluations,
@@ -257,11 +275,11 @@ def run_record(config: EvolutionConfig, setup: Setup, evolved: Evolved, oracle: 
         # pass or Prefect's start, which the CLI's closing line ("N s in all") counts too
         "wall_s": round(time.perf_counter() - start, 2),
         "history": [{"generation": h.generation, "best": h.best, "mean": h.mean} for h in evolved.result.history],
-        "model_fingerprint": setup.model_fp,
+        "model_fingerprint": setup.spec.fingerprint,
         "stats_key": setup.stats_key,
         "precision": precision(config.device, config.dtype),
-        "protocol": measured_under(config, setup, "test", test),
-        "fitness_protocol": measured_under(config, setup, "fitness", fitness),
+        "protocol": measured_under(config, setup, "test", test.seqlen, test.windows),
+        "fitness_protocol": measured_under(config, setup, "fitness", config.seqlen, config.fitness_windows),
         "config": config.model_dump(),
     }
 
@@ -286,10 +304,10 @@ def run_in_process(config: EvolutionConfig, check: Callable[[EvolutionConfig], N
     check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
 
-    def score(candidates: list[Candidate], split: str, windows: int | None, advance: Advance = ignore) -> list[dict]:
+    def score(candidates: list[Candidate], split: str, windows: int | None, advance: Advance = ignore) -> list[Measurement]:
         how = scoring(config, split, windows)
-        return one_by_one(lambda c: bench.score(c, how, tolerate_invalid).to_dict(), candidates, advance)
+        return one_by_one(lambda c: Measurement.of(bench.score(c, how, tolerate_invalid).to_dict()), candidates, advance)
 
-    summary = run(Setup(bench.arch, bench.lm.fingerprint, bench.stats_key), score, bench)
+    summary = run(Setup(bench.arch, model_spec(config, bench.lm.fingerprint), bench.stats_key), score, bench)
     write_summary(summary, config.out)
     return summary

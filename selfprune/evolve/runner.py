@@ -145,7 +145,7 @@ class RateSpace:
         """Perplexities of the candidates of ``batch`` rebuilt with ``config.reconstruct``."""
         advance = step(f"reconstructed candidates on {split} windows", len(batch))
         rebuilt = [replace(self.candidate(rates), reconstruct=self.config.reconstruct) for rates in batch]
-        return [r["ppl"] for r in score(rebuilt, split, windows, advance=advance)]
+        return [m.ppl for m in score(rebuilt, split, windows, advance=advance)]
 
     def rebuilt(self, score: Score, choices: list[Choice], windows: int | None) -> dict:
         """The candidate kept after reconstruction, and its test perplexity. With one choice (the
@@ -218,11 +218,11 @@ def run(
         "structure": best["structure"],
         "fitness": best["fitness"],
         "kept_params": best["kept_params"],
-        "test_ppl": test["ppl"],
-        "test_tokens": test["tokens"],
+        "test_ppl": test.ppl,
+        "test_tokens": test.tokens,
         "seqlen": config.seqlen,
-        "uniform_fitness": uniform_fitness["ppl"],
-        "uniform_test_ppl": uniform_test["ppl"],
+        "uniform_fitness": uniform_fitness.ppl,
+        "uniform_test_ppl": uniform_test.ppl,
         **rebuilt,
         **baseline_record(baselines, evolved.fitness, ctx.canonical, best["fitness"]),
         **run_record(config, setup, evolved, oracle, start, test),
