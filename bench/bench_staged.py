@@ -40,7 +40,7 @@ def curve(config, label: str) -> list[tuple[int, float]]:
         print(json.dumps({"run": label, "generation": g.index, "fitness_tokens": spent[0], "best_fitness": g.best,
                           "best_test_ppl": test}), flush=True)
 
-    runner.run(config, setup, score, on_generation=on_generation)
+    runner.run(config, setup, pipeline.Injected(score, on_generation=on_generation))
     return points
 
 

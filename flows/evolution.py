@@ -15,9 +15,11 @@ import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and q
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from logging import Logger
 from pathlib import Path
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -31,7 +33,9 @@ from selfprune.engine.candidate import Candidate
 from selfprune.engine.models import load_tokenizer, model_fingerprint
 from selfprune.evolve import pipeline, runner
 from selfprune.evolve.chat import ChatRequest, Reply, Transport
+from selfprune.evolve.pipeline import Search, write_summary
 from selfprune.flows.run_info import announce_run
+from selfprune.seeds import over_seeds
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates
 from selfprune.tasks.oracle import oracle_call
@@ -211,3 +215,36 @@ def prepare(config: EvolutionConfig, logger: Logger, entrypoint: str, check: Cal
     capture.wait()
     stats = kept_result(capture.state)
     return out, pipeline.Setup(Arch(**stats["arch"]), spec, stats["stats_key"])
+
+
+@dataclass(frozen=True)
+class View:
+    """How a search's run shows in Prefect: a generation's row in its table artifact (``row``), the
+    best so far as Markdown (``best``, given the model's shapes), and what is published at the end
+    from the summary (``final``: plots and the closing Markdown artifact)."""
+
+    row: Callable[[dict], dict]
+    best: Callable[[Arch], Callable[[int, dict], str]]
+    final: Callable[[dict, EvolutionConfig, Arch, Path, str], None]
+
+
+def run_flow(search: Search, view: View, config: EvolutionConfig, entrypoint: str,
+             one_seed: Callable[[EvolutionConfig], dict]) -> dict:
+    """The body of every search flow: ``one_seed`` (the flow itself, as a subflow run) per seed, or
+    the search with cached scoring, oracle calls and allocations on the run's task runner, then
+    best.json and the view's artifacts."""
+    if config.seeds:
+        return over_seeds(config, one_seed, search.figures)
+    logger = get_run_logger()
+    with task_runner(config) as workers:
+        out, setup = prepare(config, logger, entrypoint, search.check, workers)
+        calls = {"oracle_calls": 0, "oracle_replays": 0}
+        injected = pipeline.Injected(
+            score=batch_scorer(config, setup, str(out / "evaluations.jsonl"), workers, search.tolerate_invalid),
+            transport=cached_transport(config, calls),
+            on_generation=publisher(config, logger, view.row, view.best(setup.arch), search.fallback),
+            allocate=batch_allocator(config, setup, workers) if search.allocator else None)
+        summary = search.run(config, setup, injected) | calls
+    write_summary(summary, out)
+    view.final(summary, config, setup.arch, out, artifact_key(config))
+    return summary

@@ -156,3 +156,15 @@ def test_the_library_and_the_flow_name_the_same_candidates(tiny_workspace, spars
         bench = shared_workbench(config.model, pipeline.calibration(config), config.device, config.dtype, config.method)
         row = report.allocation_entry(bench, "uniform", config.ratio)
         assert task_key(from_json(row["candidate"])) == task_key(space.candidate(row["rates"]))
+
+
+def test_a_structured_candidates_reconstruction_decides_its_zero_shot_key(fixed_builds):
+    """The zero-shot task scores the candidate it is given, so a structure refitted by ``lsq`` and the
+    same structure without a refit are two keys; without one the key is the pinned one."""
+    from dataclasses import replace
+
+    from selfprune.tasks.evaluation import evaluate_zero_shot
+
+    task, params = work()["evaluate_zero_shot"]
+    refitted = params | {"candidate": replace(params["candidate"], reconstruct="lsq")}
+    assert task_key(task, **params) == PINNED["evaluate_zero_shot"] != task_key(evaluate_zero_shot, **refitted)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..config import AutopruneConfig, build_config
+from ..config import AutopruneConfig
 from ..core.errors import UserError
 from ..engine.candidate import Sparse
 from ..engine.devices import precision
@@ -24,12 +24,10 @@ from ..engine.metrics import METRICS, resolve_metric
 from ..engine.metrics.search_space import Lineage, MetricContext
 from ..engine.reconstruct import RECONSTRUCTIONS
 from ..engine.sparsity import parse_pattern
-from ..seeds import over_seeds
-from .chat import Transport
 from .evolution import SearchParams
 from .metric_oracle import METRIC_ORACLES, make_metric_oracle
 from .oracle_registry import oracle_kind
-from .pipeline import GenerationReport, Score, Setup, check_runner, evolve, in_process, run_in_process, run_record, score_members
+from .pipeline import GenerationReport, Injected, Search, Setup, check_runner, evolve, run_library, run_record, score_members
 
 
 def check(config: AutopruneConfig) -> None:
@@ -75,18 +73,13 @@ class MetricSpace:
                 "edit": origin.edit if origin else "", "parents": list(origin.parents) if origin else []}
 
 
-def run(
-    config: AutopruneConfig,
-    setup: Setup,
-    score: Score,
-    transport: Transport | None = None,
-    on_generation: Callable[[GenerationReport], None] | None = None,
-) -> dict:
+def run(config: AutopruneConfig, setup: Setup, injected: Injected) -> dict:
     """The metric search on ``setup``'s model, then the best metric and the built-ins on the test
     split at every sparsity. Returns the summary that ``best.json`` holds."""
     start = time.perf_counter()
     lineage = Lineage()
-    oracle = make_metric_oracle(config.oracle, config.base_url, transport, lineage,
+    score = injected.score
+    oracle = make_metric_oracle(config.oracle, config.base_url, injected.transport, lineage,
                                 max_tokens=config.oracle_max_tokens or None, strict=config.oracle_strict,
                                 schema=config.oracle_schema, api_key_env=config.api_key_env,
                                 timeout=config.oracle_timeout)
@@ -95,7 +88,7 @@ def run(
     params = SearchParams(population=config.population, mutations=config.mutations, crossovers=config.crossovers,
                           generations=config.generations, seed=config.seed)
     space = MetricSpace(config, lineage)
-    evolved = evolve(space, oracle, ctx, params, config, score, on_generation)
+    evolved = evolve(space, oracle, ctx, params, config, score, injected.on_generation)
     best = evolved.result.best  # a metric text
     compared = {"found": best} | seeds(config)
     scored = score_members(space, score, list(compared.values()), "test", config.test_windows,
@@ -121,13 +114,12 @@ def figures(summary: dict) -> dict[str, float]:
     return {"fitness": summary["fitness"], **{f"test_ppl@{s}": v for s, v in summary["test_ppl"]["found"].items()}}
 
 
+METRIC = Search("metric", AutopruneConfig, check, run, figures, fallback="GP", tolerate_invalid=True)
+
+
 def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[GenerationReport], None] | None = None,
               **overrides) -> dict:
     """AutoPrune's metric search in this process, without Prefect: ``selfprune.autoprune(model=...,
     sparsities=[0.6])``. Writes ``out/best.json`` and returns the summary; ``selfprune autoprune``
     runs the same loop as a resumable, cached Prefect flow."""
-    config = in_process(build_config(AutopruneConfig, **((config.model_dump() if config else {}) | overrides)))
-    if config.seeds:
-        return over_seeds(config, lambda one: autoprune(one, on_generation), figures)
-    return run_in_process(config, check, lambda setup, score, _: run(config, setup, score, on_generation=on_generation),
-                          tolerate_invalid=True)
+    return run_library(METRIC, config, on_generation, overrides)

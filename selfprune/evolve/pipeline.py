@@ -1,12 +1,14 @@
 """One search pipeline, two search spaces: the checks, the evolutionary loop with its scoring and
-accounting, the summary's common record, and the library's in-process run.
+accounting, the summary's common record, and the :class:`Search` declaration that the library's
+in-process run (:func:`run_library`) and the flows' one body (``flows/evolution.run_flow``) run.
 
-The rate search (:mod:`.runner`, Self-Pruner) and the metric search (:mod:`.autoprune`, AutoPrune)
-differ only in their :class:`Space` (what a member is, the candidates it is scored by, its row), their
-oracle and their final scores. Both the library and the Prefect flows (``flows/search.py``,
-``flows/autoprune.py``) run them; they differ only in what they inject: how a batch of candidates
-is scored (directly on the workbench; through the cached Prefect task), how an oracle request is
-sent (the openai client; the cached oracle task), and what happens after each generation.
+The rate search (:data:`.runner.RATES`, Self-Pruner) and the metric search
+(:data:`.autoprune.METRIC`, AutoPrune) differ only in their :class:`Space` (what a member is, the
+candidates it is scored by, its row), their oracle and their final scores. The library and the
+Prefect flows differ only in what they inject (:class:`Injected`): how a batch of candidates is
+scored (directly on the workbench; through the cached Prefect task), how an oracle request is sent
+(the openai client; the cached oracle task), how the baselines are allocated, and what happens
+after each generation.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from ..config import EvolutionConfig
+from ..config import EvolutionConfig, build_config
 from ..core.errors import UserError
 from ..core.progress import Advance, ignore, one_by_one, step
 from ..engine.arch import Arch
@@ -33,7 +35,9 @@ from ..engine.settings import Calibration, ModelSpec, Scoring
 from ..engine.shared import shared_workbench
 from ..engine.workbench import Workbench
 from ..protocol import protocol
+from ..seeds import over_seeds
 from ..storage.fileio import atomic_write_text
+from .chat import Transport
 from .evolution import Generation, SearchParams, SearchResult, run_search
 from .search_context import Oracle, SearchContext
 
@@ -291,23 +295,60 @@ def write_summary(summary: dict, out: str | Path) -> Path:
     return path
 
 
-Run = Callable[[Setup, Score, Workbench], dict]  # a search on a loaded model: its summary
+Allocate = Callable[[list[str]], list[list[float]]]  # allocation names -> their rates at the search's ratio
 
 
-def run_in_process(config: EvolutionConfig, check: Callable[[EvolutionConfig], None], run: Run,
-                   tolerate_invalid: bool = False) -> dict:
-    """A search in this process, without Prefect (``selfprune.search``, ``selfprune.autoprune``):
-    the checks, the shared workbench (statistics from the artifact store), candidates scored on it
-    one by one, ``out/best.json``. ``tolerate_invalid`` (the metric search): a metric that cannot
-    prune the model is scored invalid instead of raising."""
-    check(config)
+@dataclass(frozen=True)
+class Injected:
+    """What runs a search's expensive steps, given by whoever runs it: the library scores in this
+    process, the flow through cached tasks on its task runner; ``allocate`` gives the baselines' rates."""
+
+    score: Score
+    transport: Transport | None = None
+    on_generation: Callable[[GenerationReport], None] | None = None
+    allocate: Allocate | None = None
+
+
+C = TypeVar("C", bound=EvolutionConfig)
+
+
+@dataclass(frozen=True)
+class Search(Generic[C]):
+    """One search, declared: its settings' type, the checks before anything loads, its run on a
+    loaded model (Algorithm 1 over its space and oracle, its final scores, the summary best.json
+    holds), what its seeds spread over, what fills in for the LLM, whether a candidate may be
+    invalid (a metric that cannot prune the model), and how it allocates its baselines in this
+    process. The library (:func:`run_library`) and the flow (``flows/evolution.run_flow``) run
+    any search alike."""
+
+    name: str
+    config: type[C]
+    check: Callable[[C], None]
+    run: Callable[[C, Setup, Injected], dict]
+    figures: Callable[[dict], dict[str, float]]
+    fallback: str
+    tolerate_invalid: bool = False
+    allocator: Callable[[C, Workbench], Allocate] | None = None
+
+
+def run_library(search: Search[C], config: C | None, on_generation: Callable[[GenerationReport], None] | None,
+                overrides: dict) -> dict:
+    """``search`` in this process, without Prefect (``selfprune.search``, ``selfprune.autoprune``):
+    the settings (a config or its fields), the checks, the shared workbench (statistics from the
+    artifact store), candidates scored on it one by one, ``out/best.json``; with ``seeds``, once per seed."""
+    config = in_process(build_config(search.config, **((config.model_dump() if config else {}) | overrides)))
+    if config.seeds:
+        return over_seeds(config, lambda one: run_library(search, one, on_generation, {}), search.figures)
+    search.check(config)
     check_windows(config, load_tokenizer(config.model))
     bench = shared_workbench(config.model, calibration(config), config.device, config.dtype, config.method)
 
     def score(candidates: list[Candidate], split: str, windows: int | None, advance: Advance = ignore) -> list[Measurement]:
         how = scoring(config, split, windows)
-        return one_by_one(lambda c: Measurement.of(bench.score(c, how, tolerate_invalid).to_dict()), candidates, advance)
+        return one_by_one(lambda c: Measurement.of(bench.score(c, how, search.tolerate_invalid).to_dict()), candidates, advance)
 
-    summary = run(Setup(bench.arch, model_spec(config, bench.lm.fingerprint), bench.stats_key), score, bench)
+    allocate = search.allocator(config, bench) if search.allocator else None
+    setup = Setup(bench.arch, model_spec(config, bench.lm.fingerprint), bench.stats_key)
+    summary = search.run(config, setup, Injected(score, on_generation=on_generation, allocate=allocate))
     write_summary(summary, config.out)
     return summary

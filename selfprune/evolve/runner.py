@@ -17,7 +17,7 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import NamedTuple
 
-from ..config import SearchConfig, build_config
+from ..config import SearchConfig
 from ..core.errors import UserError
 from ..core.progress import step
 from ..engine.allocation import Alignment, project_to_mean, rates_to_structure, uniform
@@ -31,15 +31,11 @@ from ..engine.models import load_arch
 from ..engine.reconstruct import NONE, check_reconstruction
 from ..engine.sparsity import parse_pattern
 from ..engine.workbench import Workbench
-from ..seeds import over_seeds
 from .chat import Transport
 from .evolution import SearchParams, SearchResult
 from .oracle_registry import ORACLES, make_oracle, oracle_kind
-from .pipeline import GenerationReport, Score, Setup, check_runner, evolve, in_process, run_in_process, run_record
+from .pipeline import Allocate, GenerationReport, Injected, Score, Search, Setup, check_runner, evolve, run_library, run_record
 from .search_context import Oracle, SearchContext
-
-# registered allocation names -> their rates at the search's ratio, in order
-Allocate = Callable[[list[str]], list[list[float]]]
 
 
 def check(config: SearchConfig) -> None:
@@ -184,27 +180,20 @@ def reconstruct_choices(config: SearchConfig, result: SearchResult, baselines: d
     return top + list(named.values())
 
 
-def run(
-    config: SearchConfig,
-    setup: Setup,
-    score: Score,
-    transport: Transport | None = None,
-    on_generation: Callable[[GenerationReport], None] | None = None,
-    allocate: Allocate | None = None,
-) -> dict:
+def run(config: SearchConfig, setup: Setup, injected: Injected) -> dict:
     """Algorithm 1 on ``setup``'s model, then the best and uniform Wanda-sp on the test split.
-    ``allocate`` gives the rates of ``config.baselines``, which join generation 0.
+    ``injected.allocate`` gives the rates of ``config.baselines``, which join generation 0.
 
     Returns the summary that ``best.json`` holds. ``evaluations`` counts candidates computed,
     ``cache_hits`` those a cache answered (``score``'s "cached" records, and structures the loop
     had scored in an earlier generation); the final test scores are in neither.
     """
     start = time.perf_counter()
-    arch = setup.arch
-    baselines = baseline_rates(config, allocate)
-    ctx, params, oracle = search_objects(config, arch, transport, baselines)
+    arch, score = setup.arch, injected.score
+    baselines = baseline_rates(config, injected.allocate)
+    ctx, params, oracle = search_objects(config, arch, injected.transport, baselines)
     space = RateSpace(config, arch)
-    evolved = evolve(space, oracle, ctx, params, config, score, on_generation, known=list(baselines.values()))
+    evolved = evolve(space, oracle, ctx, params, config, score, injected.on_generation, known=list(baselines.values()))
     result = evolved.result
     best = space.member(result.best, result.best_fitness)
     uniform_structure = space.candidate(uniform(arch.n_layers, config.ratio))
@@ -248,6 +237,21 @@ def figures(summary: dict) -> dict[str, float]:
     return {name: summary[name] for name in names if name in summary}
 
 
+def in_process_allocator(config: SearchConfig, bench: Workbench) -> Allocate:
+    """The baselines' rates on the loaded model: a structure's allocation, or a metric's sparsities."""
+
+    def allocate(names: list[str]) -> list[list[float]]:
+        if config.pattern is None:
+            return [bench.pruner.allocate(name, config.ratio) for name in names]
+        metric, pattern = resolve_metric(config.metric), parse_pattern(config.pattern)
+        return [bench.pruner.sparse_rates(metric, name, config.ratio, pattern) for name in names]
+
+    return allocate
+
+
+RATES = Search("rates", SearchConfig, check, run, figures, fallback="GA", allocator=in_process_allocator)
+
+
 def search(config: SearchConfig | None = None, on_generation: Callable[[GenerationReport], None] | None = None,
            **overrides) -> dict:
     """Self-Pruner's search in this process, without Prefect: ``selfprune.search(model=..., ratio=...)``.
@@ -256,17 +260,4 @@ def search(config: SearchConfig | None = None, on_generation: Callable[[Generati
     the summary. Nothing is cached between calls but the statistics (in the artifact store); the
     ``selfprune search`` command runs the same loop as a resumable, cached Prefect flow.
     """
-    config = in_process(build_config(SearchConfig, **((config.model_dump() if config else {}) | overrides)))
-    if config.seeds:
-        return over_seeds(config, lambda one: search(one, on_generation), figures)
-
-    def run_on(setup: Setup, score: Score, bench: Workbench) -> dict:
-        def allocate(names: list[str]) -> list[list[float]]:
-            if config.pattern is None:
-                return [bench.pruner.allocate(name, config.ratio) for name in names]
-            metric, pattern = resolve_metric(config.metric), parse_pattern(config.pattern)
-            return [bench.pruner.sparse_rates(metric, name, config.ratio, pattern) for name in names]
-
-        return run(config, setup, score, on_generation=on_generation, allocate=allocate)
-
-    return run_in_process(config, check, run_on)
+    return run_library(RATES, config, on_generation, overrides)
