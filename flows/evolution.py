@@ -32,9 +32,9 @@ from selfprune.engine.arch import Arch
 from selfprune.engine.candidate import Candidate
 from selfprune.engine.models import load_tokenizer, model_fingerprint
 from selfprune.evolve import pipeline, runner
-from selfprune.evolve.chat import ChatRequest, Reply, Transport
 from selfprune.evolve.pipeline import Search, write_summary
 from selfprune.flows.run_info import announce_run
+from selfprune.llm.chat import ChatRequest, Reply, Transport
 from selfprune.seeds import over_seeds
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates

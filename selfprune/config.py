@@ -98,9 +98,9 @@ class EvolutionConfig(RunConfig):
     @classmethod
     def _public_base_url(cls, value):
         """Credentials are cut from the URL before the config is stored anywhere (a flow parameter,
-        best.json, cache keys); :mod:`selfprune.evolve.endpoint` keeps them in memory for the server.
+        best.json, cache keys); :mod:`selfprune.llm.endpoint` keeps them in memory for the server.
         A bad URL is a UserError, not a ValueError: pydantic would quote the input, secrets and all."""
-        from .evolve.endpoint import public_url
+        from .llm.endpoint import public_url
 
         return public_url(value) if isinstance(value, str) else value
 

@@ -4,7 +4,7 @@ A resumed run replays the recorded replies instead of asking again, so it follow
 search path. The key holds backend (with the public base URL), model, prompt, temperature, seed and
 attempt, never the API key, which the transport reads from the environment at call time (named by
 ``api_key_env``), nor the credentials cut from the base URL, which stay in this process's memory
-(:mod:`selfprune.evolve.endpoint`). A reply without text (late, or unreadable) is stored like any
+(:mod:`selfprune.llm.endpoint`). A reply without text (late, or unreadable) is stored like any
 other, but the search flow asks again rather than replay it (``flows/evolution.cached_transport``).
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from selfprune.engine import identity
-from selfprune.evolve.chat import ChatRequest, Transport
-from selfprune.evolve.transport import openai_transport
+from selfprune.llm.chat import ChatRequest, Transport
+from selfprune.llm.transport import openai_transport
 from selfprune.tasks.caching import cached_task
 
 

@@ -175,7 +175,7 @@ def test_user_errors_log_one_line_and_a_traceback_only_at_debug():
     import logging
 
     from selfprune.app.prefect_env import OneLineUserErrors
-    from selfprune.evolve.chat import OracleUnavailable
+    from selfprune.llm.chat import OracleUnavailable
 
     def record(exc: Exception) -> logging.LogRecord:
         try:
@@ -202,11 +202,11 @@ def test_user_errors_log_one_line_and_a_traceback_only_at_debug():
 def test_failed_cached_task_exception_is_persisted_as_json():
     """Prefect persists a failed task's exception with the task's serializer: it must encode it
     (this was the "Failed to serialize object of type 'OracleUnavailable'" warning)."""
-    from selfprune.evolve.chat import OracleUnavailable
+    from selfprune.llm.chat import OracleUnavailable
     from selfprune.tasks.caching import JSON_RESULTS
 
     data = JSON_RESULTS.dumps(OracleUnavailable("down"))
-    assert json.loads(data) == {"__exc_type__": "selfprune.evolve.chat.OracleUnavailable", "message": "down"}
+    assert json.loads(data) == {"__exc_type__": "selfprune.llm.chat.OracleUnavailable", "message": "down"}
     assert JSON_RESULTS.loads(data) == json.loads(data)  # read back as a plain dict: nothing imported
     with pytest.raises(TypeError):
         JSON_RESULTS.dumps(object())

@@ -22,7 +22,7 @@ import selfprune
 
 PACKAGE = Path(selfprune.__file__).parent
 LAYERS = ("core", "storage", "engine", "library", "application")  # bottom first
-FOLDERS = {"core": "core", "storage": "storage", "engine": "engine", "evolve": "library", "evaluate": "library",
+FOLDERS = {"core": "core", "storage": "storage", "engine": "engine", "evolve": "library", "llm": "library", "evaluate": "library",
            "app": "application", "flows": "application", "tasks": "application", "artifacts": "application"}
 AT_THE_TOP = {"ops": "application"}  # a module at the package's top is the library's surface, but these
 

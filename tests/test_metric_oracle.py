@@ -15,10 +15,10 @@ from selfprune.engine.metrics import METRICS, MetricError, parse_metric
 from selfprune.engine.metrics.edits import describe_edit
 from selfprune.engine.metrics.search_space import Lineage, MetricContext
 from selfprune.evolve import metric_prompts
-from selfprune.evolve.chat import ChatRequest, OracleUnavailable, Reply
 from selfprune.evolve.gp import GPOracle
 from selfprune.evolve.metric_oracle import LLMMetricOracle, make_metric_oracle, parse_proposals
-from selfprune.evolve.transport import openai_transport
+from selfprune.llm.chat import ChatRequest, OracleUnavailable, Reply
+from selfprune.llm.transport import openai_transport
 
 CTX = MetricContext(model_name="tiny-llama", sparsity=0.5, seed=1)
 MAGNITUDE, WANDA, RIA = (METRICS.get(n).text for n in ("magnitude", "wanda", "ria"))

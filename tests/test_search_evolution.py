@@ -8,12 +8,12 @@ from collections import Counter
 import pytest
 
 from selfprune.core.errors import UserError
-from selfprune.evolve.chat import ChatRequest, Reply
 from selfprune.evolve.classical import GAOracle, RandomOracle
 from selfprune.evolve.evolution import SearchParams, initial_population, offspring, run_search, survivors
 from selfprune.evolve.llm_oracle import LLMOracle
 from selfprune.evolve.oracle_registry import make_oracle
 from selfprune.evolve.search_context import SearchContext
+from selfprune.llm.chat import ChatRequest, Reply
 from selfprune.storage.hashing import content_hash
 
 CTX = SearchContext(model_name="tiny", n_layers=6, beta=0.3, p_max=0.9, seed=7)

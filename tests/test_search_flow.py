@@ -139,7 +139,7 @@ def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(pref
     `prefect flow-run retry` (what the UI's Retry does) then completes it, re-evaluating nothing."""
     from fake_openai_server import status
 
-    from selfprune.evolve.chat import OracleUnavailable
+    from selfprune.llm.chat import OracleUnavailable
 
     out = tmp_path / "retry"
     good = [reply(_llm_reply(8, 50 + s)) for s in range(3)]  # candidates the other LLM test did not score

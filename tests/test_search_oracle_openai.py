@@ -13,10 +13,10 @@ import time
 import pytest
 from fake_openai_server import FakeOpenAI, cut, like_llama_cpp_python, no_json_mode, reply, slow, status
 
-from selfprune.evolve.chat import OracleUnavailable
 from selfprune.evolve.llm_oracle import LLMOracle
 from selfprune.evolve.search_context import SearchContext
-from selfprune.evolve.transport import openai_transport
+from selfprune.llm.chat import OracleUnavailable
+from selfprune.llm.transport import openai_transport
 
 KEY = "sk-test-DO-NOT-LEAK-1234"
 CTX = SearchContext(model_name="tiny-llama", n_layers=4, beta=0.3, p_max=0.9, seed=1)

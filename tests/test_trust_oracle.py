@@ -27,13 +27,13 @@ from fake_openai_server import FakeOpenAI, raw, reply, status, trickle
 
 from selfprune.config import AutopruneConfig, SearchConfig
 from selfprune.engine.metrics.search_space import Lineage, MetricContext
-from selfprune.evolve.chat import OracleUnavailable
 from selfprune.evolve.gp import GPOracle
 from selfprune.evolve.llm_oracle import LLMOracle
 from selfprune.evolve.metric_oracle import make_metric_oracle
 from selfprune.evolve.replies import parse_candidates
 from selfprune.evolve.search_context import SearchContext
-from selfprune.evolve.transport import openai_transport
+from selfprune.llm.chat import OracleUnavailable
+from selfprune.llm.transport import openai_transport
 
 REAL_KEY = "sk-real-DO-NOT-SEND"
 CTX = SearchContext(model_name="tiny-llama", n_layers=4, beta=0.3, p_max=0.9, seed=1)
@@ -171,7 +171,7 @@ def test_what_goes_back_to_the_model_is_bounded():
 
 
 def test_the_openai_key_goes_only_to_the_openai_api(monkeypatch):
-    from selfprune.evolve.endpoint import api_key
+    from selfprune.llm.endpoint import api_key
 
     for url in (None, "https://api.openai.com/v1", "https://API.OpenAI.com:443/v1"):
         assert api_key(url, None) == REAL_KEY

@@ -5,7 +5,7 @@ fails in about a second with one line (a UserError, exit 2), not after a tempora
 and a flow run have started (tens of seconds) and with retry advice that would fail the same way.
 The CLI calls :func:`check_inputs` before it configures Prefect. Each check is the validator the
 run itself applies later (:mod:`selfprune.engine.models`, :mod:`selfprune.engine.data`, the searches' own
-``check``, :mod:`selfprune.evolve.endpoint`, the report's search files), so each rule lives once.
+``check``, :mod:`selfprune.llm.endpoint`, the report's search files), so each rule lives once.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def check_inputs(config: RunConfig) -> None:
 
 
 def check_oracle_key(config: EvolutionConfig) -> None:
-    """An ``openai:`` oracle has the key its server needs (:func:`~selfprune.evolve.endpoint.api_key`).
+    """An ``openai:`` oracle has the key its server needs (:func:`~selfprune.llm.endpoint.api_key`).
     Checked here, not by the flow: a deployment's rerun whose replies are all cached needs none."""
-    from ..evolve.endpoint import missing_key
+    from ..llm.endpoint import missing_key
 
     missing = missing_key(config.base_url, config.api_key_env) if config.oracle.startswith("openai:") else None
     if missing:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
+from ..llm.chat import ChatRequest, OracleUnavailable, Reply, Transport
 from ..storage.hashing import content_hash
-from .chat import ChatRequest, OracleUnavailable, Reply, Transport
 
 
 class ChatOracle:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from functools import partial
 
+from ..llm.chat import ChatRequest, Transport
 from ..storage.hashing import stable_json
 from . import prompts
-from .chat import ChatRequest, Transport
 from .chat_oracle import ChatOracle
 from .classical import GAOracle
 from .replies import parse_candidates, repair

@@ -30,9 +30,9 @@ from ..engine.metrics.edits import describe_edit
 from ..engine.metrics.language import MetricError
 from ..engine.metrics.metric import Metric, parse_metric
 from ..engine.metrics.search_space import Lineage, MetricContext, ScoredMetric, canonical_text
+from ..llm.chat import ChatRequest, Transport
 from ..storage.hashing import stable_json
 from . import metric_prompts as prompts
-from .chat import ChatRequest, Transport
 from .chat_oracle import ChatOracle
 from .gp import GPOracle
 from .oracle_registry import OracleKind, build_oracle, openai_builder

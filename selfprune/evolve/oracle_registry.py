@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from ..core.errors import UserError
 from ..core.registry import Registry
-from .chat import Transport
+from ..llm.chat import Transport
+from ..llm.endpoint import OPENAI_URL
+from ..llm.transport import openai_transport
 from .classical import GAOracle, RandomOracle
-from .endpoint import OPENAI_URL
 from .llm_oracle import LLMOracle
 from .search_context import Oracle
-from .transport import openai_transport
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ from ..engine.ppl import Perplexity
 from ..engine.settings import Calibration, ModelSpec, Scoring
 from ..engine.shared import shared_workbench
 from ..engine.workbench import Workbench
+from ..llm.chat import Transport
 from ..protocol import protocol
 from ..seeds import over_seeds
 from ..storage.fileio import atomic_write_text
-from .chat import Transport
 from .evolution import Generation, SearchParams, SearchResult, run_search
 from .search_context import Oracle, SearchContext
 

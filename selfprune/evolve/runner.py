@@ -31,7 +31,7 @@ from ..engine.models import load_arch
 from ..engine.reconstruct import NONE, check_reconstruction
 from ..engine.sparsity import parse_pattern
 from ..engine.workbench import Workbench
-from .chat import Transport
+from ..llm.chat import Transport
 from .evolution import SearchParams, SearchResult
 from .oracle_registry import ORACLES, make_oracle, oracle_kind
 from .pipeline import Allocate, GenerationReport, Injected, Score, Search, Setup, check_runner, evolve, run_library, run_record

@@ -47,10 +47,10 @@ def openai_transport(
 ) -> Transport:
     """A transport through the official ``openai`` client, for OpenAI or any compatible server.
 
-    ``base_url`` is the public URL (:func:`selfprune.evolve.endpoint.public_url`). The client is
+    ``base_url`` is the public URL (:func:`selfprune.llm.endpoint.public_url`). The client is
     built on the first call, so a run whose every call is already cached needs neither key nor server.
 
-    * **Keys** (:func:`selfprune.evolve.endpoint.api_key`): ``$OPENAI_API_KEY`` for the OpenAI API
+    * **Keys** (:func:`selfprune.llm.endpoint.api_key`): ``$OPENAI_API_KEY`` for the OpenAI API
       only; another server gets ``$api_key_env`` when one is named, else the placeholder "EMPTY".
       Credentials cut from the base URL go to its server (basic auth, the query on every request).
     * **Reply shape.** The request's :meth:`ChatRequest.response_formats` are tried in order; one a
