@@ -280,8 +280,8 @@ def _flow_result(state, entrypoint: str, out: str):
     (a UserError) gets no retry command: the same run would fail the same way."""
     if state.is_completed():
         return state.result()
-    from selfprune.app.faults import explain
     from selfprune.flows.run_info import retry_hint
+    from selfprune.tasks.faults import explain
 
     hint = retry_hint(str(state.state_details.flow_run_id), entrypoint, deployed=False)
     try:
@@ -321,7 +321,7 @@ app.command("autoprune")(_flow_command(AutopruneConfig, "selfprune.flows.autopru
 
 class _DropExplained:
     """A logging filter: Prefect's "flow run failed" traceback for a UserError, or for a failure
-    the machine caused (:func:`selfprune.app.faults.explain`), is noise; main() prints the one line.
+    the machine caused (:func:`selfprune.tasks.faults.explain`), is noise; main() prints the one line.
     Other failures keep their logs."""
 
     def filter(self, record) -> bool:
@@ -330,18 +330,18 @@ class _DropExplained:
             return False
         if exc is None:
             return True
-        from .faults import explain
+        from selfprune.tasks.faults import explain
 
         return explain(exc) is None
 
 
 def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | None = None) -> None:
     """selfprune's Prefect settings and quiet logs; with a ``config``, the machine's checks
-    (:func:`selfprune.app.faults.preflight`) before Prefect starts anything."""
+    (:func:`selfprune.tasks.faults.preflight`) before Prefect starts anything."""
     import logging
 
-    from .faults import preflight
-    from .prefect_env import configure, start_temporary_server
+    from selfprune.tasks.faults import preflight
+    from selfprune.tasks.prefect_env import configure, start_temporary_server
 
     # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
     # command, a line per generation) at INFO, the rest of Prefect at WARNING.
@@ -677,7 +677,7 @@ def _exit_on_sigterm(signum: int, _frame) -> None:
 def main() -> None:
     """Entry point: one line on stderr, and exit code 2 for bad input (:class:`UserError`), 3 for
     the machine (:class:`EnvironmentFault`: disk, permissions, the Prefect server), 143 on SIGTERM."""
-    from .prefect_env import quiet_progress_bars
+    from selfprune.tasks.prefect_env import quiet_progress_bars
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     quiet_progress_bars()  # selfprune shows its own progress; keep stderr readable
@@ -688,7 +688,7 @@ def main() -> None:
     except Exception as e:
         if "prefect" not in sys.modules:  # no flow ran: nothing of the machine's to name
             raise
-        from .faults import explain
+        from selfprune.tasks.faults import explain
 
         fault = explain(e)
         if fault is None:
