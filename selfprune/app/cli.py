@@ -93,8 +93,9 @@ def shown_progress():
 @app.command()
 def prune(
     model: Model = "demo",
-    ratio: Annotated[float, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: the sparsity), "
-                                                                     "in (0, 1)")] = 0.5,
+    ratio: Annotated[float | None, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: "
+                                                                            "the sparsity), in (0, 1) [default: 0.5, or "
+                                                                            "a best.json's]")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | atp | dlp | alphapruning | "
                                                                     "RATES.json")] = "uniform",
     data: Annotated[str | None, typer.Option("--data", help="demo (default), wikitext2, or a local text file; "
@@ -120,7 +121,7 @@ def prune(
 ) -> None:
     """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT.
 
-    With --allocation a search's best.json, the options not given are the search's: the searched model."""
+    With --allocation a search's best.json, the options not given are the search's, the ratio too: the searched model."""
     from ..api import prune as prune_model
     from ..engine.allocation import Alignment
 
@@ -137,7 +138,7 @@ def prune(
         for i, r in enumerate(record["layer_sparsity"]):
             table.add_row(str(i), f"{r:.4f}")
         console.print(table)
-        console.print(f"realized sparsity {result.realized_ratio:.4f} (target {ratio}); "
+        console.print(f"realized sparsity {result.realized_ratio:.4f} (target {result.ratio}); "
                       f"load it with selfprune.load_pruned({str(out)!r})")
         return
     arch = result.arch
@@ -147,7 +148,7 @@ def prune(
     console.print(table)
     load = (f"serve it with vllm.LLM({str(out)!r}, trust_remote_code=True)" if fmt == "deci"
             else f"load it with selfprune.load_pruned({str(out)!r}), or serve it with vLLM and selfprune-vllm")
-    console.print(f"realized ratio {result.realized_ratio:.4f} (target {ratio}); {load}")
+    console.print(f"realized ratio {result.realized_ratio:.4f} (target {result.ratio}); {load}")
 
 
 @app.command()
