@@ -617,12 +617,9 @@ def recover(
     dtype: DType = "auto",
 ) -> None:
     """Fine-tune a pruned export with LoRA on the calibration split (shapes kept); perplexity before and after."""
-    if not (Path(model).expanduser() / "selfprune.json").is_file():
-        raise UserError(f"--model {model} is not a selfprune export (no selfprune.json); make one with selfprune prune --out DIR")
-    if out.expanduser().resolve() == Path(model).expanduser().resolve():
-        raise UserError("--out must differ from the export being recovered; it is kept as it is")
-    if test_windows < 0:
-        raise UserError("--test-windows must be >= 0")
+    from ..evaluate.lora import check_recovery
+
+    check_recovery(model, out, test_windows)  # before Prefect starts: bad input fails in a second
     _configure_flows()
     from selfprune.flows.recover import recover as recover_flow
 
