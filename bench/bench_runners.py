@@ -39,7 +39,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     prefect_env.configure(user_profiles=False, log_level="ERROR")
     prefect_env.ensure_api_server()

@@ -33,7 +33,7 @@ def main() -> None:
 
     model, corpus = str(demo_model_dir()), str(demo_corpus_path())
     os.environ["SELFPRUNE_HOME"] = tempfile.mkdtemp(prefix="selfprune-bench-")
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     prefect_env.configure(user_profiles=False, log_level="ERROR")
     prefect_env.ensure_api_server()

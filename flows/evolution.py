@@ -23,8 +23,6 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from selfprune.app import prefect_env
-from selfprune.app.faults import preflight
 from selfprune.config import EvolutionConfig, SearchConfig
 from selfprune.core.errors import UserError
 from selfprune.core.progress import Advance, ignore
@@ -36,8 +34,10 @@ from selfprune.evolve.pipeline import Search, write_summary
 from selfprune.flows.run_info import announce_run
 from selfprune.llm.chat import ChatRequest, Reply, Transport
 from selfprune.seeds import over_seeds
+from selfprune.tasks import prefect_env
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates
+from selfprune.tasks.faults import preflight
 from selfprune.tasks.oracle import oracle_call
 from selfprune.tasks.pruning import capture_statistics, score_candidate
 

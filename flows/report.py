@@ -20,7 +20,6 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from selfprune.app.faults import preflight
 from selfprune.artifacts import comparison
 from selfprune.config import ReportConfig
 from selfprune.engine.allocation import dense_structure
@@ -32,6 +31,7 @@ from selfprune.evaluate.report import build_rows, check_searches, plan_report, s
 from selfprune.flows.run_info import announce_run
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates, evaluate_ppl, evaluate_zero_shot, llamacpp_speed
+from selfprune.tasks.faults import preflight
 from selfprune.tasks.pruning import capture_statistics
 
 

@@ -9,8 +9,10 @@ __version__ = "0.1.0"
 
 # The library API: name -> module, imported on first use so that ``import selfprune`` stays cheap
 # (no torch). ``selfprune.search(model="demo", ratio=0.5)``, ``selfprune.autoprune(...)``, ``selfprune.prune(...)``,
-# ``selfprune.perplexity(...)``, ``selfprune.report(...)``, ``selfprune.load_pruned("DIR").model``.
+# ``selfprune.perplexity(...)``, ``selfprune.report(...)``, ``selfprune.recover("DIR", "OUT")``,
+# ``selfprune.load_pruned("DIR").model``.
 _LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api", "report": "evaluate.report",
+         "recover": "evaluate.lora", "Recovery": "evaluate.lora",
          "search": "evolve.runner", "autoprune": "evolve.autoprune", "load_pruned": "engine.export", "SearchConfig": "config",
          "ReportConfig": "config", "AutopruneConfig": "config"}
 

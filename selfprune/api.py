@@ -52,6 +52,7 @@ class PruneResult:
     rates: list[float]
     structure: Structure
     record: dict  # what ``selfprune.json`` holds
+    ratio: float  # the target: given, or a search's best.json's
     realized_ratio: float  # share of the prunable parameters removed (structured) or zeroed (metric)
     out: Path | None = None
     settings_note: str | None = None  # from a search's best.json: the settings taken from it, and the caller's changes
@@ -59,7 +60,7 @@ class PruneResult:
 
 def prune(
     model: str | LoadedModel,
-    ratio: float,
+    ratio: float | None = None,
     allocation: str | list[float] = "uniform",
     data: str | None = None,
     *,
@@ -76,7 +77,8 @@ def prune(
     reconstruct: str | None = None,
     progress: Progress | None = None,
 ) -> PruneResult:
-    """Prune ``model`` (a spec as for ``--model``, or a loaded one) to mean rate ``ratio``.
+    """Prune ``model`` (a spec as for ``--model``, or a loaded one) to mean rate ``ratio`` (``None``: 0.5,
+    or the search's when ``allocation`` is its best.json).
 
     ``allocation``: a registered allocation (``uniform``, ``owl``, ``sdsa``), a RATES.json path, or
     one rate per layer. ``method``: a registered structured pruning method. ``metric``: instead,
@@ -90,15 +92,16 @@ def prune(
     ``progress``: ``(label, total) -> advance(n)`` for every pass; without it, the long steps are
     logged (:mod:`selfprune.core.progress`). The dense model is not modified.
     With a search's best.json as ``allocation``, every setting left ``None`` is the search's (so the
-    searched model is rebuilt), else the defaults (``demo``, 128 x 512, ``wanda-sp``, ``auto``, exact,
+    searched model is rebuilt; a ``ratio`` other than the searched one is a UserError: its rates
+    average that one), else the defaults (0.5, ``demo``, 128 x 512, ``wanda-sp``, ``auto``, exact,
     ``none``, ``unstructured``); ``settings_note`` of the result says what came from the search.
     """
-    check_ratio(ratio)
-    given = PruneSettings(data, samples, calib_seqlen, method, dtype, align.channels if align else None,
+    given = PruneSettings(ratio, data, samples, calib_seqlen, method, dtype, align.channels if align else None,
                           align.heads if align else None, reconstruct, metric, pattern)
     settings, note = settle(allocation, given)
     if note is not None:
         log.info(note)
+    ratio = check_ratio(settings.ratio)
     data, samples, calib_seqlen, method, dtype = (settings.data, settings.samples, settings.calib_seqlen,
                                                   settings.method, settings.dtype)
     metric, pattern, reconstruct = settings.metric, settings.pattern, settings.reconstruct
@@ -134,7 +137,7 @@ def prune(
         out = Path(out)
         save = _save_deci if format == "deci" else save_pruned
         _export(bench.calibrated.progress, out, lambda: save(pruned, lm.tokenizer, out, record))
-    return PruneResult(pruned, lm.tokenizer, bench.arch, rates, structure, record,
+    return PruneResult(pruned, lm.tokenizer, bench.arch, rates, structure, record, ratio,
                        realized_ratio(bench.arch, structure), out, note)
 
 
@@ -159,7 +162,7 @@ def _prune_weights(bench: Workbench, lm: LoadedModel, metric: Metric, pattern: P
     if out is not None:
         out = Path(out)
         _export(bench.calibrated.progress, out, lambda: save_pruned(result.model, lm.tokenizer, out, record))
-    return PruneResult(result.model, lm.tokenizer, bench.arch, rates, dense_structure(bench.arch), record,
+    return PruneResult(result.model, lm.tokenizer, bench.arch, rates, dense_structure(bench.arch), record, ratio,
                        result.realized, out)
 
 

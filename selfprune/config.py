@@ -16,6 +16,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core.errors import UserError
+from .core.urls import public_url
 
 
 def _comma_separated(value):
@@ -98,10 +99,8 @@ class EvolutionConfig(RunConfig):
     @classmethod
     def _public_base_url(cls, value):
         """Credentials are cut from the URL before the config is stored anywhere (a flow parameter,
-        best.json, cache keys); :mod:`selfprune.llm.endpoint` keeps them in memory for the server.
+        best.json, cache keys); :mod:`selfprune.core.urls` keeps them in memory for the server.
         A bad URL is a UserError, not a ValueError: pydantic would quote the input, secrets and all."""
-        from .llm.endpoint import public_url
-
         return public_url(value) if isinstance(value, str) else value
 
     @field_validator("api_key_env", mode="before")

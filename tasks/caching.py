@@ -28,7 +28,7 @@ The cache key
 
 Results
     Persisted (``persist_result=True``) under ``PREFECT_LOCAL_STORAGE_PATH`` (see
-    ``selfprune.app.prefect_env``), one file per key, with a plain JSON serializer (no pickle, no
+    ``selfprune.tasks.prefect_env``), one file per key, with a plain JSON serializer (no pickle, no
     Prefect object hooks; the one thing it encodes beyond JSON is the exception of a failed run,
     which Prefect persists with the same serializer, and it reads that back as a plain dict). The
     task's return value is round-tripped through JSON on its first run too, so a fresh result and a
@@ -80,6 +80,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
 from selfprune.storage.hashing import content_hash
+from selfprune.tasks.prefect_env import results_dir
 
 if TYPE_CHECKING:
     from prefect.results import ResultRecord
@@ -207,8 +208,6 @@ def _prefect_deserialize_split(cls: type, result: bytes, metadata: bytes) -> Res
 
 def _logged_refusal(read: Callable[[], Any]) -> Any:
     """``read()``; a refusal is also logged, since Prefect takes some read failures for a silent miss."""
-    from selfprune.app.prefect_env import results_dir
-
     try:
         return read()
     except UntrustedResult as exc:
@@ -241,8 +240,6 @@ def set_aside_if_corrupt(key: str) -> None:
     it as a silent miss and overwrite it; this way the fault is seen and nothing is deleted.
     One naming another serializer (planted: selfprune never writes one) is never decoded: it is
     set aside the same way, as ``<key>.untrusted-<time>``."""
-    from selfprune.app.prefect_env import results_dir
-
     path = results_dir() / key
     try:
         trusted_record(path.read_bytes())
@@ -272,7 +269,6 @@ def kept_result(state) -> Any:
     been persisted") and goes on; a search that went on without its cache would redo all that work
     after the next preemption, so a lost write stops the run here, naming the path (and the full
     disk, when that is the cause)."""
-    from selfprune.app.prefect_env import results_dir
     from selfprune.core.errors import EnvironmentFault
     from selfprune.storage.preflight import full_device, no_space
 

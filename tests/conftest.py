@@ -86,7 +86,7 @@ def _isolated_home(tmp_path_factory):
 def module_home(_isolated_home, tmp_path_factory, request) -> Path:
     """Each test module gets its own ``SELFPRUNE_HOME`` and Prefect results directory (the task
     cache), so what a test computes or finds cached never depends on which other modules ran."""
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     home = tmp_path_factory.mktemp(f"home-{request.module.__name__.rsplit('.', 1)[-1]}")
     (home / "results").mkdir(mode=0o700)
@@ -191,7 +191,7 @@ def prefect_api(_isolated_home) -> Iterator[str]:
 
     Subprocesses inherit ``PREFECT_API_URL`` and reuse it instead of starting their own.
     """
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     prefect_env.configure(user_profiles=False, log_level="WARNING")
     yield prefect_env.ensure_api_server()

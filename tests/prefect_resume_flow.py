@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from selfprune.app import prefect_env
+from selfprune.tasks import prefect_env
 
 if __name__ == "__main__":
     prefect_env.configure(user_profiles=False)  # SELFPRUNE_HOME and explicit PREFECT_* from the caller win

@@ -174,8 +174,8 @@ def test_deploy_stores_no_machine_path_and_no_secret(deployed):
 def test_user_errors_log_one_line_and_a_traceback_only_at_debug():
     import logging
 
-    from selfprune.app.prefect_env import OneLineUserErrors
     from selfprune.llm.chat import OracleUnavailable
+    from selfprune.tasks.prefect_env import OneLineUserErrors
 
     def record(exc: Exception) -> logging.LogRecord:
         try:

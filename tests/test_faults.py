@@ -255,8 +255,8 @@ def test_a_prefect_database_that_cannot_be_locked_is_named_before_any_work(tiny_
 def test_the_outage_allowance_becomes_prefects_client_retries(seconds):
     """Prefect's client waits 2, 4, 8, ... s between retries: the retries cover the allowance, and
     at most about twice it."""
-    from selfprune.app.faults import retries_for_outage
-    from selfprune.app.prefect_env import configure
+    from selfprune.tasks.faults import retries_for_outage
+    from selfprune.tasks.prefect_env import configure
 
     n = retries_for_outage(seconds)
     assert seconds <= sum(2 ** k for k in range(1, n + 1)) <= 2 * seconds + 2

@@ -1,19 +1,27 @@
 """The library's layering, read from its folders: each layer imports only itself and the layers
-below it, the library imports no Prefect, and its modules import each other without cycles.
+below it, the library imports no Prefect, and the modules import each other without cycles.
 
 From the bottom: ``selfprune/core/`` (errors, registries, progress), ``selfprune/storage/`` (files
 on disk), ``selfprune/engine/`` (models, statistics, candidates, pruning, cache identities), the
 library's surface (``selfprune/evolve/``, ``selfprune/evaluate/`` and the modules at the package's
 top: ``selfprune.search`` and its siblings, the run configurations), and the application
 (``selfprune/app/``, and the installed ``selfprune.flows`` / ``selfprune.tasks`` /
-``selfprune.artifacts``). One module at the top is the application's: ``selfprune.ops``, whose
-path registered deployments name in their pull steps, so it cannot move.
+``selfprune.artifacts``, read from the repo's top where they are installed from). One module at the
+top is the application's: ``selfprune.ops``, whose path registered deployments name in their pull
+steps, so it cannot move.
+
+Above the modules, the folders: each folder and each module at the package's top is one node, every
+import at any depth (deferred ones too) an edge, and no two nodes import each other, directly or
+around a loop: code two of them need lives below both. In the application that reads, from the top:
+``app`` (the CLI, which runs the flows), ``flows``, then ``tasks`` (cached tasks, Prefect's settings
+and faults) and ``artifacts``.
 """
 
 from __future__ import annotations
 
 import ast
 import graphlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +29,15 @@ from pathlib import Path
 import selfprune
 
 PACKAGE = Path(selfprune.__file__).parent
+INSTALLED = ("flows", "tasks", "artifacts")  # repo-top folders installed as selfprune.NAME (pyproject's package-dir)
 LAYERS = ("core", "storage", "engine", "library", "application")  # bottom first
 FOLDERS = {"core": "core", "storage": "storage", "engine": "engine", "evolve": "library", "llm": "library", "evaluate": "library",
            "app": "application", "flows": "application", "tasks": "application", "artifacts": "application"}
 AT_THE_TOP = {"ops": "application"}  # a module at the package's top is the library's surface, but these
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def _module_name(path: Path, folder: Path, package: str) -> str:
+    parts = (package, *path.relative_to(folder).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -42,9 +51,22 @@ def layer(module: str) -> str | None:
     return AT_THE_TOP.get(parts[1], "library")
 
 
+def _installed(name: str) -> Path:
+    """Where ``selfprune.NAME`` is installed from, found without importing it (the flows' import sets Prefect up)."""
+    return Path(importlib.util.find_spec(f"selfprune.{name}").origin).parent
+
+
+def _folder_modules(folder: Path, package: str) -> dict[str, Path]:
+    return {_module_name(p, folder, package): p for p in sorted(folder.rglob("*.py"))
+            if p.resolve().is_relative_to(folder.resolve())}
+
+
 def modules() -> dict[str, Path]:
-    """Every module of the package's own folder (flows/, tasks/, artifacts/ are installed beside it)."""
-    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p.resolve().is_relative_to(PACKAGE.resolve())}
+    """Every module of the package: its own folder's, and those of flows/, tasks/, artifacts/ installed under it."""
+    found = _folder_modules(PACKAGE, "selfprune")
+    for name in INSTALLED:
+        found |= _folder_modules(_installed(name), f"selfprune.{name}")
+    return found
 
 
 def library_modules() -> dict[str, Path]:
@@ -85,7 +107,8 @@ def test_every_folder_has_a_layer():
     assert folders <= set(FOLDERS), f"a folder without a layer: {sorted(folders - set(FOLDERS))}"
     found = modules()
     assert {"selfprune.engine.workbench", "selfprune.storage.store", "selfprune.core.errors", "selfprune.evolve.runner",
-            "selfprune.app.cli", "selfprune.engine.identity", "selfprune.engine.candidate"} <= set(found)
+            "selfprune.app.cli", "selfprune.engine.identity", "selfprune.engine.candidate", "selfprune.flows.search",
+            "selfprune.tasks.caching", "selfprune.artifacts.report"} <= set(found)
 
 
 def violations(imports: dict[str, set[str]]) -> set[str]:
@@ -119,9 +142,9 @@ def test_the_library_imports_no_prefect():
 
 def test_the_import_graph_is_acyclic():
     try:
-        tuple(graphlib.TopologicalSorter(_imports(library_modules())).static_order())
+        tuple(graphlib.TopologicalSorter(_imports(modules())).static_order())
     except graphlib.CycleError as e:
-        raise AssertionError(f"import cycle among library modules: {' -> '.join(e.args[1])}") from None
+        raise AssertionError(f"import cycle among the package's modules: {' -> '.join(e.args[1])}") from None
 
 
 def test_the_metric_language_imports_nothing_of_the_searches():
@@ -132,3 +155,53 @@ def test_the_metric_language_imports_nothing_of_the_searches():
                for m, p in found.items() if m.startswith("selfprune.engine.metrics")}
     assert {m for m in back_up if m.startswith("selfprune.engine.metrics.")}, "no metric module found"
     assert not {m: names for m, names in back_up.items() if names}, back_up
+
+
+def node(module: str) -> str | None:
+    """A module's node in the folder graph: its folder (``evolve``, ``flows``), or itself when it is a
+    module at the package's top (``config``); None for the package itself, whose lazy API imports anything."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def folder_imports(imports: dict[str, set[str]]) -> dict[str, dict[str, set[str]]]:
+    """node -> the other nodes it imports -> the module imports that make each edge."""
+    graph: dict[str, dict[str, set[str]]] = {}
+    for m, deps in imports.items():
+        if node(m) is None:
+            continue
+        edges = graph.setdefault(node(m), {})
+        for d in deps:
+            if node(d) not in (None, node(m)):
+                edges.setdefault(node(d), set()).add(f"{m} -> {d}")
+    return graph
+
+
+def folder_cycle(imports: dict[str, set[str]]) -> list[str]:
+    """The module imports around one loop of the folder graph; empty when there is none."""
+    graph = folder_imports(imports)
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        loop = e.args[1]  # [a, ..., a]: each node imports the one before it
+        return [why for imported, importer in zip(loop, loop[1:]) for why in sorted(graph[importer][imported])]
+    return []
+
+
+def test_no_two_folders_import_each_other():
+    found = folder_cycle(_imports(modules()))
+    assert not found, "folders (or modules at the top) import each other:\n" + "\n".join(found)
+
+
+def test_the_rule_finds_folders_that_import_each_other():
+    """The check can fail: a top-level module and a folder that import each other (lazily or not) are
+    caught, a loop through three nodes too, and a cycle inside one folder is not the folders' business."""
+    both_ways = {"selfprune.config": {"selfprune.evolve.endpoint"}, "selfprune.evolve.runner": {"selfprune.config"},
+                 "selfprune.engine.a": {"selfprune.engine.b"}, "selfprune.engine.b": {"selfprune.engine.a"}}
+    assert set(folder_cycle(both_ways)) == {"selfprune.config -> selfprune.evolve.endpoint",
+                                            "selfprune.evolve.runner -> selfprune.config"}
+    around = {"selfprune.app.cli": {"selfprune.flows.search"}, "selfprune.flows.search": {"selfprune.tasks.caching"},
+              "selfprune.tasks.caching": {"selfprune.app.inputs"}}
+    assert len(folder_cycle(around)) == 3
+    assert folder_cycle({"selfprune.engine.a": {"selfprune.engine.b"}, "selfprune.engine.b": {"selfprune.engine.a"},
+                         "selfprune.app.cli": {"selfprune.engine.a"}}) == []

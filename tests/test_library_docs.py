@@ -27,6 +27,7 @@ RETURNS = {
     "perplexity": '`{"ppl", "nll", "tokens", "seqlen", "windows", "data", "split"}`',
     "report": 'returns `{"meta": ..., "rows": [...]}`',
     "load_pruned": "returns a `LoadedModel`",
+    "recover": "returns a `Recovery`",
 }
 
 

@@ -145,7 +145,7 @@ def test_cache_key_is_content_only(prefect_session):
 
 
 def test_configure_keeps_explicit_settings(tmp_path, monkeypatch):
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": "/mine", "PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
     applied = prefect_env.configure(tmp_path, env=env, user_profiles=False)
@@ -176,7 +176,7 @@ def test_configure_keeps_explicit_settings(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def prefect_session(tmp_path_factory):
     """configure() a temporary home, start one local API server, export its URL."""
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     home = tmp_path_factory.mktemp("prefect_infra")
     with environ(**(dict.fromkeys(_MANAGED) | {"PREFECT_LOGGING_LEVEL": "WARNING"})):
@@ -204,8 +204,8 @@ def _lines(path: Path) -> list[str]:
 def test_cached_task_runs_once_across_flow_runs(prefect_session, tmp_path):
     from prefect import flow
 
-    from selfprune.app.prefect_env import results_dir
     from selfprune.tasks.caching import cached_task
+    from selfprune.tasks.prefect_env import results_dir
 
     counter = tmp_path / "counter"
 

@@ -1,5 +1,6 @@
 """``prune --allocation best.json`` rebuilds the searched model: a search's best.json records every
-setting that decides which units survive, and a prune from it uses them unless told otherwise."""
+setting that decides which units survive, the ratio included, and a prune from it uses them unless
+told otherwise (a ratio its rates do not average: exit 2)."""
 
 from __future__ import annotations
 
@@ -72,13 +73,39 @@ def test_an_explicit_setting_overrides_best_json_and_says_the_model_differs(sear
     assert record["calibration"]["samples"] == 5 and record["calibration"]["seqlen"] == 48
 
 
+def test_without_ratio_prune_takes_the_searched_one(searched, tiny_workspace, tmp_path, capsys, monkeypatch):
+    """The search ran at 0.4, not the default 0.5 (which its rates do not average): no --ratio is needed."""
+    best_json, best = searched
+    code, _, err = run_cli(capsys, monkeypatch, "prune", "--model", str(tiny_workspace / "model"),
+                           "--allocation", str(best_json), "--device", "cpu", "--out", str(tmp_path / "rebuilt"))
+    assert code == 0, err
+    line = " ".join(err.split())
+    assert "from best.json: --ratio 0.4 " in line and "differ" not in line and "(target 0.4)" in line
+    assert json.loads((tmp_path / "rebuilt" / "selfprune.json").read_text())["structure"] == best["structure"]
+
+
+def test_a_ratio_that_contradicts_best_json_exits_2_before_any_work(searched, tiny_workspace, tmp_path, capsys,
+                                                                    monkeypatch):
+    best_json, _ = searched
+    code, _, err = run_cli(capsys, monkeypatch, "prune", "--model", str(tiny_workspace / "model"), "--ratio", "0.5",
+                           "--allocation", str(best_json), "--device", "cpu", "--out", str(tmp_path / "other"))
+    line = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "--ratio 0.5 contradicts best.json" in line and "at --ratio 0.4" in line and "drop --ratio" in line
+    assert not (tmp_path / "other").exists()
+
+
 def test_the_library_takes_the_same_settings(searched, tiny_workspace):
     import selfprune
+    from selfprune.core.errors import UserError
 
     best_json, best = searched
-    result = selfprune.prune(str(tiny_workspace / "model"), 0.4, str(best_json), device="cpu")
-    assert result.record["structure"] == best["structure"]
-    assert result.record["calibration"]["samples"] == 6 and "from best.json" in result.settings_note
+    result = selfprune.prune(str(tiny_workspace / "model"), allocation=str(best_json), device="cpu")
+    assert result.record["structure"] == best["structure"] and result.ratio == 0.4
+    assert result.record["calibration"]["samples"] == 6 and "from best.json: --ratio 0.4 " in result.settings_note
+    assert selfprune.prune(str(tiny_workspace / "model"), 0.4, str(best_json), device="cpu").record == result.record
+    with pytest.raises(UserError, match="--ratio 0.3 contradicts best.json"):
+        selfprune.prune(str(tiny_workspace / "model"), 0.3, str(best_json), device="cpu")
 
 
 def test_a_sparsity_search_is_rebuilt_with_its_metric_and_pattern(tiny_workspace, tmp_path, capsys, monkeypatch):
@@ -87,10 +114,11 @@ def test_a_sparsity_search_is_rebuilt_with_its_metric_and_pattern(tiny_workspace
     model, corpus = str(tiny_workspace / "model"), str(tiny_workspace / "corpus.txt")
     best = selfprune.search(model=model, data=corpus, out=str(tmp_path / "s"), metric="ria", pattern="unstructured",
                             **SEARCHED)
-    code, _, err = run_cli(capsys, monkeypatch, "prune", "--model", model, "--ratio", "0.4", "--allocation",
+    code, _, err = run_cli(capsys, monkeypatch, "prune", "--model", model, "--allocation",  # its sparsity: taken
                            str(tmp_path / "s" / "best.json"), "--device", "cpu", "--out", str(tmp_path / "rebuilt"))
     assert code == 0, err
-    assert "--metric ria --pattern unstructured" in " ".join(err.split())
+    line = " ".join(err.split())
+    assert "from best.json: --sparsity 0.4 " in line and "--metric ria --pattern unstructured" in line
     expected = selfprune.prune(model, 0.4, best["structure"]["rates"], corpus, samples=6, calib_seqlen=48,
                                metric="ria", device="cpu", out=tmp_path / "expected")
     rebuilt, wanted = tensors(tmp_path / "rebuilt"), tensors(expected.out)

@@ -1,5 +1,6 @@
-"""LoRA recovery of a tiny export through the CLI and the flow: lower loss and perplexity, the
-pruned shapes kept, the recovered export loadable with its updated record; bad input exits 2."""
+"""LoRA recovery of a tiny export through the CLI and the flow, and through the library's
+``selfprune.recover``: lower loss and perplexity, the pruned shapes kept, the recovered export
+loadable with its updated record; bad input exits 2."""
 
 from __future__ import annotations
 
@@ -44,6 +45,23 @@ def test_recover_lowers_loss_and_keeps_shapes(prefect_api, export, tiny_workspac
     test = split_windows(after.tokenizer, str(tiny_workspace / "corpus.txt"), "test", 64, 4)
     assert perplexity(after.model, test).ppl == pytest.approx(rec["test_after"]["ppl"], rel=1e-4)
     assert perplexity(before.model, test).ppl == pytest.approx(rec["test_before"]["ppl"], rel=1e-4)
+
+
+def test_the_library_recovers_an_export_and_says_what_it_did(export, tiny_workspace, tmp_path):
+    import selfprune
+
+    out = tmp_path / "library"
+    result = selfprune.recover(export, out, str(tiny_workspace / "corpus.txt"), steps=25, lr=5e-3, seqlen=64,
+                               test_seqlen=64, test_windows=4, device="cpu")
+    assert isinstance(result, selfprune.Recovery) and (result.source, result.out) == (export, out)
+    assert result.after.ppl < result.before.ppl and result.losses[-1] < result.losses[0] and len(result.losses) == 25
+    rec = json.loads((out / "selfprune.json").read_text())["recovery"]
+    assert (rec["test_before"], rec["test_after"]) == (result.before.to_dict(), result.after.to_dict())
+    summary = result.to_dict()  # the flow's return value: deployments' callers read these keys
+    assert set(summary) == {"ppl_before", "ppl_after", "tokens", "test_seqlen", "losses", "loss_first", "loss_last",
+                            "steps", "params", "out", "wall_s"}
+    assert (summary["tokens"], summary["test_seqlen"], summary["steps"], summary["out"]) == (4 * 63, 64, 25, str(out))
+    assert json.loads(json.dumps(summary)) == summary
 
 
 @pytest.mark.parametrize("case, message", [

@@ -44,7 +44,7 @@ def ledger(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def first_run(prefect_api, tiny_workspace, tmp_path_factory):
     """The search, its run directory, and its cached scores (this module's results start empty)."""
-    from selfprune.app.prefect_env import results_dir
+    from selfprune.tasks.prefect_env import results_dir
 
     out = tmp_path_factory.mktemp("search") / "run"
     return run_search(tiny_workspace, out), out, sorted(results_dir().glob("score_candidate-*"))
@@ -127,7 +127,7 @@ def test_llm_oracle_search_replays_cached_replies(prefect_api, tiny_workspace, t
     assert again["oracle"] | {"seconds": 0} == first["oracle"] | {"seconds": 0}
     assert first["oracle"]["completion_tokens"] == asked
     # The key reaches no file the run wrote, and no cached result.
-    from selfprune.app.prefect_env import results_dir
+    from selfprune.tasks.prefect_env import results_dir
 
     for path in [*(tmp_path / "llm").rglob("*"), *results_dir().rglob("*")]:
         if path.is_file():

@@ -91,7 +91,7 @@ def run_toy(x: int, tag: str, counter: pathlib.Path) -> tuple[dict, str]:
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_a_planted_result_record_never_runs_and_is_recomputed(prefect_api, tmp_path, caplog, kind):
-    from selfprune.app.prefect_env import results_dir
+    from selfprune.tasks.prefect_env import results_dir
 
     counter, marker = tmp_path / "counter", tmp_path / "marker"
     first, key = run_toy(7, kind, counter)
@@ -140,13 +140,13 @@ def isolated_prefect_env():
     names = ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_PROFILES_PATH")
     with environ(**dict.fromkeys(names)):
         yield
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     prefect_env.refresh()
 
 
 def test_a_results_directory_others_can_write_is_named_at_start(tmp_path, caplog, isolated_prefect_env):
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     home = tmp_path / "home"
     (home / "results").mkdir(parents=True)
@@ -162,7 +162,7 @@ def test_a_results_directory_others_can_write_is_named_at_start(tmp_path, caplog
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
 def test_a_home_another_user_owns_is_named_at_start(tmp_path, caplog, isolated_prefect_env):
-    from selfprune.app import prefect_env
+    from selfprune.tasks import prefect_env
 
     home = tmp_path / "home"
     home.mkdir(mode=0o700)

@@ -1,1 +1,1 @@
-"""The application: the CLI, Prefect settings and Prefect-aware faults, the inputs checked before a run."""
+"""The application's front: the CLI and the inputs it checks before a run (Prefect's settings and faults: ``selfprune.tasks``)."""

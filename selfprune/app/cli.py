@@ -93,8 +93,9 @@ def shown_progress():
 @app.command()
 def prune(
     model: Model = "demo",
-    ratio: Annotated[float, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: the sparsity), "
-                                                                     "in (0, 1)")] = 0.5,
+    ratio: Annotated[float | None, typer.Option("--ratio", "--sparsity", help="target mean pruning rate beta (with --metric: "
+                                                                            "the sparsity), in (0, 1) [default: 0.5, or "
+                                                                            "a best.json's]")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform | owl | sdsa | atp | dlp | alphapruning | "
                                                                     "RATES.json")] = "uniform",
     data: Annotated[str | None, typer.Option("--data", help="demo (default), wikitext2, or a local text file; "
@@ -120,7 +121,7 @@ def prune(
 ) -> None:
     """Prune MODEL to a mean rate RATIO (Wanda-sp by default, or single weights by --metric) and export it to OUT.
 
-    With --allocation a search's best.json, the options not given are the search's: the searched model."""
+    With --allocation a search's best.json, the options not given are the search's, the ratio too: the searched model."""
     from ..api import prune as prune_model
     from ..engine.allocation import Alignment
 
@@ -137,7 +138,7 @@ def prune(
         for i, r in enumerate(record["layer_sparsity"]):
             table.add_row(str(i), f"{r:.4f}")
         console.print(table)
-        console.print(f"realized sparsity {result.realized_ratio:.4f} (target {ratio}); "
+        console.print(f"realized sparsity {result.realized_ratio:.4f} (target {result.ratio}); "
                       f"load it with selfprune.load_pruned({str(out)!r})")
         return
     arch = result.arch
@@ -147,7 +148,7 @@ def prune(
     console.print(table)
     load = (f"serve it with vllm.LLM({str(out)!r}, trust_remote_code=True)" if fmt == "deci"
             else f"load it with selfprune.load_pruned({str(out)!r}), or serve it with vLLM and selfprune-vllm")
-    console.print(f"realized ratio {result.realized_ratio:.4f} (target {ratio}); {load}")
+    console.print(f"realized ratio {result.realized_ratio:.4f} (target {result.ratio}); {load}")
 
 
 @app.command()
@@ -280,8 +281,8 @@ def _flow_result(state, entrypoint: str, out: str):
     (a UserError) gets no retry command: the same run would fail the same way."""
     if state.is_completed():
         return state.result()
-    from selfprune.app.faults import explain
     from selfprune.flows.run_info import retry_hint
+    from selfprune.tasks.faults import explain
 
     hint = retry_hint(str(state.state_details.flow_run_id), entrypoint, deployed=False)
     try:
@@ -321,7 +322,7 @@ app.command("autoprune")(_flow_command(AutopruneConfig, "selfprune.flows.autopru
 
 class _DropExplained:
     """A logging filter: Prefect's "flow run failed" traceback for a UserError, or for a failure
-    the machine caused (:func:`selfprune.app.faults.explain`), is noise; main() prints the one line.
+    the machine caused (:func:`selfprune.tasks.faults.explain`), is noise; main() prints the one line.
     Other failures keep their logs."""
 
     def filter(self, record) -> bool:
@@ -330,18 +331,18 @@ class _DropExplained:
             return False
         if exc is None:
             return True
-        from .faults import explain
+        from selfprune.tasks.faults import explain
 
         return explain(exc) is None
 
 
 def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | None = None) -> None:
     """selfprune's Prefect settings and quiet logs; with a ``config``, the machine's checks
-    (:func:`selfprune.app.faults.preflight`) before Prefect starts anything."""
+    (:func:`selfprune.tasks.faults.preflight`) before Prefect starts anything."""
     import logging
 
-    from .faults import preflight
-    from .prefect_env import configure, start_temporary_server
+    from selfprune.tasks.faults import preflight
+    from selfprune.tasks.prefect_env import configure, start_temporary_server
 
     # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
     # command, a line per generation) at INFO, the rest of Prefect at WARNING.
@@ -616,12 +617,9 @@ def recover(
     dtype: DType = "auto",
 ) -> None:
     """Fine-tune a pruned export with LoRA on the calibration split (shapes kept); perplexity before and after."""
-    if not (Path(model).expanduser() / "selfprune.json").is_file():
-        raise UserError(f"--model {model} is not a selfprune export (no selfprune.json); make one with selfprune prune --out DIR")
-    if out.expanduser().resolve() == Path(model).expanduser().resolve():
-        raise UserError("--out must differ from the export being recovered; it is kept as it is")
-    if test_windows < 0:
-        raise UserError("--test-windows must be >= 0")
+    from ..evaluate.lora import check_recovery
+
+    check_recovery(model, out, test_windows)  # before Prefect starts: bad input fails in a second
     _configure_flows()
     from selfprune.flows.recover import recover as recover_flow
 
@@ -677,7 +675,7 @@ def _exit_on_sigterm(signum: int, _frame) -> None:
 def main() -> None:
     """Entry point: one line on stderr, and exit code 2 for bad input (:class:`UserError`), 3 for
     the machine (:class:`EnvironmentFault`: disk, permissions, the Prefect server), 143 on SIGTERM."""
-    from .prefect_env import quiet_progress_bars
+    from selfprune.tasks.prefect_env import quiet_progress_bars
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     quiet_progress_bars()  # selfprune shows its own progress; keep stderr readable
@@ -688,7 +686,7 @@ def main() -> None:
     except Exception as e:
         if "prefect" not in sys.modules:  # no flow ran: nothing of the machine's to name
             raise
-        from .faults import explain
+        from selfprune.tasks.faults import explain
 
         fault = explain(e)
         if fault is None:

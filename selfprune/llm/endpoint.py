@@ -1,5 +1,5 @@
-"""The oracle server boundary: which key a server gets, what of its URL is written down, and how
-long and how much one request may take.
+"""The oracle server boundary: which key a server gets, and how long and how much one request may
+take (what of its URL is written down: :mod:`selfprune.core.urls`).
 
 A search runs for days and may talk to a server someone else runs, so nothing secret is recorded
 and nothing the server sends is trusted:
@@ -8,13 +8,13 @@ and nothing the server sends is trusted:
   whose host is api.openai.com). Any other server gets the key of the variable named for it
   (``--api-key-env NAME``), else the placeholder "EMPTY" that local servers (vLLM, Ollama,
   llama.cpp) take.
-* **URLs** (:func:`public_url`). Credentials written into a base URL (``user:pw@``, a query such
-  as ``?api_key=``, a fragment) are cut from it where the configuration is built: the config is a
-  flow parameter, so Prefect stores it, and best.json, cache keys and messages copy it. What was
-  cut stays in this process's memory only (:func:`credentials`) and still reaches the server:
-  the user and password as HTTP basic auth, the query on every request. A process that did not
-  build the config (a deployment's worker) has none of it: give such a server its key with
-  ``--api-key-env``.
+* **URLs** (:func:`selfprune.core.urls.public_url`). Credentials written into a base URL
+  (``user:pw@``, a query such as ``?api_key=``, a fragment) are cut from it where the configuration
+  is built: the config is a flow parameter, so Prefect stores it, and best.json, cache keys and
+  messages copy it. What was cut stays in this process's memory only
+  (:func:`selfprune.core.urls.credentials`) and still reaches the server: the user and password as
+  HTTP basic auth, the query on every request. A process that did not build the config (a
+  deployment's worker) has none of it: give such a server its key with ``--api-key-env``.
 * **Bounds** (:func:`bounded_client`, :func:`request_bounds`). Every socket read and write of a
   request waits at most until the request's deadline, so ``--oracle-timeout`` bounds the whole
   request (a server sending a byte a second cannot hold it longer), and at most ``max_bytes`` are
@@ -30,54 +30,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 import httpcore
 import httpx
 
-from ..core.errors import UserError
-
 OPENAI_HOST = "api.openai.com"
 OPENAI_URL = f"https://{OPENAI_HOST}/v1"
 PLACEHOLDER_KEY = "EMPTY"  # what local OpenAI-compatible servers accept when they check no key
 MAX_REPLY_BYTES = 4 << 20  # a reply of a few thousand tokens is a few tens of kB
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What :func:`public_url` cut from a base URL, to send to its server and nowhere else."""
-
-    user: str | None
-    password: str | None
-    query: tuple[tuple[str, str], ...]
-
-
-_CUT: dict[str, Credentials] = {}  # public URL -> what was cut from it; this process's memory only
-
-
-def public_url(url: str) -> str:
-    """``url`` without user, password, query and fragment, which are remembered for
-    :func:`credentials`; a :class:`UserError` unless it is an http(s) URL with a host."""
-    parts = urlsplit(url.strip())
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or out of range
-        port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:  # quoted in part: it may hold a secret
-        raise UserError(f"--base-url must be an http(s) URL of an OpenAI-compatible server, such as "
-                        f"http://127.0.0.1:8000/v1 (got scheme {parts.scheme!r}, host {parts.hostname!r})")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    public = urlunsplit((parts.scheme, host + (f":{port}" if port else ""), parts.path, "", ""))
-    if parts.username is not None or parts.password is not None or parts.query:
-        user, password = (unquote(part) if part is not None else None for part in (parts.username, parts.password))
-        _CUT[public] = Credentials(user, password, tuple(parse_qsl(parts.query, keep_blank_values=True)))
-    return public
-
-
-def credentials(public: str | None) -> Credentials | None:
-    """What was cut from the base URL ``public`` in this process, if anything."""
-    return _CUT.get(public) if public else None
 
 
 def is_openai(base_url: str | None) -> bool:

@@ -9,8 +9,9 @@ import logging
 import math
 import time
 
+from ..core.urls import credentials
 from .chat import ChatRequest, OracleUnavailable, Reply, Transport
-from .endpoint import MAX_REPLY_BYTES, OPENAI_URL, ReplyRefused, api_key, bounded_client, credentials, missing_key, request_bounds
+from .endpoint import MAX_REPLY_BYTES, OPENAI_URL, ReplyRefused, api_key, bounded_client, missing_key, request_bounds
 
 logger = logging.getLogger("selfprune.oracle")
 
@@ -47,7 +48,7 @@ def openai_transport(
 ) -> Transport:
     """A transport through the official ``openai`` client, for OpenAI or any compatible server.
 
-    ``base_url`` is the public URL (:func:`selfprune.llm.endpoint.public_url`). The client is
+    ``base_url`` is the public URL (:func:`selfprune.core.urls.public_url`). The client is
     built on the first call, so a run whose every call is already cached needs neither key nor server.
 
     * **Keys** (:func:`selfprune.llm.endpoint.api_key`): ``$OPENAI_API_KEY`` for the OpenAI API

@@ -9,7 +9,7 @@ directory, a Prefect server that stayed away longer than the outage allowance, o
 back without the run (its database was reset or replaced).
 
 The outage allowance is Prefect's own client retrying: ``SELFPRUNE_API_OUTAGE_S`` (default 300)
-sets ``PREFECT_CLIENT_MAX_RETRIES`` (:func:`retries_for_outage`; see :mod:`selfprune.app.prefect_env`).
+sets ``PREFECT_CLIENT_MAX_RETRIES`` (:func:`retries_for_outage`; see :mod:`selfprune.tasks.prefect_env`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import AutopruneConfig, EvolutionConfig, ReportConfig, RunConfig
-from ..core.errors import EnvironmentFault, UserError
-from ..storage.preflight import MIB, Need, check, disk_fault, exception_chain
+from selfprune.config import AutopruneConfig, EvolutionConfig, ReportConfig, RunConfig
+from selfprune.core.errors import EnvironmentFault, UserError
+from selfprune.storage.preflight import MIB, Need, check, disk_fault, exception_chain
 
 OUTAGE_ENV = "SELFPRUNE_API_OUTAGE_S"
 DEFAULT_OUTAGE_S = 300
@@ -72,7 +72,7 @@ class Places:
     def current(cls) -> Places:
         from prefect.settings import get_current_settings
 
-        from ..storage.paths import root
+        from selfprune.storage.paths import root
 
         settings = get_current_settings()
         url = settings.server.database.connection_url.get_secret_value()
@@ -100,7 +100,7 @@ def _task_runs(config: RunConfig) -> int:
 
 def needs(config: EvolutionConfig | ReportConfig, places: Places) -> list[Need]:
     """The stated estimate of what a run of ``config`` writes, and where."""
-    from ..engine.demo import demo_model_pending_bytes
+    from selfprune.engine.demo import demo_model_pending_bytes
 
     runs = _task_runs(config)
     home = HOME_BYTES + (demo_model_pending_bytes() if config.model == "demo" else 0)

@@ -31,7 +31,7 @@ setting's aliases, or in the active profile of their own ``~/.prefect/profiles.t
 ``PREFECT_CLIENT_MAX_RETRIES`` from ``SELFPRUNE_API_OUTAGE_S`` (default 300 s)
     How long a run rides through a Prefect server that is away (a restart, a pod moving): Prefect's
     client retries every API call with growing waits (2, 4, 8, ... s), so 8 retries cover 300 s
-    (:func:`selfprune.app.faults.retries_for_outage`). Past that the run ends with one line.
+    (:func:`selfprune.tasks.faults.retries_for_outage`). Past that the run ends with one line.
 ``PREFECT_SERVER_EPHEMERAL_ENABLED=true`` and ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120``
     Without ``PREFECT_API_URL`` each process starts its own temporary server (uvicorn + SQLite
     in ``PREFECT_HOME``). Measured on a 2-core machine: 17-23 s for the first flow of a process
@@ -94,9 +94,9 @@ def configure(
     ``env`` defaults to ``os.environ``; pass a copy to build the environment of a subprocess
     without touching this process (nothing is created on disk and Prefect is not refreshed).
     """
-    from selfprune.app.faults import outage_allowance, retries_for_outage
     from selfprune.storage.paths import root as selfprune_root
     from selfprune.storage.preflight import ensure_dir, warn_if_shared
+    from selfprune.tasks.faults import outage_allowance, retries_for_outage
 
     in_process = env is None
     target = os.environ if env is None else env
@@ -208,7 +208,7 @@ def start_temporary_server(timeout: float | None = None) -> str | None:
         except RuntimeError as e:
             if "Timed out" not in str(e):
                 raise
-            from ..core.errors import EnvironmentFault
+            from selfprune.core.errors import EnvironmentFault
 
             raise EnvironmentFault(
                 f"the temporary Prefect server did not answer within {wait:g} s (a busy machine, or a first start "
@@ -291,7 +291,8 @@ _WATCHDOGS: list = []  # kept referenced: they outlive this process by design
 
 # ---------------------------------------------------------------------------------------------
 # Every process that runs a selfprune flow: the CLI, a worker's flow-run process, `prefect
-# flow-run retry`. They all import a flow module, so the flow package applies this on import.
+# flow-run retry`. They all import a flow module, so the flow package applies this on import
+# (selfprune.flows.setup_flow_process).
 # ---------------------------------------------------------------------------------------------
 _PROGRESS_BARS_OFF = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 
@@ -344,21 +345,3 @@ def quiet_flow_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, OneLineUserErrors) for f in logger.filters):
             logger.addFilter(OneLineUserErrors())
-
-
-def setup_flow_process() -> dict[str, str]:
-    """selfprune's Prefect settings (:func:`configure`: the cache under ``$SELFPRUNE_HOME/results``,
-    JSON results, ...) and quiet logs, for whatever process imports the flows.
-
-    Called when ``selfprune.flows`` is imported, which every flow module does first; so a run the
-    CLI starts, one a worker starts (``python -m prefect.engine`` imports the deployment's
-    entrypoint), and ``prefect flow-run retry`` all use one cache and one result format, and read
-    every persisted result as plain JSON (:func:`selfprune.tasks.caching.guard_prefect_results`).
-    Settings the user set stay as they are; Prefect's already-loaded settings are refreshed.
-    """
-    from selfprune.tasks.caching import guard_prefect_results
-
-    applied = configure()
-    guard_prefect_results()
-    quiet_flow_logs()
-    return applied
