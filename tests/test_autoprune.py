@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_prune_args
 from fake_openai_server import FakeOpenAI, reply
+from helpers import run_cli, tiny_prune_args
 
 TINY = dict(population=6, mutations=2, crossovers=2, generations=2, sparsities=[0.5], samples=4, calib_seqlen=64,
             seqlen=64, fitness_windows=2, test_windows=2, device="cpu")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 WIDTH = 80
 MIN_DESCRIPTION = 40  # characters of an option's description per line: about six words

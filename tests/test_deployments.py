@@ -25,8 +25,8 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import PrefectServer
 from fake_openai_server import FakeOpenAI, reply, status
+from helpers import PrefectServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -94,7 +94,7 @@ def test_an_offline_hub_id_with_no_close_name_says_how_to_fix_it(ws, limit_s):
 
 def test_an_unreachable_hub_fails_at_once(ws, limit_s):
     """Online mode, but nothing answers at the hub's address (a local port no one listens on)."""
-    from conftest import free_port
+    from helpers import free_port
 
     hub = f"http://127.0.0.1:{free_port()}"
     result = search(ws, "--model", "demoo", HF_HUB_OFFLINE=None, HF_ENDPOINT=hub)

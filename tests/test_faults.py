@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import PrefectServer
+from helpers import PrefectServer
 
 TINY = dict(ratio=0.5, population=6, mutations=2, crossovers=2, generations=6, samples=4, calib_seqlen=64, seqlen=64,
             fitness_windows=4, test_windows=4, device="cpu", baselines="none")

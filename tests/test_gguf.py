@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny, demo_uniform_and_searched, random_windows, run_cli
+from helpers import build_tiny, demo_uniform_and_searched, random_windows, run_cli
 
 from selfprune.core.errors import UserError
 from selfprune.engine import slicing, stats, wanda_sp
@@ -249,7 +249,7 @@ def test_a_search_says_how_to_export_its_model_and_the_commands_work(tmp_path, c
     """best.json's ``export`` commands, run literally, build the searched model and its GGUF."""
     import shlex
 
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     import selfprune
 
@@ -271,7 +271,7 @@ def test_a_report_adds_each_rows_llama_cpp_speed(prefect_api, tmp_path, capsys, 
     """``selfprune report --llamacpp f16`` (the flow and its uncached speed task) times dense, a
     structured row and a metric row in llama.cpp; the library's report does too; a quantization
     llama.cpp does not know is refused before any work."""
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     import selfprune
 

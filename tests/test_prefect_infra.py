@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import environ, stop_api_server
+from helpers import environ, stop_api_server
 
 from selfprune.core.errors import CorruptFile, UserError
 from selfprune.storage.store import ArtifactStore

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from conftest import run_cli
+from helpers import run_cli
 
 SMALL = dict(population=4, mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
              fitness_windows=2, test_windows=2, device="cpu", baselines="none", oracle="ga")

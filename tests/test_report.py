@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 SMALL = dict(population=4, mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
              fitness_windows=4, test_windows=4, device="cpu")

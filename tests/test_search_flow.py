@@ -199,7 +199,7 @@ def test_float32_and_bfloat16_runs_share_no_cached_number(first_run, tiny_worksp
 
 
 def test_a_split_too_short_fails_before_the_calibration_pass(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
-    from conftest import run_cli
+    from helpers import run_cli
 
     from selfprune.storage.store import ArtifactStore
 

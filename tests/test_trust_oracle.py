@@ -288,7 +288,7 @@ def test_a_rerun_after_a_deeply_nested_reply_resumes(prefect_api, tiny_workspace
 
 
 def test_a_server_that_stays_down_is_one_line_and_exit_3(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
-    from conftest import run_cli
+    from helpers import run_cli
 
     with FakeOpenAI([status(503, retry_after="0")]) as server:
         code, _, err = run_cli(capsys, monkeypatch, "search", "--model", str(tiny_workspace / "model"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_tokenizer, demo_uniform_and_searched, free_port, run_cli, tiny_export, wait_until_up
+from helpers import byte_tokenizer, demo_uniform_and_searched, free_port, run_cli, tiny_export, wait_until_up
 
 from selfprune.core.errors import UserError
 from selfprune.engine.export import ARCHITECTURE, load_pruned
