@@ -10,7 +10,7 @@ from selfprune.engine.export import load_pruned, save_pruned
 from selfprune.engine.models import load_model
 from selfprune.engine.workbench import Calibration, Scoring, Workbench
 
-pytestmark = pytest.mark.demo
+pytestmark = [pytest.mark.demo, pytest.mark.slow]
 
 
 def test_demo_prune_export_reload(real_home, tmp_path):

@@ -28,6 +28,9 @@ import yaml
 from fake_openai_server import FakeOpenAI, reply, status
 from helpers import PrefectServer
 
+# slow: a real `prefect deploy --all` and process worker running flows (about 3 minutes)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ZOMBIE_WINDOW_S = 45  # the shipped file says 120; flow-run heartbeats are every 30 s (Prefect's minimum)

@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 from helpers import PrefectServer
 
+# slow: real Prefect servers stopped, restarted and reset under running searches (about 5 minutes)
+pytestmark = pytest.mark.slow
+
 TINY = dict(ratio=0.5, population=6, mutations=2, crossovers=2, generations=6, samples=4, calib_seqlen=64, seqlen=64,
             fitness_windows=4, test_windows=4, device="cpu", baselines="none")
 EVALUATIONS = 6 + 6 * (2 + 2)

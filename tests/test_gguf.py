@@ -24,6 +24,9 @@ from selfprune.engine.export import load_pruned, save_pruned
 from selfprune.evaluate.gguf_export import check_gguf_export, layer_widths, write_gguf
 from selfprune.evaluate.llamacpp import llamacpp_score
 
+# slow: real llama.cpp on every GGUF written, each in a process of its own (minutes; skips without llama-cpp-python)
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("llama_cpp", reason="pip install 'selfprune[llm-server]' (llama-cpp-python)")
 
 PROMPT = random_windows(1, 24, seed=7)[0].tolist()

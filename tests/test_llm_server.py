@@ -15,7 +15,7 @@ import pytest
 
 from selfprune.config import SearchConfig
 
-pytestmark = [pytest.mark.demo, pytest.mark.llm_server]
+pytestmark = [pytest.mark.demo, pytest.mark.llm_server, pytest.mark.slow]
 TIMEOUT_S = 60.0
 
 

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from helpers import environ, free_port, run_cli
 
+# slow: real Dask and Ray clusters of worker processes (about 3 minutes)
+pytestmark = pytest.mark.slow
+
 SMALL = dict(ratio=0.4, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=2, test_windows=2, population=4,
              mutations=2, crossovers=2, generations=2, device="cpu")
 SAME = ("rates", "structure", "fitness", "test_ppl", "uniform_test_ppl")

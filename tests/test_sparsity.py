@@ -206,6 +206,7 @@ def test_a_metric_ranks_units_by_the_scores_of_the_weights_they_own(bench):
     assert abs(channels[c] - expected) < 1e-3 * expected
 
 
+@pytest.mark.slow
 def test_search_by_a_metric_shares_nothing_with_wanda_sp_and_resumes_from_its_own_cache(prefect_api, tiny_workspace, tmp_path):
     from selfprune.config import SearchConfig
     from selfprune.flows.search import search

@@ -222,6 +222,7 @@ def _tree_bytes(*roots: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_search_with_credentials_in_the_base_url_records_none(tiny_workspace, tmp_path):
     """The real CLI, with its own temporary Prefect server and database in a fresh home: the server
     gets the URL's credentials (not $OPENAI_API_KEY), and no byte of any file the run wrote holds
