@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import run_cli, tiny_export
+from helpers import run_cli, tiny_export
 
 from selfprune import search
 from selfprune.core.errors import UserError

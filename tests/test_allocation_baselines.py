@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_cli, tiny_prune_args
+from helpers import run_cli, tiny_prune_args
 
 from selfprune.core.errors import UserError
 from selfprune.engine import allocation, allocators

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_prune_args
 from fake_openai_server import FakeOpenAI, reply
+from helpers import run_cli, tiny_prune_args
 
 TINY = dict(population=6, mutations=2, crossovers=2, generations=2, sparsities=[0.5], samples=4, calib_seqlen=64,
             seqlen=64, fitness_windows=2, test_windows=2, device="cpu")
@@ -77,6 +77,7 @@ def test_the_found_metric_prunes_and_reports(first, tiny_workspace, tmp_path, ca
     assert record["metric"]["text"] == json.loads((out / "best.json").read_text())["metric"]
 
 
+@pytest.mark.slow
 def test_seeds_run_the_search_once_per_seed(first, tiny_workspace, tmp_path):
     """--seeds: one subflow per seed (seed 0 is ``first``'s search, all from the cache), and the
     spread of the found metric's figures; the library's seeds give the same."""
@@ -94,6 +95,7 @@ def test_seeds_run_the_search_once_per_seed(first, tiny_workspace, tmp_path):
     assert library["spread"] == seeds["spread"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_with_the_same_best(first, tiny_workspace, tmp_path):
     summary, _ = first
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
@@ -127,6 +129,7 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.slow
 def test_an_llm_oracle_with_hostile_replies_runs_nothing_and_is_replayed(prefect_api, tiny_workspace, tmp_path):
     from selfprune.flows.autoprune import autoprune
 
@@ -164,6 +167,7 @@ def test_bad_autoprune_input_exits_2_before_any_work(tiny_workspace, tmp_path, c
     assert code == 2 and message in " ".join(err.split()), err[-2000:]
 
 
+@pytest.mark.slow
 def test_metrics_judged_after_reconstruction_under_atp(tiny_workspace, tmp_path):
     """``--reconstruct sparsegpt --allocation atp``: each metric is judged on the model its mask gives
     after SparseGPT's update, under ATP's per-layer sparsities (the same mask as without it, other

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_export, tiny_prune_args
+from helpers import run_cli, tiny_export, tiny_prune_args
 
 from selfprune.app.cli import BENCH_FIELDS
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 WIDTH = 80
 MIN_DESCRIPTION = 40  # characters of an option's description per line: about six words
@@ -146,11 +146,13 @@ def gguf_export(tiny_workspace, tmp_path_factory) -> tuple[Path, subprocess.Comp
     return root, run
 
 
+@pytest.mark.slow
 def test_loading_converting_and_exporting_show_no_third_party_bars(gguf_export):
     _, run = gguf_export
     assert not BARS.search(run.stderr), run.stderr[:2000]
 
 
+@pytest.mark.slow
 def test_ppl_json_is_one_json_document_and_nothing_else(gguf_export, tiny_workspace):
     root, _ = gguf_export
     run = selfprune("ppl", "--model", str(root / "tiny.gguf"), "--data", str(tiny_workspace / "corpus.txt"),
@@ -160,6 +162,7 @@ def test_ppl_json_is_one_json_document_and_nothing_else(gguf_export, tiny_worksp
     assert not BARS.search(run.stderr) and "\n\n" not in "\n" + run.stderr, repr(run.stderr[:2000])
 
 
+@pytest.mark.slow
 def test_bench_model_json_is_one_json_document_and_nothing_else(gguf_export):
     root, _ = gguf_export
     run = selfprune("bench-model", "--model", str(root / "export"), "--prompt-tokens", "4", "--new-tokens", "2",

@@ -222,7 +222,7 @@ def test_token_windows_too_short(txt_file):
 
 
 def test_chunked_tokenization_equals_whole(monkeypatch, paras):
-    from conftest import byte_tokenizer
+    from helpers import byte_tokenizer
 
     tok = byte_tokenizer()
     text = "\n\n".join(paras) + "\n\n  indented. tail\n\n\n\nend."

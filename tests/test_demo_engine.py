@@ -12,7 +12,7 @@ from selfprune.engine.provenance import structured_record
 from selfprune.engine.settings import Calibration, Scoring
 from selfprune.engine.workbench import Workbench
 
-pytestmark = pytest.mark.demo
+pytestmark = [pytest.mark.demo, pytest.mark.slow]
 
 
 def test_demo_prune_export_reload(real_home, tmp_path):

@@ -25,8 +25,11 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import PrefectServer
 from fake_openai_server import FakeOpenAI, reply, status
+from helpers import PrefectServer
+
+# slow: a real `prefect deploy --all` and process worker running flows (about 3 minutes)
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

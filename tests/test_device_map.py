@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_corpus
+from helpers import write_corpus
 
 
 @pytest.fixture(scope="module")

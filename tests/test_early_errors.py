@@ -79,28 +79,33 @@ def test_a_wrong_model_path_fails_before_prefect(ws, limit_s):
     assert_early_user_error(search(ws, "--model", missing), limit_s, "model path", missing)
 
 
+@pytest.mark.slow
 def test_an_offline_hub_typo_fails_at_once_and_names_the_close_local_name(ws, limit_s):
     assert_early_user_error(search(ws, "--model", "demoo"), limit_s, "demoo", "offline", "did you mean demo?")
 
 
+@pytest.mark.slow
 def test_an_offline_hub_id_near_a_local_directory_suggests_it(ws, limit_s):
     (ws["cwd"] / "my-model").mkdir()
     assert_early_user_error(search(ws, "--model", "my-modle"), limit_s, "my-modle", "did you mean my-model?")
 
 
+@pytest.mark.slow
 def test_an_offline_hub_id_with_no_close_name_says_how_to_fix_it(ws, limit_s):
     assert_early_user_error(search(ws, "--model", "org/unheard-of"), limit_s, "org/unheard-of", "HF_HUB_OFFLINE")
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_at_once(ws, limit_s):
     """Online mode, but nothing answers at the hub's address (a local port no one listens on)."""
-    from conftest import free_port
+    from helpers import free_port
 
     hub = f"http://127.0.0.1:{free_port()}"
     result = search(ws, "--model", "demoo", HF_HUB_OFFLINE=None, HF_ENDPOINT=hub)
     assert_early_user_error(result, limit_s, "demoo", f"{hub} did not answer", "did you mean demo?")
 
 
+@pytest.mark.slow
 def test_a_wrong_data_file_fails_before_prefect(ws, limit_s):
     typo = str(ws["cwd"] / "corpus.txtt")
     assert_early_user_error(search(ws, "--data", typo), limit_s, "data file not found", typo)
@@ -110,16 +115,19 @@ def test_an_unknown_oracle_fails_before_prefect(ws, limit_s):
     assert_early_user_error(search(ws, "--oracle", "gaa"), limit_s, "unknown oracle", "'gaa'")
 
 
+@pytest.mark.slow
 def test_an_unknown_metric_oracle_fails_before_prefect(ws, limit_s):
     args = ["autoprune", "--model", ws["model"], "--data", ws["corpus"], "--device", "cpu", "--oracle", "gpp",
             "--out", str(ws["cwd"] / "auto")]
     assert_early_user_error(run_selfprune(ws["cwd"], ws["home"], *args), limit_s, "unknown metric oracle", "'gpp'")
 
 
+@pytest.mark.slow
 def test_an_openai_oracle_without_its_key_fails_before_prefect(ws, limit_s):
     assert_early_user_error(search(ws, "--oracle", "openai:gpt-4o", OPENAI_API_KEY=None), limit_s, "OPENAI_API_KEY")
 
 
+@pytest.mark.slow
 def test_an_oracle_key_variable_that_is_unset_fails_before_prefect(ws, limit_s):
     args = ["--oracle", "openai:qwen", "--base-url", "http://127.0.0.1:9/v1", "--api-key-env", "VLLM_API_KEY"]
     assert_early_user_error(search(ws, *args, OPENAI_API_KEY="sk-unused", VLLM_API_KEY=None), limit_s, "VLLM_API_KEY")
@@ -139,6 +147,7 @@ def test_a_local_server_needs_no_key(tiny_workspace, monkeypatch):
         check_inputs(config.model_copy(update={"base_url": None}))
 
 
+@pytest.mark.slow
 def test_a_malformed_rate_file_fails_before_prefect(ws, limit_s):
     bad = ws["cwd"] / "best.json"
     bad.write_text('{"rates": [0.5, 0.5')
@@ -147,6 +156,7 @@ def test_a_malformed_rate_file_fails_before_prefect(ws, limit_s):
     assert_early_user_error(run_selfprune(ws["cwd"], ws["home"], *args), limit_s, str(bad), "not valid JSON")
 
 
+@pytest.mark.slow
 def test_prune_with_an_offline_hub_typo_fails_at_once(ws, limit_s):
     args = ["prune", "--model", "demoo", "--data", ws["corpus"], "--device", "cpu", "--out", str(ws["cwd"] / "p")]
     assert_early_user_error(run_selfprune(ws["cwd"], ws["home"], *args), limit_s, "demoo", "did you mean demo?")

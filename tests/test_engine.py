@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import build_tiny, random_windows
+from helpers import build_tiny, random_windows
 
 import selfprune
 from selfprune.core.errors import CorruptFile, UserError

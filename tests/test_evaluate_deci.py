@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny, byte_tokenizer, random_windows
+from helpers import build_tiny, byte_tokenizer, random_windows
 from safetensors.torch import load_file
 
 from selfprune.core.errors import UserError

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import build_tiny, byte_tokenizer, random_windows
+from helpers import build_tiny, byte_tokenizer, random_windows
 
 from selfprune.core.errors import UserError
 from selfprune.engine import slicing, stats, wanda_sp

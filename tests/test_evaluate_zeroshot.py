@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 import yaml
-from conftest import build_tiny, byte_tokenizer, random_windows
+from helpers import build_tiny, byte_tokenizer, random_windows
 
 from selfprune.core.errors import UserError
 from selfprune.engine import slicing, stats, wanda_sp
@@ -150,6 +150,7 @@ def test_unreachable_hub_is_a_user_error(tmp_path, monkeypatch):
         evaluate_zero_shot(build_tiny("llama_mha"), byte_tokenizer(), ["selfprune_hub_only"], include_path=tmp_path)
 
 
+@pytest.mark.slow
 def test_paper_tasks_known_and_unknown_rejected():
     with pytest.raises(UserError, match="unknown lm-eval task 'arc_easyy'.*did you mean.*arc_easy"):
         evaluate_zero_shot(build_tiny("llama_mha"), byte_tokenizer(), ["arc_easyy"])
@@ -177,6 +178,7 @@ def test_summary_convention():
     assert s["mean_acc_plain"] == pytest.approx((0.4 + 0.6 + 0.2) / 3)
 
 
+@pytest.mark.slow
 @pytest.mark.demo
 def test_cloze_from_demo_corpus(real_home, tmp_path):
     out = build_cloze_task("demo", tmp_path, n_items=20)

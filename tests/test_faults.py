@@ -19,7 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import PrefectServer
+from helpers import PrefectServer
+
+# slow: real Prefect servers stopped, restarted and reset under running searches (about 5 minutes)
+pytestmark = pytest.mark.slow
 
 TINY = dict(ratio=0.5, population=6, mutations=2, crossovers=2, generations=6, samples=4, calib_seqlen=64, seqlen=64,
             fitness_windows=4, test_windows=4, device="cpu", baselines="none")

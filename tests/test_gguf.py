@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny, demo_uniform_and_searched, random_windows, run_cli
+from helpers import build_tiny, demo_uniform_and_searched, random_windows, run_cli
 
 from selfprune.core.errors import UserError
 from selfprune.engine import slicing, stats, wanda_sp
@@ -23,6 +23,9 @@ from selfprune.engine.arch import arch_of
 from selfprune.engine.export import load_pruned, save_pruned
 from selfprune.evaluate.gguf_export import check_gguf_export, layer_widths, write_gguf
 from selfprune.evaluate.llamacpp import llamacpp_score
+
+# slow: real llama.cpp on every GGUF written, each in a process of its own (minutes; skips without llama-cpp-python)
+pytestmark = pytest.mark.slow
 
 pytest.importorskip("llama_cpp", reason="pip install 'selfprune[llm-server]' (llama-cpp-python)")
 
@@ -249,7 +252,7 @@ def test_a_search_says_how_to_export_its_model_and_the_commands_work(tmp_path, c
     """best.json's ``export`` commands, run literally, build the searched model and its GGUF."""
     import shlex
 
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     import selfprune
 
@@ -271,7 +274,7 @@ def test_a_report_adds_each_rows_llama_cpp_speed(prefect_api, tmp_path, capsys, 
     """``selfprune report --llamacpp f16`` (the flow and its uncached speed task) times dense, a
     structured row and a metric row in llama.cpp; the library's report does too; a quantization
     llama.cpp does not know is refused before any work."""
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     import selfprune
 

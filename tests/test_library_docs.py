@@ -142,7 +142,7 @@ def test_each_call_returns_what_the_readme_says(tiny_workspace, tmp_path):
 def test_the_flow_from_python_finds_what_the_cli_computed(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
     """The docs' cached path: the flow called from Python after ``selfprune search`` with the same
     settings (another ``out``) evaluates nothing and finds the same best."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     from selfprune.flows.search import search
 

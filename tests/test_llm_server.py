@@ -15,7 +15,7 @@ import pytest
 
 from selfprune.config import SearchConfig
 
-pytestmark = [pytest.mark.demo, pytest.mark.llm_server]
+pytestmark = [pytest.mark.demo, pytest.mark.llm_server, pytest.mark.slow]
 TIMEOUT_S = 60.0
 
 
@@ -23,7 +23,7 @@ TIMEOUT_S = 60.0
 def llm_server(tmp_path_factory):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed: pip install -e '.[llm-server]'")
-    from conftest import REAL_HOME, environ, free_port, wait_until_up
+    from helpers import REAL_HOME, environ, free_port, wait_until_up
 
     from selfprune.engine.demo import demo_gguf_path
 

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import run_cli
 from fake_openai_server import FakeOpenAI, trickle
+from helpers import run_cli
 
 import selfprune
 from selfprune.config import AutopruneConfig, SearchConfig

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import environ, stop_api_server
+from helpers import environ, stop_api_server
 
 from selfprune.core.errors import CorruptFile, UserError
 from selfprune.storage.store import ArtifactStore
@@ -272,6 +272,7 @@ def _run_env(prefect_session, tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_repeats_only_the_in_flight_task(prefect_session, helper, tmp_path):
     n, sleep = 12, 0.3
     counter, out = tmp_path / "counter", tmp_path / "out.json"
@@ -305,6 +306,7 @@ def test_resume_after_sigkill_repeats_only_the_in_flight_task(prefect_session, h
     assert json.loads(out.read_text()) == uninterrupted == [helper.toy_value(x, "") for x in range(n)]
 
 
+@pytest.mark.slow
 def test_failed_flow_run_retry_reexecutes_only_unfinished_work(prefect_session, helper, tmp_path):
     """`prefect flow-run retry <id> --entrypoint file.py:flow` (the no-deployment path)."""
     from prefect.client.orchestration import get_client

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 
-from conftest import run_cli
+import pytest
+from helpers import run_cli
 
 SMALL = dict(population=4, mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
              fitness_windows=2, test_windows=2, device="cpu", baselines="none", oracle="ga")
 
 
+@pytest.mark.slow
 def test_a_notebook_search_shows_its_long_steps_without_any_logging_setup(tiny_workspace, tmp_path):
     """What a notebook user runs, in a fresh interpreter that configured no logging: the progress
     lines reach stderr (Python's last-resort handler alone would show warnings only)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from safetensors.torch import load_file
 
 # Settings no default shares: a prune that ignored them would keep other units.

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny, random_windows, run_cli, tiny_prune_args
+from helpers import build_tiny, random_windows, run_cli, tiny_prune_args
 
 from selfprune.core.errors import UserError
 from selfprune.engine import reconstruct, sparsity

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_export
+from helpers import run_cli, tiny_export
 
 
 @pytest.fixture(scope="module")

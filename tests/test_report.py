@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 SMALL = dict(population=4, mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
              fitness_windows=4, test_windows=4, device="cpu")
@@ -48,6 +48,7 @@ def first_report(searches, tiny_workspace, tmp_path_factory):
     return summary, out
 
 
+@pytest.mark.slow
 def test_report_has_every_table_and_plot(first_report, searches):
     summary, out = first_report
     rows = summary["rows"]
@@ -85,6 +86,7 @@ def test_report_has_every_table_and_plot(first_report, searches):
     assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
+@pytest.mark.slow
 def test_report_artifacts_published(first_report, prefect_api):
     import httpx
 
@@ -99,6 +101,7 @@ def test_report_artifacts_published(first_report, prefect_api):
     assert "| search (ga) |" in markdown["data"]
 
 
+@pytest.mark.slow
 def test_rerun_through_cli_computes_nothing(first_report, searches, tiny_workspace, tmp_path, capsys, monkeypatch):
     summary, _ = first_report
     code, _, err = run_cli(capsys, monkeypatch, *report_args(tiny_workspace, searches, tmp_path / "again"))
@@ -110,6 +113,7 @@ def test_rerun_through_cli_computes_nothing(first_report, searches, tiny_workspa
     assert "search" in err and "computed 0" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--ratios", "0.3,abc"], "--ratios: Input should be a valid number"),
     (["--ratios", "1.5"], "--ratios: Input should be less than 1"),
@@ -147,6 +151,7 @@ def test_report_shows_each_llm_search_oracle_accounting():
     assert "LLM oracle replies" not in markdown([ga_row], [], meta)
 
 
+@pytest.mark.slow
 def test_report_rows_for_metric_pattern_and_allocation(prefect_api, tiny_workspace, tmp_path):
     """Rows of single-weight pruning: each metric x pattern x allocation (N:M: uniform at its own
     sparsity), their perplexity the library's, and a rerun that computes nothing."""
@@ -198,6 +203,7 @@ def test_a_table_refuses_rows_of_two_protocols(field, value):
     assert "| 0.5 | owl |" in markdown([row, seeded], [], META)
 
 
+@pytest.mark.slow
 def test_seeds_search_and_its_report_row(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
     """--seeds runs one search per seed (seed-N) and writes their spread; the library's seeds give
     the same figures; the report shows the seeds as one row (mean, std and each seed's value, each

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import environ, free_port, run_cli
+from helpers import environ, free_port, run_cli
+
+# slow: real Dask and Ray clusters of worker processes (about 3 minutes)
+pytestmark = pytest.mark.slow
 
 SMALL = dict(ratio=0.4, samples=4, calib_seqlen=64, seqlen=64, fitness_windows=2, test_windows=2, population=4,
              mutations=2, crossovers=2, generations=2, device="cpu")

@@ -73,6 +73,7 @@ def test_rerun_evaluates_nothing_and_finds_the_same_best(first_run, tiny_workspa
     assert ledger(tmp_path / "rerun") == []
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(first_run, tiny_workspace, tmp_path):
     """Kill the CLI mid-search with SIGKILL, run the same command again: no candidate is
     evaluated twice (but the one in flight), and the result equals the uninterrupted run's."""
@@ -108,6 +109,7 @@ def _llm_reply(n: int, seed: int) -> str:
     return "Here are the configurations:\n" + json.dumps({"rates": vectors})
 
 
+@pytest.mark.slow
 def test_llm_oracle_search_replays_cached_replies(prefect_api, tiny_workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-123")
     script = [reply(_llm_reply(8, s)) for s in range(12)]
@@ -134,6 +136,7 @@ def test_llm_oracle_search_replays_cached_replies(prefect_api, tiny_workspace, t
             assert b"sk-test-secret-123" not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_failed_generation_fails_the_run_and_a_retry_finishes_only_the_rest(prefect_api, tiny_workspace, tmp_path):
     """The oracle goes down past its retries mid-search: the flow run fails with the reason.
     `prefect flow-run retry` (what the UI's Retry does) then completes it, re-evaluating nothing."""
@@ -199,7 +202,7 @@ def test_float32_and_bfloat16_runs_share_no_cached_number(first_run, tiny_worksp
 
 
 def test_a_split_too_short_fails_before_the_calibration_pass(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
-    from conftest import run_cli
+    from helpers import run_cli
 
     from selfprune.storage.store import ArtifactStore
 
@@ -212,6 +215,7 @@ def test_a_split_too_short_fails_before_the_calibration_pass(prefect_api, tiny_w
     assert not list(ArtifactStore().root.rglob("*.safetensors"))  # no statistics were computed
 
 
+@pytest.mark.slow
 def test_a_late_oracle_reply_falls_back_and_is_asked_again_by_a_rerun(prefect_api, tiny_workspace, tmp_path, monkeypatch):
     from fake_openai_server import slow
 
@@ -303,6 +307,7 @@ def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_a
                          **(small | {"reconstruct": "none"}))
 
 
+@pytest.mark.slow
 def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, tiny_workspace, tmp_path):
     """``--metric wanda --pattern unstructured``: Self-Pruner's loop over per-layer sparsities of
     the metric's single-weight pruning, from the baselines (the metric's own OWL, ATP, ...), cached

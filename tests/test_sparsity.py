@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny, random_windows, run_cli, tiny_prune_args
+from helpers import build_tiny, random_windows, run_cli, tiny_prune_args
 
 from selfprune.core.errors import UserError
 from selfprune.engine import allocation, sparsity, stats
@@ -208,6 +208,7 @@ def test_a_metric_ranks_units_by_the_scores_of_the_weights_they_own(bench):
     assert abs(channels[c] - expected) < 1e-3 * expected
 
 
+@pytest.mark.slow
 def test_search_by_a_metric_shares_nothing_with_wanda_sp_and_resumes_from_its_own_cache(prefect_api, tiny_workspace, tmp_path):
     from selfprune.config import SearchConfig
     from selfprune.flows.search import search

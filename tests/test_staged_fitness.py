@@ -4,7 +4,7 @@ fitness only for the most promising."""
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from selfprune import search
 from selfprune.config import SearchConfig

@@ -15,7 +15,7 @@ import pathlib
 import stat
 
 import pytest
-from conftest import environ
+from helpers import environ
 
 from selfprune.tasks.caching import cached_task
 

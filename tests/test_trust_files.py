@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build_tiny, byte_tokenizer, run_cli, tiny_export, write_corpus
+from helpers import build_tiny, byte_tokenizer, run_cli, tiny_export, write_corpus
 
 from selfprune.engine import data
 

@@ -11,8 +11,8 @@ import weakref
 
 import pytest
 import torch
-from conftest import run_cli, tiny_prune_args
 from fake_openai_server import FakeOpenAI, reply
+from helpers import run_cli, tiny_prune_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from selfprune.engine.metrics import MetricError, parse_metric

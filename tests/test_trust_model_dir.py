@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from selfprune.core.errors import UserError
 from selfprune.engine.allocation import LayerKeep

