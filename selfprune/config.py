@@ -167,8 +167,8 @@ class SearchConfig(EvolutionConfig):
     pattern: str | None = Field(None, description="with --metric: search the per-layer sparsities of its "
                                                   "single-weight pruning in this pattern")
     baselines: list[str] = Field(default_factory=registered_allocations,
-                                 description="allocations in generation 0: every registered baseline (default: "
-                                             "uniform,owl,sdsa,atp,dlp,alphapruning), some, or none")
+                                 description="allocations in generation 0: uniform,owl,sdsa,atp,dlp,alphapruning "
+                                             "(default), some, or none")
     out: str = Field("runs/search", description="run directory (best.json, plots, evaluations.jsonl)")
 
     reconstruct: str = Field("none", description="lsq | sparsegpt | sparsegpt-adaptive: rebuild the best, test it")

@@ -5,6 +5,7 @@ determinism), and the cache keys of the one that tunes itself on perplexity."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -174,27 +175,28 @@ def test_n_m_takes_only_the_uniform_allocation():
 
 
 def test_cache_keys_name_what_atp_tunes_on(tiny_workspace):
+    from selfprune.engine.candidate import from_json
     from selfprune.engine.data import data_fingerprint
     from selfprune.engine.identity import allocation_task, candidate_task
+    from selfprune.engine.settings import Calibration, ModelSpec, Scoring
 
-    calibration = {"data": str(tiny_workspace / "corpus.txt"), "samples": 4, "seqlen": 64, "batch_size": 4}
-    common = dict(model_fp="m", stats_key="s", ratio=0.5, calibration=calibration, device="cpu", dtype="float32")
-    owl = allocation_task(allocation="owl", metric=None, pattern=None, method="wanda-sp", **common)
+    calibration = Calibration(str(tiny_workspace / "corpus.txt"), 4, 64, 4)
+    spec = ModelSpec("model", "m", "cpu", "float32", "wanda-sp")
+    common = dict(spec=spec, stats_key="s", ratio=0.5, calibration=calibration)
+    owl = allocation_task(allocation="owl", **common)
     assert owl == {"model": "m", "stats": "s", "allocation": "owl", "ratio": 0.5}  # as before: no recompute
-    fitness = {"data": data_fingerprint(calibration["data"], "fitness"), "split": "fitness", "seqlen": 64, "windows": 8}
-    structured = allocation_task(allocation="atp", metric=None, pattern=None, method="wanda-sp", **common)
+    fitness = {"data": data_fingerprint(calibration.data, "fitness"), "split": "fitness", "seqlen": 64, "windows": 8}
+    structured = allocation_task(allocation="atp", **common)
     assert structured["allocation_fitness"] == fitness and structured["method"]["name"] == "wanda-sp"
-    assert structured != allocation_task(allocation="atp", metric=None, pattern=None, method="metric:abs(W)", **common)
-    sparse = allocation_task(allocation="atp", metric="wanda", pattern="unstructured", method="wanda-sp", **common)
+    assert structured != allocation_task(allocation="atp", **common | {"spec": replace(spec, method="metric:abs(W)")})
+    sparse = allocation_task(allocation="atp", metric="wanda", pattern="unstructured", **common)
     assert sparse["allocation_fitness"] == fitness and "method" not in sparse
 
-    scoring = {"data": calibration["data"], "split": "test", "seqlen": 64, "windows": 4, "batch_size": 4}
-    key = dict(model_fp="m", stats_key="s", scoring=scoring, calibration=calibration, device="cpu", dtype="float32",
-               method="wanda-sp")
+    key = dict(spec=spec, stats_key="s", scoring=Scoring(calibration.data, "test", 64, 4, 4), calibration=calibration)
     candidate = {"metric": "X_rms * abs(W)", "pattern": "unstructured", "sparsity": 0.5}
-    assert candidate_task(structure=candidate | {"allocation": "atp"}, **key)["allocation_fitness"] == fitness
-    assert "allocation_fitness" not in candidate_task(structure=candidate | {"allocation": "dlp"}, **key)
-    assert "allocation_fitness" not in candidate_task(structure=[[2, 96]] * 4, **key)
+    assert candidate_task(candidate=from_json(candidate | {"allocation": "atp"}), **key)["allocation_fitness"] == fitness
+    assert "allocation_fitness" not in candidate_task(candidate=from_json(candidate | {"allocation": "dlp"}), **key)
+    assert "allocation_fitness" not in candidate_task(candidate=from_json([[2, 96]] * 4), **key)
 
 
 @pytest.mark.parametrize("spec", BASELINES)

@@ -47,7 +47,7 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
     model_dir = tiny_workspace / "model"
     calibration, scoring = Calibration(corpus, samples=4, seqlen=64), Scoring(corpus, "test", 64, 4)
     plain = Workbench(load_model(str(model_dir), "cpu"), calibration)
-    structure = Structured(plain.structure([0.6, 0.1]))
+    structure = Structured(plain.pruner.structure([0.6, 0.1]))
     expected = plain.score(structure, scoring).ppl
 
     mapped = Workbench(load_model(str(model_dir), "map"), calibration)  # transformers' device_map="auto"
