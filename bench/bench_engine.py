@@ -14,11 +14,13 @@ import time
 
 import torch
 
-from selfprune.engine import allocation, data, stats
+from selfprune.allocators.rates import project_to_mean
+from selfprune.data import corpora as data
 from selfprune.engine.models import load_model
-from selfprune.engine.ppl import perplexity
 from selfprune.engine.settings import Calibration, Scoring
 from selfprune.engine.workbench import Workbench
+from selfprune.model import stats
+from selfprune.model.ppl import perplexity
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -51,7 +53,7 @@ def main() -> None:
     scoring = Scoring(args.data, "fitness", seqlen=512, windows=4)
     ids = bench.scorer.windows(scoring)
     for _ in range(args.candidates):
-        rates = allocation.project_to_mean([rng.uniform(0, 1) for _ in range(lm.arch.n_layers)], 0.5, 0.9)
+        rates = project_to_mean([rng.uniform(0, 1) for _ in range(lm.arch.n_layers)], 0.5, 0.9)
         structure = bench.pruner.structure(rates)
         t0 = time.perf_counter()
         pruned = bench.pruner.structured(structure)

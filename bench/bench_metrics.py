@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from selfprune.engine.metrics import resolve_metric
 from selfprune.engine.models import load_model
-from selfprune.engine.ppl import perplexity
 from selfprune.engine.settings import Calibration, Scoring
-from selfprune.engine.sparsity import parse_pattern, sparsify
 from selfprune.engine.workbench import Workbench
+from selfprune.methods.sparsity import parse_pattern, sparsify
+from selfprune.metrics import resolve_metric
+from selfprune.model.ppl import perplexity
 
 
 def timed(fn, *args):

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from selfprune.engine.demo import demo_model_dir
-from selfprune.engine.metrics import resolve_metric
+from selfprune.data.demo import demo_model_dir
 from selfprune.engine.models import load_model
-from selfprune.engine.ppl import perplexity
 from selfprune.engine.settings import Calibration, Scoring
-from selfprune.engine.sparsity import parse_pattern
 from selfprune.engine.workbench import Workbench
+from selfprune.methods.sparsity import parse_pattern
+from selfprune.metrics import resolve_metric
+from selfprune.model.ppl import perplexity
 
 HERE = Path(__file__).resolve().parent
 

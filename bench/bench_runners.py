@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     args = ap.parse_args()
 
-    from selfprune.engine.demo import demo_corpus_path, demo_model_dir
+    from selfprune.data.demo import demo_corpus_path, demo_model_dir
 
     model, corpus = str(demo_model_dir()), str(demo_corpus_path())
     os.environ["SELFPRUNE_HOME"] = tempfile.mkdtemp(prefix="selfprune-bench-")
@@ -45,8 +45,8 @@ def main() -> None:
     prefect_env.ensure_api_server()
     from prefect import flow
 
+    from selfprune.allocators.rates import project_to_mean
     from selfprune.config import SearchConfig
-    from selfprune.engine.allocation import project_to_mean
     from selfprune.engine.candidate import Structured
     from selfprune.engine.settings import Scoring
     from selfprune.engine.shared import shared_workbench

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    from selfprune.engine.demo import demo_corpus_path, demo_model_dir
+    from selfprune.data.demo import demo_corpus_path, demo_model_dir
 
     model, corpus = str(demo_model_dir()), str(demo_corpus_path())
     os.environ["SELFPRUNE_HOME"] = tempfile.mkdtemp(prefix="selfprune-bench-")
@@ -37,8 +37,8 @@ def main() -> None:
 
     prefect_env.configure(user_profiles=False, log_level="ERROR")
     prefect_env.ensure_api_server()
+    from selfprune.allocators.rates import project_to_mean
     from selfprune.config import SearchConfig
-    from selfprune.engine.allocation import project_to_mean
     from selfprune.engine.candidate import Structured
     from selfprune.engine.models import load_model
     from selfprune.engine.settings import Calibration, ModelSpec, Scoring

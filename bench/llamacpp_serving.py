@@ -30,9 +30,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from selfprune import prune, search
-    from selfprune.engine.demo import demo_model_dir
-    from selfprune.evaluate.gguf_export import write_gguf
-    from selfprune.evaluate.llamacpp import llamacpp_measure
+    from selfprune.data.demo import demo_model_dir
+    from selfprune.evaluate.speed import llamacpp_measure
+    from selfprune.export.gguf import write_gguf
 
     out = Path(args.out)
     search_settings = dict(model="demo", data="demo", oracle="ga", population=10, mutations=4, crossovers=4,

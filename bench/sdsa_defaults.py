@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from selfprune.engine import allocation
-from selfprune.engine.metrics import resolve_metric
+from selfprune.allocators.rates import uniform
+from selfprune.allocators.sdsa import sdsa_rates, skewness
 from selfprune.engine.models import load_model
-from selfprune.engine.ppl import perplexity
 from selfprune.engine.settings import Calibration, Scoring
-from selfprune.engine.sparsity import parse_pattern, sparsify
 from selfprune.engine.workbench import Workbench
+from selfprune.methods.sparsity import parse_pattern, sparsify
+from selfprune.metrics import resolve_metric
+from selfprune.model.ppl import perplexity
 
 
 def main() -> None:
@@ -33,17 +34,17 @@ def main() -> None:
     ids = bench.scorer.windows(Scoring(args.data, "fitness", seqlen=512, windows=args.windows))
     scores = bench.pruner.metric_scores(resolve_metric(args.metric))
     cached = {i: scores(i) for i in range(bench.arch.n_layers)}
-    skews = [allocation.skewness(list(cached[i].values())) for i in range(bench.arch.n_layers)]
+    skews = [skewness(list(cached[i].values())) for i in range(bench.arch.n_layers)]
     pattern = parse_pattern("unstructured")
 
     def fitness(rates: list[float]) -> float:
         return perplexity(sparsify(bench.lm.model, bench.arch, cached.__getitem__, rates, pattern).model, ids).ppl
 
     print(f"{args.metric} at {args.sparsity} unstructured, fitness ppl on {ids.numel():,} tokens")
-    print(f"uniform: {fitness(allocation.uniform(bench.arch.n_layers, args.sparsity)):.3f}")
+    print(f"uniform: {fitness(uniform(bench.arch.n_layers, args.sparsity)):.3f}")
     results = {}
     for t, lam in itertools.product((0.5, 1.0, 2.0), (0.04, 0.08, 0.12)):
-        results[t, lam] = fitness(allocation.sdsa(skews, args.sparsity, temperature=t, lam=lam))
+        results[t, lam] = fitness(sdsa_rates(skews, args.sparsity, temperature=t, lam=lam))
         print(f"T={t:<4} lambda={lam:<5} {results[t, lam]:.3f}")
     (t, lam), best = min(results.items(), key=lambda kv: kv[1])
     print(f"best: T={t}, lambda={lam} ({best:.3f})")

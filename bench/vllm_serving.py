@@ -29,10 +29,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from selfprune import perplexity, prune, search
-    from selfprune.engine.allocation import EXACT, Alignment
-    from selfprune.engine.demo import demo_model_dir
+    from selfprune.data.demo import demo_model_dir
     from selfprune.evaluate.speed import vllm_measure
     from selfprune.evaluate.vllm_bridge import vllm_python
+    from selfprune.methods.structure import EXACT, Alignment
 
     python = vllm_python(args.vllm_python)
     out = Path(args.out)

@@ -23,9 +23,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from selfprune.artifacts.report import metric_markdown, plot_history, plot_metric_graph
 from selfprune.config import AutopruneConfig
-from selfprune.engine.arch import Arch
 from selfprune.evolve import autoprune as library
 from selfprune.flows.evolution import View, run_flow
+from selfprune.model.arch import Arch
 
 
 def final(summary: dict, config: AutopruneConfig, arch: Arch, out: Path, key: str) -> None:

@@ -26,13 +26,13 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from selfprune.config import EvolutionConfig, SearchConfig
 from selfprune.core.errors import UserError
 from selfprune.core.progress import Advance, ignore
-from selfprune.engine.arch import Arch
 from selfprune.engine.candidate import Candidate
 from selfprune.engine.models import load_tokenizer, model_fingerprint
 from selfprune.evolve import pipeline, runner
 from selfprune.evolve.pipeline import Search, write_summary
 from selfprune.flows.run_info import announce_run
 from selfprune.llm.chat import ChatRequest, Reply, Transport
+from selfprune.model.arch import Arch
 from selfprune.seeds import over_seeds
 from selfprune.tasks import prefect_env
 from selfprune.tasks.caching import kept_result
@@ -132,7 +132,7 @@ def batch_scorer(config: EvolutionConfig, setup: pipeline.Setup, ledger: str, wo
 
 def space_metric(config: SearchConfig) -> str | None:
     """The canonical metric of a sparsity search (whose allocations read its scores), else None."""
-    from selfprune.engine.metrics import resolve_metric
+    from selfprune.metrics import resolve_metric
 
     return resolve_metric(config.metric).text if config.pattern else None
 

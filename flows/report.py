@@ -22,13 +22,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from selfprune.artifacts import comparison
 from selfprune.config import ReportConfig
-from selfprune.engine.allocation import dense_structure
-from selfprune.engine.arch import Arch
 from selfprune.engine.candidate import Candidate, Dense, Structured
 from selfprune.engine.models import model_fingerprint
 from selfprune.engine.settings import ModelSpec
 from selfprune.evaluate.report import build_rows, check_searches, plan_report, summarize, write_summary
 from selfprune.flows.run_info import announce_run
+from selfprune.methods.structure import dense_structure
+from selfprune.model.arch import Arch
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates, evaluate_ppl, evaluate_zero_shot, llamacpp_speed
 from selfprune.tasks.faults import preflight

@@ -23,9 +23,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from selfprune.artifacts.report import best_markdown, fmt_rates, plot_history, plot_rates
 from selfprune.config import SearchConfig
-from selfprune.engine.arch import Arch
 from selfprune.evolve import runner
 from selfprune.flows.evolution import View, run_flow
+from selfprune.model.arch import Arch
 
 
 def final(summary: dict, config: SearchConfig, arch: Arch, out: Path, key: str) -> None:

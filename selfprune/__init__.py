@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # ``selfprune.load_pruned("DIR").model``.
 _LAZY = {"prune": "api", "perplexity": "api", "PruneResult": "api", "report": "evaluate.report",
          "recover": "evaluate.lora", "Recovery": "evaluate.lora",
-         "search": "evolve.runner", "autoprune": "evolve.autoprune", "load_pruned": "engine.export", "SearchConfig": "config",
+         "search": "evolve.runner", "autoprune": "evolve.autoprune", "load_pruned": "export.hf", "SearchConfig": "config",
          "ReportConfig": "config", "AutopruneConfig": "config"}
 
 

@@ -16,24 +16,25 @@ from typing import Any
 
 import torch
 
+from . import allocators
+from .allocators.rates import check_ratio
 from .core.errors import UserError
 from .core.progress import step
-from .engine import allocators
-from .engine.allocation import EXACT, Alignment, Structure, check_ratio, dense_structure, rates_to_structure, realized_ratio
-from .engine.arch import Arch
-from .engine.checkpoint import LoadedModel
-from .engine.data import check_data, split_windows
-from .engine.devices import model_precision
-from .engine.export import RECORD, save_pruned
-from .engine.metrics import Metric, resolve_metric
+from .data.corpora import check_data, split_windows
 from .engine.models import load_arch, load_model
-from .engine.ppl import perplexity as score_windows
 from .engine.provenance import sparse_record, structured_record
-from .engine.reconstruct import RECONSTRUCTIONS, check_reconstruction, identity
 from .engine.settings import Calibration
-from .engine.sparsity import Pattern, parse_pattern
 from .engine.workbench import Progress, Workbench
+from .export.hf import RECORD, save_pruned
+from .methods.sparsity import Pattern, parse_pattern
+from .methods.structure import EXACT, Alignment, Structure, dense_structure, rates_to_structure, realized_ratio
+from .metrics import Metric, resolve_metric
+from .model.arch import Arch
+from .model.checkpoint import LoadedModel
+from .model.devices import model_precision
+from .model.ppl import perplexity as score_windows
 from .protocol import protocol
+from .reconstruct import RECONSTRUCTIONS, check_reconstruction, identity
 from .searched import PruneSettings, settle
 from .storage.userfiles import read_json
 
@@ -87,7 +88,7 @@ def prune(
     ``2:4``, ``4:8``); ``ratio`` is then the sparsity. ``reconstruct``: refit what stays on the
     calibration windows, layer by layer (``sparsegpt`` on the metric's mask; ``sparsegpt-adaptive``,
     SparseGPT's own mask, no metric needed; ``lsq`` for structured pruning). ``align``: kept heads and MLP channels in
-    multiples that kernels like (:class:`~selfprune.engine.allocation.Alignment`). With ``out`` the model is exported there
+    multiples that kernels like (:class:`~selfprune.methods.structure.Alignment`). With ``out`` the model is exported there
     (``format`` ``hf``: load it with :func:`selfprune.load_pruned`; ``deci``: serve it with vLLM).
     ``progress``: ``(label, total) -> advance(n)`` for every pass; without it, the long steps are
     logged (:mod:`selfprune.core.progress`). The dense model is not modified.
@@ -175,7 +176,7 @@ def _export(progress: Progress, out: Path, write: Callable[[], object]) -> None:
 
 def _check_deci(structure: Structure, arch: Arch) -> None:
     """A UserError listing every layer that DeciLM / vLLM cannot hold, before anything is written."""
-    from .evaluate.deci import deci_compatible
+    from .export.deci import deci_compatible
 
     ok, reasons = deci_compatible(structure, arch)
     if not ok:
@@ -185,7 +186,7 @@ def _check_deci(structure: Structure, arch: Arch) -> None:
 
 def _save_deci(model: torch.nn.Module, tokenizer, out: Path, record: dict) -> None:
     """The selfprune export in a temporary directory beside OUT, converted into OUT."""
-    from .evaluate.deci import export_deci
+    from .export.deci import export_deci
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
@@ -209,7 +210,7 @@ def perplexity(
 
     ``model``: a spec as for ``--model`` (loaded with ``device``/``dtype``), or a model already in
     memory (a loaded model, ``selfprune.load_pruned(DIR)``, a :class:`PruneResult`), scored where
-    it lies. Returns the :class:`selfprune.engine.ppl.Perplexity` fields with ``data`` and ``split``, and,
+    it lies. Returns the :class:`selfprune.model.ppl.Perplexity` fields with ``data`` and ``split``, and,
     for a spec or a loaded model, ``model`` and ``fingerprint``.
     """
     lm = load_model(model, device, dtype) if isinstance(model, str) else model

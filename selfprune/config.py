@@ -34,7 +34,7 @@ RUNNERS = ("local", "dask", "ray")
 def registered_allocations() -> list[str]:
     """The allocations registered with a place among the baselines, in it: what a rate search starts
     from. Imported when a config is made, not when this module is (the CLI's help stays free of torch)."""
-    from .engine.allocators import ALLOCATIONS
+    from .allocators import ALLOCATIONS
 
     return ALLOCATIONS.ranked()
 

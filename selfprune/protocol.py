@@ -12,8 +12,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .core.errors import UserError
-from .engine.data import data_fingerprint
-from .engine.devices import library_builds, precision
+from .data.corpora import data_fingerprint
+from .model.devices import library_builds, precision
 
 PER_ROW = ("seed",)  # fields a table's rows may differ in (shown per row)
 PACKAGES = ("selfprune", "torch", "transformers", "lm_eval")

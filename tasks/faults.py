@@ -100,7 +100,7 @@ def _task_runs(config: RunConfig) -> int:
 
 def needs(config: EvolutionConfig | ReportConfig, places: Places) -> list[Need]:
     """The stated estimate of what a run of ``config`` writes, and where."""
-    from selfprune.engine.demo import demo_model_pending_bytes
+    from selfprune.data.demo import demo_model_pending_bytes
 
     runs = _task_runs(config)
     home = HOME_BYTES + (demo_model_pending_bytes() if config.model == "demo" else 0)

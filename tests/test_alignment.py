@@ -9,9 +9,10 @@ import pytest
 from helpers import run_cli, tiny_export
 
 from selfprune import search
+from selfprune.allocators.rates import uniform
 from selfprune.core.errors import UserError
-from selfprune.engine.allocation import EXACT, Alignment, layer_keep, rates_to_structure, realized_ratio, uniform
-from selfprune.engine.arch import Arch
+from selfprune.methods.structure import EXACT, Alignment, layer_keep, rates_to_structure, realized_ratio
+from selfprune.model.arch import Arch
 
 # The demo model's shape: 3 KV groups of 3 query heads (head size 64), hidden 576, MLP 1536, 30 layers.
 DEMO = Arch(model_type="llama", n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,

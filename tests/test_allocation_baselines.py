@@ -12,10 +12,12 @@ import pytest
 import torch
 from helpers import run_cli, tiny_prune_args
 
+from selfprune import allocators
+from selfprune.allocators import alphapruning, atp, dlp
+from selfprune.allocators.rates import MEAN_TOLERANCE
 from selfprune.core.errors import UserError
-from selfprune.engine import allocation, allocators
-from selfprune.engine.allocators import alphapruning, atp, dlp
-from selfprune.engine.sparsity import parse_pattern
+from selfprune.methods.sparsity import parse_pattern
+from selfprune.methods.structure import realized_ratio
 
 BASELINES = ["atp", "dlp", "alphapruning"]
 
@@ -94,7 +96,7 @@ def bench(tiny_workspace):
 
 def check_rates(rates: list[float], ratio: float, n_layers: int) -> None:
     assert len(rates) == n_layers
-    assert abs(sum(rates) / n_layers - ratio) <= allocation.MEAN_TOLERANCE
+    assert abs(sum(rates) / n_layers - ratio) <= MEAN_TOLERANCE
     assert all(0.0 <= r < 1.0 for r in rates)
 
 
@@ -103,14 +105,14 @@ def test_structured_rates_on_a_tiny_model(bench, spec):
     rates = bench.pruner.allocate(spec, 0.4)
     check_rates(rates, 0.4, bench.arch.n_layers)
     assert bench.pruner.allocate(spec, 0.4) == rates  # deterministic
-    assert abs(allocation.realized_ratio(bench.arch, bench.pruner.structure(rates)) - 0.4) < 0.05
+    assert abs(realized_ratio(bench.arch, bench.pruner.structure(rates)) - 0.4) < 0.05
     if spec != "atp":  # ATP may find uniform best; the others read a signal that differs by layer
         assert rates != pytest.approx([0.4] * bench.arch.n_layers)
 
 
 @pytest.mark.parametrize("spec", BASELINES)
 def test_unstructured_rates_on_a_tiny_model(bench, spec):
-    from selfprune.engine.metrics import resolve_metric
+    from selfprune.metrics import resolve_metric
 
     rates, result = bench.pruner.sparse(resolve_metric("wanda"), spec, 0.6, parse_pattern("unstructured"))
     check_rates(rates, 0.6, bench.arch.n_layers)
@@ -119,7 +121,7 @@ def test_unstructured_rates_on_a_tiny_model(bench, spec):
 
 
 def test_dlp_reads_the_metric_and_alphapruning_the_weights_alone(bench):
-    from selfprune.engine.metrics import resolve_metric
+    from selfprune.metrics import resolve_metric
 
     pattern = parse_pattern("unstructured")
     by_metric = {s: {m: bench.pruner.sparse_rates(resolve_metric(m), s, 0.5, pattern) for m in ("wanda", "magnitude")}
@@ -134,10 +136,10 @@ def test_dlp_reads_the_metric_and_alphapruning_the_weights_alone(bench):
 def test_atp_picks_the_grid_point_of_lowest_fitness_perplexity(bench, metric):
     """The chosen progression is the argmin of perplexity on the fitness windows over the grid,
     measured here independently on the structured (or the metric's sparse) candidates."""
-    from selfprune.engine import sparsity
-    from selfprune.engine.metrics import resolve_metric
-    from selfprune.engine.ppl import perplexity
     from selfprune.engine.settings import allocation_scoring
+    from selfprune.methods import sparsity
+    from selfprune.metrics import resolve_metric
+    from selfprune.model.ppl import perplexity
 
     n, ratio, scoring = bench.arch.n_layers, 0.5, allocation_scoring(bench.calibrated.calibration)
     if metric is None:
@@ -153,8 +155,8 @@ def test_atp_picks_the_grid_point_of_lowest_fitness_perplexity(bench, metric):
 
 
 def test_the_report_entry_of_each_baseline(bench):
-    from selfprune.engine.metrics import resolve_metric
     from selfprune.evaluate.report import allocation_entry
+    from selfprune.metrics import resolve_metric
 
     for spec in BASELINES:
         entry = allocation_entry(bench, spec, 0.6, "wanda", "unstructured")
@@ -175,8 +177,8 @@ def test_n_m_takes_only_the_uniform_allocation():
 
 
 def test_cache_keys_name_what_atp_tunes_on(tiny_workspace):
+    from selfprune.data.corpora import data_fingerprint
     from selfprune.engine.candidate import from_json
-    from selfprune.engine.data import data_fingerprint
     from selfprune.engine.identity import allocation_task, candidate_task
     from selfprune.engine.settings import Calibration, ModelSpec, Scoring
 
@@ -214,10 +216,10 @@ def test_cli_prunes_with_each_baseline(tiny_workspace, tmp_path, capsys, monkeyp
 def test_atp_tunes_once_per_metric_and_sparsity_in_a_process(tiny_workspace):
     """A report row builds its candidate for the perplexity and again for zero-shot: ATP's tuning
     (a perplexity pass per grid point) runs once, and another metric or sparsity tunes anew."""
-    from selfprune.engine.metrics import resolve_metric
     from selfprune.engine.models import load_model
     from selfprune.engine.settings import Calibration
     from selfprune.engine.workbench import Workbench
+    from selfprune.metrics import resolve_metric
 
     bench = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), Calibration(str(tiny_workspace / "corpus.txt"), 4, 64))
     passes = []

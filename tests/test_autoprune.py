@@ -36,7 +36,7 @@ def first(prefect_api, tiny_workspace, tmp_path_factory):
 
 
 def test_the_flow_writes_best_json_the_graph_and_scores_against_the_built_ins(first):
-    from selfprune.engine.metrics import parse_metric
+    from selfprune.metrics import parse_metric
 
     summary, out = first
     best = json.loads((out / "best.json").read_text())

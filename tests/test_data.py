@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfprune.core.errors import UserError
-from selfprune.engine import data
+from selfprune.data import corpora as data
 
 WORDS = "the a of and to in is was he she it that his her with for as on at by thou thee".split()
 

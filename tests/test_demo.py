@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from selfprune.core.errors import UserError
-from selfprune.engine import data, demo
+from selfprune.data import corpora as data
+from selfprune.data import demo
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from selfprune.engine import allocation
 from selfprune.engine.candidate import Dense, Structured
-from selfprune.engine.export import load_pruned, save_pruned
 from selfprune.engine.models import load_model
 from selfprune.engine.provenance import structured_record
 from selfprune.engine.settings import Calibration, Scoring
 from selfprune.engine.workbench import Workbench
+from selfprune.export.hf import load_pruned, save_pruned
+from selfprune.methods.structure import realized_ratio
 
 pytestmark = [pytest.mark.demo, pytest.mark.slow]
 
@@ -23,13 +23,13 @@ def test_demo_prune_export_reload(real_home, tmp_path):
     dense = bench.score(Dense(), scoring).ppl
     rates = bench.pruner.allocate("owl", 0.3)
     structure = bench.pruner.structure(rates)
-    assert abs(allocation.realized_ratio(arch, structure) - 0.3) < 0.005
+    assert abs(realized_ratio(arch, structure) - 0.3) < 0.005
     pruned = bench.pruner.structured(structure)
     in_memory = bench.score(Structured(structure), scoring)
     assert in_memory.tokens == 2 * 127 and dense < in_memory.ppl < 100 * dense
     out = save_pruned(pruned, bench.lm.tokenizer, tmp_path / "demo-owl", structured_record(bench.pruner, rates, structure, "owl"))
     back = load_pruned(out, device="cpu")
-    from selfprune.engine.ppl import perplexity
+    from selfprune.model.ppl import perplexity
 
     assert perplexity(back.model, bench.scorer.windows(scoring)).ppl == pytest.approx(in_memory.ppl, rel=1e-5)
     assert sum(p.numel() for p in back.model.parameters()) < 0.8 * sum(p.numel() for p in bench.lm.model.parameters())

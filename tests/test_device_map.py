@@ -38,11 +38,11 @@ def test_a_mapped_model_prunes_scores_and_exports_as_the_plain_one(tiny_workspac
 
     import selfprune
     from selfprune.engine.candidate import Structured
-    from selfprune.engine.export import load_pruned
     from selfprune.engine.models import load_model
-    from selfprune.engine.ppl import perplexity
     from selfprune.engine.settings import Calibration, Scoring
     from selfprune.engine.workbench import Workbench
+    from selfprune.export.hf import load_pruned
+    from selfprune.model.ppl import perplexity
 
     model_dir = tiny_workspace / "model"
     calibration, scoring = Calibration(corpus, samples=4, seqlen=64), Scoring(corpus, "test", 64, 4)
@@ -76,8 +76,8 @@ def test_an_offloading_placement_is_refused(tiny_workspace):
     """With too little device memory accelerate offloads modules (to disk, here); --device map
     refuses that with the fix, since candidates are sliced from resident weights."""
     from selfprune.core.errors import UserError
-    from selfprune.engine.checkpoint import from_pretrained
-    from selfprune.engine.devices import check_resident
+    from selfprune.model.checkpoint import from_pretrained
+    from selfprune.model.devices import check_resident
 
     model, _ = from_pretrained(str(tiny_workspace / "model"), torch.float32, device_map="auto",
                                max_memory={"cpu": 20_000}, offload_folder=str(tiny_workspace / "offload"))
@@ -88,7 +88,7 @@ def test_an_offloading_placement_is_refused(tiny_workspace):
 
 def test_unknown_device_names_map():
     from selfprune.core.errors import UserError
-    from selfprune.engine.devices import resolve_device
+    from selfprune.model.devices import resolve_device
 
     with pytest.raises(UserError, match="or map"):
         resolve_device("gpu")

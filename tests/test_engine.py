@@ -12,13 +12,16 @@ import torch
 from helpers import build_tiny, random_windows
 
 import selfprune
+from selfprune.allocators.owl import outlier_ratios, owl_rates
+from selfprune.allocators.rates import check_rates, check_ratio, project_to_mean, uniform
 from selfprune.core.errors import CorruptFile, UserError
-from selfprune.engine import allocation, slicing, stats, wanda_sp
-from selfprune.engine.allocation import LayerKeep
-from selfprune.engine.arch import arch_of
-from selfprune.engine.export import save_pruned
 from selfprune.engine.models import load_model
-from selfprune.engine.ppl import perplexity
+from selfprune.export.hf import save_pruned
+from selfprune.methods import slicing, wanda_sp
+from selfprune.methods.structure import LayerKeep, layer_keep, rates_to_structure, realized_ratio, structure_to_json
+from selfprune.model import stats
+from selfprune.model.arch import arch_of
+from selfprune.model.ppl import perplexity
 
 
 def _ranked(model, seed=0):
@@ -39,7 +42,7 @@ def test_load_local_dir_reads_arch_and_fingerprint(tiny_dir):
 
 
 def test_fingerprint_is_memoized_by_path_size_and_mtime(tmp_path, monkeypatch):
-    from selfprune.engine import checkpoint
+    from selfprune.model import checkpoint
     from selfprune.storage.hashing import sha256_file
 
     build_tiny("llama_mha").save_pretrained(tmp_path)
@@ -114,25 +117,25 @@ def test_realized_ratio_matches_target(kind):
     rng = random.Random(0)
     for beta in (0.1, 0.3, 0.5, 0.7):
         for _ in range(20):
-            rates = allocation.project_to_mean([rng.uniform(0, 1) for _ in range(arch.n_layers)], beta)
-            realized = allocation.realized_ratio(arch, allocation.rates_to_structure(arch, rates))
+            rates = project_to_mean([rng.uniform(0, 1) for _ in range(arch.n_layers)], beta)
+            realized = realized_ratio(arch, rates_to_structure(arch, rates))
             assert abs(realized - beta) <= half_channel, (rates, realized)
-        uniform = allocation.rates_to_structure(arch, allocation.uniform(arch.n_layers, beta))
-        assert abs(allocation.realized_ratio(arch, uniform) - beta) <= half_channel
+        even = rates_to_structure(arch, uniform(arch.n_layers, beta))
+        assert abs(realized_ratio(arch, even) - beta) <= half_channel
 
 
 def test_rate_one_removes_both_sublayers_and_zero_keeps_all():
     arch = arch_of(build_tiny("llama_gqa").config)
-    assert allocation.layer_keep(arch, 1.0) == LayerKeep(0, 0)
-    assert allocation.layer_keep(arch, 0.0) == LayerKeep(arch.n_kv_heads, arch.intermediate)
+    assert layer_keep(arch, 1.0) == LayerKeep(0, 0)
+    assert layer_keep(arch, 0.0) == LayerKeep(arch.n_kv_heads, arch.intermediate)
 
 
 def test_dense_untouched_and_candidates_independent_of_order(tiny_dir):
     lm = load_model(str(tiny_dir), device="cpu")
     arch, _, rankings = _ranked(lm.model)
     before = _state_digest(lm.model)
-    s1 = allocation.rates_to_structure(arch, [0.2, 0.6, 0.4, 0.4])
-    s2 = allocation.rates_to_structure(arch, [0.9, 0.1, 0.5, 0.1])
+    s1 = rates_to_structure(arch, [0.2, 0.6, 0.4, 0.4])
+    s2 = rates_to_structure(arch, [0.9, 0.1, 0.5, 0.1])
     ids = random_windows(2, 16, seed=9)
     seq = [slicing.materialize(lm.model, arch, rankings, s)(ids).logits for s in (s1, s2)]
     assert _state_digest(lm.model) == before
@@ -162,13 +165,13 @@ def test_perplexity_equals_plain_reference_loop():
 def test_export_round_trip(tiny_dir, tmp_path):
     lm = load_model(str(tiny_dir), device="cpu")
     arch, _, rankings = _ranked(lm.model)
-    structure = allocation.rates_to_structure(arch, [0.3, 1.0, 0.5, 0.2])
+    structure = rates_to_structure(arch, [0.3, 1.0, 0.5, 0.2])
     pruned = slicing.materialize(lm.model, arch, rankings, structure)
     windows = random_windows(3, 32, seed=4)
     out = save_pruned(pruned, lm.tokenizer, tmp_path / "export", {"rates": [0.3, 1.0, 0.5, 0.2]})
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     back = selfprune.load_pruned(out, device="cpu")  # the documented one call
-    assert back.model.config.selfprune_layers == allocation.structure_to_json(structure)
+    assert back.model.config.selfprune_layers == structure_to_json(structure)
     a, b = perplexity(pruned, windows).ppl, perplexity(back.model, windows).ppl
     assert b == pytest.approx(a, rel=1e-5)
     assert sum(p.numel() for p in back.model.parameters()) == sum(p.numel() for p in pruned.parameters())
@@ -179,8 +182,8 @@ def test_export_round_trip(tiny_dir, tmp_path):
 def test_owl_rates_have_target_mean_and_spread():
     model = build_tiny("llama_gqa")
     st = stats.capture(model, random_windows(4, 32))
-    lods = wanda_sp.outlier_ratios(model, st)
-    rates = allocation.owl(lods, 0.5)
+    lods = outlier_ratios(model, st)
+    rates = owl_rates(lods, 0.5)
     assert len(rates) == 4 and sum(rates) / 4 == pytest.approx(0.5, abs=1e-9)
     assert max(rates) - min(rates) == pytest.approx(0.16, abs=1e-6) or len(set(lods)) == 1
     assert rates.index(min(rates)) == lods.index(max(lods))  # most outliers -> pruned least
@@ -191,16 +194,16 @@ def test_owl_rates_have_target_mean_and_spread():
 @pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, float("nan")])
 def test_bad_ratio(ratio):
     with pytest.raises(UserError, match="--ratio"):
-        allocation.check_ratio(ratio)
+        check_ratio(ratio)
 
 
 def test_bad_rates():
     with pytest.raises(UserError, match="4 layers"):
-        allocation.check_rates([0.5] * 3, 4, 0.5)
+        check_rates([0.5] * 3, 4, 0.5)
     with pytest.raises(UserError, match="outside"):
-        allocation.check_rates([0.5, 0.5, 1.2, -0.2], 4, 0.5)
+        check_rates([0.5, 0.5, 1.2, -0.2], 4, 0.5)
     with pytest.raises(UserError, match="average"):
-        allocation.check_rates([0.5, 0.5, 0.5, 0.9], 4, 0.5)
+        check_rates([0.5, 0.5, 0.5, 0.9], 4, 0.5)
 
 
 def test_missing_model_path(tmp_path):
@@ -279,7 +282,7 @@ def test_cuda_bf16_path_matches_cpu(tiny_dir):
     st = stats.capture(gpu.model, windows)
     assert st["0.attn_in.sq"].dtype == torch.float32
     rankings = wanda_sp.rank(cpu.model, cpu.arch, stats.capture(cpu.model, windows))
-    structure = allocation.rates_to_structure(cpu.arch, [0.3, 0.5, 0.4, 0.6])
+    structure = rates_to_structure(cpu.arch, [0.3, 0.5, 0.4, 0.6])
     a = perplexity(slicing.materialize(gpu.model, gpu.arch, rankings, structure), windows).ppl
     b = perplexity(slicing.materialize(cpu.model, cpu.arch, rankings, structure), windows).ppl
     assert a == pytest.approx(b, rel=0.05)

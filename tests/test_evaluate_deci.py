@@ -11,19 +11,12 @@ from helpers import build_tiny, byte_tokenizer, random_windows
 from safetensors.torch import load_file
 
 from selfprune.core.errors import UserError
-from selfprune.engine import slicing, stats, wanda_sp
-from selfprune.engine.allocation import LayerKeep
-from selfprune.engine.arch import arch_of
-from selfprune.engine.export import save_pruned
-from selfprune.evaluate.deci import (
-    block_configs,
-    check_deci_dir,
-    deci_compatible,
-    expected_tensors,
-    export_deci,
-    ffn_mult_for,
-    ffn_width,
-)
+from selfprune.export.deci import block_configs, check_deci_dir, deci_compatible, expected_tensors, export_deci, ffn_mult_for, ffn_width
+from selfprune.export.hf import save_pruned
+from selfprune.methods import slicing, wanda_sp
+from selfprune.methods.structure import LayerKeep
+from selfprune.model import stats
+from selfprune.model.arch import arch_of
 
 
 def export_tiny(kind: str, structure, out):

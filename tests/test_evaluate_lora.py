@@ -9,11 +9,12 @@ import torch
 from helpers import build_tiny, byte_tokenizer, random_windows
 
 from selfprune.core.errors import UserError
-from selfprune.engine import slicing, stats, wanda_sp
-from selfprune.engine.allocation import LayerKeep
-from selfprune.engine.arch import arch_of
-from selfprune.engine.data import token_windows
+from selfprune.data.corpora import token_windows
 from selfprune.evaluate.lora import lora_recover, lora_targets
+from selfprune.methods import slicing, wanda_sp
+from selfprune.methods.structure import LayerKeep
+from selfprune.model import stats
+from selfprune.model.arch import arch_of
 
 # peft itself calls the deprecated is_gradient_checkpointing of transformers 5
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -7,10 +7,11 @@ import torch
 from helpers import build_tiny, byte_tokenizer, random_windows
 
 from selfprune.core.errors import UserError
-from selfprune.engine import slicing, stats, wanda_sp
-from selfprune.engine.allocation import LayerKeep
-from selfprune.engine.arch import arch_of
 from selfprune.evaluate.speed import format_measurement, measure, weight_stats
+from selfprune.methods import slicing, wanda_sp
+from selfprune.methods.structure import LayerKeep
+from selfprune.model import stats
+from selfprune.model.arch import arch_of
 
 # _cached_vs_full passes past_key_values (the name every transformers 4.56-5.x accepts)
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")

@@ -11,11 +11,12 @@ import yaml
 from helpers import build_tiny, byte_tokenizer, random_windows
 
 from selfprune.core.errors import UserError
-from selfprune.engine import slicing, stats, wanda_sp
-from selfprune.engine.allocation import LayerKeep
-from selfprune.engine.arch import arch_of
 from selfprune.evaluate.cloze import CLOZE_TASK, LASTWORD_TASK, build_cloze_task, build_lastword_task
 from selfprune.evaluate.zeroshot import PAPER_TASKS, evaluate_zero_shot, summarize
+from selfprune.methods import slicing, wanda_sp
+from selfprune.methods.structure import LayerKeep
+from selfprune.model import stats
+from selfprune.model.arch import arch_of
 
 WORDS = ("the king queen sword crown night river stone light shadow speak bring honour love death "
          "fair noble gentle heart blood hand eye word grief joy war peace lord lady time").split()

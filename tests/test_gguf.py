@@ -17,12 +17,13 @@ import torch
 from helpers import build_tiny, demo_uniform_and_searched, random_windows, run_cli
 
 from selfprune.core.errors import UserError
-from selfprune.engine import slicing, stats, wanda_sp
-from selfprune.engine.allocation import LayerKeep, rates_to_structure
-from selfprune.engine.arch import arch_of
-from selfprune.engine.export import load_pruned, save_pruned
-from selfprune.evaluate.gguf_export import check_gguf_export, layer_widths, write_gguf
-from selfprune.evaluate.llamacpp import llamacpp_score
+from selfprune.export.gguf import check_gguf_export, layer_widths, write_gguf
+from selfprune.export.hf import load_pruned, save_pruned
+from selfprune.export.llamacpp import llamacpp_score
+from selfprune.methods import slicing, wanda_sp
+from selfprune.methods.structure import LayerKeep, rates_to_structure
+from selfprune.model import stats
+from selfprune.model.arch import arch_of
 
 # slow: real llama.cpp on every GGUF written, each in a process of its own (minutes; skips without llama-cpp-python)
 pytestmark = pytest.mark.slow
@@ -158,8 +159,8 @@ def test_the_tokenizer_and_chat_template_travel_with_the_file(tmp_path):
 
 @pytest.mark.demo
 def test_the_demo_models_pre_tokenizer_is_its_gguf_s(real_home):
-    from selfprune.engine.demo import demo_model_dir
-    from selfprune.evaluate.gguf_export import tokenizer_pre
+    from selfprune.data.demo import demo_model_dir
+    from selfprune.export.gguf import tokenizer_pre
 
     assert tokenizer_pre(demo_model_dir()) == "smollm"
 
@@ -309,7 +310,7 @@ def test_the_demo_model_pruned_uniformly_and_by_a_search_runs_in_llama_cpp_as_in
     """SmolLM2-135M at 0.3 and 0.5, uniform and searched (per-layer widths): each f32 GGUF gives
     transformers' log-probabilities on real text (within 1e-3) and greedy tokens; the searched one's
     q8_0 and q4_k_m files stay within 2% and 15% of the f32 file's perplexity."""
-    from selfprune.engine.data import split_windows
+    from selfprune.data.corpora import split_windows
     from selfprune.engine.models import load_tokenizer
 
     demo_uniform_and_searched(ratio, tmp_path, capsys, monkeypatch)

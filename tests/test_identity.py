@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-from selfprune.engine import devices
+from selfprune.model import devices
 
 # Fixed inputs. The data spec is relative ("corpus.txt", read in the tiny workspace) because the
 # calibration and scoring settings name it as given: an absolute temporary path would change every key.
@@ -110,10 +110,10 @@ def test_the_library_and_the_flow_name_the_same_statistics(tiny_workspace, devic
     ``capture_statistics`` returns, and the ones its cache key names before any model loads (the
     requested precision, resolved): no drift where the workbench loads the model itself."""
     from selfprune.engine import identity
-    from selfprune.engine.devices import precision
     from selfprune.engine.models import load_model, model_fingerprint
     from selfprune.engine.workbench import Workbench
     from selfprune.evolve import pipeline
+    from selfprune.model.devices import precision
     from selfprune.tasks.pruning import capture_statistics
 
     config = search_config(tiny_workspace, device=device, dtype=dtype)

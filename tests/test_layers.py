@@ -2,7 +2,9 @@
 below it, the library imports no Prefect, and the modules import each other without cycles.
 
 From the bottom: ``selfprune/core/`` (errors, registries, progress), ``selfprune/storage/`` (files
-on disk), ``selfprune/engine/`` (models, statistics, candidates, pruning, cache identities), the
+on disk), the algorithms, one folder each and pure tensor math (``model/``: architecture, checkpoint,
+statistics; ``data/``; ``metrics/``; ``methods/``; ``allocators/``; ``reconstruct/``; ``export/``),
+``selfprune/engine/`` (candidates, the pruner and scorer built from them, cache identities), the
 library's surface (``selfprune/evolve/``, ``selfprune/evaluate/`` and the modules at the package's
 top: ``selfprune.search`` and its siblings, the run configurations), and the application
 (``selfprune/app/``, and the installed ``selfprune.flows`` / ``selfprune.tasks`` /
@@ -30,8 +32,10 @@ import selfprune
 
 PACKAGE = Path(selfprune.__file__).parent
 INSTALLED = ("flows", "tasks", "artifacts")  # repo-top folders installed as selfprune.NAME (pyproject's package-dir)
-LAYERS = ("core", "storage", "engine", "library", "application")  # bottom first
-FOLDERS = {"core": "core", "storage": "storage", "engine": "engine", "evolve": "library", "llm": "library", "evaluate": "library",
+LAYERS = ("core", "storage", "algorithms", "engine", "library", "application")  # bottom first
+ALGORITHMS = ("model", "data", "metrics", "methods", "allocators", "reconstruct", "export")
+FOLDERS = {"core": "core", "storage": "storage", **dict.fromkeys(ALGORITHMS, "algorithms"), "engine": "engine",
+           "evolve": "library", "llm": "library", "evaluate": "library",
            "app": "application", "flows": "application", "tasks": "application", "artifacts": "application"}
 AT_THE_TOP = {"ops": "application"}  # a module at the package's top is the library's surface, but these
 
@@ -148,12 +152,12 @@ def test_the_import_graph_is_acyclic():
 
 
 def test_the_metric_language_imports_nothing_of_the_searches():
-    """``selfprune.engine.metrics`` is what the searches search over: an oracle (the GP) lives in
+    """``selfprune.metrics`` is what the searches search over: an oracle (the GP) lives in
     ``selfprune.evolve`` beside its siblings, and nothing in the language imports back up."""
     found = library_modules()
     back_up = {m: sorted(n for n in imported_names(m, p) if n.startswith("selfprune.evolve"))
-               for m, p in found.items() if m.startswith("selfprune.engine.metrics")}
-    assert {m for m in back_up if m.startswith("selfprune.engine.metrics.")}, "no metric module found"
+               for m, p in found.items() if m.startswith("selfprune.metrics")}
+    assert {m for m in back_up if m.startswith("selfprune.metrics.")}, "no metric module found"
     assert not {m: names for m, names in back_up.items() if names}, back_up
 
 

@@ -126,7 +126,7 @@ def test_each_call_returns_what_the_readme_says(tiny_workspace, tmp_path):
     ppl = selfprune.perplexity(pruned, data=data, split="test", seqlen=64, windows=2)
     assert set(ppl) == {"ppl", "nll", "tokens", "seqlen", "windows", "data", "split"} and ppl["windows"] == 2
 
-    from selfprune.engine.checkpoint import LoadedModel
+    from selfprune.model.checkpoint import LoadedModel
 
     loaded = selfprune.load_pruned(tmp_path / "nb-model", device="cpu")
     assert isinstance(loaded, LoadedModel) and isinstance(loaded.model, torch.nn.Module)

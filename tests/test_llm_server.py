@@ -25,15 +25,15 @@ def llm_server(tmp_path_factory):
         pytest.skip("llama-cpp-python is not installed: pip install -e '.[llm-server]'")
     from helpers import REAL_HOME, environ, free_port, wait_until_up
 
-    from selfprune.engine.demo import demo_gguf_path
+    from selfprune.data.demo import demo_gguf_path
 
     with environ(SELFPRUNE_HOME=str(REAL_HOME)):
         gguf = demo_gguf_path()
     port = free_port()
     log = open(tmp_path_factory.mktemp("llm") / "server.log", "w")
     # llama_cpp.server, run without llama.cpp's extra CPU buffer types: they crash quantized models on
-    # some virtual machines with AMX-capable CPUs (selfprune/evaluate/llamacpp.py)
-    serve = ("import runpy, sys; from selfprune.evaluate.llamacpp import without_extra_buffer_types; "
+    # some virtual machines with AMX-capable CPUs (selfprune/export/llamacpp.py)
+    serve = ("import runpy, sys; from selfprune.export.llamacpp import without_extra_buffer_types; "
              "sys.argv = ['llama_cpp.server', *sys.argv[1:]]\n"
              "with without_extra_buffer_types(): runpy.run_module('llama_cpp.server', run_name='__main__')")
     server = subprocess.Popen([sys.executable, "-c", serve, "--model", str(gguf), "--host", "127.0.0.1",

@@ -11,14 +11,14 @@ import pytest
 from fake_openai_server import FakeOpenAI, cut, reply, slow
 
 from selfprune.core.errors import UserError
-from selfprune.engine.metrics import METRICS, MetricError, parse_metric
-from selfprune.engine.metrics.edits import describe_edit
-from selfprune.engine.metrics.search_space import Lineage, MetricContext
 from selfprune.evolve import metric_prompts
 from selfprune.evolve.gp import GPOracle
 from selfprune.evolve.metric_oracle import LLMMetricOracle, make_metric_oracle, parse_proposals
 from selfprune.llm.chat import ChatRequest, OracleUnavailable, Reply
 from selfprune.llm.transport import openai_transport
+from selfprune.metrics import METRICS, MetricError, parse_metric
+from selfprune.metrics.edits import describe_edit
+from selfprune.metrics.search_space import Lineage, MetricContext
 
 CTX = MetricContext(model_name="tiny-llama", sparsity=0.5, seed=1)
 MAGNITUDE, WANDA, RIA = (METRICS.get(n).text for n in ("magnitude", "wanda", "ria"))

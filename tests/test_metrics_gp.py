@@ -12,10 +12,10 @@ from collections import Counter
 
 import pytest
 
-from selfprune.engine.metrics import METRICS, parse_metric
-from selfprune.engine.metrics.edits import MAX_LABEL, describe_edit
-from selfprune.engine.metrics.search_space import MetricContext
 from selfprune.evolve.gp import GPOracle
+from selfprune.metrics import METRICS, parse_metric
+from selfprune.metrics.edits import MAX_LABEL, describe_edit
+from selfprune.metrics.search_space import MetricContext
 
 
 def ctx(seed: int = 0, gradient: bool = False) -> MetricContext:
@@ -50,7 +50,7 @@ def test_initialize_and_evolve_are_deterministic() -> None:
 
 def test_same_outputs_in_another_process() -> None:
     """No dependence on str hashing or set order: a process with another hash seed agrees."""
-    code = ("import json; from selfprune.evolve.gp import GPOracle; from selfprune.engine.metrics.search_space import "
+    code = ("import json; from selfprune.evolve.gp import GPOracle; from selfprune.metrics.search_space import "
             "MetricContext as C; c = C('tiny', 0.5, seed=5, gradient=True); o = GPOracle(); i = o.initialize(c, 8); "
             "print(json.dumps([i, o.evolve(c, [(t, float(n)) for n, t in enumerate(i)], 3, 3, 1)]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import selfprune.engine.metrics as metrics_pkg
+import selfprune.metrics as metrics_pkg
 from selfprune.core.errors import UserError
-from selfprune.engine.metrics import INPUTS, METRICS, Metric, MetricError, parse_metric, resolve_metric
-from selfprune.engine.metrics.canonical import canonical, render
-from selfprune.engine.metrics.language import FUNCTIONS, parse
-from selfprune.engine.metrics.tensors import AXIS_OPS, BINARY, UNARY, bind, evaluate, probe_inputs
+from selfprune.metrics import INPUTS, METRICS, Metric, MetricError, parse_metric, resolve_metric
+from selfprune.metrics.canonical import canonical, render
+from selfprune.metrics.language import FUNCTIONS, parse
+from selfprune.metrics.tensors import AXIS_OPS, BINARY, UNARY, bind, evaluate, probe_inputs
 
 
 @pytest.fixture

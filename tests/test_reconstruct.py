@@ -9,10 +9,12 @@ import pytest
 import torch
 from helpers import build_tiny, random_windows, run_cli, tiny_prune_args
 
+from selfprune import reconstruct
 from selfprune.core.errors import UserError
-from selfprune.engine import reconstruct, sparsity
-from selfprune.engine.arch import arch_of
-from selfprune.engine.sparsity import keep_mask, parse_pattern
+from selfprune.methods import sparsity
+from selfprune.methods.sparsity import keep_mask, parse_pattern
+from selfprune.model.arch import arch_of
+from selfprune.reconstruct import layerwise, solvers
 
 
 def correlated_inputs(n: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -36,7 +38,7 @@ def layer() -> tuple[torch.Tensor, torch.Tensor]:
 def test_sparsegpt_keeps_the_given_mask_and_cuts_the_output_error(layer):
     w, x = layer
     keep = keep_mask(w.abs() * x.pow(2).mean(0).sqrt(), 0.6, parse_pattern("unstructured"))
-    updated, used = reconstruct.sparsegpt(w, x.T @ x, keep)
+    updated, used = solvers.sparsegpt(w, x.T @ x, keep)
     assert torch.equal(used, keep) and torch.equal(updated == 0, ~keep)  # zero exactly where the mask says
     masked = output_error(w * keep, x, w)
     assert output_error(updated, x, w) < 0.9 * masked  # the kept weights took over part of what the pruned ones did
@@ -46,13 +48,13 @@ def test_sparsegpt_keeps_the_given_mask_and_cuts_the_output_error(layer):
 def test_adaptive_sparsegpt_chooses_its_own_mask_in_the_pattern(layer, pattern, sparsity_):
     w, x = layer
     pat = parse_pattern(pattern)
-    updated, keep = reconstruct.sparsegpt(w, x.T @ x, None, sparsity_, pat)
+    updated, keep = solvers.sparsegpt(w, x.T @ x, None, sparsity_, pat)
     assert torch.equal(updated == 0, ~keep)
     if pat.kind == "nm":  # exactly N of every M consecutive inputs of a row survive
         assert torch.all(keep.reshape(48, -1, pat.m).sum(2) == pat.n)
     else:  # each block of 128 columns loses exactly its share, chosen across all rows
-        for i in range(0, 256, reconstruct.BLOCK):
-            assert int((~keep[:, i:i + reconstruct.BLOCK]).sum()) == int(48 * reconstruct.BLOCK * sparsity_)
+        for i in range(0, 256, solvers.BLOCK):
+            assert int((~keep[:, i:i + solvers.BLOCK]).sum()) == int(48 * solvers.BLOCK * sparsity_)
     given = keep_mask(w.abs() * x.pow(2).mean(0).sqrt(), sparsity_, pat)
     assert output_error(updated, x, w) < output_error(w * given, x, w)
 
@@ -60,7 +62,7 @@ def test_adaptive_sparsegpt_chooses_its_own_mask_in_the_pattern(layer, pattern, 
 def test_least_squares_refit_is_the_best_fit_on_the_kept_inputs(layer):
     w, x = layer
     kept = torch.arange(0, 256, 2)
-    fitted = reconstruct.least_squares(w, x.T @ x, kept)
+    fitted = solvers.least_squares(w, x.T @ x, kept)
     best = torch.linalg.lstsq(x[:, kept].double(), (x @ w.T).double()).solution.T.float()
 
     def err(cols: torch.Tensor) -> float:
@@ -73,8 +75,8 @@ def test_least_squares_refit_is_the_best_fit_on_the_kept_inputs(layer):
 @pytest.mark.parametrize("how,pattern", [("sparsegpt", "unstructured"), ("sparsegpt", "2:4"),
                                          ("sparsegpt-adaptive", "unstructured")])
 def test_a_reconstructed_model_is_closer_to_the_dense_one_and_leaves_it_alone(how, pattern):
-    from selfprune.engine.stats import LINEAR_INPUT, capture
-    from selfprune.engine.wanda_sp import weight_scores
+    from selfprune.methods.wanda_sp import weight_scores
+    from selfprune.model.stats import LINEAR_INPUT, capture
 
     model = build_tiny("llama_gqa")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,7 +86,7 @@ def test_a_reconstructed_model_is_closer_to_the_dense_one_and_leaves_it_alone(ho
     pat = parse_pattern(pattern)
     rates = [pat.fixed_sparsity or 0.6] * arch.n_layers
     plain = sparsity.sparsify(model, arch, scores, rates, pat)
-    rebuilt = reconstruct.sparse_model(model, arch, windows, None if how == "sparsegpt-adaptive" else scores, rates, pat)
+    rebuilt = layerwise.sparse_model(model, arch, windows, None if how == "sparsegpt-adaptive" else scores, rates, pat)
     with torch.no_grad():
         dense = model(windows).logits
         errors = [float((m(windows).logits - dense).pow(2).mean()) for m in (plain.model, rebuilt.model)]
@@ -98,15 +100,16 @@ def test_a_reconstructed_model_is_closer_to_the_dense_one_and_leaves_it_alone(ho
 
 
 def test_least_squares_refits_the_consumers_of_removed_units():
-    from selfprune.engine import allocation, slicing, wanda_sp
-    from selfprune.engine.stats import capture
+    from selfprune.methods import slicing, wanda_sp
+    from selfprune.methods.structure import rates_to_structure
+    from selfprune.model.stats import capture
 
     model = build_tiny("llama_gqa")
     arch, windows = arch_of(model.config), random_windows(8, 64)
     rankings = wanda_sp.rank(model, arch, capture(model, windows))
-    structure = allocation.rates_to_structure(arch, [0.5, 0.3, 1.0, 0.0])
+    structure = rates_to_structure(arch, [0.5, 0.3, 1.0, 0.0])
     plain = slicing.materialize(model, arch, rankings, structure)
-    refit = reconstruct.structured_model(model, arch, rankings, structure, windows)
+    refit = layerwise.structured_model(model, arch, rankings, structure, windows)
     assert refit.config.selfprune_layers == plain.config.selfprune_layers
     with torch.no_grad():
         dense = model(windows).logits

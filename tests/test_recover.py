@@ -23,9 +23,9 @@ def recover_args(ws: Path, model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_recover_lowers_loss_and_keeps_shapes(prefect_api, export, tiny_workspace, tmp_path, capsys, monkeypatch):
-    from selfprune.engine.data import split_windows
-    from selfprune.engine.export import load_pruned
-    from selfprune.engine.ppl import perplexity
+    from selfprune.data.corpora import split_windows
+    from selfprune.export.hf import load_pruned
+    from selfprune.model.ppl import perplexity
 
     out = tmp_path / "recovered"
     code, _, err = run_cli(capsys, monkeypatch, *recover_args(tiny_workspace, export, out))

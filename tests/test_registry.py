@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import selfprune
+from selfprune.allocators import ALLOCATIONS
 from selfprune.core.errors import UserError
 from selfprune.core.registry import Registry
-from selfprune.engine import wanda_sp
-from selfprune.engine.allocators import ALLOCATIONS
-from selfprune.engine.methods import METHODS, Method, register_method
 from selfprune.evolve.classical import GAOracle
 from selfprune.evolve.oracle_registry import ORACLES, OracleKind, make_oracle
+from selfprune.methods import wanda_sp
+from selfprune.methods.registry import METHODS, Method, register_method
 
 
 def reverse_rank(model, arch, stats) -> wanda_sp.Rankings:

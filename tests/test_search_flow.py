@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fake_openai_server import FakeOpenAI, reply
 
-from selfprune.engine.allocation import project_to_mean
+from selfprune.allocators.rates import project_to_mean
 from selfprune.engine.candidate import Structured
 
 # The paper's generation 0 (no baselines): these tests count evaluations exactly.
@@ -238,10 +238,10 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
     which allocates in process, takes the same path."""
     import selfprune
     from selfprune.config import registered_allocations
-    from selfprune.engine.allocation import rates_to_structure, structure_to_json
     from selfprune.engine.models import load_model
     from selfprune.engine.settings import Calibration, Scoring
     from selfprune.engine.workbench import Workbench
+    from selfprune.methods.structure import rates_to_structure, structure_to_json
 
     baselines = registered_allocations()
     small = SMALL | {"baselines": ",".join(baselines), "generations": 2, "reconstruct": "lsq"}
@@ -274,12 +274,12 @@ def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_a
     fitness split; the lowest is kept, named in best.json, and what a prune from best.json takes.
     The flow and the library agree."""
     import selfprune
+    from selfprune.allocators import rate_file
     from selfprune.core.errors import UserError
-    from selfprune.engine.allocation import rates_to_structure
-    from selfprune.engine.allocators import rate_file
     from selfprune.engine.models import load_model
     from selfprune.engine.settings import Calibration, Scoring
     from selfprune.engine.workbench import Workbench
+    from selfprune.methods.structure import rates_to_structure
 
     small = SMALL | {"baselines": "uniform,atp", "generations": 1, "reconstruct": "lsq", "reconstruct_top": 2}
     summary = run_search(tiny_workspace, tmp_path / "flow", **small)

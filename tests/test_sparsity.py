@@ -10,9 +10,11 @@ import pytest
 import torch
 from helpers import build_tiny, random_windows, run_cli, tiny_prune_args
 
+from selfprune.allocators.sdsa import SDSA_LAMBDA, sdsa_rates, skewness
 from selfprune.core.errors import UserError
-from selfprune.engine import allocation, sparsity, stats
-from selfprune.engine.sparsity import keep_mask, parse_pattern
+from selfprune.methods import sparsity
+from selfprune.methods.sparsity import keep_mask, parse_pattern
+from selfprune.model import stats
 
 
 def test_unstructured_prunes_the_lowest_scores_of_each_row():
@@ -49,19 +51,19 @@ def test_bad_patterns_name_the_choices(bad):
 
 def test_sdsa_prunes_skewed_layers_less_with_the_exact_mean():
     skews = [0.5, 8.0, 1.0, 3.0, 0.2, 12.0]
-    rates = allocation.sdsa(skews, 0.6)
+    rates = sdsa_rates(skews, 0.6)
     assert abs(sum(rates) / len(rates) - 0.6) < 1e-9
-    assert all(abs(r - 0.6) <= allocation.SDSA_LAMBDA + 1e-9 for r in rates)
+    assert all(abs(r - 0.6) <= SDSA_LAMBDA + 1e-9 for r in rates)
     order = sorted(range(len(skews)), key=skews.__getitem__)
     assert [rates[i] for i in order] == sorted(rates, reverse=True)  # more skew, less sparsity
-    assert allocation.sdsa([2.0] * 4, 0.5) == [0.5] * 4  # no skew difference: uniform
+    assert sdsa_rates([2.0] * 4, 0.5) == [0.5] * 4  # no skew difference: uniform
 
 
 def test_skewness_of_known_distributions():
     g = torch.Generator().manual_seed(0)
-    assert abs(allocation.skewness([torch.randn(200_000, generator=g)])) < 0.05
+    assert abs(skewness([torch.randn(200_000, generator=g)])) < 0.05
     exponential = -torch.log(torch.rand(200_000, generator=g))
-    assert abs(allocation.skewness([exponential]) - 2.0) < 0.1  # the exponential's skewness is 2
+    assert abs(skewness([exponential]) - 2.0) < 0.1  # the exponential's skewness is 2
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def bench(tiny_workspace):
 
 @pytest.mark.parametrize("spec", ["uniform", "owl", "sdsa"])
 def test_sparsify_reaches_the_target_and_leaves_the_dense_model_alone(bench, spec):
-    from selfprune.engine.metrics import resolve_metric
+    from selfprune.metrics import resolve_metric
 
     before = {k: v.clone() for k, v in bench.lm.model.state_dict().items()}
     rates, result = bench.pruner.sparse(resolve_metric("wanda"), spec, 0.5, parse_pattern("unstructured"))
@@ -91,7 +93,7 @@ def test_sparsify_reaches_the_target_and_leaves_the_dense_model_alone(bench, spe
 
 @pytest.mark.parametrize("pattern", ["unstructured-layer", "2:4"])
 def test_zeros_are_known_from_the_shapes(bench, pattern):
-    from selfprune.engine.metrics import resolve_metric
+    from selfprune.metrics import resolve_metric
 
     pat = parse_pattern(pattern)
     rates, result = bench.pruner.sparse(resolve_metric("magnitude"), "uniform", pat.fixed_sparsity or 0.3, pat)
@@ -100,7 +102,7 @@ def test_zeros_are_known_from_the_shapes(bench, pattern):
 
 def test_the_wanda_metric_prunes_what_wanda_prunes(bench):
     """Wanda by hand: per output row, drop the lowest |W_ij| * ||x_j||."""
-    from selfprune.engine.metrics import resolve_metric
+    from selfprune.metrics import resolve_metric
 
     _, result = bench.pruner.sparse(resolve_metric("wanda"), "uniform", 0.5, parse_pattern("unstructured"))
     w = bench.lm.model.model.layers[1].self_attn.o_proj.weight.detach()
@@ -110,7 +112,7 @@ def test_the_wanda_metric_prunes_what_wanda_prunes(bench):
 
 
 def test_owl_and_sdsa_read_outliers_from_the_metric(bench):
-    from selfprune.engine.metrics import resolve_metric
+    from selfprune.metrics import resolve_metric
 
     pattern = parse_pattern("unstructured")
     by_metric = {m: bench.pruner.sparse(resolve_metric(m), "sdsa", 0.5, pattern)[0] for m in ("wanda", "magnitude")}
@@ -174,10 +176,10 @@ def test_gradient_statistic_is_the_root_of_summed_per_window_squares():
 
 def test_a_gradient_metric_is_computed_once_and_stored(tiny_workspace, monkeypatch):
     from selfprune.engine import gradients
-    from selfprune.engine.metrics import resolve_metric
     from selfprune.engine.models import load_model
     from selfprune.engine.settings import Calibration
     from selfprune.engine.workbench import Workbench
+    from selfprune.metrics import resolve_metric
 
     calibration = Calibration(str(tiny_workspace / "corpus.txt"), 4, 64)
     first = Workbench(load_model(str(tiny_workspace / "model"), "cpu"), calibration)
@@ -192,7 +194,7 @@ def test_a_gradient_metric_is_computed_once_and_stored(tiny_workspace, monkeypat
 
 
 def test_a_metric_ranks_units_by_the_scores_of_the_weights_they_own(bench):
-    from selfprune.engine.methods import unit_scores
+    from selfprune.methods.registry import unit_scores
 
     arch = bench.arch
     layer = bench.lm.model.model.layers[3]

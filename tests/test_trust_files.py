@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import build_tiny, byte_tokenizer, run_cli, tiny_export, write_corpus
 
-from selfprune.engine import data
+from selfprune.data import corpora as data
 
 # ---------------------------------------------------------------------------------------------
 # helpers

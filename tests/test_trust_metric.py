@@ -15,12 +15,12 @@ from fake_openai_server import FakeOpenAI, reply
 from helpers import run_cli, tiny_prune_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from selfprune.engine.metrics import MetricError, parse_metric
-from selfprune.engine.metrics.canonical import render
-from selfprune.engine.metrics.language import MAX_DEPTH, Num, Op, Var, parse
-from selfprune.engine.metrics.search_space import MetricContext
-from selfprune.engine.metrics.tensors import bind, evaluate
 from selfprune.evolve.gp import GPOracle
+from selfprune.metrics import MetricError, parse_metric
+from selfprune.metrics.canonical import render
+from selfprune.metrics.language import MAX_DEPTH, Num, Op, Var, parse
+from selfprune.metrics.search_space import MetricContext
+from selfprune.metrics.tensors import bind, evaluate
 
 # Finite on the 8x16 probe layer (rowsum(W ** 0) is the width: 16 ** 24 ~ 8e28) but not on the tiny
 # model's layers, 64 and 96 wide (64 ** 24 ~ 2e43 overflows float32): every score is inf.
@@ -129,9 +129,9 @@ def test_a_50_term_sum_holds_a_constant_number_of_layers():
 def test_measured_memory_never_exceeds_the_stated_bound():
     """For GP-grown metrics and the built-ins: the peak of live tensors an evaluation made is at most
     live_tensors(tree) layers, which parse_metric caps at MAX_LIVE."""
-    from selfprune.engine.metrics import METRICS
-    from selfprune.engine.metrics.language import MAX_LIVE
-    from selfprune.engine.metrics.tensors import live_tensors
+    from selfprune.metrics import METRICS
+    from selfprune.metrics.language import MAX_LIVE
+    from selfprune.metrics.tensors import live_tensors
 
     gp, ctx, inputs = GPOracle(), MetricContext("tiny", 0.5), layer_inputs()
     trees = [METRICS.get(name).tree for name in METRICS.names()]
@@ -147,7 +147,7 @@ def test_measured_memory_never_exceeds_the_stated_bound():
 
 
 def test_a_metric_needing_more_live_tensors_than_the_limit_is_refused():
-    from selfprune.engine.metrics.language import MAX_LIVE
+    from selfprune.metrics.language import MAX_LIVE
 
     text = "W"
     for _ in range(MAX_LIVE):  # the last term of a sum is computed while the sum so far is held: one more each level

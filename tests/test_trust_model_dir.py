@@ -16,9 +16,9 @@ import pytest
 from helpers import run_cli
 
 from selfprune.core.errors import UserError
-from selfprune.engine.allocation import LayerKeep
 from selfprune.evaluate import vllm_bridge
-from selfprune.evaluate.deci import CONFIG_MODULE, export_deci
+from selfprune.export.deci import CONFIG_MODULE, export_deci
+from selfprune.methods.structure import LayerKeep
 
 PROBE = """#!{python}
 import json, shutil, sys

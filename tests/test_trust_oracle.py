@@ -26,7 +26,6 @@ import pytest
 from fake_openai_server import FakeOpenAI, raw, reply, status, trickle
 
 from selfprune.config import AutopruneConfig, SearchConfig
-from selfprune.engine.metrics.search_space import Lineage, MetricContext
 from selfprune.evolve.gp import GPOracle
 from selfprune.evolve.llm_oracle import LLMOracle
 from selfprune.evolve.metric_oracle import make_metric_oracle
@@ -34,6 +33,7 @@ from selfprune.evolve.replies import parse_candidates
 from selfprune.evolve.search_context import SearchContext
 from selfprune.llm.chat import OracleUnavailable
 from selfprune.llm.transport import openai_transport
+from selfprune.metrics.search_space import Lineage, MetricContext
 
 REAL_KEY = "sk-real-DO-NOT-SEND"
 CTX = SearchContext(model_name="tiny-llama", n_layers=4, beta=0.3, p_max=0.9, seed=1)

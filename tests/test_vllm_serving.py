@@ -17,8 +17,8 @@ import torch
 from helpers import byte_tokenizer, demo_uniform_and_searched, free_port, run_cli, tiny_export, wait_until_up
 
 from selfprune.core.errors import UserError
-from selfprune.engine.export import ARCHITECTURE, load_pruned
 from selfprune.evaluate import speed, vllm_bridge
+from selfprune.export.hf import ARCHITECTURE, load_pruned
 
 VLLM_PYTHON = os.environ.get(vllm_bridge.PYTHON_ENV)
 needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason=f"no vLLM environment (set {vllm_bridge.PYTHON_ENV}; "

@@ -123,7 +123,7 @@ def prune(
 
     With --allocation a search's best.json, the options not given are the search's, the ratio too: the searched model."""
     from ..api import prune as prune_model
-    from ..engine.allocation import Alignment
+    from ..methods.structure import Alignment
 
     with shown_progress() as progress:
         result = prune_model(model, ratio, allocation, data, samples=samples, calib_seqlen=calib_seqlen, method=method,
@@ -498,8 +498,8 @@ def _bench_llamacpp(names: list[str], quants: list[str], as_json: bool, prompt_t
     llama.cpp, one process per model; one table per quantization."""
     import tempfile
 
-    from ..evaluate.gguf_export import check_gguf_export, write_gguf
-    from ..evaluate.llamacpp import llamacpp_measure
+    from ..evaluate.speed import llamacpp_measure
+    from ..export.gguf import check_gguf_export, write_gguf
 
     dirs = [Path(_model_dir(name)) for name in names]
     for d in dirs:  # every refusal before the first file is written
@@ -535,7 +535,7 @@ def _refuse_model_code(names: list[str], trust_remote_code: bool) -> None:
 
 def _model_dir(name: str) -> str:
     """A model's directory for vLLM: the demo model's, or the path given."""
-    from ..engine.demo import demo_model_dir
+    from ..data.demo import demo_model_dir
 
     return str(demo_model_dir()) if name == "demo" else name
 
@@ -576,7 +576,7 @@ def export_deci_cmd(
     out: Annotated[Path, typer.Argument(help="the DeciLM / nemotron-nas directory to write")],
 ) -> None:
     """Convert a selfprune export to DeciLM (nemotron-nas), which vLLM serves natively."""
-    from ..evaluate.deci import export_deci
+    from ..export.deci import export_deci
 
     path = export_deci(export_dir, out)
     console.print(f"DeciLM checkpoint -> {path}; serve it with vllm.LLM({str(path)!r}, trust_remote_code=True)")
@@ -591,7 +591,7 @@ def export_gguf_cmd(
         "--tokenizer-pre", help="llama.cpp's pre-tokenizer name (default: the base GGUF's, else 'default')")] = None,
 ) -> None:
     """Write a selfprune export as one GGUF file for llama.cpp, Ollama and LM Studio (per-layer widths)."""
-    from ..evaluate.gguf_export import write_gguf
+    from ..export.gguf import write_gguf
 
     path = write_gguf(export_dir, out, quant, tokenizer_pre)
     console.print(f"GGUF ({quant}, {path.stat().st_size / 2**20:.1f} MiB) -> {path}\n"
@@ -636,7 +636,7 @@ def demo_gguf() -> None:
     """Print the path of the demo model's GGUF (fetched once), to serve as a local LLM oracle.
 
     python -m llama_cpp.server --model "$(selfprune demo-gguf)" --n_ctx 8192 --model_alias smollm2"""
-    from ..engine.demo import demo_gguf_path
+    from ..data.demo import demo_gguf_path
 
     print(demo_gguf_path())
 

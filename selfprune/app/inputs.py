@@ -4,7 +4,7 @@ A typo in a model path or hub id, a data file, an oracle name, an oracle's key o
 fails in about a second with one line (a UserError, exit 2), not after a temporary Prefect server
 and a flow run have started (tens of seconds) and with retry advice that would fail the same way.
 The CLI calls :func:`check_inputs` before it configures Prefect. Each check is the validator the
-run itself applies later (:mod:`selfprune.engine.models`, :mod:`selfprune.engine.data`, the searches' own
+run itself applies later (:mod:`selfprune.engine.models`, :mod:`selfprune.data.corpora`, the searches' own
 ``check``, :mod:`selfprune.llm.endpoint`, the report's search files), so each rule lives once.
 """
 
@@ -17,7 +17,7 @@ from ..core.errors import UserError
 def check_inputs(config: RunConfig) -> None:
     """Model, data, the search's settings and oracle, the oracle's key, and the report's search files.
     (Imports here: torch and transformers come with them, which ``selfprune --help`` need not wait for.)"""
-    from ..engine.data import check_data
+    from ..data.corpora import check_data
     from ..engine.models import check_model
 
     check_model(config.model)

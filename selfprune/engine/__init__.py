@@ -1,1 +1,1 @@
-"""The pruning engine: models, statistics, rankings, candidates, masks and reconstruction, and their cache identities."""
+"""The engine: candidates, and the pruner and scorer that build and score them from the algorithms below, with their cache identities."""

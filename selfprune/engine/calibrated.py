@@ -16,11 +16,13 @@ import torch
 
 from ..core.errors import CorruptFile, UserError
 from ..core.progress import Sink, step
+from ..data import corpora as data
+from ..model import stats
+from ..model.checkpoint import LoadedModel
+from ..model.devices import model_precision
+from ..reconstruct import LayerPass
 from ..storage.store import ArtifactStore
-from . import data, gradients, identity, stats
-from .checkpoint import LoadedModel
-from .devices import model_precision
-from .reconstruct import LayerPass
+from . import gradients, identity
 from .settings import Calibration
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .. import allocators
 from ..core.errors import UserError
-from . import allocators
-from .allocation import Structure, dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
-from .arch import Arch
-from .metrics import resolve_metric
-from .reconstruct import NONE, RECONSTRUCT_VERSION, check_reconstruction
-from .sparsity import parse_pattern, weights, zeros
+from ..methods.sparsity import parse_pattern, weights, zeros
+from ..methods.structure import Structure, dense_structure, kept_params, realized_ratio, structure_from_json, structure_to_json
+from ..metrics import resolve_metric
+from ..model.arch import Arch
+from ..reconstruct import NONE, RECONSTRUCT_VERSION, check_reconstruction
 
 
 class Size(NamedTuple):

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .arch import decoder_layers
-from .stats import LINEAR_INPUT
+from ..model.arch import decoder_layers
+from ..model.stats import LINEAR_INPUT
 
 GRADIENTS_VERSION = "grads-1"
 WINDOWS = 32  # per-sample backward passes: G's noise falls slowly past a few dozen

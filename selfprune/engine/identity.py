@@ -10,7 +10,7 @@ cloze task's files in ``evaluate/report.py``.) Two kinds, one rule each:
   ``tasks/caching.py`` hashes, with the task's namespace and its own ``version=``, into
   ``<namespace>-<hash>``. Each takes the task's parameters as keywords (``**_`` for those that do
   not decide it), so it is the task's ``key_fn`` itself. It is computed before any model loads, so
-  it names the *requested* precision, resolved (:func:`selfprune.engine.devices.precision`): the same as
+  it names the *requested* precision, resolved (:func:`selfprune.model.devices.precision`): the same as
   the loaded model's wherever the workbench loads the model itself (``tests/test_identity.py``).
 
 Every output is byte-for-byte what the code before this module gave (tests/test_identity.py pins a
@@ -25,16 +25,17 @@ import hashlib
 import importlib.metadata
 from pathlib import Path
 
+from .. import allocators
+from ..data.corpora import data_fingerprint
+from ..methods.registry import method_identity
+from ..metrics import LANGUAGE_VERSION
+from ..model import devices
+from ..model.stats import STATS_VERSION
+from ..reconstruct import identity as reconstruction
 from ..storage.hashing import content_hash
-from . import allocators, devices
 from .candidate import Candidate, Dense, Sparse, Structured
-from .data import data_fingerprint
 from .gradients import GRADIENTS_VERSION, WINDOWS
-from .methods import method_identity
-from .metrics import LANGUAGE_VERSION
-from .reconstruct import identity as reconstruction
 from .settings import Calibration, ModelSpec, Scoring, allocation_scoring
-from .stats import STATS_VERSION
 
 DENSE = "dense"  # the zero-shot key's structure of the dense model
 

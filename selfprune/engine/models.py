@@ -9,12 +9,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..core.errors import UserError, cause
-from .arch import Arch, arch_of
-from .checkpoint import LoadedModel, fingerprint, from_pretrained, read_config
-from .demo import demo_model_dir
-from .devices import MAP, check_resident, resolve_device, resolve_dtype
-from .export import RECORD, load_pruned
-from .headers import check_config, tensor_shapes
+from ..data.demo import demo_model_dir
+from ..export.hf import RECORD, load_pruned
+from ..model.arch import Arch, arch_of
+from ..model.checkpoint import LoadedModel, fingerprint, from_pretrained, read_config
+from ..model.devices import MAP, check_resident, resolve_device, resolve_dtype
+from ..model.headers import check_config, tensor_shapes
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -131,7 +131,7 @@ def load_tokenizer(spec: str):
 
 def load_arch(spec: str) -> Arch:
     """The architecture of ``spec`` from its config, checked against a local checkpoint's weight
-    headers (:mod:`selfprune.engine.headers`): a second, no weight data read."""
+    headers (:mod:`selfprune.model.headers`): a second, no weight data read."""
     return _checked_arch(spec, *_resolve(spec))
 
 

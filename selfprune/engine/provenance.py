@@ -3,14 +3,15 @@ from its base model."""
 
 from __future__ import annotations
 
-from . import allocation, allocators, slicing
-from .allocation import Structure
+from .. import allocators
+from ..methods import slicing
+from ..methods.sparsity import Pattern, Sparsified
+from ..methods.structure import Structure, kept_params, realized_ratio, structure_to_json
+from ..metrics import Metric
+from ..reconstruct import NONE
+from ..reconstruct import identity as reconstruction
 from .calibrated import Calibrated
-from .metrics import Metric
 from .pruner import Pruner
-from .reconstruct import NONE
-from .reconstruct import identity as reconstruction
-from .sparsity import Pattern, Sparsified
 
 
 def origin(calibrated: Calibrated) -> dict:
@@ -33,12 +34,12 @@ def structured_record(pruner: Pruner, rates: list[float], structure: Structure, 
         "method": f"{pruner.method.name}/{allocators.label(allocation_spec)}",
         "method_version": pruner.method.version,
         "rates": rates,
-        "structure": allocation.structure_to_json(structure),
+        "structure": structure_to_json(structure),
         "kept_groups": [g.tolist() for g, _ in units],
         "kept_channels": [c.tolist() for _, c in units],
         "attention_unit": "kv_group",
-        "realized_ratio": allocation.realized_ratio(arch, structure),
-        "kept_params": allocation.kept_params(arch, structure),
+        "realized_ratio": realized_ratio(arch, structure),
+        "kept_params": kept_params(arch, structure),
         **origin(pruner.calibrated),
     }
 

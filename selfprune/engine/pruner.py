@@ -3,7 +3,7 @@
 
 A structure is sliced (:meth:`Pruner.structured`), a metric's lowest-scoring single weights are
 zeroed (:meth:`Pruner.sparse`), each through its registered reconstruction
-(:data:`selfprune.engine.reconstruct.RECONSTRUCTIONS`, ``none`` included); per-layer rates come
+(:data:`selfprune.reconstruct.RECONSTRUCTIONS`, ``none`` included); per-layer rates come
 from a registered allocation (:meth:`Pruner.allocate`).
 """
 
@@ -13,16 +13,18 @@ from collections.abc import Callable
 
 import torch
 
-from . import allocation, allocators, sparsity
-from .allocation import Structure
+from .. import allocators
+from ..allocators.rates import check_rates
+from ..methods import sparsity
+from ..methods.registry import get_method
+from ..methods.sparsity import Pattern, Sparsified, parse_pattern
+from ..methods.structure import Structure, rates_to_structure
+from ..metrics import Metric, resolve_metric
+from ..reconstruct import NONE, reconstruction
 from .calibrated import Calibrated
 from .candidate import Candidate, Dense, Sparse, Structured
-from .methods import get_method
-from .metrics import Metric, resolve_metric
-from .reconstruct import NONE, reconstruction
 from .scorer import Scorer
 from .settings import allocation_scoring
-from .sparsity import Pattern, Sparsified, parse_pattern
 
 
 class Pruner:
@@ -53,7 +55,7 @@ class Pruner:
         raise TypeError(f"not a candidate: {candidate!r}")
 
     def structure(self, rates: list[float]) -> Structure:
-        return allocation.rates_to_structure(self.arch, rates)
+        return rates_to_structure(self.arch, rates)
 
     def structured(self, structure: Structure, reconstruct: str = NONE) -> torch.nn.Module:
         """The sliced model of ``structure``, the consumers of removed units refitted by ``reconstruct``."""
@@ -86,7 +88,7 @@ class Pruner:
             allocate = allocators.allocator(allocation_spec)
             offered = {"layer_scores": layer_scores, "fitness": fitness or self._fitness(lambda r: self.structured(self.structure(r)))}
             rates = allocate(self.dense, self.arch, self.calibrated.stats, ratio, **allocators.optional_inputs(allocate, offered))
-        return allocation.check_rates(rates, self.arch.n_layers, ratio)
+        return check_rates(rates, self.arch.n_layers, ratio)
 
     def metric_scores(self, metric: Metric) -> Callable[[int], dict[str, torch.Tensor]]:
         """Layer index -> the metric's scores of each of its linears' weights."""

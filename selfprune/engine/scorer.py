@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..core.progress import Sink, silent
-from .data import split_windows
-from .ppl import Perplexity, perplexity
+from ..data.corpora import split_windows
+from ..model.ppl import Perplexity, perplexity
 from .settings import Scoring
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 
-from .checkpoint import LoadedModel
+from ..model.checkpoint import LoadedModel
 from .models import load_model
 from .settings import Calibration
 from .workbench import Workbench

@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass
 
 from ..core.progress import Sink
+from ..metrics.metric import NonFiniteScores
+from ..model.checkpoint import LoadedModel
+from ..model.ppl import Perplexity
 from .calibrated import Calibrated
 from .candidate import Candidate
-from .checkpoint import LoadedModel
-from .metrics.metric import NonFiniteScores
-from .ppl import Perplexity
 from .pruner import Pruner
 from .scorer import Scorer
 from .settings import Calibration, Scoring

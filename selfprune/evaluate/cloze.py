@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..engine.data import load_split
+from ..data.corpora import load_split
 from ..storage.fileio import atomic_write_text
 
 CLOZE_TASK = "selfprune_cloze"
@@ -80,7 +80,7 @@ def _dataset_block(jsonl: Path, out_dir: Path) -> dict:
 
 def build_cloze_task(data: str, out_dir: Path, n_items: int = 200, n_choices: int = 4, seed: int = 0,
                      *, context_lines: int = 3, split: str = "test") -> Path:
-    """Write the ``selfprune_cloze`` task for the corpus ``data`` (a :mod:`selfprune.engine.data` spec).
+    """Write the ``selfprune_cloze`` task for the corpus ``data`` (a :mod:`selfprune.data.corpora` spec).
 
     An item: ``context`` = ``context_lines`` consecutive non-empty lines of the split joined with
     newlines; ``choices`` = the line that follows them plus ``n_choices - 1`` distinct distractor

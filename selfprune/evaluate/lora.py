@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
-from ..engine.data import data_fingerprint, load_split, split_windows, token_windows
-from ..engine.export import RECORD, save_pruned
+from ..data.corpora import data_fingerprint, load_split, split_windows, token_windows
 from ..engine.models import load_model
-from ..engine.ppl import Perplexity, perplexity
+from ..export.hf import RECORD, save_pruned
+from ..model.ppl import Perplexity, perplexity
 from ..storage.userfiles import read_json
 from .zeroshot import check_device
 

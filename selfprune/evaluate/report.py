@@ -19,17 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .. import allocators
 from ..config import ReportConfig, build_config
 from ..core.errors import UserError
 from ..core.progress import step
-from ..engine import allocators
-from ..engine.arch import Arch
 from ..engine.candidate import Candidate, Dense, Sparse, Structured, from_json
-from ..engine.metrics import resolve_metric
 from ..engine.models import load_model
 from ..engine.settings import Calibration, Scoring
-from ..engine.sparsity import parse_pattern
 from ..engine.workbench import Progress, Workbench
+from ..methods.sparsity import parse_pattern
+from ..metrics import resolve_metric
+from ..model.arch import Arch
 from ..protocol import common, protocol
 from ..seeds import SUMMARY as SEEDS_SUMMARY
 from ..seeds import candidates, run_paths, spread
@@ -44,7 +44,7 @@ LOCAL_TASKS = (CLOZE_TASK, LASTWORD_TASK)
 Allocate = Callable[[str, float, str | None, str | None], dict]
 EvaluatePpl = Callable[[Candidate], dict]  # candidate -> Perplexity fields
 EvaluateZeroShot = Callable[[Candidate], dict]  # candidate -> zero-shot record
-EvaluateSpeed = Callable[[Candidate], dict]  # candidate -> llama.cpp measurement (selfprune.evaluate.llamacpp)
+EvaluateSpeed = Callable[[Candidate], dict]  # candidate -> llama.cpp measurement (selfprune.export.llamacpp)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def read_searches(path: str) -> dict[str, dict]:
 
 def _local_tasks(data: str, tasks: list[str], n_items: int, seed: int = 0) -> str:
     """Build the requested offline tasks of ``data`` into a directory named by their content."""
-    from selfprune.engine.data import data_fingerprint
+    from selfprune.data.corpora import data_fingerprint
     from selfprune.storage.paths import subdir
 
     wanted = [t for t in tasks if t in LOCAL_TASKS]
@@ -150,8 +150,8 @@ def check_llamacpp(model: str, quant: str) -> None:
     expresses (checked on the dense model: its exports share its family, tokenizer and rope)."""
     import importlib.util
 
-    from ..engine.demo import demo_model_dir
-    from .gguf_export import check_gguf_export
+    from ..data.demo import demo_model_dir
+    from ..export.gguf import check_gguf_export
 
     if importlib.util.find_spec("llama_cpp") is None:
         raise UserError("--llamacpp times each row in llama.cpp: pip install 'selfprune[llm-server]' (llama-cpp-python)")
@@ -370,9 +370,9 @@ def llamacpp_speed(bench: Workbench, candidate: Candidate, quant: str) -> dict:
     128-token prompt, 64 new tokens, median of 3), in a temporary directory."""
     import tempfile
 
-    from ..engine.export import save_pruned
-    from .gguf_export import write_gguf
-    from .llamacpp import llamacpp_measure
+    from ..export.gguf import write_gguf
+    from ..export.hf import save_pruned
+    from .speed import llamacpp_measure
 
     with tempfile.TemporaryDirectory(prefix="selfprune-report-gguf-") as tmp:
         export = save_pruned(bench.pruner.model(candidate), bench.lm.tokenizer, Path(tmp) / "model",

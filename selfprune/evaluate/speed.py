@@ -42,8 +42,9 @@ from typing import Any
 import torch
 
 from ..core.errors import UserError
+from ..core.procstatus import status_bytes
+from ..export.llamacpp import gguf_params, llamacpp_time
 from ..storage.userfiles import read_json
-from .procstatus import status_bytes
 from .zeroshot import check_device
 
 
@@ -339,4 +340,27 @@ def vllm_measure(
         "startup_s": got["startup_s"],
         **throughput(t_pre, t_gen, prompt_tokens, new_tokens, batch_size, repeats),
         "gpu_memory_utilization": gpu_memory_utilization if got["device"] == "cuda" else None,
+    }
+
+
+def llamacpp_measure(path: str | Path, quant: str, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3,
+                     threads: int | None = None) -> dict[str, Any]:
+    """Prefill and decode tokens/s, file size and peak memory of the GGUF at ``path`` in llama.cpp."""
+    if min(prompt_tokens, new_tokens, repeats) < 1:
+        raise UserError("prompt_tokens, new_tokens and repeats must all be at least 1")
+    path = Path(path).expanduser().resolve()
+    params, read, vocab = gguf_params(path)
+    threads = threads or os.cpu_count() or 1
+    got = llamacpp_time(path, prompt_ids(vocab, 1, prompt_tokens)[0].tolist(), new_tokens, repeats, threads)
+    return {
+        "backend": "llama.cpp",
+        "llama_cpp_version": got["llama_cpp_version"],
+        "device": "cpu",
+        "dtype": quant,
+        "params": params,
+        "params_read_per_token": read,
+        "file_bytes": path.stat().st_size,
+        "peak_memory_bytes": got["peak_memory_bytes"],
+        "threads": threads,
+        **throughput(got["prefill_s"], got["generate_s"], prompt_tokens, new_tokens, 1, repeats),
     }

@@ -81,9 +81,9 @@ def code_maps(model_dir: Path) -> dict[str, Any]:
 
 
 def _deci_code() -> tuple[dict[str, Any], str, bytes]:
-    """What :func:`selfprune.evaluate.deci.export_deci` writes that runs: (the auto_map of each JSON
+    """What :func:`selfprune.export.deci.export_deci` writes that runs: (the auto_map of each JSON
     file, the code file's name, the sha256 of its bytes)."""
-    from .deci import CONFIG_MODULE, CONFIG_PY
+    from ..export.deci import CONFIG_MODULE, CONFIG_PY
 
     maps = {"config.json": {"AutoConfig": f"{CONFIG_MODULE}.DeciLMConfig"}}
     return maps, f"{CONFIG_MODULE}.py", hashlib.sha256(CONFIG_PY.encode("utf-8")).digest()

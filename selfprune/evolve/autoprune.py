@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from ..config import AutopruneConfig
 from ..core.errors import UserError
 from ..engine.candidate import Sparse
-from ..engine.devices import precision
-from ..engine.metrics import METRICS, resolve_metric
-from ..engine.metrics.search_space import Lineage, MetricContext
-from ..engine.reconstruct import RECONSTRUCTIONS
-from ..engine.sparsity import parse_pattern
+from ..methods.sparsity import parse_pattern
+from ..metrics import METRICS, resolve_metric
+from ..metrics.search_space import Lineage, MetricContext
+from ..model.devices import precision
+from ..reconstruct import RECONSTRUCTIONS
 from .evolution import SearchParams
 from .metric_oracle import METRIC_ORACLES, make_metric_oracle
 from .oracle_registry import oracle_kind

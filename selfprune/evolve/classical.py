@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable
 
-from ..engine.allocation import project_to_mean
+from ..allocators.rates import project_to_mean
 from .search_context import Scored, SearchContext, rng_for, tournament
 
 # How many draws per wanted child before giving up on finding a new distinct one.

@@ -16,12 +16,12 @@ import random
 from collections.abc import Callable, Hashable
 from functools import lru_cache
 
-from ..engine.metrics.builtin import METRICS
-from ..engine.metrics.canonical import render
-from ..engine.metrics.edits import describe_edit
-from ..engine.metrics.language import FUNCTIONS, INPUTS, MetricError, Node, Num, Op, Var
-from ..engine.metrics.metric import Metric, parse_metric
-from ..engine.metrics.search_space import Lineage, MetricContext, ScoredMetric
+from ..metrics.builtin import METRICS
+from ..metrics.canonical import render
+from ..metrics.edits import describe_edit
+from ..metrics.language import FUNCTIONS, INPUTS, MetricError, Node, Num, Op, Var
+from ..metrics.metric import Metric, parse_metric
+from ..metrics.search_space import Lineage, MetricContext, ScoredMetric
 from .search_context import rng_for, tournament
 
 _TRIES_PER_CHILD = 50  # draws per wanted child before giving up, as GAOracle's _distinct

@@ -25,12 +25,12 @@ from functools import partial
 from typing import Any, Protocol
 
 from ..core.registry import Registry
-from ..engine.metrics.builtin import METRICS
-from ..engine.metrics.edits import describe_edit
-from ..engine.metrics.language import MetricError
-from ..engine.metrics.metric import Metric, parse_metric
-from ..engine.metrics.search_space import Lineage, MetricContext, ScoredMetric, canonical_text
 from ..llm.chat import ChatRequest, Transport
+from ..metrics.builtin import METRICS
+from ..metrics.edits import describe_edit
+from ..metrics.language import MetricError
+from ..metrics.metric import Metric, parse_metric
+from ..metrics.search_space import Lineage, MetricContext, ScoredMetric, canonical_text
 from ..storage.hashing import stable_json
 from . import metric_prompts as prompts
 from .chat_oracle import ChatOracle

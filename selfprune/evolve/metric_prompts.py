@@ -23,9 +23,9 @@ import math
 from collections.abc import Mapping
 from typing import Literal
 
-from ..engine.metrics.edits import describe_edit
-from ..engine.metrics.language import FUNCTIONS, INPUTS, MAX_CHARS, MAX_CONSTANT, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, MetricError
-from ..engine.metrics.search_space import Lineage, MetricContext, canonical_text
+from ..metrics.edits import describe_edit
+from ..metrics.language import FUNCTIONS, INPUTS, MAX_CHARS, MAX_CONSTANT, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, MetricError
+from ..metrics.search_space import Lineage, MetricContext, canonical_text
 
 Operation = Literal["mutation", "crossover"]
 

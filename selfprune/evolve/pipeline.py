@@ -25,16 +25,16 @@ from typing import Generic, Protocol, TypeVar
 from ..config import EvolutionConfig, build_config
 from ..core.errors import UserError
 from ..core.progress import Advance, ignore, one_by_one, step
-from ..engine.arch import Arch
+from ..data.corpora import split_windows
 from ..engine.candidate import Candidate
-from ..engine.data import split_windows
-from ..engine.devices import precision
 from ..engine.models import load_tokenizer
-from ..engine.ppl import Perplexity
 from ..engine.settings import Calibration, ModelSpec, Scoring
 from ..engine.shared import shared_workbench
 from ..engine.workbench import Workbench
 from ..llm.chat import Transport
+from ..model.arch import Arch
+from ..model.devices import precision
+from ..model.ppl import Perplexity
 from ..protocol import protocol
 from ..seeds import over_seeds
 from ..storage.fileio import atomic_write_text

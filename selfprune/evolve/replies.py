@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-from ..engine.allocation import project_to_mean
+from ..allocators.rates import project_to_mean
 
 MEAN_EPS = 1e-6
 

@@ -17,21 +17,22 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import NamedTuple
 
+from ..allocators import ALLOCATIONS
+from ..allocators.rates import project_to_mean, uniform
 from ..config import SearchConfig
 from ..core.errors import UserError
 from ..core.progress import step
-from ..engine.allocation import Alignment, project_to_mean, rates_to_structure, uniform
-from ..engine.allocators import ALLOCATIONS
-from ..engine.arch import Arch
 from ..engine.candidate import Candidate, Sparse, Structured
-from ..engine.devices import precision
-from ..engine.methods import get_method
-from ..engine.metrics import resolve_metric
 from ..engine.models import load_arch
-from ..engine.reconstruct import NONE, check_reconstruction
-from ..engine.sparsity import parse_pattern
 from ..engine.workbench import Workbench
 from ..llm.chat import Transport
+from ..methods.registry import get_method
+from ..methods.sparsity import parse_pattern
+from ..methods.structure import Alignment, rates_to_structure
+from ..metrics import resolve_metric
+from ..model.arch import Arch
+from ..model.devices import precision
+from ..reconstruct import NONE, check_reconstruction
 from .evolution import SearchParams, SearchResult
 from .oracle_registry import ORACLES, make_oracle, oracle_kind
 from .pipeline import Allocate, GenerationReport, Injected, Score, Search, Setup, check_runner, evolve, run_library, run_record

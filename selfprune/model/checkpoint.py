@@ -1,6 +1,6 @@
 """A model checkpoint on disk: what a loaded one is, its identity, and reading it with transformers.
 
-Below :mod:`selfprune.engine.models` (which resolves ``--model`` specs) and :mod:`selfprune.engine.export`
+Below :mod:`selfprune.engine.models` (which resolves ``--model`` specs) and :mod:`selfprune.export.hf`
 (which reads pruned exports), so both, and the demo's GGUF conversion, share one reader.
 """
 

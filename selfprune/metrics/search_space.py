@@ -41,7 +41,7 @@ class MetricContext:
 @dataclass(frozen=True)
 class Origin:
     """Where a metric came from: its parents (canonical texts; none for a seed), the edit that made
-    it (:func:`selfprune.engine.metrics.edits.describe_edit`), the generation and the source."""
+    it (:func:`selfprune.metrics.edits.describe_edit`), the generation and the source."""
 
     text: str
     parents: tuple[str, ...]

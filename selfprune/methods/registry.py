@@ -21,9 +21,9 @@ from functools import lru_cache, partial
 import torch
 
 from ..core.registry import Registry
+from ..metrics import LANGUAGE_VERSION, Metric, resolve_metric
+from ..model.arch import Arch
 from . import wanda_sp
-from .arch import Arch
-from .metrics import LANGUAGE_VERSION, Metric, resolve_metric
 from .sparsity import layer_scores
 from .wanda_sp import Rankings
 

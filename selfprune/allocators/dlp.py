@@ -8,7 +8,7 @@ is min-max scaled to [0, 2 * alpha] and centred, and the layer keeps ``1 - beta`
 value. As a sparsity: ``p_l = beta - (s_l - mean(s))``, ``s = minmax(I) * 2 * alpha``, alpha = 0.15
 (``--alpha``). ``I`` is affine in ``m`` with a negative slope, so a layer of larger median score is
 pruned more, and the rates spread over a range 2 * alpha wide: OWL's mapping
-(:func:`selfprune.engine.allocation.spread_down`) applied to ``I``.
+(:func:`selfprune.allocators.rates.spread_down`) applied to ``I``.
 
 Two departures, both stated here: ``get_dlp_ratios``, the unstructured path, aggregates by the
 mean although ``--strategy`` defaults to the median the paper describes (only the structured path
@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import allocation, wanda_sp
-from ..arch import Arch
+from ..methods import wanda_sp
+from ..model.arch import Arch
 from . import ALLOCATIONS, LayerScores
+from .rates import spread_down
 
 ALPHA = 0.15  # run.py --alpha
 
@@ -41,7 +42,7 @@ def importance(medians: list[float]) -> list[float]:
 
 def rates(medians: list[float], beta: float, alpha: float = ALPHA) -> list[float]:
     """More important layers (smaller median score) are pruned less; the rates spread 2 * alpha."""
-    return allocation.spread_down(importance(medians), beta, alpha)
+    return spread_down(importance(medians), beta, alpha)
 
 
 @ALLOCATIONS.register("dlp", order=4)

@@ -5,12 +5,12 @@ pruning method ranks from (OWL needs the model and statistics). Two optional inp
 an allocator that names them (:func:`optional_inputs`): ``layer_scores``, the per-weight scores of
 each layer under a pruning metric (Wanda's when not given), which OWL, SDSA and DLP read a layer's
 outliers from; and ``fitness``, the perplexity of the candidate a rate vector gives, which ATP
-tunes its slope on. ``uniform``, ``owl`` and ``sdsa`` are registered here, the literature's
-baselines in a file each (:mod:`.atp`, :mod:`.dlp`, :mod:`.alphapruning`), each registering itself
+tunes its slope on. ``uniform`` is registered here, every other allocation in a file of its own
+(:mod:`.owl`, :mod:`.sdsa`, :mod:`.atp`, :mod:`.dlp`, :mod:`.alphapruning`), each registering itself
 with its ``order``, its place among the search's baselines (an allocation registered without one
 is usable by name but no default baseline); every module of this folder is imported, so a new
-allocation is one new file. Any other allocation spec is a rate file. The rate arithmetic itself
-lives in :mod:`selfprune.engine.allocation`, and :meth:`Pruner.allocate` validates whatever an
+allocation is one new file. Any other allocation spec is a rate file. The rate arithmetic they share
+lives in :mod:`.rates`, and :meth:`Pruner.allocate` validates whatever an
 allocator returns.
 """
 
@@ -23,11 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-from ...core.errors import UserError
-from ...core.registry import Registry
-from ...storage.userfiles import read_json
-from .. import allocation, wanda_sp
-from ..arch import Arch
+from ..core.errors import UserError
+from ..core.registry import Registry
+from ..model.arch import Arch
+from ..storage.userfiles import read_json
+from . import rates
 
 LayerScores = Callable[[int], list[torch.Tensor]]  # layer index -> the scores of its linears' weights
 Fitness = Callable[[list[float]], float]  # rates -> perplexity of their candidate (lower is better)
@@ -41,20 +41,8 @@ ALLOCATIONS: Registry[Allocator] = Registry("allocation")
 @ALLOCATIONS.register("uniform", order=0)
 def uniform(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
             layer_scores: LayerScores | None = None) -> list[float]:
-    return allocation.uniform(arch.n_layers, ratio)
+    return rates.uniform(arch.n_layers, ratio)
 
-
-@ALLOCATIONS.register("owl", order=1)
-def owl(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
-        layer_scores: LayerScores | None = None) -> list[float]:
-    return allocation.owl(wanda_sp.outlier_ratios(model, stats, scores=layer_scores), ratio)
-
-
-@ALLOCATIONS.register("sdsa", order=2)
-def sdsa(model: torch.nn.Module, arch: Arch, stats: dict[str, torch.Tensor], ratio: float,
-         layer_scores: LayerScores | None = None) -> list[float]:
-    scores = layer_scores or wanda_sp.weight_scores(model, stats)
-    return allocation.sdsa([allocation.skewness(scores(i)) for i in range(arch.n_layers)], ratio)
 
 
 def optional_inputs(allocate: Allocator, offered: dict[str, object]) -> dict[str, object]:

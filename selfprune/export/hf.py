@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from ..core.errors import UserError
+from ..methods.slicing import prune_layer
+from ..model.arch import Arch, arch_of, decoder_layers
+from ..model.checkpoint import LoadedModel, fingerprint, read_config
+from ..model.devices import MAP, check_resident, resolve_device, resolve_dtype
+from ..model.headers import check_config, tensor_shapes
 from ..storage.fileio import atomic_write_text, staged_dir
-from .arch import Arch, arch_of, decoder_layers
-from .checkpoint import LoadedModel, fingerprint, read_config
-from .devices import MAP, check_resident, resolve_device, resolve_dtype
-from .headers import check_config, tensor_shapes
-from .slicing import prune_layer
 
 RECORD = "selfprune.json"
 # The architecture a selfprune export names in config.json: vLLM serves it through the

@@ -14,8 +14,8 @@ import itertools
 import torch
 from torch import nn
 
-from .allocation import Structure
-from .arch import Arch, decoder_layers
+from ..model.arch import Arch, decoder_layers
+from .structure import Structure
 from .wanda_sp import Rankings, kept
 
 

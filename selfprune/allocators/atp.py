@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ...core.errors import UserError
-from ..arch import Arch
+from ..core.errors import UserError
+from ..model.arch import Arch
 from . import ALLOCATIONS, Fitness
 
 GRID = 5  # perplexity passes per allocation: the demo stays cheap

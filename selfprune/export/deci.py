@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..engine.allocation import LayerKeep
-from ..engine.arch import Arch, arch_of
-from ..engine.checkpoint import read_config
-from ..engine.export import kept_widths
-from ..engine.headers import check_config, tensor_shapes
+from ..methods.structure import LayerKeep
+from ..model.arch import Arch, arch_of
+from ..model.checkpoint import read_config
+from ..model.headers import check_config, tensor_shapes
 from ..storage.fileio import atomic_path, atomic_write_text
 from ..storage.userfiles import read_json
+from .hf import kept_widths
 
 CONFIG_MODULE = "configuration_decilm"
 WEIGHT_SKIP = re.compile(r"rotary_emb\.inv_freq$")
@@ -148,7 +148,7 @@ def deci_compatible(structure: Sequence, arch: Arch | Any) -> tuple[bool, list[s
     """Whether ``structure`` (LayerKeep tuples, or ``config.selfprune_layers`` pairs of kept KV
     groups and kept MLP channels) has a DeciLM form vLLM can load, and if not, why per layer.
 
-    ``arch``: the dense model's :class:`~selfprune.engine.arch.Arch` (or its transformers config).
+    ``arch``: the dense model's :class:`~selfprune.model.arch.Arch` (or its transformers config).
     """
     a = _arch(arch)
     layers = _layers(structure)

@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..core.errors import UserError
-from ..engine.arch import Arch, arch_of
-from ..engine.checkpoint import read_config
-from ..engine.export import RECORD, kept_widths
+from ..model.arch import Arch, arch_of
+from ..model.checkpoint import read_config
+from .hf import RECORD, kept_widths
 from .llamacpp import llamacpp_quantize
 
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
@@ -209,7 +209,7 @@ def tokenizer_pre(model_dir: Path) -> str:
     own where it came from a GGUF (the demo model did: its GGUF stays beside it), else ``default``."""
     import gguf
 
-    from ..engine.demo import SOURCE_FILE, demo_gguf_path
+    from ..data.demo import SOURCE_FILE, demo_gguf_path
 
     record = Path(model_dir) / RECORD
     source = json.loads(record.read_text()).get("base_model", {}).get("source", "") if record.is_file() else str(model_dir)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocation import lod
-from .arch import Arch, decoder_layers
-from .stats import LINEAR_INPUT, mean_sq
+from ..model.arch import Arch, decoder_layers
+from ..model.stats import LINEAR_INPUT, mean_sq
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,3 @@ def weight_scores(model: torch.nn.Module, stats: dict[str, torch.Tensor]) -> Cal
         return [w.abs() * mean_sq(stats, i, LINEAR_INPUT[path]).to(w.device).sqrt() for path, w in weights.items()]
 
     return scores
-
-
-def outlier_ratios(model: torch.nn.Module, stats: dict[str, torch.Tensor], m: float = 5.0,
-                   scores: Callable[[int], list[torch.Tensor]] | None = None) -> list[float]:
-    """OWL's layer outlier distribution (LOD) per layer, from unstructured Wanda scores by default."""
-    scores = scores or weight_scores(model, stats)
-    return [lod(scores(i), m) for i in range(len(decoder_layers(model)))]

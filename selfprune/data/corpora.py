@@ -2,7 +2,7 @@
 
 A data spec (the CLI's ``--data``) is one of
 
-* ``"demo"``: the Shakespeare corpus that ships with selfprune (see :mod:`selfprune.engine.demo`);
+* ``"demo"``: the Shakespeare corpus that ships with selfprune (see :mod:`selfprune.data.demo`);
 * ``"wikitext2"``: WikiText-2 raw v1 from the Hugging Face hub at a pinned revision (needs the hub
   once; ``datasets`` caches it);
 * a local file: ``.txt`` / ``.md`` (plain UTF-8 text), ``.jsonl`` / ``.json`` (rows with a

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ...core.registry import Registry
-from ...storage.userfiles import read_json
+from ..core.registry import Registry
+from ..storage.userfiles import read_json
 from .language import MetricError
 from .metric import Metric, parse_metric
 

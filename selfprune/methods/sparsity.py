@@ -1,6 +1,6 @@
 """Pruning single weights with any metric: unstructured (per output row, or per layer) and N:M.
 
-A metric (:mod:`selfprune.engine.metrics`) scores every weight of a linear layer from ``W`` and the
+A metric (:mod:`selfprune.metrics`) scores every weight of a linear layer from ``W`` and the
 statistics of its input channels; the lowest scores become zeros. The rate of a decoder layer
 applies to each of its seven linears (q, k, v, o, gate, up, down), compared within each output row
 as Wanda does (``unstructured``), within the whole matrix (``unstructured-layer``), or within each
@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
-from .arch import Arch, decoder_layers
-from .metrics import Metric
+from ..metrics import Metric
+from ..model.arch import Arch, decoder_layers
+from ..model.stats import LINEAR_INPUT, channel_stats
 from .slicing import shallow_copy
-from .stats import LINEAR_INPUT, channel_stats
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 PATTERN_HELP = "unstructured (per output row, as Wanda), unstructured-layer (per matrix), or N:M such as 2:4, 4:8"

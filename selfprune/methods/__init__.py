@@ -1,0 +1,1 @@
+"""Pruning methods as tensor math: structured rankings (Wanda-sp), unstructured masks, slicing, and the methods registry."""
