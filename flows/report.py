@@ -22,12 +22,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from selfprune.artifacts import comparison
 from selfprune.config import ReportConfig
-from selfprune.engine.candidate import Candidate, Dense, Structured
+from selfprune.engine.candidate import Candidate
 from selfprune.engine.models import model_fingerprint
 from selfprune.engine.settings import ModelSpec
 from selfprune.evaluate.report import build_rows, check_searches, plan_report, summarize, write_summary
 from selfprune.flows.run_info import announce_run
-from selfprune.methods.structure import dense_structure
 from selfprune.model.arch import Arch
 from selfprune.tasks.caching import kept_result
 from selfprune.tasks.evaluation import allocation_rates, evaluate_ppl, evaluate_zero_shot, llamacpp_speed
@@ -66,9 +65,7 @@ def report(config: ReportConfig) -> dict:
         return kept_result(state)
 
     def ppl(candidate: Candidate) -> dict:
-        # the dense model is scored as the structure that keeps every unit: one cache entry with the search's
-        full = Structured(dense_structure(arch)) if candidate == Dense() else candidate
-        return run(evaluate_ppl, *common, full, plan.scoring, plan.calibration, ledger=ledger)
+        return run(evaluate_ppl, *common, candidate, plan.scoring, plan.calibration, ledger=ledger)
 
     def zero_shot(candidate: Candidate) -> dict:
         return run(evaluate_zero_shot, *common, candidate, plan.tasks, plan.calibration, plan.include_path, plan.limit,

@@ -7,9 +7,8 @@ many models and ratios recomputes nothing it already has.
 
 * Perplexity is :func:`selfprune.tasks.pruning.score_candidate` itself (re-exported here as
   :data:`evaluate_ppl`): the report shares its cache with the search, so the search's final
-  test-split scores are hits. The dense model is the structure that keeps every unit
-  (:func:`selfprune.methods.structure.dense_structure`): slicing leaves every layer of it untouched, so it
-  *is* the dense model.
+  test-split scores are hits. The dense model is ``Dense()`` here as everywhere (``"dense"`` in
+  its keys, which name no statistics).
 * :func:`evaluate_zero_shot` runs lm-eval on the in-memory candidate; its key holds the task names,
   a path-independent fingerprint of the local task files, lm-eval's version, limit, max length and
   batch size.

@@ -43,6 +43,7 @@ def work() -> dict[str, tuple]:
         "score_candidate/sparse_atp": (score_candidate, scored | {"candidate": sparse_atp, "scoring": scoring}),
         "allocation_rates/atp": (allocation_rates, scored | {"allocation": "atp", "ratio": 0.5}),
         "evaluate_zero_shot": (evaluate_zero_shot, scored | {"candidate": structure, "tasks": ["arc_easy"], "limit": 10}),
+        "evaluate_zero_shot/dense": (evaluate_zero_shot, scored | {"candidate": from_json(None), "tasks": ["arc_easy"], "limit": 10}),
         "oracle_call": (oracle_call, {"request": REQUEST, "base_url": "http://127.0.0.1:8000/v1"}),
     }
 
@@ -54,6 +55,7 @@ PINNED = {
     "score_candidate/sparse_atp": "score_candidate-51680eadbbb548711ef5095ea202020b",
     "allocation_rates/atp": "allocation_rates-34977e21ab24ceb2f9c4216b8be1ab6a",
     "evaluate_zero_shot": "evaluate_zero_shot-07524ade135098735d7caa6661b12b80",
+    "evaluate_zero_shot/dense": "evaluate_zero_shot-dbcee665fef6e7064145473f771d9e1f",
     "oracle_call": "oracle_call-3a33ed44bd8307c03c16bf40baff4e5b",
     "tiny model": "c2ffdd19a8ee570771334656",  # the tiny workspace model's weights (not a key)
     "stats_key": "3e3b135fb778a56cb70faea7",  # the workbench's statistics key of that model
@@ -168,3 +170,20 @@ def test_a_structured_candidates_reconstruction_decides_its_zero_shot_key(fixed_
     task, params = work()["evaluate_zero_shot"]
     refitted = params | {"candidate": replace(params["candidate"], reconstruct="lsq")}
     assert task_key(task, **params) == PINNED["evaluate_zero_shot"] != task_key(evaluate_zero_shot, **refitted)
+
+
+def test_the_dense_model_has_one_form_in_every_key(fixed_builds):
+    """``Dense()`` is the dense model everywhere: ``"dense"`` in its keys, which name no statistics
+    (its numbers use none), so the library's report and the flow's score it under one key, and no
+    sliced candidate (the structure that keeps every unit included) shares it."""
+    from selfprune.engine import identity
+    from selfprune.engine.candidate import Dense, Structured
+    from selfprune.engine.settings import Calibration, ModelSpec, Scoring
+    from selfprune.methods.structure import structure_from_json
+
+    spec, cal, scoring = ModelSpec("model", MODEL_FP, "cpu", "float32", "wanda-sp"), Calibration(**CALIBRATION), Scoring(**SCORING)
+    dense = identity.candidate_task(spec, STATS_KEY, Dense(), scoring, cal)
+    assert dense["structure"] == identity.DENSE and dense["stats"] is None and dense["method"] is None
+    assert dense == identity.candidate_task(spec, "another-statistics-key", Dense(), scoring, cal)
+    full = Structured(structure_from_json([[2, 128]] * 4))
+    assert identity.candidate_task(spec, STATS_KEY, full, scoring, cal)["structure"] == [[2, 128]] * 4

@@ -37,7 +37,7 @@ from .candidate import Candidate, Dense, Sparse, Structured
 from .gradients import GRADIENTS_VERSION, WINDOWS
 from .settings import Calibration, ModelSpec, Scoring, allocation_scoring
 
-DENSE = "dense"  # the zero-shot key's structure of the dense model
+DENSE = "dense"  # a key's structure of the dense model (its JSON, None, is a record's)
 
 
 def statistics(model_fp: str, calibration: Calibration, precision: dict[str, str]) -> str:
@@ -63,13 +63,13 @@ def candidate_identity(c: Candidate, method: str) -> dict:
     """What makes a candidate: its effective structure and the pruning method that ranked its units
     (rate vectors that round alike are one candidate), or a metric's sparse model (the metric's
     canonical text, pattern and rates) with the versions of the metric language and of the gradient
-    statistic it may read; the dense model is neither."""
+    statistic it may read; the dense model is ``"dense"`` in every key."""
     match c:
         case Sparse():
             return {"structure": c.to_json(), "metric_language": LANGUAGE_VERSION, "gradients": GRADIENTS_VERSION}
         case Structured():
             return {"structure": c.to_json(), "method": method_identity(method)}
-    return {"structure": None, "method": None}
+    return {"structure": DENSE, "method": None}
 
 
 def tuning(allocation_spec: str, calibration: Calibration) -> dict:
@@ -94,7 +94,8 @@ def candidate_task(spec: ModelSpec, stats_key: str, candidate: Candidate, scorin
     c, s = candidate, scoring
     # a metric's candidate whose allocation tunes itself (ATP) also depends on the windows it tuned on
     tuned = tuning(c.allocation, calibration) if isinstance(c, Sparse) and c.allocation else {}
-    return {"model": spec.fingerprint, "stats": stats_key, **candidate_identity(c, spec.method), **tuned, **refit(c),
+    stats = None if isinstance(c, Dense) else stats_key  # the dense model's numbers use no statistics
+    return {"model": spec.fingerprint, "stats": stats, **candidate_identity(c, spec.method), **tuned, **refit(c),
             "precision": devices.numerics(spec.device, spec.dtype),
             "scoring": s.key_fields() | {"data": data_fingerprint(s.data, s.split)}}
 
@@ -131,11 +132,11 @@ def zero_shot_task(spec: ModelSpec, stats_key: str, candidate: Candidate, tasks:
                    limit: int | None, max_length: int, batch_size: int, **_) -> dict:
     """``evaluate_zero_shot``: the model and numerics, the candidate (or the dense model) with its
     reconstruction, the tasks and their files, lm-eval's version and the evaluation's limits."""
-    pruned = not isinstance(candidate, Dense)
-    return {"model": spec.fingerprint, "precision": devices.numerics(spec.device, spec.dtype), "stats": stats_key if pruned else None,
-            **candidate_identity(candidate, spec.method) | {"structure": candidate.to_json() if pruned else DENSE},
-            **refit(candidate), "tasks": list(tasks), "task_files": task_files_fingerprint(include_path),
-            "lm_eval": importlib.metadata.version("lm_eval"), "limit": limit, "max_length": max_length, "batch_size": batch_size}
+    stats = None if isinstance(candidate, Dense) else stats_key
+    return {"model": spec.fingerprint, "precision": devices.numerics(spec.device, spec.dtype), "stats": stats,
+            **candidate_identity(candidate, spec.method), **refit(candidate), "tasks": list(tasks),
+            "task_files": task_files_fingerprint(include_path), "lm_eval": importlib.metadata.version("lm_eval"),
+            "limit": limit, "max_length": max_length, "batch_size": batch_size}
 
 
 def oracle_call(request: dict, **_) -> dict:
