@@ -1,6 +1,6 @@
 """What decides a cache key: the identity of every stored tensor and cached task result, built here only.
 
-(Memos of derived inputs key themselves beside their code: token ids in ``data.py``, the offline
+(Memos of derived inputs key themselves beside their code: token ids in ``data/corpora.py``, the offline
 cloze task's files in ``evaluate/report.py``.) Two kinds, one rule each:
 
 * The artifact store's keys (:func:`statistics`, :func:`gradients`) are content hashes the
