@@ -37,6 +37,7 @@ from .chat_oracle import ChatOracle
 from .gp import GPOracle
 from .oracle_registry import OracleKind, build_oracle, openai_builder
 from .replies import _json_documents  # the tolerant JSON extraction (fences, prose around it)
+from .search_context import Oracle
 
 # How each reply ended: every proposal taken, some taken, none taken, cut at max_tokens, not in time.
 METRIC_REPLY_KINDS = ("valid", "partial", "invalid", "cut", "late")
@@ -45,15 +46,11 @@ MAX_ECHOED = 12_000  # characters of a reply sent back as the assistant turn (a 
 MAX_PROBLEMS = 8  # refused proposals examined and listed per reply; the rest of the reply is not read
 
 
-class MetricOracle(Protocol):
-    """Proposes metric texts (canonical), recording each in ``lineage``; see the module docstring."""
+class MetricOracle(Oracle[MetricContext, str], Protocol):
+    """The oracle protocol over metric texts (canonical), recording each proposal in ``lineage``;
+    see the module docstring."""
 
     lineage: Lineage
-
-    def initialize(self, ctx: MetricContext, k: int) -> list[str]: ...
-
-    def evolve(self, ctx: MetricContext, population: list[ScoredMetric], n_crossover: int, n_mutation: int,
-               generation: int) -> list[str]: ...
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""What every rate oracle shares: the problem it searches (:class:`SearchContext`), the contract it
-keeps (:class:`Oracle`), and the seeded selection helpers that the search loop and the classical
+"""What every rate oracle shares: the problem it searches (:class:`SearchContext`), the protocol
+every oracle keeps (:class:`Oracle`, the metric search's included), and the seeded selection helpers that the search loop and the classical
 operators share (:func:`rng_for`, :func:`fitness_key`, :func:`tournament`).
 
 Every oracle keeps the same contract, so the search loop never has to check: each returned vector
@@ -61,17 +61,22 @@ class SearchContext:
             raise UserError(f"the target ratio {self.beta} must lie in (0, p_max={self.p_max}]: lower the ratio or raise p_max")
 
 
-class Oracle(Protocol):
-    """Proposes candidates; see the module docstring for the contract on what it returns."""
+Ctx = TypeVar("Ctx", contravariant=True)
+Member = TypeVar("Member")
 
-    def initialize(self, ctx: SearchContext, k: int) -> list[list[float]]:
-        """The initial population: ``k`` distinct feasible vectors."""
+
+class Oracle(Protocol[Ctx, Member]):
+    """Proposes candidates of one search (``Member``: a rate vector, a metric text) for its problem
+    (``Ctx``): the one protocol of every oracle, the rate search's (``Oracle[SearchContext,
+    list[float]]``; the module docstring says what it returns) and the metric search's."""
+
+    def initialize(self, ctx: Ctx, k: int) -> list[Member]:
+        """The initial population: ``k`` distinct feasible members."""
         ...
 
-    def evolve(
-        self, ctx: SearchContext, population: list[Scored], n_crossover: int, n_mutation: int, generation: int
-    ) -> list[list[float]]:
-        """Offspring of ``population`` (rates, perplexity; lower is better): mutants then crossovers."""
+    def evolve(self, ctx: Ctx, population: list[tuple[Member, float]], n_crossover: int, n_mutation: int,
+               generation: int) -> list[Member]:
+        """Offspring of ``population`` (member, perplexity; lower is better): mutants then crossovers."""
         ...
 
 
@@ -83,9 +88,6 @@ def rng_for(ctx, generation: int, op: str) -> random.Random:
 def fitness_key(fitness: float) -> tuple[bool, float]:
     """Sort key: lower perplexity first; NaN (a broken candidate) after everything, inf included."""
     return (math.isnan(fitness), fitness)
-
-
-Member = TypeVar("Member")
 
 
 def tournament(rng: random.Random, population: list[tuple[Member, float]], size: int) -> Member:
