@@ -1,6 +1,7 @@
 """What every rate oracle shares: the problem it searches (:class:`SearchContext`), the protocol
-every oracle keeps (:class:`Oracle`, the metric search's included), and the seeded selection helpers that the search loop and the classical
-operators share (:func:`rng_for`, :func:`fitness_key`, :func:`tournament`).
+every oracle keeps (:class:`Oracle`, the metric search's included), and the seeded selection
+helpers that the search loop and the classical operators share (:func:`rng_for`,
+:func:`fitness_key`, :func:`tournament`).
 
 Every oracle keeps the same contract, so the search loop never has to check: each returned vector
 has ``ctx.n_layers`` entries in ``[0, ctx.p_max]`` with mean ``ctx.beta`` (within 1e-6), and no two
