@@ -4,10 +4,8 @@ Pure formatting and plotting (no Prefect): Markdown and self-contained HTML (PNG
 as base64), table rows for a Prefect table artifact, and the plots (test perplexity and mean
 zero-shot accuracy by method and ratio; test perplexity by metric and sparsity).
 
-A row (one evaluated model) is a dict with ``label``, ``method`` (``dense``, an allocation's name,
-``search``, ``metric``), ``ratio`` (``None`` for dense), ``realized_ratio``, ``kept_params``,
-``rates``, ``ppl``, ``tokens``, ``seqlen``, ``windows``, ``acc`` (task -> score or ``None``),
-``mean_acc``, ``protocol``; a search's seeds add ``ppl_spread``, ``mean_acc_spread`` and ``seeds``.
+A row (one evaluated model) is a :class:`selfprune.evaluate.report.Row`, the report a
+:class:`~selfprune.evaluate.report.Report` (a ``report.json`` read back with its ``from_json``).
 Structured rows and metric rows go in two tables, each under the protocol its rows share
 (:func:`selfprune.protocol.common` refuses rows that differ).
 """
@@ -22,7 +20,7 @@ import re
 from pathlib import Path
 
 from selfprune.artifacts.report import fmt_rates, save_png, short_name
-from selfprune.evaluate.report import sort_rows
+from selfprune.evaluate.report import Report, ReportMeta, Row, SeedRow, sort_rows
 from selfprune.protocol import common
 from selfprune.protocol import lines as protocol_lines
 from selfprune.storage.fileio import atomic_write_text
@@ -38,31 +36,29 @@ def _ratio(x) -> str:
     return "0" if x is None else f"{x:g}"
 
 
-def _spread(r: dict, key: str, digits: int) -> str:
-    """A figure, and for a search's seeds its mean ± std and every seed's value."""
-    s = r.get(f"{key}_spread")
+def _spread(value: float | None, s: dict | None, digits: int) -> str:
+    """A figure, and for a search's seeds (``s``: its spread) their mean ± std and every seed's value."""
     if not s:
-        return _num(r.get(key), digits)
+        return _num(value, digits)
     each = ", ".join(f"{v:.{digits}f}" for v in s["values"].values())
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} (seeds {', '.join(s['values'])}: {each})"
 
 
-def table(rows: list[dict], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+def table(rows: list[Row], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
     """(header, cells) of a comparison table, rows sorted by ratio then method; a search's seeds
     show their mean ± std and each seed's value, and searches the candidates they scored."""
-    evals = any(r.get("candidates") is not None for r in rows)
-    speed = next((r["llamacpp"] for r in rows if r.get("llamacpp")), None)
+    evals = any(r.candidates is not None for r in rows)
+    speed = next((r.llamacpp for r in rows if r.llamacpp), None)
     speed_header = [f"llama.cpp {speed['dtype']} decode tok/s"] if speed else []
     header = ["ratio", "method", "realized", "kept params", "test ppl", *tasks, "mean acc", *(["candidates"] * evals),
               *speed_header]
     cells = []
     for r in sort_rows(rows):
-        acc = r.get("acc") or {}
-        n = r.get("candidates")
-        cells.append([_ratio(r["ratio"]), r["label"], _num(r["realized_ratio"]), f"{r['kept_params']:,}",
-                      _spread(r, "ppl", 3), *[_num(acc.get(t)) for t in tasks], _spread(r, "mean_acc", 4),
-                      *([_num(n, 0) if n is not None else ""] * evals),
-                      *([_num(r["llamacpp"]["decode_tokens_per_s"], 1)] if speed else [])])
+        n = r.candidates
+        cells.append([_ratio(r.ratio), r.label, _num(r.realized_ratio), f"{r.kept_params:,}",
+                      _spread(r.ppl, r.ppl_spread, 3), *[_num(r.acc.get(t)) for t in tasks],
+                      _spread(r.mean_acc, r.mean_acc_spread, 4), *([_num(n, 0) if n is not None else ""] * evals),
+                      *([_num(r.llamacpp["decode_tokens_per_s"], 1)] if speed else [])])
     return header, cells
 
 
@@ -70,62 +66,62 @@ TITLES = {"structured": "Structured pruning (ratio: share of the prunable parame
           "metric": "Single-weight pruning by metric (ratio: sparsity)"}
 
 
-def split_tables(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+def split_tables(rows: list[Row]) -> list[tuple[str, list[Row]]]:
     """(kind, rows) of each table (titles in ``TITLES``): ``structured`` pruning (dense, allocations,
     searches) and ``metric``, single-weight pruning (its ratio is the sparsity), each with the dense row."""
-    dense = [r for r in rows if r["method"] == "dense"]
-    structured = [r for r in rows if r["method"] != "metric"]
-    metric = [r for r in rows if r["method"] == "metric"]
+    dense = [r for r in rows if r.method == "dense"]
+    structured = [r for r in rows if r.method != "metric"]
+    metric = [r for r in rows if r.method == "metric"]
     return [(kind, part) for kind, part in (("structured", structured), ("metric", dense + metric)) if len(part) > len(dense)]
 
 
-def artifact_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
+def artifact_rows(rows: list[Row], tasks: list[str]) -> list[dict]:
     """The table as a list of dicts (a Prefect table artifact)."""
     header, cells = table(rows, tasks)
     return [dict(zip(header, c)) for c in cells]
 
 
-def protocol_text(rows: list[dict]) -> list[str]:
+def protocol_text(rows: list[Row]) -> list[str]:
     """The protocol a table's rows share, as lines printed once above it (refuses mixed rows)."""
-    p = common(rows)
+    p = common([(r.label, r.protocol) for r in rows])
     return protocol_lines(p) + [f"zero-shot: {p['zero_shot']}; mean acc is the mean over tasks"]
 
 
-def _counts_line(meta: dict) -> str:
-    return (f"statistics `{meta['stats_key'][:12]}`; {meta['test_tokens']} predicted test tokens per model; "
-            f"evaluations computed {meta['computed']}, from cache {meta['cached']}")
+def _counts_line(meta: ReportMeta) -> str:
+    return (f"statistics `{meta.stats_key[:12]}`; {meta.test_tokens} predicted test tokens per model; "
+            f"evaluations computed {meta.computed}, from cache {meta.cached}")
 
 
-def _per_seed(rows: list[dict]) -> list[tuple[str, dict]]:
-    """(name, row or seed record) for every model: a search's seeds one by one."""
-    out = []
+def _per_seed(rows: list[Row]) -> list[tuple[str, Row | SeedRow]]:
+    """(name, row or seed) for every model: a search's seeds one by one."""
+    out: list[tuple[str, Row | SeedRow]] = []
     for r in sort_rows(rows):
-        name = f"{r['label']} @ {_ratio(r['ratio'])}"
-        out += [(f"{name}, seed {s['seed']}", s) for s in r["seeds"]] if r.get("seeds") else [(name, r)]
+        name = f"{r.label} @ {_ratio(r.ratio)}"
+        out += [(f"{name}, seed {s.seed}", s) for s in r.seeds] if r.seeds else [(name, r)]
     return out
 
 
-def rates_lines(rows: list[dict]) -> list[tuple[str, str]]:
-    return [(name, fmt_rates(r["rates"])) for name, r in _per_seed([r for r in rows if r["method"] != "dense"])]
+def rates_lines(rows: list[Row]) -> list[tuple[str, str]]:
+    return [(name, fmt_rates(r.rates)) for name, r in _per_seed([r for r in rows if r.method != "dense"])]
 
 
-def rates_csv(rows: list[dict]) -> str:
+def rates_csv(rows: list[Row]) -> str:
     """Every model's per-layer rates (sparsities for metric rows) as CSV, one line per model and
     seed: numbers to reuse (a structured row's as ``selfprune prune --allocation RATES.json``)."""
-    models = _per_seed([r for r in rows if r["method"] != "dense"])
-    width = max((len(r["rates"]) for _, r in models), default=0)
+    models = _per_seed([r for r in rows if r.method != "dense"])
+    width = max((len(r.rates) for _, r in models), default=0)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["model", *(f"layer_{i}" for i in range(width))])
-    writer.writerows([name, *(f"{x:.6f}" for x in r["rates"])] for name, r in models)
+    writer.writerows([name, *(f"{x:.6f}" for x in r.rates)] for name, r in models)
     return text.getvalue()
 
 
-def oracle_lines(rows: list[dict]) -> list[tuple[str, str]]:
+def oracle_lines(rows: list[Row]) -> list[tuple[str, str]]:
     """How each searched allocation's LLM oracle did: replies by outcome, fallbacks, tokens, cost."""
     lines = []
     for name, r in _per_seed(rows):
-        o = r.get("oracle")
+        o = r.oracle
         if o:
             replies = ", ".join(f"{n} {kind}" for kind, n in o["replies"].items())
             cost = f", ${o['cost_usd']:.4f}" if "cost_usd" in o else ""
@@ -134,7 +130,7 @@ def oracle_lines(rows: list[dict]) -> list[tuple[str, str]]:
     return lines
 
 
-def markdown(rows: list[dict], tasks: list[str], meta: dict, plots: dict[str, str] | None = None) -> str:
+def markdown(rows: list[Row], tasks: list[str], meta: ReportMeta, plots: dict[str, str] | None = None) -> str:
     """The report as Markdown; ``plots`` maps a caption to an image path (relative to the file)."""
     out = ["# selfprune comparison report", "", f"- {_counts_line(meta)}"]
     for kind, part in split_tables(rows):
@@ -161,10 +157,10 @@ def _inline(escaped: str) -> str:
     return re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", re.sub(r"`([^`]*)`", r"<code>\1</code>", escaped))
 
 
-def html_report(rows: list[dict], tasks: list[str], meta: dict, pngs: dict[str, bytes]) -> str:
+def html_report(rows: list[Row], tasks: list[str], meta: ReportMeta, pngs: dict[str, bytes]) -> str:
     """The report as one self-contained HTML page: ``pngs`` (caption -> PNG bytes) are embedded."""
     e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>selfprune report: {e(meta['model'])}</title>"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>selfprune report: {e(meta.model)}</title>"
              f"<style>{_CSS}</style></head><body><h1>selfprune comparison report</h1><p>{_inline(e(_counts_line(meta)))}</p>"]
     for kind, part in split_tables(rows):
         header, cells = table(part, tasks)
@@ -188,17 +184,22 @@ def html_report(rows: list[dict], tasks: list[str], meta: dict, pngs: dict[str, 
     return "\n".join(parts) + "\n"
 
 
-def _series(rows: list[dict], key: str) -> dict[str, list[tuple[float, float, float]]]:
+def _figure(r: Row, key: str) -> tuple[float | None, dict | None]:
+    """A row's figure ``key`` (``ppl`` or ``mean_acc``) and its spread over seeds."""
+    return (r.ppl, r.ppl_spread) if key == "ppl" else (r.mean_acc, r.mean_acc_spread)
+
+
+def _series(rows: list[Row], key: str) -> dict[str, list[tuple[float, float, float]]]:
     """label -> (ratio, value, std over seeds or 0) points."""
     series: dict[str, list[tuple[float, float, float]]] = {}
     for r in sort_rows(rows):
-        if r["method"] != "dense" and r.get(key) is not None:
-            std = (r.get(f"{key}_spread") or {}).get("std", 0.0)
-            series.setdefault(r["label"], []).append((r["ratio"], r[key], std))
+        value, s = _figure(r, key)
+        if r.method != "dense" and value is not None:
+            series.setdefault(r.label, []).append((r.ratio, value, (s or {}).get("std", 0.0)))
     return series
 
 
-def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log: bool, title: str) -> Path:
+def _plot(rows: list[Row], key: str, ylabel: str, xlabel: str, path: Path, log: bool, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,9 +213,9 @@ def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log:
         xs, ys, errs = zip(*points)
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label,
                     linestyle=styles[i // 10 % len(styles)] if many else "-")
-    dense = [r for r in rows if r["method"] == "dense" and r.get(key) is not None]
+    dense = [_figure(r, key)[0] for r in rows if r.method == "dense" and _figure(r, key)[0] is not None]
     if dense:
-        ax.axhline(dense[0][key], color="black", linestyle="--", label="dense")
+        ax.axhline(dense[0], color="black", linestyle="--", label="dense")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
@@ -227,19 +228,19 @@ def _plot(rows: list[dict], key: str, ylabel: str, xlabel: str, path: Path, log:
 PPL = "test perplexity (lower is better)"
 
 
-def render(summary: dict, out_dir: Path) -> dict[str, str]:
+def render(summary: Report, out_dir: Path) -> dict[str, str]:
     """Write ``report.md``, a self-contained ``report.html`` and the plots of a report summary
     (:func:`selfprune.evaluate.report.summarize`) into ``out_dir``: test perplexity and mean
     zero-shot accuracy of the structured rows against the ratio (a search's seeds as mean with a
     std bar), the metric rows' test perplexity against the sparsity, and ``rates.csv``. Returns
     name -> path."""
-    rows, meta, tasks = summary["rows"], summary["meta"], summary["meta"]["tasks"]
+    rows, meta, tasks = summary.rows, summary.meta, summary.meta.tasks
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {}
 
     def title(figure: str) -> str:  # which model, data and split a plot shows
-        return (f"{short_name(meta['model'])}: {figure}\n{short_name(meta['data'])}, test split "
-                f"({meta['test_tokens']} predicted tokens in {meta['seqlen']}-token windows)")
+        return (f"{short_name(meta.model)}: {figure}\n{short_name(meta.data)}, test split "
+                f"({meta.test_tokens} predicted tokens in {meta.seqlen}-token windows)")
 
     for kind, part in split_tables(rows):
         if kind == "metric":

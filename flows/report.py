@@ -15,6 +15,7 @@ import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and q
 # isort: split
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -41,6 +42,8 @@ def report(config: ReportConfig) -> dict:
     ``ratios``: targets for uniform and OWL (every search's ratio is added). ``searches``: paths
     to ``best.json`` files of searches on this model and calibration. ``tasks``: lm-eval task names;
     ``selfprune_cloze`` / ``selfprune_lastword`` are built offline from the test split of ``data``.
+    Returns the report's JSON (:meth:`selfprune.evaluate.report.Report.to_json`, as ``report.json``
+    holds it): a flow's result.
     """
     start = time.perf_counter()
     announce_run(get_run_logger(), "selfprune.flows.report.report")
@@ -79,10 +82,10 @@ def report(config: ReportConfig) -> dict:
 
     rows = build_rows(plan, arch, model_fp, allocate, ppl, zero_shot, speed if plan.llamacpp else None)
     summary = summarize(plan, rows, model_fp, stats_key, counts, start)
-    summary["files"] = comparison.render(summary, out_dir)
+    summary = replace(summary, files=comparison.render(summary, out_dir))
     write_summary(summary, out_dir)
     key = "selfprune-report-" + "".join(ch if ch.isalnum() else "-" for ch in out_dir.name.lower())
     create_table_artifact(comparison.artifact_rows(rows, plan.tasks), key=f"{key}-table",
                           description=f"{c.model}: test ppl ({c.seqlen}-token windows) and zero-shot accuracy")
     create_markdown_artifact((out_dir / "report.md").read_text(), key=key, description=f"comparison report of {c.model}")
-    return summary
+    return summary.to_json()

@@ -59,20 +59,20 @@ def protocol(model: str, model_fp: str, scoring: dict, measured: dict, calibrati
     }
 
 
-def common(rows: list[dict]) -> dict:
-    """The protocol every row shares (``seed`` aside); refuses rows whose protocols differ, naming
-    the field, both values and both rows."""
-    first = rows[0]
-    for row in rows[1:]:
-        for name in dict.fromkeys([*first["protocol"], *row["protocol"]]):
+def common(rows: list[tuple[str, dict]]) -> dict:
+    """The protocol every row shares (``seed`` aside), of rows given as (label, protocol); refuses
+    rows whose protocols differ, naming the field, both values and both rows."""
+    (first, p), *others = rows
+    for label, q in others:
+        for name in dict.fromkeys([*p, *q]):
             if name in PER_ROW:
                 continue
-            a, b = first["protocol"].get(name), row["protocol"].get(name)
+            a, b = p.get(name), q.get(name)
             if a != b:
-                raise UserError(f"rows {first['label']!r} and {row['label']!r} were measured under different protocols: "
+                raise UserError(f"rows {first!r} and {label!r} were measured under different protocols: "
                                 f"{name} is {a!r} and {b!r}; measure them alike (same settings and versions) to "
                                 "compare them in one table")
-    return {k: v for k, v in first["protocol"].items() if k not in PER_ROW}
+    return {k: v for k, v in p.items() if k not in PER_ROW}
 
 
 def lines(p: dict) -> list[str]:

@@ -71,14 +71,17 @@ def test_report_without_prefect(ws, tmp_path):
     summary = selfprune.report(model=str(ws / "model"), data=corpus(ws), ratios=[0.5], tasks=["selfprune_cloze"], limit=2,
                                cloze_items=8, seqlen=64, test_windows=2, samples=4, calib_seqlen=64, max_length=256,
                                out=str(tmp_path / "r"), device="cpu")
-    rows = summary["rows"]
-    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", None), ("uniform", 0.5), ("owl", 0.5)]
-    assert all(r["tokens"] == 2 * 63 and 0 <= r["mean_acc"] <= 1 for r in rows)
-    assert rows[0]["realized_ratio"] == 0 and abs(rows[1]["realized_ratio"] - 0.5) < 0.02
-    assert summary["meta"]["computed"] == 6 and summary["meta"]["cached"] == 0
+    rows = summary.rows
+    assert [(r.method, r.ratio) for r in rows] == [("dense", None), ("uniform", 0.5), ("owl", 0.5)]
+    assert all(r.tokens == 2 * 63 and 0 <= r.mean_acc <= 1 for r in rows)
+    assert rows[0].realized_ratio == 0 and abs(rows[1].realized_ratio - 0.5) < 0.02
+    assert summary.meta.computed == 6 and summary.meta.cached == 0
     dense = selfprune.perplexity(str(ws / "model"), corpus(ws), seqlen=64, windows=2, device="cpu")
-    assert rows[0]["ppl"] == pytest.approx(dense["ppl"], rel=1e-6)
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert rows[0].ppl == pytest.approx(dense["ppl"], rel=1e-6)
+    from selfprune.evaluate.report import Report
+
+    text = (tmp_path / "r" / "report.json").read_text()  # the dict form, byte for byte, and it reads back the same
+    assert text == json.dumps(summary.to_json(), indent=2) and Report.from_json(json.loads(text)) == summary
     from selfprune.artifacts.comparison import render  # rendering is the application's
 
     files = render(summary, tmp_path / "r")

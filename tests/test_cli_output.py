@@ -9,9 +9,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from helpers import run_cli
+
+if TYPE_CHECKING:
+    from selfprune.evaluate.report import ReportMeta, Row
 
 WIDTH = 80
 MIN_DESCRIPTION = 40  # characters of an option's description per line: about six words
@@ -88,22 +92,40 @@ PROTOCOL = {"model": "m", "model_fingerprint": "f" * 12, "data": "d", "data_fing
             "lm_eval_version": "4", "zero_shot": "lm-eval 4, tasks boolq, piqa, selfprune_cloze"}
 
 
+def _row(**values) -> Row:
+    """A measured report row: uniform at 0.5 unless ``values`` say otherwise."""
+    from selfprune.evaluate.report import Row
+
+    return Row(**dict(label="uniform", method="uniform", ratio=0.5, rates=[0.5, 0.5], structure=None, oracle=None,
+                      seed=None, candidates=None, realized_ratio=0.5, kept_params=10, ppl=12.5, tokens=252, seqlen=64,
+                      windows=4, acc={}, mean_acc=None, zero_shot=None, protocol=PROTOCOL, llamacpp=None) | values)
+
+
+def _meta(**values) -> ReportMeta:
+    from selfprune.evaluate.report import ReportMeta
+
+    return ReportMeta(**dict(model="m", model_fingerprint="f" * 12, data="d", method="wanda-sp", seqlen=64,
+                             test_windows=4, test_tokens=252, tasks=[], limit=None, max_length=2048,
+                             lm_eval_version="4", convention="c", include_path=None, samples=128, calib_seqlen=512,
+                             stats_key="s" * 12, ratios=[0.5], allocations=["uniform"], searches=[], computed=1,
+                             cached=0, wall_s=1.0) | values)
+
+
 def test_the_report_tables_keep_every_cell_at_80_columns():
     from rich.console import Console
 
     from selfprune.app.cli import report_tables
+    from selfprune.evaluate.report import Report, SeedRow
 
     tasks = ["boolq", "piqa", "selfprune_cloze"]
-    acc = {t: 0.61234 for t in tasks}
-    base = {"rates": [0.5, 0.5], "realized_ratio": 0.5, "kept_params": 123_456_789, "ppl": 12.5, "acc": acc,
-            "mean_acc": 0.6123, "protocol": PROTOCOL, "tokens": 252}
-    seeds = {"ppl_spread": {"mean": 12.5, "std": 0.25, "values": {"0": 12.25, "1": 12.75}},
-             "mean_acc_spread": {"mean": 0.6, "std": 0.01, "values": {"0": 0.59, "1": 0.61}}, "candidates": 50}
-    rows = [base | {"label": "dense", "method": "dense", "ratio": None, "realized_ratio": 0.0},
-            base | {"label": "uniform", "method": "uniform", "ratio": 0.5},
-            base | {"label": "search (openai:gpt-4o)", "method": "search", "ratio": 0.5} | seeds]
+    base = dict(kept_params=123_456_789, acc={t: 0.61234 for t in tasks}, mean_acc=0.6123)
+    seeds = dict(ppl_spread={"mean": 12.5, "std": 0.25, "values": {"0": 12.25, "1": 12.75}},
+                 mean_acc_spread={"mean": 0.6, "std": 0.01, "values": {"0": 0.59, "1": 0.61}}, candidates=50,
+                 seeds=[SeedRow(s, 12.5, 0.6, [0.5, 0.5], 50, None) for s in (0, 1)])
+    rows = [_row(label="dense", method="dense", ratio=None, realized_ratio=0.0, **base), _row(**base),
+            _row(label="search (openai:gpt-4o)", method="search", **base | seeds)]
     console = Console(width=WIDTH, record=True, file=open(os.devnull, "w"))
-    tables = report_tables({"rows": rows, "meta": {"tasks": tasks}})
+    tables = report_tables(Report(_meta(tasks=tasks), rows))
     for table in tables:
         console.print(table)
     text = console.export_text()
@@ -205,15 +227,12 @@ def test_every_search_plot_names_its_run(tmp_path, tiny_workspace):
 
 def test_every_report_plot_names_its_run(tmp_path):
     from selfprune.artifacts.comparison import render
+    from selfprune.evaluate.report import Report
 
-    base = {"rates": [0.5, 0.5], "realized_ratio": 0.5, "kept_params": 10, "ppl": 12.5, "acc": {"piqa": 0.6},
-            "mean_acc": 0.6, "protocol": PROTOCOL | {"zero_shot": "lm-eval 4, tasks piqa"}, "tokens": 252}
-    rows = [base | {"label": "dense", "method": "dense", "ratio": None, "realized_ratio": 0.0},
-            base | {"label": "uniform", "method": "uniform", "ratio": 0.5},
-            base | {"label": "wanda", "method": "metric", "ratio": 0.5}]
-    meta = {"model": "demo", "data": "wikitext2", "seqlen": 64, "test_tokens": 252, "stats_key": "s" * 12,
-            "computed": 3, "cached": 0, "tasks": ["piqa"]}
-    files = render({"rows": rows, "meta": meta}, tmp_path)
+    base = dict(acc={"piqa": 0.6}, mean_acc=0.6, protocol=PROTOCOL | {"zero_shot": "lm-eval 4, tasks piqa"})
+    rows = [_row(label="dense", method="dense", ratio=None, realized_ratio=0.0, **base), _row(**base),
+            _row(label="wanda", method="metric", **base)]
+    files = render(Report(_meta(model="demo", data="wikitext2", computed=3, tasks=["piqa"]), rows), tmp_path)
     titles = {Path(f).name: png_title(Path(f)) for f in files.values() if f.endswith(".png")}
     data = "\nwikitext2, test split (252 predicted tokens in 64-token windows)"
     assert titles == {"ppl.png": "demo: test perplexity by method and ratio" + data,

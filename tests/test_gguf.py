@@ -300,7 +300,7 @@ def test_a_report_adds_each_rows_llama_cpp_speed(prefect_api, tmp_path, capsys, 
                                allocations=["uniform"], tasks=["selfprune_cloze"], limit=3, cloze_items=8, seqlen=64,
                                test_windows=2, samples=4, calib_seqlen=64, max_length=256, device="cpu", llamacpp="f16",
                                out=str(tmp_path / "library"))
-    assert all(r["llamacpp"]["file_bytes"] > 0 for r in library["rows"])
+    assert all(r.llamacpp["file_bytes"] > 0 for r in library.rows)
 
 
 @pytest.mark.demo

@@ -25,7 +25,7 @@ RETURNS = {
     "search": "returns the summary that `best.json` holds",
     "prune": "returns a `PruneResult`",
     "perplexity": '`{"ppl", "nll", "tokens", "seqlen", "windows", "data", "split"}`',
-    "report": 'returns `{"meta": ..., "rows": [...]}`',
+    "report": "returns a `Report`",
     "load_pruned": "returns a `LoadedModel`",
     "recover": "returns a `Recovery`",
 }
@@ -134,9 +134,10 @@ def test_each_call_returns_what_the_readme_says(tiny_workspace, tmp_path):
     report = selfprune.report(model=model, data=data, ratios=[0.5], allocations=["uniform"], limit=2, cloze_items=8,
                               seqlen=64, test_windows=2, max_length=256, out=str(tmp_path / "report"), **{
                                   k: v for k, v in small.items() if k != "seqlen"})
-    assert set(report) == {"meta", "rows"} and isinstance(report["rows"], list)
-    assert [r["method"] for r in report["rows"]] == ["dense", "uniform"]
-    assert report == json.loads((tmp_path / "report" / "report.json").read_text())
+    from selfprune.evaluate.report import Report
+
+    assert isinstance(report, Report) and [r.method for r in report.rows] == ["dense", "uniform"]
+    assert report.to_json() == json.loads((tmp_path / "report" / "report.json").read_text())
 
 
 def test_the_flow_from_python_finds_what_the_cli_computed(prefect_api, tiny_workspace, tmp_path, capsys, monkeypatch):

@@ -178,10 +178,10 @@ def test_report_rows_with_reconstruction(tiny_workspace, tmp_path):
                                   allocations=[], metrics=["wanda"], sparsities=[0.6], metric_allocations=["uniform"],
                                   reconstructs=["none", "sparsegpt"], cloze_items=4, limit=2,
                                   out=str(tmp_path / "report")))
-    rows = {r["label"]: r for r in summary["rows"]}
+    rows = {r.label: r for r in summary.rows}
     assert {"wanda uniform", "wanda uniform + sparsegpt"} <= set(rows)
-    assert rows["wanda uniform + sparsegpt"]["structure"]["reconstruct"] == "sparsegpt"
-    assert rows["wanda uniform + sparsegpt"]["ppl"] != rows["wanda uniform"]["ppl"]
+    assert rows["wanda uniform + sparsegpt"].structure["reconstruct"] == "sparsegpt"
+    assert rows["wanda uniform + sparsegpt"].ppl != rows["wanda uniform"].ppl
 
 
 def test_prune_help_names_every_registered_reconstruction(capsys, monkeypatch):

@@ -4,10 +4,13 @@ recomputes nothing; bad input exits 2."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from helpers import run_cli
+
+from selfprune.evaluate.report import Report, ReportMeta, Row, merge_seeds
 
 SMALL = dict(population=4, mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
              fitness_windows=4, test_windows=4, device="cpu")
@@ -84,6 +87,9 @@ def test_report_has_every_table_and_plot(first_report, searches):
     for name in ("ppl.png", "accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 5000
     assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    text = (out / "report.json").read_text()  # the flow's result with its files, and what it wrote, read back
+    assert json.dumps(Report.from_json(json.loads(text)).to_json(), indent=2) == text
+    assert Report.from_json(summary).to_json() == summary and set(summary["files"]) >= {"report.md", "ppl.png"}
 
 
 @pytest.mark.slow
@@ -131,7 +137,41 @@ PROTOCOL = {"model": "m", "model_fingerprint": "f" * 12, "data": "d", "data_fing
             "seqlen": 64, "windows": 4, "calibration": "d, 4 x 64 tokens", "device": "cpu", "dtype": "float32", "seed": None,
             "selfprune_version": "1", "torch_version": "2", "transformers_version": "3", "lm_eval_version": "4",
             "zero_shot": "lm-eval 4, tasks none"}
-META = {"model": "m", "stats_key": "s" * 12, "test_tokens": 252, "computed": 1, "cached": 0, "tasks": []}
+META = ReportMeta(model="m", model_fingerprint="f" * 12, data="d", method="wanda-sp", seqlen=64, test_windows=4,
+                  test_tokens=252, tasks=[], limit=None, max_length=256, lm_eval_version="4", convention="c",
+                  include_path=None, samples=4, calib_seqlen=64, stats_key="s" * 12, ratios=[0.5], allocations=["uniform"],
+                  searches=[], computed=1, cached=0, wall_s=1.5)
+# build_rows' keys, in report.json's order (a merged search row adds ppl_spread, mean_acc_spread, seeds)
+ROW_KEYS = ["label", "method", "ratio", "rates", "structure", "oracle", "seed", "candidates", "realized_ratio",
+            "kept_params", "ppl", "tokens", "seqlen", "windows", "acc", "mean_acc", "zero_shot", "protocol", "llamacpp"]
+
+
+def _row(**values) -> Row:
+    """A measured row: uniform at 0.5 unless ``values`` say otherwise."""
+    return Row(**dict(label="uniform", method="uniform", ratio=0.5, rates=[0.5, 0.5], structure=None, oracle=None,
+                      seed=None, candidates=None, realized_ratio=0.5, kept_params=10, ppl=12.0, tokens=252, seqlen=64,
+                      windows=4, acc={}, mean_acc=None, zero_shot=None, protocol=PROTOCOL, llamacpp=None) | values)
+
+
+def test_report_json_keeps_the_dict_form_and_reads_back():
+    """A row's JSON has the keys report.json always had, in its order (a merged search row's
+    three after them), and a report read back writes the same text."""
+    zs = {"tasks": {"t": {"score": 0.5}}, "mean_acc": 0.5, "lm_eval_version": "4", "convention": "c"}
+    seed0 = _row(label="search (ga)", method="search", seed=0, candidates=8, acc={"t": 0.5}, mean_acc=0.5, zero_shot=zs,
+                 oracle={"calls": 1}, structure=[[1, 2]], llamacpp={"dtype": "f16", "prefill_tokens_per_s": 1.0,
+                                                                  "decode_tokens_per_s": 2.0})
+    seed1 = replace(seed0, seed=1, ppl=14.0, rates=[0.4, 0.6], candidates=9, protocol=PROTOCOL | {"seed": 1})
+    merged, dense = merge_seeds([seed0, seed1, _row(label="dense", method="dense", ratio=None, rates=None)])
+    assert list(dense.to_json()) == ROW_KEYS and list(seed0.to_json()) == ROW_KEYS
+    assert list(merged.to_json()) == [*ROW_KEYS, "ppl_spread", "mean_acc_spread", "seeds"]
+    assert merged.to_json()["seeds"][1] == {"seed": 1, "ppl": 14.0, "mean_acc": 0.5, "rates": [0.4, 0.6],
+                                            "candidates": 9, "oracle": {"calls": 1}}
+    assert (merged.ppl, merged.candidates, merged.rates, merged.protocol["seed"]) == (13.0, 8.5, None, [0, 1])
+    report = Report(META, [dense, merged], {"report.md": "r/report.md"})
+    assert list(report.to_json()) == ["meta", "rows", "files"] and list(Report(META, []).to_json()) == ["meta", "rows"]
+    text = json.dumps(report.to_json(), indent=2)
+    again = Report.from_json(json.loads(text))
+    assert again == report and json.dumps(again.to_json(), indent=2) == text
 
 
 def test_report_shows_each_llm_search_oracle_accounting():
@@ -139,9 +179,8 @@ def test_report_shows_each_llm_search_oracle_accounting():
 
     oracle = {"calls": 12, "replies": {"valid": 2, "repaired": 8, "invalid": 1, "cut": 1, "late": 0}, "reasks": 3,
               "fallbacks": 4, "prompt_tokens": 5000, "completion_tokens": 900, "cost_usd": 0.0215}
-    row = {"label": "search", "method": "search", "ratio": 0.5, "rates": [0.5, 0.5], "realized_ratio": 0.5,
-           "kept_params": 10, "ppl": 12.0, "acc": {}, "mean_acc": None, "oracle": oracle, "protocol": PROTOCOL}
-    ga_row = row | {"label": "search (ga)", "oracle": None}
+    row = _row(label="search", method="search", oracle=oracle)
+    ga_row = replace(row, label="search (ga)", oracle=None)
     meta = META
     md = markdown([row, ga_row], [], meta)
     line = ("- search @ 0.5: 12 requests (2 valid, 8 repaired, 1 invalid, 1 cut, 0 late), 3 re-asks, 4 GA fallbacks, "
@@ -192,14 +231,13 @@ def test_a_table_refuses_rows_of_two_protocols(field, value):
     from selfprune.artifacts.comparison import html_report, markdown
     from selfprune.core.errors import UserError
 
-    row = {"label": "uniform", "method": "uniform", "ratio": 0.5, "rates": [0.5, 0.5], "realized_ratio": 0.5,
-           "kept_params": 10, "ppl": 12.0, "acc": {}, "mean_acc": None, "protocol": PROTOCOL}
-    other = row | {"label": "owl", "method": "owl", "protocol": PROTOCOL | {field: value}}
+    row = _row()
+    other = replace(row, label="owl", method="owl", protocol=PROTOCOL | {field: value})
     for render in (lambda rows: markdown(rows, [], META), lambda rows: html_report(rows, [], META, {})):
         with pytest.raises(UserError, match=f"'uniform' and 'owl' .*different protocols: {field} is "
                                             f"{PROTOCOL[field]!r} and {value!r}"):
             render([row, other])
-    seeded = other | {"protocol": PROTOCOL | {"seed": 3}}
+    seeded = replace(other, protocol=PROTOCOL | {"seed": 3})
     assert "| 0.5 | owl |" in markdown([row, seeded], [], META)
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, get_origin
+from typing import TYPE_CHECKING, Annotated, get_origin
 
 import typer
 from pydantic import BaseModel
@@ -24,6 +24,9 @@ from rich.table import Table
 from ..config import AutopruneConfig, ReportConfig, SearchConfig, build_config, cli_flag
 from ..core.errors import EnvironmentFault, UserError
 from .inputs import check_inputs
+
+if TYPE_CHECKING:  # imported where used: the library is slow to import
+    from ..evaluate.report import Report
 
 HELP = """Prune a causal language model's layers to a target ratio, search the per-layer rates (or a
 pruning metric) with an LLM or a genetic oracle, and compare the results. Start with
@@ -362,18 +365,21 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
 
 def _show_report(summary: dict, config: ReportConfig, start: float) -> None:
     """Compare dense, allocations (uniform, OWL, ATP, ...), searches and pruning metrics: test perplexity and zero-shot accuracy."""
-    meta = summary["meta"]
-    for table in report_tables(summary):
+    from selfprune.evaluate.report import Report
+
+    report = Report.from_json(summary)  # the flow's result is the report's JSON
+    for table in report_tables(report):
         console.print(table)
     out = Path(config.out)
-    console.print(f"computed {meta['computed']}, from cache {meta['cached']}, {time.perf_counter() - start:.0f} s in all -> "
+    console.print(f"computed {report.meta.computed}, from cache {report.meta.cached}, "
+                  f"{time.perf_counter() - start:.0f} s in all -> "
                   f"{out / 'report.md'}, {out / 'report.html'}")
 
 
 app.command("report")(_flow_command(ReportConfig, "selfprune.flows.report.report", _show_report))
 
 
-def report_tables(summary: dict) -> list[Table]:
+def report_tables(report: Report) -> list[Table]:
     """The report's tables for the terminal: a narrow one folds a long cell onto more lines (rich's
     default would cut it to "…", losing the figure), with borders only under the header for room."""
     from rich import box
@@ -383,8 +389,8 @@ def report_tables(summary: dict) -> list[Table]:
     from selfprune.artifacts.comparison import table as comparison_table
 
     tables = []
-    for kind, rows in split_tables(summary["rows"]):
-        header, cells = comparison_table(rows, summary["meta"]["tasks"])
+    for kind, rows in split_tables(report.rows):
+        header, cells = comparison_table(rows, report.meta.tasks)
         table = Table(*(Column(h, overflow="fold") for h in header), title=TITLES[kind], box=box.SIMPLE_HEAD,
                       caption="\n".join(protocol_text(rows)).replace("**", "").replace("`", ""))
         for row in cells:

@@ -16,8 +16,9 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from .. import allocators
 from ..config import ReportConfig, build_config
@@ -30,6 +31,7 @@ from ..engine.workbench import Progress, Workbench
 from ..methods.sparsity import parse_pattern
 from ..metrics import resolve_metric
 from ..model.arch import Arch
+from ..model.ppl import Perplexity
 from ..protocol import common, protocol
 from ..seeds import SUMMARY as SEEDS_SUMMARY
 from ..seeds import candidates, run_paths, spread
@@ -245,31 +247,149 @@ def entries(plan: ReportPlan, allocate: Allocate) -> list[Entry]:
     return out + _search_entries(plan.searches)
 
 
+@dataclass(frozen=True)
+class SeedRow:
+    """One seed of a merged search row: what its seed alone measured and searched."""
+
+    seed: int
+    ppl: float
+    mean_acc: float | None
+    rates: list[float]
+    candidates: int | None
+    oracle: dict | None
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SeedRow:
+        return cls(**data)
+
+
+MERGED = ("ppl_spread", "mean_acc_spread", "seeds")  # the fields only a merged search row has
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model of the report, as measured; a search's seeds merged into one row add ``MERGED``.
+
+    The fields are ``report.json``'s keys, in its order: ``to_json`` writes the row exactly as
+    the report always has, so a report written before reads back the same."""
+
+    label: str
+    method: str  # dense | an allocation's name | search | metric
+    ratio: float | None  # None: dense
+    rates: list[float] | None  # None: dense, and a merged row (each seed's are in seeds)
+    structure: list | dict | None  # the candidate's JSON (Candidate.to_json); None: dense or merged
+    oracle: dict | None
+    seed: int | None
+    candidates: float | None  # a search's scored candidates (a merged row: their mean over seeds)
+    realized_ratio: float
+    kept_params: int
+    ppl: float
+    tokens: int
+    seqlen: int
+    windows: int
+    acc: dict[str, float | None]  # task -> score
+    mean_acc: float | None
+    zero_shot: dict | None  # the zero-shot record (None: merged)
+    protocol: dict
+    llamacpp: dict | None
+    ppl_spread: dict | None = None  # mean, std and every seed's value (selfprune.seeds.spread)
+    mean_acc_spread: dict | None = None
+    seeds: list[SeedRow] | None = None  # set on merged rows only
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.seeds is None:
+            return {k: v for k, v in out.items() if k not in MERGED}
+        return out | {"seeds": [s.to_json() for s in self.seeds]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Row:
+        seeds = data.get("seeds")
+        return cls(**data | {"seeds": None if seeds is None else [SeedRow.from_json(s) for s in seeds]})
+
+
+@dataclass(frozen=True)
+class ReportMeta:
+    """The report's settings, identities, evaluation counts and wall time."""
+
+    model: str
+    model_fingerprint: str
+    data: str
+    method: str
+    seqlen: int
+    test_windows: int
+    test_tokens: int
+    tasks: list[str]
+    limit: int | None
+    max_length: int
+    lm_eval_version: str
+    convention: str
+    include_path: str | None
+    samples: int
+    calib_seqlen: int
+    stats_key: str
+    ratios: list[float]
+    allocations: list[str]
+    searches: list[str]
+    computed: int  # evaluations computed
+    cached: int  # evaluations taken from a cached result
+    wall_s: float
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ReportMeta:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A comparison report: its ``meta`` and sorted ``rows``; the flow adds the ``files`` it rendered.
+
+    ``to_json`` is ``report.json`` and the flow's result; ``from_json`` the one place either is read."""
+
+    meta: ReportMeta
+    rows: list[Row]
+    files: dict[str, str] | None = None  # name -> path of report.md, report.html, rates.csv and the plots
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"meta": self.meta.to_json(), "rows": [r.to_json() for r in self.rows]}
+        return out if self.files is None else out | {"files": self.files}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Report:
+        return cls(ReportMeta.from_json(data["meta"]), [Row.from_json(r) for r in data["rows"]], data.get("files"))
+
+
 def build_rows(plan: ReportPlan, arch: Arch, model_fp: str, allocate: Allocate, evaluate_ppl: EvaluatePpl,
-               evaluate_zero_shot: EvaluateZeroShot, evaluate_speed: EvaluateSpeed | None = None) -> list[dict]:
+               evaluate_zero_shot: EvaluateZeroShot, evaluate_speed: EvaluateSpeed | None = None) -> list[Row]:
     """One row per entry: its perplexity and zero-shot scores, realized ratio, kept parameters and
     protocol; then the seeds of each search merged into one row (:func:`merge_seeds`). Each row is a
-    unit of the "report rows" progress step."""
+    unit of the "report rows" progress step. The evaluations' results are JSON (cached tasks'),
+    read here once."""
     rows = []
     todo = entries(plan, allocate)
     advance = step("report rows", len(todo))
     for e in todo:
-        ppl = evaluate_ppl(e.candidate)
+        record = evaluate_ppl(e.candidate)
+        ppl = Perplexity(*(record[f.name] for f in fields(Perplexity)))
         zs = evaluate_zero_shot(e.candidate)
         realized, kept = e.candidate.size(arch, e.rates)
         accuracy = (f"lm-eval {zs['lm_eval_version']}, tasks {', '.join(plan.tasks)}, limit {plan.limit or 'none'}, "
                     f"max length {plan.max_length}; {zs['convention']}")
-        rows.append({
-            "label": e.label, "method": e.method, "ratio": e.ratio, "rates": e.rates, "structure": e.candidate.to_json(),
-            "oracle": e.oracle, "seed": e.seed, "candidates": e.candidates, "realized_ratio": realized,
-            "kept_params": kept, "ppl": ppl["ppl"], "tokens": ppl["tokens"], "seqlen": ppl["seqlen"],
-            "windows": ppl["windows"],
-            "acc": {t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, "mean_acc": zs["mean_acc"],
-            "zero_shot": zs,
-            "protocol": protocol(plan.model, model_fp, vars(plan.scoring), ppl, vars(plan.calibration), plan.device, plan.dtype,
-                                 e.seed) | {"zero_shot": accuracy},
-            "llamacpp": evaluate_speed(e.candidate) if evaluate_speed else None,
-        })
+        rows.append(Row(
+            label=e.label, method=e.method, ratio=e.ratio, rates=e.rates, structure=e.candidate.to_json(),
+            oracle=e.oracle, seed=e.seed, candidates=e.candidates, realized_ratio=realized, kept_params=kept,
+            ppl=ppl.ppl, tokens=ppl.tokens, seqlen=ppl.seqlen, windows=ppl.windows,
+            acc={t: (zs["tasks"].get(t) or {}).get("score") for t in plan.tasks}, mean_acc=zs["mean_acc"], zero_shot=zs,
+            protocol=protocol(plan.model, model_fp, vars(plan.scoring), ppl.to_dict(), vars(plan.calibration),
+                              plan.device, plan.dtype, e.seed) | {"zero_shot": accuracy},
+            llamacpp=evaluate_speed(e.candidate) if evaluate_speed else None,
+        ))
         advance(1)
     return merge_seeds(rows)
 
@@ -278,68 +398,68 @@ def _mean(values: list) -> float | None:
     return None if any(v is None for v in values) else statistics.fmean(values)
 
 
-def merge_seeds(rows: list[dict]) -> list[dict]:
+def merge_seeds(rows: list[Row]) -> list[Row]:
     """The seeds of one search (rows with one label and ratio) as one row: the mean of each figure,
     ``ppl_spread`` / ``mean_acc_spread`` (mean, std, every seed's value) and each seed's rates,
     candidates and oracle accounting under ``seeds``. Their protocols must agree, seed aside."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        groups.setdefault((r["label"], r["ratio"]) if r["method"] == "search" else (id(r),), []).append(r)
+        groups.setdefault((r.label, r.ratio) if r.method == "search" else (id(r),), []).append(r)
     merged = []
     for members in groups.values():
         if len(members) == 1:
             merged.append(members[0])
             continue
-        common(members)
-        first, by_seed = members[0], {m["seed"]: m for m in members}
-        acc = {t: _mean([m["acc"][t] for m in members]) for t in first["acc"]}
-        merged.append(first | {
-            "seed": None, "rates": None, "structure": None, "oracle": None, "acc": acc,
-            "ppl": statistics.fmean(m["ppl"] for m in members), "mean_acc": _mean([m["mean_acc"] for m in members]),
-            "ppl_spread": spread({s: m["ppl"] for s, m in by_seed.items()}),
-            "mean_acc_spread": None if first["mean_acc"] is None else spread({s: m["mean_acc"] for s, m in by_seed.items()}),
-            "realized_ratio": statistics.fmean(m["realized_ratio"] for m in members),
-            "kept_params": round(statistics.fmean(m["kept_params"] for m in members)),
-            "candidates": _mean([m["candidates"] for m in members]),
-            "llamacpp": None if first["llamacpp"] is None else first["llamacpp"] | {
-                k: statistics.fmean(m["llamacpp"][k] for m in members) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")},
-            "seeds": [{k: m[k] for k in ("seed", "ppl", "mean_acc", "rates", "candidates", "oracle")} for m in members],
-            "protocol": first["protocol"] | {"seed": sorted(by_seed)},
-            "zero_shot": None,
-        })
+        common([(m.label, m.protocol) for m in members])
+        first, by_seed = members[0], {m.seed: m for m in members}
+        merged.append(replace(
+            first, seed=None, rates=None, structure=None, oracle=None,
+            acc={t: _mean([m.acc[t] for m in members]) for t in first.acc},
+            ppl=statistics.fmean(m.ppl for m in members), mean_acc=_mean([m.mean_acc for m in members]),
+            ppl_spread=spread({s: m.ppl for s, m in by_seed.items()}),
+            mean_acc_spread=None if first.mean_acc is None else spread({s: m.mean_acc for s, m in by_seed.items()}),
+            realized_ratio=statistics.fmean(m.realized_ratio for m in members),
+            kept_params=round(statistics.fmean(m.kept_params for m in members)),
+            candidates=_mean([m.candidates for m in members]),
+            llamacpp=None if first.llamacpp is None else first.llamacpp | {
+                k: statistics.fmean(m.llamacpp[k] for m in members) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")},
+            seeds=[SeedRow(m.seed, m.ppl, m.mean_acc, m.rates, m.candidates, m.oracle) for m in members],
+            protocol=first.protocol | {"seed": sorted(by_seed)},
+            zero_shot=None,
+        ))
     return merged
 
 
 METHOD_ORDER = {"dense": 0, "uniform": 1, "owl": 2, "search": 8, "metric": 9}  # other allocations: 3
 
 
-def sort_rows(rows: list[dict]) -> list[dict]:
+def sort_rows(rows: list[Row]) -> list[Row]:
     """By ratio (dense first), then dense, uniform, OWL, the other allocations, search."""
-    return sorted(rows, key=lambda r: (r["ratio"] or 0.0, METHOD_ORDER.get(r["method"], 3), r["label"]))
+    return sorted(rows, key=lambda r: (r.ratio or 0.0, METHOD_ORDER.get(r.method, 3), r.label))
 
 
-def summarize(plan: ReportPlan, rows: list[dict], model_fp: str, stats_key: str, counts: dict[str, int],
-              start: float) -> dict:
+def summarize(plan: ReportPlan, rows: list[Row], model_fp: str, stats_key: str, counts: dict[str, int],
+              start: float) -> Report:
     """The report as data: ``meta`` (settings, identities, counts, wall time) and the sorted ``rows``.
 
     ``counts``: evaluations ``computed`` and taken from a ``cached`` result; ``start``: the
     ``time.perf_counter()`` the report began at. Rendering it (Markdown, HTML, plots) is the
     application's job: ``selfprune.artifacts.comparison.render``.
     """
-    zs = next(r["zero_shot"] for r in rows if r["zero_shot"])
-    meta = {"model": plan.model, "model_fingerprint": model_fp, "data": plan.data, "method": plan.method,
-            "seqlen": plan.scoring.seqlen, "test_windows": plan.scoring.windows or 0,
-            "test_tokens": rows[0]["tokens"], "tasks": plan.tasks, "limit": plan.limit, "max_length": plan.max_length,
-            "lm_eval_version": zs["lm_eval_version"], "convention": zs["convention"], "include_path": plan.include_path,
-            "samples": plan.calibration.samples, "calib_seqlen": plan.calibration.seqlen, "stats_key": stats_key,
-            "ratios": plan.ratios, "allocations": plan.allocations, "searches": list(plan.searches), **counts,
-            "wall_s": round(time.perf_counter() - start, 2)}
-    return {"meta": meta, "rows": sort_rows(rows)}
+    zs = next(r.zero_shot for r in rows if r.zero_shot)
+    meta = ReportMeta(
+        model=plan.model, model_fingerprint=model_fp, data=plan.data, method=plan.method, seqlen=plan.scoring.seqlen,
+        test_windows=plan.scoring.windows or 0, test_tokens=rows[0].tokens, tasks=plan.tasks, limit=plan.limit,
+        max_length=plan.max_length, lm_eval_version=zs["lm_eval_version"], convention=zs["convention"],
+        include_path=plan.include_path, samples=plan.calibration.samples, calib_seqlen=plan.calibration.seqlen,
+        stats_key=stats_key, ratios=plan.ratios, allocations=plan.allocations, searches=list(plan.searches),
+        computed=counts["computed"], cached=counts["cached"], wall_s=round(time.perf_counter() - start, 2))
+    return Report(meta, sort_rows(rows))
 
 
-def write_summary(summary: dict, out_dir: Path) -> Path:
-    """``out_dir/report.json``, written atomically."""
-    return atomic_write_text(Path(out_dir) / "report.json", json.dumps(summary, indent=2))
+def write_summary(summary: Report, out_dir: Path) -> Path:
+    """``out_dir/report.json`` (:meth:`Report.to_json`), written atomically."""
+    return atomic_write_text(Path(out_dir) / "report.json", json.dumps(summary.to_json(), indent=2))
 
 
 def allocation_entry(bench: Workbench, allocation: str, ratio: float, metric: str | None = None,
@@ -380,10 +500,10 @@ def llamacpp_speed(bench: Workbench, candidate: Candidate, quant: str) -> dict:
         return llamacpp_measure(write_gguf(export, Path(tmp) / f"model.{quant}.gguf", quant), quant)
 
 
-def report(config: ReportConfig | None = None, progress: Progress | None = None, **overrides) -> dict:
+def report(config: ReportConfig | None = None, progress: Progress | None = None, **overrides) -> Report:
     """The report of ``selfprune report``, computed in this process without Prefect or its cache
     (statistics still come from the store): a :class:`ReportConfig` or its fields as keywords.
-    Writes ``out/report.json`` and returns the summary (render it with
+    Writes ``out/report.json`` and returns the :class:`Report` (render it with
     ``selfprune.artifacts.comparison.render(summary, out)``). ``progress``: ``(label, total) ->
     advance(n)`` for every pass; without it, the long steps are logged (:mod:`selfprune.core.progress`)."""
     start = time.perf_counter()
