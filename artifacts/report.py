@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from selfprune.storage.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from selfprune.evolve.autoprune import MetricSummary
+    from selfprune.evolve.runner import RateSummary
 
 
 def fmt_rates(rates: list[float]) -> str:
@@ -60,33 +65,33 @@ def short_name(path: str) -> str:
     return Path(path).expanduser().name if Path(path).expanduser().exists() else path
 
 
-def search_title(config, summary: dict, figure: str) -> str:
+def search_title(config, summary: RateSummary | MetricSummary, figure: str) -> str:
     """A search plot's title: the model and its target, the figure, the data and split the
     fitness was scored on, and the best's test perplexity."""
     if hasattr(config, "sparsities"):  # AutoPrune: a metric judged at these sparsities
-        target, test = f"sparsity {', '.join(map(str, config.sparsities))}", summary["test_ppl"]["found"].values()
+        target, test = f"sparsity {', '.join(map(str, config.sparsities))}", summary.test_ppl["found"].values()
     else:
-        target, test = f"{'sparsity' if config.pattern else 'ratio'} {config.ratio}", [summary["test_ppl"]]
+        target, test = f"{'sparsity' if config.pattern else 'ratio'} {config.ratio}", [summary.test_ppl]
     return (f"{short_name(config.model)} at {target}: {figure}\n{short_name(config.data)}, fitness split "
             f"({config.fitness_windows} x {config.seqlen} tokens); best's test ppl {', '.join(f'{p:.1f}' for p in test)}")
 
 
-def plot_history(summary: dict, config, path: Path) -> Path:
+def plot_history(summary: RateSummary | MetricSummary, config, path: Path) -> Path:
     """Best and mean fitness per generation."""
-    history = summary["history"]
-    gens = [h["generation"] for h in history]
+    history = summary.record.history
+    gens = [h.generation for h in history]
     fig, ax = new_axes()
-    ax.plot(gens, [h["best"] for h in history], marker="o", label="best")
-    ax.plot(gens, [h["mean"] for h in history], marker=".", label="population mean")
+    ax.plot(gens, [h.best for h in history], marker="o", label="best")
+    ax.plot(gens, [h.mean for h in history], marker=".", label="population mean")
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness perplexity (lower is better)")
     ax.set_yscale("log")
     return save(fig, ax, path, search_title(config, summary, "best and mean fitness per generation"))
 
 
-def plot_rates(summary: dict, config, path: Path) -> Path:
+def plot_rates(summary: RateSummary, config, path: Path) -> Path:
     """The best per-layer pruning rates against the uniform target."""
-    rates, beta = summary["rates"], config.ratio
+    rates, beta = summary.rates, config.ratio
     fig, ax = new_axes()
     ax.bar(range(len(rates)), rates, color="tab:blue")
     ax.axhline(beta, color="tab:red", linestyle="--", label=f"uniform {beta}")
@@ -105,10 +110,10 @@ def metric_markdown(generation: int, best: dict) -> str:
     )
 
 
-def plot_metric_graph(summary: dict, config, path: Path) -> Path:
+def plot_metric_graph(summary: MetricSummary, config, path: Path) -> Path:
     """The metrics of an AutoPrune search: one point per metric at (generation, fitness), an arrow
     from each parent to its child, the best metric's lineage in red."""
-    graph, best = summary["graph"], summary["metric"]
+    graph, best = summary.graph, summary.metric
     fig, ax = new_axes()
     where = {n["text"]: (n["generation"], n["fitness"]) for n in graph if n.get("fitness") is not None}
     on_path, key = set(), best

@@ -28,13 +28,13 @@ from selfprune.flows.evolution import View, run_flow
 from selfprune.model.arch import Arch
 
 
-def final(summary: dict, config: AutopruneConfig, arch: Arch, out: Path, key: str) -> None:
+def final(summary: library.MetricSummary, config: AutopruneConfig, arch: Arch, out: Path, key: str) -> None:
     plot_history(summary, config, out / "fitness.png")
     plot_metric_graph(summary, config, out / "metrics.png")
     lines = [f"| {name} | " + " | ".join(f"{ppl:.3f}" for ppl in by_s.values()) + " |"
-             for name, by_s in summary["test_ppl"].items()]
+             for name, by_s in summary.test_ppl.items()]
     create_markdown_artifact(
-        metric_markdown(config.generations, {"metric": summary["metric"], "fitness": summary["fitness"],
+        metric_markdown(config.generations, {"metric": summary.metric, "fitness": summary.fitness,
                                              "source": "search", "edit": ""})
         + f"\nTest perplexity ({config.pattern}, {config.allocation} allocation):\n\n"
         + "| metric | " + " | ".join(str(s) for s in config.sparsities) + " |\n"

@@ -15,7 +15,7 @@ import selfprune.flows  # noqa: F401  (first: selfprune's Prefect settings and q
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import Logger
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from selfprune.core.progress import Advance, ignore
 from selfprune.engine.candidate import Candidate
 from selfprune.engine.models import load_tokenizer, model_fingerprint
 from selfprune.evolve import pipeline, runner
-from selfprune.evolve.pipeline import Search, write_summary
+from selfprune.evolve.pipeline import Search, Summary, write_summary
 from selfprune.flows.run_info import announce_run
 from selfprune.llm.chat import ChatRequest, Reply, Transport
 from selfprune.model.arch import Arch
@@ -225,16 +225,17 @@ class View:
 
     row: Callable[[dict], dict]
     best: Callable[[Arch], Callable[[int, dict], str]]
-    final: Callable[[dict, EvolutionConfig, Arch, Path, str], None]
+    final: Callable[[Summary, EvolutionConfig, Arch, Path, str], None]
 
 
 def run_flow(search: Search, view: View, config: EvolutionConfig, entrypoint: str,
              one_seed: Callable[[EvolutionConfig], dict]) -> dict:
     """The body of every search flow: ``one_seed`` (the flow itself, as a subflow run) per seed, or
     the search with cached scoring, oracle calls and allocations on the run's task runner, then
-    best.json and the view's artifacts."""
+    best.json and the view's artifacts. Returns the summary as JSON (a flow's result): best.json's
+    dict, whose ``oracle_calls`` are the requests sent and ``oracle_replays`` those the cache answered."""
     if config.seeds:
-        return over_seeds(config, one_seed, search.figures)
+        return over_seeds(config, lambda one: search.summary.from_json(one_seed(one)), search.figures).to_json()
     logger = get_run_logger()
     with task_runner(config) as workers:
         out, setup = prepare(config, logger, entrypoint, search.check, workers)
@@ -244,7 +245,9 @@ def run_flow(search: Search, view: View, config: EvolutionConfig, entrypoint: st
             transport=cached_transport(config, calls),
             on_generation=publisher(config, logger, view.row, view.best(setup.arch), search.fallback),
             allocate=batch_allocator(config, setup, workers) if search.allocator else None)
-        summary = search.run(config, setup, injected) | calls
+        summary = search.run(config, setup, injected)
+    summary = replace(summary, record=replace(summary.record, oracle_calls=calls["oracle_calls"]),
+                      oracle_replays=calls["oracle_replays"])
     write_summary(summary, out)
     view.final(summary, config, setup.arch, out, artifact_key(config))
-    return summary
+    return summary.to_json()

@@ -28,13 +28,14 @@ from selfprune.flows.evolution import View, run_flow
 from selfprune.model.arch import Arch
 
 
-def final(summary: dict, config: SearchConfig, arch: Arch, out: Path, key: str) -> None:
+def final(summary: runner.RateSummary, config: SearchConfig, arch: Arch, out: Path, key: str) -> None:
     plot_history(summary, config, out / "fitness.png")
     plot_rates(summary, config, out / "rates.png")
+    best = {"fitness": summary.fitness, "kept_params": summary.kept_params, "rates": summary.rates}
     create_markdown_artifact(
-        best_markdown(config.generations, summary, arch.n_layers)
-        + f"- test perplexity: **{summary['test_ppl']:.4f}** (uniform Wanda-sp: {summary['uniform_test_ppl']:.4f}), "
-        f"{summary['test_tokens']} tokens in {config.seqlen}-token windows\n"
+        best_markdown(config.generations, best, arch.n_layers)
+        + f"- test perplexity: **{summary.test_ppl:.4f}** (uniform Wanda-sp: {summary.uniform_test_ppl:.4f}), "
+        f"{summary.test_tokens} tokens in {config.seqlen}-token windows\n"
         f"- plots: `{out / 'fitness.png'}`, `{out / 'rates.png'}`\n",
         key=f"{key}-final",
     )

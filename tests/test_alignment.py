@@ -82,4 +82,4 @@ def test_prune_and_search_align_on_a_real_model(tiny_workspace, tmp_path, capsys
     best = search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.4, samples=4,
                   calib_seqlen=64, seqlen=64, fitness_windows=2, test_windows=2, population=4, mutations=2,
                   crossovers=2, generations=1, device="cpu", align=32, align_heads=4, out=str(tmp_path / "s"))
-    assert all(_aligned(c, 96, 32) and _aligned(g, 2, 1) for g, c in best["structure"])
+    assert all(_aligned(c, 96, 32) and _aligned(g, 2, 1) for g, c in best.structure)

@@ -55,8 +55,27 @@ def test_the_library_runs_the_same_search(first, tiny_workspace, tmp_path):
 
     summary, _ = first
     again = selfprune.autoprune(config(tiny_workspace, tmp_path / "lib"))
-    assert (again["metric"], again["fitness"], again["test_ppl"]) == (summary["metric"], summary["fitness"],
-                                                                     summary["test_ppl"])
+    assert (again.metric, again.fitness, again.test_ppl) == (summary["metric"], summary["fitness"], summary["test_ppl"])
+    assert (tmp_path / "lib" / "best.json").read_text() == json.dumps(again.to_json(), indent=2)
+
+
+# best.json's keys, in the order the summary's dict had them before it was typed
+KEYS = ["metric", "key", "fitness", "lineage", "test_ppl", "test_tokens", "seqlen", "graph", "invalid", "evaluations",
+        "cache_hits", "fitness_tokens", "oracle_calls", "oracle_fallbacks", "oracle", "wall_s", "history",
+        "model_fingerprint", "stats_key", "precision", "protocol", "fitness_protocol", "config"]
+
+
+def test_the_summary_reads_back_the_best_json_it_wrote_byte_for_byte(first):
+    """The flow's best.json and result are :meth:`MetricSummary.to_json` (with the flow's replay
+    count last); reading either back with ``from_json`` gives the same bytes again."""
+    from selfprune.evolve.autoprune import MetricSummary
+
+    result, out = first
+    text = (out / "best.json").read_text()
+    assert list(json.loads(text)) == KEYS + ["oracle_replays"] and json.dumps(result, indent=2) == text
+    read = MetricSummary.from_json(json.loads(text))
+    assert json.dumps(read.to_json(), indent=2) == text and MetricSummary.from_json(read.to_json()) == read
+    assert read.record.history[0].generation == 0 and read.oracle_replays == 0
 
 
 def test_a_rerun_evaluates_nothing(first, tiny_workspace, tmp_path):
@@ -92,7 +111,7 @@ def test_seeds_run_the_search_once_per_seed(first, tiny_workspace, tmp_path):
     assert seeds["spread"]["test_ppl@0.5"]["values"]["0"] == summary["test_ppl"]["found"]["0.5"]
     assert json.loads((tmp_path / "seeds" / "seeds.json").read_text()) == seeds
     library = selfprune.autoprune(config(tiny_workspace, tmp_path / "library", seeds=[0, 1]))
-    assert library["spread"] == seeds["spread"]
+    assert library.spread == seeds["spread"] and library.to_json() == seeds | {"config": library.config}
 
 
 @pytest.mark.slow
@@ -178,7 +197,7 @@ def test_metrics_judged_after_reconstruction_under_atp(tiny_workspace, tmp_path)
     plain = selfprune.autoprune(config(tiny_workspace, tmp_path / "plain", allocation="atp", generations=1))
     rebuilt = selfprune.autoprune(config(tiny_workspace, tmp_path / "sgpt", allocation="atp", generations=1,
                                          reconstruct="sparsegpt"))
-    assert rebuilt["config"]["reconstruct"] == "sparsegpt"
-    assert rebuilt["test_ppl"]["wanda"] != plain["test_ppl"]["wanda"]  # the same mask, other weights
+    assert rebuilt.record.config["reconstruct"] == "sparsegpt"
+    assert rebuilt.test_ppl["wanda"] != plain.test_ppl["wanda"]  # the same mask, other weights
     with pytest.raises(UserError, match="chooses its own mask"):
         selfprune.autoprune(config(tiny_workspace, tmp_path / "bad", reconstruct="sparsegpt-adaptive"))

@@ -207,12 +207,15 @@ def png_title(path: Path) -> str:
 
 
 def test_every_search_plot_names_its_run(tmp_path, tiny_workspace):
+    from types import SimpleNamespace
+
     from selfprune.artifacts.report import plot_history, plot_metric_graph, plot_rates
     from selfprune.config import AutopruneConfig, SearchConfig
+    from selfprune.evolve.pipeline import GenerationFitness
 
-    history = [{"generation": 0, "best": 250.0, "mean": 300.0}, {"generation": 1, "best": 204.0, "mean": 260.0}]
+    record = SimpleNamespace(history=[GenerationFitness(0, 250.0, 300.0), GenerationFitness(1, 204.0, 260.0)])
     graph = [{"text": "W", "generation": 0, "fitness": 20.0, "source": "built-in", "parents": []}]
-    summary = {"history": history, "rates": [0.4, 0.6], "test_ppl": 204.04, "graph": graph, "metric": "W"}
+    summary = SimpleNamespace(record=record, rates=[0.4, 0.6], test_ppl=204.04)  # what the plots read of a summary
     search = SearchConfig(model=str(tiny_workspace / "model"), ratio=0.5, fitness_windows=4)
     plot_history(summary, search, tmp_path / "fitness.png")
     plot_rates(summary, search, tmp_path / "rates.png")
@@ -220,7 +223,8 @@ def test_every_search_plot_names_its_run(tmp_path, tiny_workspace):
                                                    "demo, fitness split (4 x 512 tokens); best's test ppl 204.0")
     assert png_title(tmp_path / "rates.png").startswith("model at ratio 0.5: the best's rate per layer\ndemo, fitness split")
     autoprune = AutopruneConfig(sparsities=[0.5, 0.6])
-    plot_metric_graph(summary | {"test_ppl": {"found": {0.5: 30.0, 0.6: 41.26}}}, autoprune, tmp_path / "metrics.png")
+    metrics = SimpleNamespace(record=record, graph=graph, metric="W", test_ppl={"found": {0.5: 30.0, 0.6: 41.26}})
+    plot_metric_graph(metrics, autoprune, tmp_path / "metrics.png")
     assert png_title(tmp_path / "metrics.png") == ("demo at sparsity 0.5, 0.6: each metric's fitness and parents\n"
                                                    "demo, fitness split (8 x 512 tokens); best's test ppl 30.0, 41.3")
 

@@ -263,12 +263,12 @@ def test_a_search_says_how_to_export_its_model_and_the_commands_work(tmp_path, c
     summary = selfprune.search(model=str(tmp_path / "dense"), data=str(tmp_path / "corpus.txt"), ratio=0.4, population=4,
                                mutations=2, crossovers=2, generations=1, samples=4, calib_seqlen=64, seqlen=64,
                                fitness_windows=2, test_windows=2, device="cpu", baselines="none", out=str(tmp_path / "run"))
-    assert json.loads((tmp_path / "run" / "best.json").read_text())["export"] == summary["export"]
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["export"] == summary.export
     for step in ("prune", "gguf"):
-        code, _, err = run_cli(capsys, monkeypatch, *shlex.split(summary["export"][step])[1:])
+        code, _, err = run_cli(capsys, monkeypatch, *shlex.split(summary.export[step])[1:])
         assert code == 0, err[-2000:]
     layers = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["selfprune_layers"]
-    assert layers == summary["structure"] and (tmp_path / "run" / "model.q4_k_m.gguf").is_file()
+    assert layers == summary.structure and (tmp_path / "run" / "model.q4_k_m.gguf").is_file()
 
 
 def test_a_report_adds_each_rows_llama_cpp_speed(prefect_api, tmp_path, capsys, monkeypatch):

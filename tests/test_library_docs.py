@@ -15,6 +15,7 @@ import torch
 
 import selfprune
 from selfprune.config import SearchConfig, cli_flag
+from selfprune.evolve.runner import RateSummary
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 USAGE = README.parent / "docs" / "usage.md"  # "### The library API"
@@ -22,7 +23,7 @@ PREFECT = README.parent / "docs" / "prefect.md"  # "## Deployments"
 
 # What the docs' library section says each call returns (each phrase must be in it), checked below.
 RETURNS = {
-    "search": "returns the summary that `best.json` holds",
+    "search": "returns a `RateSummary`",
     "prune": "returns a `PruneResult`",
     "perplexity": '`{"ppl", "nll", "tokens", "seqlen", "windows", "data", "split"}`',
     "report": "returns a `Report`",
@@ -117,11 +118,11 @@ def test_each_call_returns_what_the_readme_says(tiny_workspace, tmp_path):
     summary = selfprune.search(selfprune.SearchConfig(
         model=model, data=data, ratio=0.5, population=4, mutations=1, crossovers=1, generations=1, fitness_windows=2,
         test_windows=2, baselines="none", out=str(tmp_path / "nb"), **small))
-    assert summary == json.loads((tmp_path / "nb" / "best.json").read_text())
+    assert isinstance(summary, RateSummary) and summary.to_json() == json.loads((tmp_path / "nb" / "best.json").read_text())
 
     pruned = selfprune.prune(model, 0.5, allocation=str(tmp_path / "nb" / "best.json"), out=tmp_path / "nb-model")
     assert isinstance(pruned, selfprune.PruneResult) and isinstance(pruned.model, torch.nn.Module)
-    assert pruned.rates == summary["rates"] and pruned.out == tmp_path / "nb-model" and pruned.settings_note
+    assert pruned.rates == summary.rates and pruned.out == tmp_path / "nb-model" and pruned.settings_note
 
     ppl = selfprune.perplexity(pruned, data=data, split="test", seqlen=64, windows=2)
     assert set(ppl) == {"ppl", "nll", "tokens", "seqlen", "windows", "data", "split"} and ppl["windows"] == 2

@@ -46,7 +46,7 @@ def bounded(content: str, run: Callable[[str], dict]) -> None:
 
 
 def test_the_library_search_bounds_each_request(tiny_workspace, tmp_path):
-    bounded(RATES, lambda url: selfprune.search(search_config(tiny_workspace, tmp_path / "run", url, seed=41)))
+    bounded(RATES, lambda url: selfprune.search(search_config(tiny_workspace, tmp_path / "run", url, seed=41)).to_json())
 
 
 def test_the_flow_search_bounds_each_request(prefect_api, tiny_workspace, tmp_path):
@@ -76,7 +76,7 @@ def autoprune_config(ws, out, base_url: str, seed: int) -> AutopruneConfig:
 
 
 def test_the_library_metric_search_bounds_each_request(tiny_workspace, tmp_path):
-    bounded(METRICS, lambda url: selfprune.autoprune(autoprune_config(tiny_workspace, tmp_path / "run", url, seed=44)))
+    bounded(METRICS, lambda url: selfprune.autoprune(autoprune_config(tiny_workspace, tmp_path / "run", url, seed=44)).to_json())
 
 
 def test_the_flow_metric_search_bounds_each_request(prefect_api, tiny_workspace, tmp_path):

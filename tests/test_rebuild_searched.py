@@ -119,9 +119,9 @@ def test_a_sparsity_search_is_rebuilt_with_its_metric_and_pattern(tiny_workspace
     assert code == 0, err
     line = " ".join(err.split())
     assert "from best.json: --sparsity 0.4 " in line and "--metric ria --pattern unstructured" in line
-    expected = selfprune.prune(model, 0.4, best["structure"]["rates"], corpus, samples=6, calib_seqlen=48,
+    expected = selfprune.prune(model, 0.4, best.structure["rates"], corpus, samples=6, calib_seqlen=48,
                                metric="ria", device="cpu", out=tmp_path / "expected")
     rebuilt, wanted = tensors(tmp_path / "rebuilt"), tensors(expected.out)
     assert rebuilt.keys() == wanted.keys() and all(torch.equal(rebuilt[k], wanted[k]) for k in wanted)
     ppl = selfprune.perplexity(str(tmp_path / "rebuilt"), corpus, "test", seqlen=64, windows=4, device="cpu")
-    assert ppl["ppl"] == best["test_ppl"]
+    assert ppl["ppl"] == best.test_ppl

@@ -270,7 +270,7 @@ def test_seeds_search_and_its_report_row(prefect_api, tiny_workspace, tmp_path, 
 
     library = selfprune.search(model=str(ws / "model"), data=str(ws / "corpus.txt"), ratio=0.5, seeds=[0, 1],
                                out=str(tmp_path / "library"), **SMALL)
-    assert library["spread"] == summary["spread"]
+    assert library.spread == summary["spread"]
 
     code, _, err = run_cli(capsys, monkeypatch, "report", "--model", str(ws / "model"), "--data", str(ws / "corpus.txt"),
                            "--allocation", "uniform,atp,dlp", "--search", str(out / "seeds.json"),

@@ -175,9 +175,30 @@ def test_library_search_runs_the_same_loop_as_the_flow(first_run, tiny_workspace
     summary, *_ = first_run
     plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.5,
                              out=str(tmp_path / "plain"), **SMALL)
-    assert (plain["rates"], plain["fitness"], plain["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
-    assert plain["history"] == summary["history"] and plain["evaluations"] == summary["evaluations"]
-    assert json.loads((tmp_path / "plain" / "best.json").read_text())["rates"] == plain["rates"]
+    assert (plain.rates, plain.fitness, plain.test_ppl) == (summary["rates"], summary["fitness"], summary["test_ppl"])
+    assert plain.to_json()["history"] == summary["history"] and plain.record.evaluations == summary["evaluations"]
+    text = (tmp_path / "plain" / "best.json").read_text()
+    assert text == json.dumps(plain.to_json(), indent=2) and list(json.loads(text)) == KEYS
+
+
+# best.json's keys (no reconstruction, no baseline scored), in the order the summary's dict had them before it was typed
+KEYS = ["rates", "structure", "fitness", "kept_params", "test_ppl", "test_tokens", "seqlen", "uniform_fitness",
+        "uniform_test_ppl", "baselines", "evaluations", "cache_hits", "fitness_tokens", "oracle_calls", "oracle_fallbacks",
+        "oracle", "wall_s", "history", "model_fingerprint", "stats_key", "precision", "protocol", "fitness_protocol",
+        "config", "export"]
+
+
+def test_the_summary_reads_back_the_best_json_it_wrote_byte_for_byte(first_run):
+    """The flow's best.json and result are :meth:`RateSummary.to_json` (its replay count last);
+    reading either back with ``from_json`` gives the same bytes again."""
+    from selfprune.evolve.runner import RateSummary
+
+    result, out, _ = first_run
+    text = (out / "best.json").read_text()
+    assert list(json.loads(text)) == KEYS + ["oracle_replays"] and json.dumps(result, indent=2) == text
+    read = RateSummary.from_json(json.loads(text))
+    assert json.dumps(read.to_json(), indent=2) == text and RateSummary.from_json(read.to_json()) == read
+    assert read.reconstruct is None and read.best_baseline is None and read.record.history[-1].best == read.fitness
 
 
 def test_a_corrupt_cached_result_is_recomputed_with_a_warning(first_run, tiny_workspace, tmp_path, caplog):
@@ -266,7 +287,8 @@ def test_a_search_started_from_the_baselines_ends_at_or_below_the_best_of_them(p
 
     plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"), ratio=0.5,
                              out=str(tmp_path / "plain"), **small)
-    assert (plain["rates"], plain["fitness"], plain["baselines"]) == (summary["rates"], summary["fitness"], summary["baselines"])
+    assert (plain.rates, plain.fitness, plain.baselines) == (summary["rates"], summary["fitness"], summary["baselines"])
+    assert list(plain.to_json()) == [k for k in summary if k != "oracle_replays"]  # the optional parts in their places
 
 
 def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_api, tiny_workspace, tmp_path):
@@ -301,7 +323,7 @@ def test_reconstruct_top_keeps_the_candidate_best_after_reconstruction(prefect_a
     assert allocate(None, bench.arch, {}, 0.5) == kept["rates"]  # prune --allocation best.json builds the kept one
 
     plain = selfprune.search(model=str(tiny_workspace / "model"), data=corpus, ratio=0.5, out=str(tmp_path / "lib"), **small)
-    assert (plain["reconstructed"], plain["reconstructed_test_ppl"]) == (kept, summary["reconstructed_test_ppl"])
+    assert (plain.reconstructed, plain.reconstructed_test_ppl) == (kept, summary["reconstructed_test_ppl"])
     with pytest.raises(UserError, match="add --reconstruct lsq"):
         selfprune.search(model=str(tiny_workspace / "model"), data=corpus, ratio=0.5, out=str(tmp_path / "bad"),
                          **(small | {"reconstruct": "none"}))

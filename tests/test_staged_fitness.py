@@ -54,10 +54,10 @@ def test_a_staged_search_spends_fewer_tokens_and_keeps_full_fitness_in_the_popul
     single = search(out=str(tmp_path / "single"), **common)
     multi = search(out=str(tmp_path / "staged"), fitness_stages=["1:0.5"], **common)
     again = search(out=str(tmp_path / "again"), fitness_stages=["1:0.5"], **common)
-    assert (again["rates"], again["fitness"]) == (multi["rates"], multi["fitness"])  # deterministic
+    assert (again.rates, again.fitness) == (multi.rates, multi.fitness)  # deterministic
     # a quarter of the windows for every new candidate, all of them for half of them: fewer tokens
-    assert multi["fitness_tokens"] < single["fitness_tokens"]
+    assert multi.record.fitness_tokens < single.record.fitness_tokens
     # the best's fitness is its perplexity on all 4 fitness windows, not a screening score
     bench = Workbench(load_model(str(ws / "model"), "cpu"), Calibration(str(ws / "corpus.txt"), 4, 64))
-    full = bench.score(from_json(multi["structure"]), Scoring(str(ws / "corpus.txt"), "fitness", 64, 4, 4))
-    assert full.ppl == pytest.approx(multi["fitness"], rel=1e-9)
+    full = bench.score(from_json(multi.structure), Scoring(str(ws / "corpus.txt"), "fitness", 64, 4, 4))
+    assert full.ppl == pytest.approx(multi.fitness, rel=1e-9)

@@ -308,22 +308,25 @@ def assert_untouched(targets: dict[Path, bytes]) -> None:
 
 
 def test_the_writers_of_a_run_replace_planted_links_and_leave_their_targets_alone(tmp_path, caplog):
+    from types import SimpleNamespace
+
     from selfprune.artifacts.report import plot_history, plot_metric_graph, plot_rates
     from selfprune.config import AutopruneConfig, SearchConfig
-    from selfprune.evolve.pipeline import write_summary
+    from selfprune.evolve.pipeline import GenerationFitness, write_summary
     from selfprune.storage.fileio import append_line
 
     out = tmp_path / "run"
     targets = plant_links(out, tmp_path / "outside")
     append_line(out / "evaluations.jsonl", '{"n": 1}')
     append_line(out / "evaluations.jsonl", '{"n": 2}')
-    history = [{"generation": 0, "best": 20.0, "mean": 30.0}, {"generation": 1, "best": 18.0, "mean": 25.0}]
+    record = SimpleNamespace(history=[GenerationFitness(0, 20.0, 30.0), GenerationFitness(1, 18.0, 25.0)])
     graph = [{"text": "W", "generation": 0, "fitness": 20.0, "source": "built-in", "parents": []}]
-    summary = {"history": history, "rates": [0.2, 0.4], "test_ppl": 19.0, "graph": graph, "metric": "W"}
-    plot_history(summary, SearchConfig(ratio=0.3), out / "fitness.png")
-    plot_rates(summary, SearchConfig(ratio=0.3), out / "rates.png")
-    plot_metric_graph(summary | {"test_ppl": {"found": {0.6: 19.0}}}, AutopruneConfig(), out / "metrics.png")
-    write_summary({"fitness": 18.0}, out)
+    rates = SimpleNamespace(record=record, rates=[0.2, 0.4], test_ppl=19.0)  # what the plots read of a summary
+    metric = SimpleNamespace(record=record, graph=graph, metric="W", test_ppl={"found": {0.6: 19.0}})
+    plot_history(rates, SearchConfig(ratio=0.3), out / "fitness.png")
+    plot_rates(rates, SearchConfig(ratio=0.3), out / "rates.png")
+    plot_metric_graph(metric, AutopruneConfig(), out / "metrics.png")
+    write_summary(SimpleNamespace(to_json=lambda: {"fitness": 18.0}), out)
     assert_untouched(targets)
     assert not any((out / name).is_symlink() for name in OUTPUTS)
     assert (out / "evaluations.jsonl").read_text() == '{"n": 1}\n{"n": 2}\n'

@@ -196,7 +196,7 @@ def test_autoprune_counts_a_metric_non_finite_on_real_layers_invalid_and_goes_on
             ledger = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
             assert [r["structure"]["metric"] for r in ledger if r.get("invalid")] == [bad]
         else:
-            summary = selfprune.autoprune(config)
+            summary = selfprune.autoprune(config).to_json()
     fitness = {n["text"]: n["fitness"] for n in summary["graph"]}
     assert math.isnan(fitness[bad]) and math.isfinite(fitness[good])
     assert set(summary["invalid"]) == {bad} and "NaN/inf" in summary["invalid"][bad]

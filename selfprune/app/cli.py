@@ -239,40 +239,47 @@ def _flow_command(model_cls: type[BaseModel], entrypoint: str, show: Callable[[d
     return _config_command(model_cls, run)
 
 
-def _show_search(summary: dict, config: SearchConfig, start: float) -> None:
+def _show_search(result: dict, config: SearchConfig, start: float) -> None:
     """Self-Pruner search as a resumable Prefect flow; run it again to resume after a crash."""
+    from selfprune.evolve.runner import RateSummary
+
+    summary = RateSummary.from_json(result)
+    record = summary.record
     table = Table("generation", "best fitness", "mean fitness", title=f"search {config.model} at ratio {config.ratio} ({config.oracle})")
-    for h in summary["history"]:
-        table.add_row(str(h["generation"]), f"{h['best']:.3f}", f"{h['mean']:.3f}")
+    for h in record.history:
+        table.add_row(str(h.generation), f"{h.best:.3f}", f"{h.mean:.3f}")
     console.print(table)
-    if "reconstructed_test_ppl" in summary:
-        kept = summary.get("reconstructed", {}).get("name", "the best")
-        console.print(f"{kept} rebuilt with {summary['reconstruct']}: test ppl {summary['reconstructed_test_ppl']:.3f}"
-                      + (f" (the lowest fitness after it of {len(summary['reconstructed_choices'])} rebuilt)"
-                         if "reconstructed_choices" in summary else ""))
-    if "best_baseline" in summary:
-        b = summary["best_baseline"]
+    if summary.reconstructed_test_ppl is not None:
+        kept = (summary.reconstructed or {}).get("name", "the best")
+        console.print(f"{kept} rebuilt with {summary.reconstruct}: test ppl {summary.reconstructed_test_ppl:.3f}"
+                      + (f" (the lowest fitness after it of {len(summary.reconstructed_choices)} rebuilt)"
+                         if summary.reconstructed_choices is not None else ""))
+    if summary.best_baseline is not None:
+        b = summary.best_baseline
         console.print(f"best baseline: {b['name']}, fitness {b['fitness']:.3f}; the search's best is "
-                      f"{100 * summary['beyond_best_baseline']:.1f}% lower")
+                      f"{100 * summary.beyond_best_baseline:.1f}% lower")
     console.print(
-        f"best: fitness {summary['fitness']:.3f}, test ppl {summary['test_ppl']:.3f} "
-        f"(uniform {summary['uniform_test_ppl']:.3f}) | evaluations {summary['evaluations']}, "
-        f"cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
-        f"fallbacks {summary['oracle_fallbacks']}, {time.perf_counter() - start:.0f} s in all -> {Path(config.out) / 'best.json'}"
+        f"best: fitness {summary.fitness:.3f}, test ppl {summary.test_ppl:.3f} "
+        f"(uniform {summary.uniform_test_ppl:.3f}) | evaluations {record.evaluations}, "
+        f"cache hits {record.cache_hits}, oracle calls {record.oracle_calls}, "
+        f"fallbacks {record.oracle_fallbacks}, {time.perf_counter() - start:.0f} s in all -> {Path(config.out) / 'best.json'}"
     )
-    console.print(f"the searched model: {summary['export']['prune']}\nfor llama.cpp / Ollama: {summary['export']['gguf']}")
+    console.print(f"the searched model: {summary.export['prune']}\nfor llama.cpp / Ollama: {summary.export['gguf']}")
 
 
-def _print_seeds(summary: dict, config: SearchConfig | AutopruneConfig) -> None:
+def _print_seeds(result: dict, config: SearchConfig | AutopruneConfig) -> None:
     """A search over several seeds: every seed's figures, then their mean and standard deviation."""
     from rich import box
     from rich.table import Column
 
-    spread = summary["spread"]
+    from selfprune.seeds import SeedsSummary
+
+    summary = SeedsSummary.from_json(result)
+    spread = summary.spread
     table = Table("seed", *(Column(name, overflow="fold") for name in spread), "candidates", box=box.SIMPLE_HEAD,
                   title=f"{config.model}: {len(config.seeds)} seeds ({config.oracle})")
-    for seed in map(str, summary["seeds"]):
-        table.add_row(seed, *(f"{s['values'][seed]:.3f}" for s in spread.values()), str(summary["candidates"][seed]))
+    for seed in map(str, summary.seeds):
+        table.add_row(seed, *(f"{s['values'][seed]:.3f}" for s in spread.values()), str(summary.candidates[seed]))
     table.add_row("mean ± std", *(f"{s['mean']:.3f} ± {s['std']:.3f}" for s in spread.values()), "")
     console.print(table)
     console.print(f"-> {Path(config.out) / 'seeds.json'} (each seed's run in {Path(config.out) / 'seed-N'})")
@@ -306,16 +313,20 @@ def _flow_result(state, entrypoint: str, out: str):
 app.command("search")(_flow_command(SearchConfig, "selfprune.flows.search.search", _show_search))
 
 
-def _show_autoprune(summary: dict, config: AutopruneConfig, start: float) -> None:
+def _show_autoprune(result: dict, config: AutopruneConfig, start: float) -> None:
     """AutoPrune's metric search (gp offline, or an LLM with GCoT prompts) as a resumable Prefect flow."""
+    from selfprune.evolve.autoprune import MetricSummary
+
+    summary = MetricSummary.from_json(result)
+    record = summary.record
     table = Table("metric", *(f"test ppl @ {s}" for s in config.sparsities),
                   title=f"{config.model}: {config.pattern}, {config.allocation} allocation")
-    for name, by_s in summary["test_ppl"].items():
-        table.add_row(summary["metric"] if name == "found" else name, *(f"{v:.3f}" for v in by_s.values()))
+    for name, by_s in summary.test_ppl.items():
+        table.add_row(summary.metric if name == "found" else name, *(f"{v:.3f}" for v in by_s.values()))
     console.print(table)
-    console.print(f"best metric: {summary['metric']} (fitness {summary['fitness']:.3f}) | evaluations "
-                  f"{summary['evaluations']}, cache hits {summary['cache_hits']}, oracle calls {summary['oracle_calls']}, "
-                  f"fallbacks {summary['oracle_fallbacks']}, {time.perf_counter() - start:.0f} s in all -> "
+    console.print(f"best metric: {summary.metric} (fitness {summary.fitness:.3f}) | evaluations "
+                  f"{record.evaluations}, cache hits {record.cache_hits}, oracle calls {record.oracle_calls}, "
+                  f"fallbacks {record.oracle_fallbacks}, {time.perf_counter() - start:.0f} s in all -> "
                   f"{Path(config.out) / 'best.json'}; "
                   f"prune with it: selfprune prune --metric {Path(config.out) / 'best.json'}", soft_wrap=True)
 

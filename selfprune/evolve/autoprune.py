@@ -24,10 +24,23 @@ from ..metrics import METRICS, resolve_metric
 from ..metrics.search_space import Lineage, MetricContext
 from ..model.devices import precision
 from ..reconstruct import RECONSTRUCTIONS
+from ..seeds import SeedsSummary
 from .evolution import SearchParams
 from .metric_oracle import METRIC_ORACLES, make_metric_oracle
 from .oracle_registry import oracle_kind
-from .pipeline import GenerationReport, Injected, Search, Setup, check_runner, evolve, run_library, run_record, score_members
+from .pipeline import (
+    GenerationReport,
+    Injected,
+    RunRecord,
+    Search,
+    Setup,
+    Summary,
+    check_runner,
+    evolve,
+    run_library,
+    run_record,
+    score_members,
+)
 
 
 def check(config: AutopruneConfig) -> None:
@@ -73,7 +86,27 @@ class MetricSpace:
                 "edit": origin.edit if origin else "", "parents": list(origin.parents) if origin else []}
 
 
-def run(config: AutopruneConfig, setup: Setup, injected: Injected) -> dict:
+@dataclass(frozen=True)
+class MetricSummary(Summary):
+    """A metric search's summary, what ``best.json`` holds: the found metric (its text, canonical
+    key, fitness and lineage), the test perplexities of it and the built-ins (name -> sparsity ->
+    ppl), every metric seen (``graph``) and why some could not prune, and the run record.
+    ``oracle_replays``: the flow's LLM replies answered by its cache (the library's run has none)."""
+
+    metric: str
+    key: str
+    fitness: float
+    lineage: list[dict]
+    test_ppl: dict[str, dict[str, float]]
+    test_tokens: int
+    seqlen: int
+    graph: list[dict]
+    invalid: dict[str, str]
+    record: RunRecord
+    oracle_replays: int | None = None
+
+
+def run(config: AutopruneConfig, setup: Setup, injected: Injected) -> MetricSummary:
     """The metric search on ``setup``'s model, then the best metric and the built-ins on the test
     split at every sparsity. Returns the summary that ``best.json`` holds."""
     start = time.perf_counter()
@@ -94,32 +127,33 @@ def run(config: AutopruneConfig, setup: Setup, injected: Injected) -> dict:
     scored = score_members(space, score, list(compared.values()), "test", config.test_windows,
                            "final test scoring: the best metric and the built-in ones")
     test = dict(zip(compared, scored))
-    return {
-        "metric": best,
-        "key": resolve_metric(best).text,
-        "fitness": evolved.result.best_fitness,
-        "lineage": [asdict(o) for o in lineage.chain(best)],
-        "test_ppl": {name: {str(s): m.ppl for s, m in zip(config.sparsities, ms)} for name, ms in test.items()},
-        "test_tokens": test["found"][0].tokens,
-        "seqlen": config.seqlen,
-        "graph": [asdict(o) | {"fitness": evolved.fitness.get(key)} for key, o in lineage.nodes.items()],
-        "invalid": evolved.invalid,
-        **run_record(config, setup, evolved, oracle, start, test["found"][0]),
-    }
+    return MetricSummary(
+        metric=best,
+        key=resolve_metric(best).text,
+        fitness=evolved.result.best_fitness,
+        lineage=[asdict(o) for o in lineage.chain(best)],
+        test_ppl={name: {str(s): m.ppl for s, m in zip(config.sparsities, ms)} for name, ms in test.items()},
+        test_tokens=test["found"][0].tokens,
+        seqlen=config.seqlen,
+        graph=[asdict(o) | {"fitness": evolved.fitness.get(key)} for key, o in lineage.nodes.items()],
+        invalid=evolved.invalid,
+        record=run_record(config, setup, evolved, oracle, start, test["found"][0]),
+    )
 
 
-def figures(summary: dict) -> dict[str, float]:
+def figures(summary: MetricSummary) -> dict[str, float]:
     """What the seeds of a metric search spread over: the found metric's fitness and test perplexity
     at each sparsity."""
-    return {"fitness": summary["fitness"], **{f"test_ppl@{s}": v for s, v in summary["test_ppl"]["found"].items()}}
+    return {"fitness": summary.fitness, **{f"test_ppl@{s}": v for s, v in summary.test_ppl["found"].items()}}
 
 
-METRIC = Search("metric", AutopruneConfig, check, run, figures, fallback="GP", tolerate_invalid=True)
+METRIC = Search("metric", AutopruneConfig, check, run, MetricSummary, figures, fallback="GP", tolerate_invalid=True)
 
 
 def autoprune(config: AutopruneConfig | None = None, on_generation: Callable[[GenerationReport], None] | None = None,
-              **overrides) -> dict:
+              **overrides) -> MetricSummary | SeedsSummary:
     """AutoPrune's metric search in this process, without Prefect: ``selfprune.autoprune(model=...,
-    sparsities=[0.6])``. Writes ``out/best.json`` and returns the summary; ``selfprune autoprune``
+    sparsities=[0.6])``. Writes ``out/best.json`` and returns the summary (with ``seeds``, the
+    seeds' summary); ``selfprune autoprune``
     runs the same loop as a resumable, cached Prefect flow."""
     return run_library(METRIC, config, on_generation, overrides)

@@ -18,9 +18,9 @@ import json
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 from ..config import EvolutionConfig, build_config
 from ..core.errors import UserError
@@ -36,7 +36,7 @@ from ..model.arch import Arch
 from ..model.devices import precision
 from ..model.ppl import Perplexity
 from ..protocol import protocol
-from ..seeds import over_seeds
+from ..seeds import SeedsSummary, over_seeds
 from ..storage.fileio import atomic_write_text
 from .evolution import Generation, SearchParams, SearchResult, run_search
 from .search_context import Oracle, SearchContext
@@ -262,36 +262,101 @@ def measured_under(config: EvolutionConfig, setup: Setup, split: str, seqlen: in
                     {"seqlen": seqlen, "windows": windows}, vars(calibration(config)), config.device, config.dtype, config.seed)
 
 
-def run_record(config: EvolutionConfig, setup: Setup, evolved: Evolved, oracle: Oracle, start: float,
-               test: Measurement) -> dict:
+@dataclass(frozen=True)
+class GenerationFitness:
+    """One generation's line of a summary's history: its population's best and mean fitness."""
+
+    generation: int
+    best: float
+    mean: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
     """What every search's summary holds besides its best: counts, the oracle's accounting, wall
-    time, the per-generation history, the protocols of its test and fitness figures (``test``: a
-    test-split measurement), and the identities and settings it ran with."""
+    time, the per-generation history, the protocols of its test and fitness figures, and the
+    identities and settings it ran with. Its fields are best.json's keys, in their order."""
+
+    evaluations: int  # candidates computed
+    cache_hits: int  # candidates a cache (or the loop's memo) answered
+    fitness_tokens: int
+    oracle_calls: int
+    oracle_fallbacks: int
+    oracle: dict | None  # the LLM oracle's accounting (oracle_accounting); None for the offline oracles
+    wall_s: float
+    history: list[GenerationFitness]
+    model_fingerprint: str
+    stats_key: str
+    precision: dict
+    protocol: dict
+    fitness_protocol: dict
+    config: dict
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"history": [asdict(h) for h in self.history]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunRecord:
+        return cls(**{f.name: data[f.name] for f in fields(cls)} | {
+            "history": [GenerationFitness(**h) for h in data["history"]]})
+
+
+def run_record(config: EvolutionConfig, setup: Setup, evolved: Evolved, oracle: Oracle, start: float,
+               test: Measurement) -> RunRecord:
+    """The run record of a search that started at ``start`` (``test``: its test-split measurement)."""
     tally = evolved.tally
-    return {
-        "evaluations": tally.evaluations,
-        "cache_hits": tally.cache_hits,
-        "fitness_tokens": tally.fitness_tokens,
-        "oracle_calls": getattr(oracle, "calls", 0),
-        "oracle_fallbacks": getattr(oracle, "fallbacks", 0),
-        "oracle": oracle_accounting(oracle, config.oracle_prices),
+    return RunRecord(
+        evaluations=tally.evaluations,
+        cache_hits=tally.cache_hits,
+        fitness_tokens=tally.fitness_tokens,
+        oracle_calls=getattr(oracle, "calls", 0),
+        oracle_fallbacks=getattr(oracle, "fallbacks", 0),
+        oracle=oracle_accounting(oracle, config.oracle_prices),
         # the loop and its final scores only, from run()'s start: not the model's loading, the calibration
         # pass or Prefect's start, which the CLI's closing line ("N s in all") counts too
-        "wall_s": round(time.perf_counter() - start, 2),
-        "history": [{"generation": h.generation, "best": h.best, "mean": h.mean} for h in evolved.result.history],
-        "model_fingerprint": setup.spec.fingerprint,
-        "stats_key": setup.stats_key,
-        "precision": precision(config.device, config.dtype),
-        "protocol": measured_under(config, setup, "test", test.seqlen, test.windows),
-        "fitness_protocol": measured_under(config, setup, "fitness", config.seqlen, config.fitness_windows),
-        "config": config.model_dump(),
-    }
+        wall_s=round(time.perf_counter() - start, 2),
+        history=[GenerationFitness(h.generation, h.best, h.mean) for h in evolved.result.history],
+        model_fingerprint=setup.spec.fingerprint,
+        stats_key=setup.stats_key,
+        precision=precision(config.device, config.dtype),
+        protocol=measured_under(config, setup, "test", test.seqlen, test.windows),
+        fitness_protocol=measured_under(config, setup, "fitness", config.seqlen, config.fitness_windows),
+        config=config.model_dump(),
+    )
 
 
-def write_summary(summary: dict, out: str | Path) -> Path:
+class Summary:
+    """A search's summary as a typed value, JSON only at the edges (best.json, a flow's result).
+
+    A subclass is a frozen dataclass whose fields are best.json's keys in their order, but for
+    ``record`` (the :class:`RunRecord`, whose keys take its place) and the optional fields (default
+    None), which best.json holds only when set: so :meth:`to_json` writes the file as the dicts
+    before it did, and :meth:`from_json` is the one place a best.json is read back.
+    """
+
+    def to_json(self) -> dict:
+        out: dict = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "record":
+                out |= value.to_json()
+            elif value is not None or f.default is not None:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Self:
+        return cls(**{f.name: RunRecord.from_json(data) if f.name == "record" else
+                      data[f.name] if f.default is MISSING else data.get(f.name) for f in fields(cls)})
+
+
+S = TypeVar("S", bound=Summary)
+
+
+def write_summary(summary: Summary, out: str | Path) -> Path:
     """``out/best.json``, written atomically (a reader never sees half a file)."""
     path = Path(out) / "best.json"
-    atomic_write_text(path, json.dumps(summary, indent=2))
+    atomic_write_text(path, json.dumps(summary.to_json(), indent=2))
     return path
 
 
@@ -313,26 +378,27 @@ C = TypeVar("C", bound=EvolutionConfig)
 
 
 @dataclass(frozen=True)
-class Search(Generic[C]):
+class Search(Generic[C, S]):
     """One search, declared: its settings' type, the checks before anything loads, its run on a
     loaded model (Algorithm 1 over its space and oracle, its final scores, the summary best.json
-    holds), what its seeds spread over, what fills in for the LLM, whether a candidate may be
-    invalid (a metric that cannot prune the model), and how it allocates its baselines in this
-    process. The library (:func:`run_library`) and the flow (``flows/evolution.run_flow``) run
-    any search alike."""
+    holds), that summary's type (which reads a flow's result back), what its seeds spread over,
+    what fills in for the LLM, whether a candidate may be invalid (a metric that cannot prune the
+    model), and how it allocates its baselines in this process. The library (:func:`run_library`)
+    and the flow (``flows/evolution.run_flow``) run any search alike."""
 
     name: str
     config: type[C]
     check: Callable[[C], None]
-    run: Callable[[C, Setup, Injected], dict]
-    figures: Callable[[dict], dict[str, float]]
+    run: Callable[[C, Setup, Injected], S]
+    summary: type[S]
+    figures: Callable[[S], dict[str, float]]
     fallback: str
     tolerate_invalid: bool = False
     allocator: Callable[[C, Workbench], Allocate] | None = None
 
 
-def run_library(search: Search[C], config: C | None, on_generation: Callable[[GenerationReport], None] | None,
-                overrides: dict) -> dict:
+def run_library(search: Search[C, S], config: C | None, on_generation: Callable[[GenerationReport], None] | None,
+                overrides: dict) -> S | SeedsSummary:
     """``search`` in this process, without Prefect (``selfprune.search``, ``selfprune.autoprune``):
     the settings (a config or its fields), the checks, the shared workbench (statistics from the
     artifact store), candidates scored on it one by one, ``out/best.json``; with ``seeds``, once per seed."""

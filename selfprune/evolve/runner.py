@@ -33,9 +33,23 @@ from ..metrics import resolve_metric
 from ..model.arch import Arch
 from ..model.devices import precision
 from ..reconstruct import NONE, check_reconstruction
+from ..seeds import SeedsSummary
 from .evolution import SearchParams, SearchResult
 from .oracle_registry import ORACLES, make_oracle, oracle_kind
-from .pipeline import Allocate, GenerationReport, Injected, Score, Search, Setup, check_runner, evolve, run_library, run_record
+from .pipeline import (
+    Allocate,
+    GenerationReport,
+    Injected,
+    RunRecord,
+    Score,
+    Search,
+    Setup,
+    Summary,
+    check_runner,
+    evolve,
+    run_library,
+    run_record,
+)
 from .search_context import Oracle, SearchContext
 
 
@@ -181,7 +195,35 @@ def reconstruct_choices(config: SearchConfig, result: SearchResult, baselines: d
     return top + list(named.values())
 
 
-def run(config: SearchConfig, setup: Setup, injected: Injected) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class RateSummary(Summary):
+    """A rate search's summary, what ``best.json`` holds: its best (rates, structure, fitness, kept
+    parameters), the test perplexities of the best and of uniform, the reconstruction's figures
+    when it rebuilt candidates, the baselines' fitness, the run record, and the export commands.
+    ``oracle_replays``: the flow's LLM replies answered by its cache (the library's run has none)."""
+
+    rates: list[float]
+    structure: dict
+    fitness: float
+    kept_params: int
+    test_ppl: float
+    test_tokens: int
+    seqlen: int
+    uniform_fitness: float
+    uniform_test_ppl: float
+    reconstruct: str | None = None  # these four with --reconstruct; the choices and the kept one with --reconstruct-top N
+    reconstructed_choices: list[dict] | None = None
+    reconstructed: dict | None = None
+    reconstructed_test_ppl: float | None = None
+    baselines: list[dict]  # name, rates and fitness of each of --baselines
+    best_baseline: dict | None = None  # these two when a baseline was scored on every fitness stage
+    beyond_best_baseline: float | None = None
+    record: RunRecord
+    export: dict[str, str]
+    oracle_replays: int | None = None
+
+
+def run(config: SearchConfig, setup: Setup, injected: Injected) -> RateSummary:
     """Algorithm 1 on ``setup``'s model, then the best and uniform Wanda-sp on the test split.
     ``injected.allocate`` gives the rates of ``config.baselines``, which join generation 0.
 
@@ -203,21 +245,11 @@ def run(config: SearchConfig, setup: Setup, injected: Injected) -> dict:
     (uniform_fitness,) = final([uniform_structure], "fitness", config.fitness_windows)
     choices = reconstruct_choices(config, result, baselines, evolved.fitness, ctx.canonical)
     rebuilt = {} if config.reconstruct == NONE else space.rebuilt(score, choices, config.test_windows)
-    return {
-        "rates": best["rates"],
-        "structure": best["structure"],
-        "fitness": best["fitness"],
-        "kept_params": best["kept_params"],
-        "test_ppl": test.ppl,
-        "test_tokens": test.tokens,
-        "seqlen": config.seqlen,
-        "uniform_fitness": uniform_fitness.ppl,
-        "uniform_test_ppl": uniform_test.ppl,
-        **rebuilt,
+    return RateSummary(
+        **best, test_ppl=test.ppl, test_tokens=test.tokens, seqlen=config.seqlen, uniform_fitness=uniform_fitness.ppl,
+        uniform_test_ppl=uniform_test.ppl, **rebuilt,
         **baseline_record(baselines, evolved.fitness, ctx.canonical, best["fitness"]),
-        **run_record(config, setup, evolved, oracle, start, test),
-        "export": export_commands(config),
-    }
+        record=run_record(config, setup, evolved, oracle, start, test), export=export_commands(config))
 
 
 def export_commands(config: SearchConfig) -> dict[str, str]:
@@ -231,11 +263,11 @@ def export_commands(config: SearchConfig) -> dict[str, str]:
                     "--quant q4_k_m"}
 
 
-def figures(summary: dict) -> dict[str, float]:
+def figures(summary: RateSummary) -> dict[str, float]:
     """What the seeds of a search spread over: its best's fitness and test perplexity (and uniform's),
     and the test perplexity after reconstruction when the search rebuilt its best."""
     names = ("fitness", "test_ppl", "uniform_test_ppl", "reconstructed_test_ppl")
-    return {name: summary[name] for name in names if name in summary}
+    return {name: getattr(summary, name) for name in names if getattr(summary, name) is not None}
 
 
 def in_process_allocator(config: SearchConfig, bench: Workbench) -> Allocate:
@@ -250,15 +282,16 @@ def in_process_allocator(config: SearchConfig, bench: Workbench) -> Allocate:
     return allocate
 
 
-RATES = Search("rates", SearchConfig, check, run, figures, fallback="GA", allocator=in_process_allocator)
+RATES = Search("rates", SearchConfig, check, run, RateSummary, figures, fallback="GA", allocator=in_process_allocator)
 
 
 def search(config: SearchConfig | None = None, on_generation: Callable[[GenerationReport], None] | None = None,
-           **overrides) -> dict:
+           **overrides) -> RateSummary | SeedsSummary:
     """Self-Pruner's search in this process, without Prefect: ``selfprune.search(model=..., ratio=...)``.
 
     Takes a :class:`SearchConfig` or its fields as keywords; writes ``out/best.json`` and returns
-    the summary. Nothing is cached between calls but the statistics (in the artifact store); the
+    the summary (with ``seeds``, the seeds' summary, ``out/seeds.json``).
+    Nothing is cached between calls but the statistics (in the artifact store); the
     ``selfprune search`` command runs the same loop as a resumable, cached Prefect flow.
     """
     return run_library(RATES, config, on_generation, overrides)
