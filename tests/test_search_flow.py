@@ -359,7 +359,7 @@ def test_a_sparsity_search_finds_per_layer_sparsities_of_a_metric(prefect_api, t
     assert again["evaluations"] == 0 and again["rates"] == summary["rates"]  # every candidate from the cache
     plain = selfprune.search(model=str(tiny_workspace / "model"), data=str(tiny_workspace / "corpus.txt"),
                              out=str(tmp_path / "plain"), **small)
-    assert (plain["rates"], plain["fitness"], plain["test_ppl"]) == (summary["rates"], summary["fitness"], summary["test_ppl"])
+    assert (plain.rates, plain.fitness, plain.test_ppl) == (summary["rates"], summary["fitness"], summary["test_ppl"])
 
 
 @pytest.mark.parametrize("extra,message", [({"pattern": "unstructured"}, "give --metric too"),

@@ -331,7 +331,8 @@ class Summary:
     A subclass is a frozen dataclass whose fields are best.json's keys in their order, but for
     ``record`` (the :class:`RunRecord`, whose keys take its place) and the optional fields (default
     None), which best.json holds only when set: so :meth:`to_json` writes the file as the dicts
-    before it did, and :meth:`from_json` is the one place a best.json is read back.
+    before it did, and :meth:`from_json` is the one place a best.json is read back. Every subclass
+    has ``record`` and ``oracle_replays``, where the flow sets the oracle requests it sent and replayed.
     """
 
     def to_json(self) -> dict:
