@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,7 @@ class SeedRow:
     oracle: dict | None
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> SeedRow:
@@ -300,10 +300,8 @@ class Row:
     seeds: list[SeedRow] | None = None  # set on merged rows only
 
     def to_json(self) -> dict:
-        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.seeds is None:
-            return {k: v for k, v in out.items() if k not in MERGED}
-        return out | {"seeds": [s.to_json() for s in self.seeds]}
+        out = asdict(self)
+        return out if self.seeds is not None else {k: v for k, v in out.items() if k not in MERGED}
 
     @classmethod
     def from_json(cls, data: dict) -> Row:
@@ -339,7 +337,7 @@ class ReportMeta:
     wall_s: float
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> ReportMeta:

@@ -293,7 +293,7 @@ class RunRecord:
     config: dict
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"history": [asdict(h) for h in self.history]}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> RunRecord:
