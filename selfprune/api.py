@@ -146,10 +146,7 @@ def _check_metric(metric: str, pattern: str, ratio: float, allocation: str | lis
                   format: str) -> tuple[Metric, Pattern]:
     """The metric and pattern, or a UserError before any model is loaded."""
     found, pat = resolve_metric(metric), parse_pattern(pattern)
-    fixed = pat.fixed_sparsity
-    if fixed is not None and (abs(ratio - fixed) > 1e-9 or allocation != "uniform"):
-        raise UserError(f"{pat.text} prunes exactly {fixed:g} of every layer: pass --sparsity {fixed:g} and the uniform "
-                        "allocation, or use --pattern unstructured for other sparsities and allocations")
+    pat.check_fixed([ratio], allocation)
     if format != "hf":
         raise UserError("--format deci holds structurally pruned models; a model pruned by --metric exports as hf")
     return found, pat

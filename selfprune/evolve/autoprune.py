@@ -47,12 +47,7 @@ def check(config: AutopruneConfig) -> None:
     """Every check that needs nothing loaded: precision, pattern against sparsities, allocation,
     oracle. Fails fast, before the calibration pass."""
     precision(config.device, config.dtype)
-    fixed = parse_pattern(config.pattern).fixed_sparsity
-    if fixed is not None and config.sparsities != [fixed]:
-        raise UserError(f"{config.pattern} prunes exactly {fixed:g} of every layer: pass --sparsity {fixed:g}, or use "
-                        "--pattern unstructured for other sparsities")
-    if fixed is not None and config.allocation != "uniform":
-        raise UserError(f"{config.pattern} gives every layer the same sparsity: use --allocation uniform with it")
+    parse_pattern(config.pattern).check_fixed(config.sparsities, config.allocation)
     if RECONSTRUCTIONS.get(config.reconstruct).own_mask:
         raise UserError(f"--reconstruct {config.reconstruct} chooses its own mask, so every metric would prune alike; "
                         "use --reconstruct sparsegpt (the metric's mask, weights updated)")

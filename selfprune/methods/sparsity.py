@@ -47,6 +47,15 @@ class Pattern:
         """N:M prunes exactly 1 - N/M of every layer; unstructured takes any rate."""
         return 1 - self.n / self.m if self.kind == "nm" else None
 
+    def check_fixed(self, sparsities: list[float], allocation: str | list[float]) -> None:
+        """An N:M pattern prunes exactly its own sparsity from every layer: any other sparsity, or
+        an allocation other than uniform, is a UserError naming the fix (the prune command's, the
+        metric search's and the library's one check)."""
+        fixed = self.fixed_sparsity
+        if fixed is not None and (any(abs(s - fixed) > 1e-9 for s in sparsities) or allocation != "uniform"):
+            raise UserError(f"{self.text} prunes exactly {fixed:g} of every layer: pass --sparsity {fixed:g} and "
+                            "--allocation uniform, or use --pattern unstructured for other sparsities and allocations")
+
 
 def parse_pattern(text: str) -> Pattern:
     text = text.strip().lower()
