@@ -14,6 +14,7 @@ sets ``PREFECT_CLIENT_MAX_RETRIES`` (:func:`retries_for_outage`; see :mod:`selfp
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -154,3 +155,32 @@ def explain(exc: BaseException, out: str | None = None) -> EnvironmentFault | No
     if fault is None:
         return None
     return EnvironmentFault(f"{str(fault).rstrip('.')}. Every finished result is cached; rerun to resume: {rerun_command()}")
+
+
+class FailureLogs:
+    """The logging filter of Prefect's run loggers for a failure a user caused (a UserError: bad
+    input, an oracle that stays down). Without ``drop`` (a worker's run log) its record keeps
+    Prefect's one-line message, which names the exception and its text, without the traceback,
+    unless the logger is at DEBUG. With ``drop`` (the CLI, whose main() prints the one line itself)
+    it is dropped, and so is that of a failure the machine caused (:func:`explain`). Any other
+    failure is a bug and keeps its traceback."""
+
+    def __init__(self, drop: bool) -> None:
+        self.drop = drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if self.drop:
+            return not (isinstance(exc, UserError) or "UserError(" in str(record.msg)
+                        or (exc is not None and explain(exc) is not None))
+        if isinstance(exc, UserError) and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def filter_failure_logs(drop: bool) -> None:
+    """:class:`FailureLogs` on Prefect's flow-run and task-run loggers, once for each ``drop``."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, FailureLogs) and f.drop == drop for f in logger.filters):
+            logger.addFilter(FailureLogs(drop))

@@ -297,23 +297,6 @@ _WATCHDOGS: list = []  # kept referenced: they outlive this process by design
 _PROGRESS_BARS_OFF = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 
 
-class OneLineUserErrors:
-    """A logging filter for Prefect's run loggers: a failure caused by a :class:`UserError` (bad
-    input, an oracle that stays down) is logged as Prefect's one-line message, which names the
-    exception and its text, without the traceback; the traceback is kept when the logger is at
-    DEBUG. Anything else is a bug and keeps its traceback."""
-
-    def filter(self, record) -> bool:
-        import logging
-
-        from selfprune.core.errors import UserError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, UserError) and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
 def quiet_progress_bars() -> None:
     """No third-party progress bars (transformers' weight loading and shard writing, the hub's
     downloads, gguf's dequantization through plain tqdm): selfprune reports its own progress, and
@@ -338,10 +321,8 @@ def quiet_progress_bars() -> None:
 def quiet_flow_logs() -> None:
     """One line per failure with its cause in Prefect's run logs, and no progress bars (model
     loading under a worker would otherwise fill its log with tqdm bars)."""
-    import logging
+
+    from selfprune.tasks.faults import filter_failure_logs
 
     quiet_progress_bars()
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, OneLineUserErrors) for f in logger.filters):
-            logger.addFilter(OneLineUserErrors())
+    filter_failure_logs(drop=False)

@@ -174,11 +174,11 @@ def test_deploy_stores_no_machine_path_and_no_secret(deployed):
     assert {"selfprune.ops.env_from_secrets": {"OPENAI_API_KEY": "openai-api-key"}} in gpu["pull_steps"]  # read at run time
 
 
-def test_user_errors_log_one_line_and_a_traceback_only_at_debug():
+def test_user_errors_log_one_line_and_a_traceback_only_at_debug_and_the_cli_drops_them():
     import logging
 
     from selfprune.llm.chat import OracleUnavailable
-    from selfprune.tasks.prefect_env import OneLineUserErrors
+    from selfprune.tasks.faults import FailureLogs
 
     def record(exc: Exception) -> logging.LogRecord:
         try:
@@ -191,13 +191,16 @@ def test_user_errors_log_one_line_and_a_traceback_only_at_debug():
     try:
         logger.setLevel(logging.INFO)
         quiet = record(OracleUnavailable("oracle answered HTTP 500"))
-        assert OneLineUserErrors().filter(quiet) and quiet.exc_info is None
+        assert FailureLogs(drop=False).filter(quiet) and quiet.exc_info is None
         assert "OracleUnavailable('oracle answered HTTP 500')" in quiet.getMessage()
         bug = record(KeyError("x"))  # not a user error: a bug keeps its traceback
-        assert OneLineUserErrors().filter(bug) and bug.exc_info is not None
+        assert FailureLogs(drop=False).filter(bug) and bug.exc_info is not None
         logger.setLevel(logging.DEBUG)
         verbose = record(OracleUnavailable("down"))
-        assert OneLineUserErrors().filter(verbose) and verbose.exc_info is not None
+        assert FailureLogs(drop=False).filter(verbose) and verbose.exc_info is not None
+        # the CLI's filter drops a user's failure (it prints the one line itself) and keeps a bug's
+        assert not FailureLogs(drop=True).filter(record(OracleUnavailable("down")))
+        assert FailureLogs(drop=True).filter(record(KeyError("x")))
     finally:
         logger.setLevel(level)
 

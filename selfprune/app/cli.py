@@ -334,28 +334,11 @@ def _show_autoprune(result: dict, config: AutopruneConfig, start: float) -> None
 app.command("autoprune")(_flow_command(AutopruneConfig, "selfprune.flows.autoprune.autoprune", _show_autoprune))
 
 
-class _DropExplained:
-    """A logging filter: Prefect's "flow run failed" traceback for a UserError, or for a failure
-    the machine caused (:func:`selfprune.tasks.faults.explain`), is noise; main() prints the one line.
-    Other failures keep their logs."""
-
-    def filter(self, record) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, UserError) or "UserError(" in str(record.msg):
-            return False
-        if exc is None:
-            return True
-        from selfprune.tasks.faults import explain
-
-        return explain(exc) is None
-
-
 def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | None = None) -> None:
     """selfprune's Prefect settings and quiet logs; with a ``config``, the machine's checks
     (:func:`selfprune.tasks.faults.preflight`) before Prefect starts anything."""
-    import logging
 
-    from selfprune.tasks.faults import preflight
+    from selfprune.tasks.faults import filter_failure_logs, preflight
     from selfprune.tasks.prefect_env import configure, start_temporary_server
 
     # Prefect's own setting (it sets up logging per run): flow-run lines (the run id and retry
@@ -363,10 +346,7 @@ def _configure_flows(config: SearchConfig | ReportConfig | AutopruneConfig | Non
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # --runner dask: a dead worker still shows
     configure(log_level="WARNING")
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropExplained) for f in logger.filters):
-            logger.addFilter(_DropExplained())
+    filter_failure_logs(drop=True)
     if config is not None:
         preflight(config)
         # The temporary server Prefect would start on first use, started here so that it ends
